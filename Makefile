@@ -1,0 +1,33 @@
+# Two entry points (see README): `make quickstart` and `make test`. Both create .venv/ on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install quickstart test test-fast clean-venv
+
+install: $(STAMP)
+
+# torch first (the wheels lie on local disk; exact pins avoid multi-GB downloads), then the rest, then
+# DeepSpeed, which builds against the installed torch (no build isolation, no compiled ops: JIT on demand).
+$(STAMP): requirements.txt requirements-torch.txt requirements-deepspeed.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements-torch.txt
+	$(PIP) install -q -r requirements.txt
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -r requirements-deepspeed.txt
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+quickstart: install
+	$(PY) -m parrot.quickstart
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean-venv:
+	rm -rf $(VENV)

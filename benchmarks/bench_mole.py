@@ -1,0 +1,214 @@
+"""MoLE layer, forward + backward: `MoLELinear` (grouped LoRA experts) vs a LoRA floor and a naive expert loop.
+
+For every router (topk, dynmole, gwmoe, mor) the same `MoLELinear` is timed three ways on T tokens:
+
+- ours: `MoLELinear.forward` (router, then `LoRAExperts`: only selected (token, expert) pairs computed);
+- naive: the official DynMoLE / MoE-PEFT executor (mikecovlee/DynMoLE, `moe_peft/adapters/dynmole/model.py`,
+  `DynMoleSparseMoe.forward`): every expert's LoRA runs on all tokens and is multiplied by its routing weight
+  (zero when unselected). Written here with the layer's own weights and router, and checked equal first;
+- floor: the frozen base linear plus ONE peft LoRA of rank K*r (top-2 x r=8 = 16: the same active adapter
+  parameters per token), i.e. what a dense adapter costs.
+
+    python -m benchmarks.bench_mole [--device cuda] [--routers topk dynmole] [--tokens 4096] [--out results/]
+
+Issue 8 sizes (defaults): E=8, top-2, r=8, D=1024, 4096 tokens. Targets: ours <= 1.5x the floor, and >= 3x
+faster than the naive loop, for every router. The frozen base weight gets no gradient; the input does
+(as inside a network), so backward includes the base's input gradient in all three cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from parrot.moe import MoLELinear, RouterConfig
+from parrot.moe.routers import ROUTER_KINDS
+
+from .harness import BenchSettings, Ratio, add_common_args, check_same, finish, grads_of, profile_cases, settings_from_args, time_cases
+
+TARGET_VS_FLOOR = 1.5
+TARGET_VS_NAIVE = 3.0
+QUICK_SIZES = dict(tokens=512, hidden=256, experts=8, top_k=2, rank=8)
+
+
+def routed(layer: MoLELinear, x: torch.Tensor):
+    flat = x.reshape(-1, x.shape[-1])  # (T, D)
+    return flat, layer.router(flat)
+
+
+def mole_delta(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
+    """The adapter part of `MoLELinear.forward` (router + `LoRAExperts`), without the frozen base (dropout is 0)."""
+    flat, routing = routed(layer, x)
+    return layer.experts(flat, routing.weights, routing.indices)  # (T, D)
+
+
+def naive_delta(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
+    """sum_e w_e(x) * delta_e(x) with every expert on every token (official DynMoLE executor style)."""
+    flat, routing = routed(layer, x)
+    experts = layer.experts
+    out = 0
+    for e in range(experts.num_experts):
+        delta = F.linear(F.linear(flat, experts.lora_A[e]), experts.lora_B[e]) * experts.scaling  # (T, D_out)
+        out = out + routing.weights[:, e : e + 1] * delta
+    return out
+
+
+def dense_candidate_delta(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
+    """Candidate executor: all experts as two stacked matmuls (LoRAExperts._dense) on the router's weights, which
+    are exactly zero for unselected experts, so the result equals the grouped path (checked)."""
+    flat, routing = routed(layer, x)
+    return layer.experts._dense(flat, routing.weights)
+
+
+def naive_mole_forward(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
+    """W x + the naive all-expert loop: the whole layer as the official DynMoLE code computes it."""
+    out = layer.base(x)
+    return out + naive_delta(layer, x).view_as(out).to(out.dtype)
+
+
+class _Holder(nn.Module):
+    def __init__(self, proj: nn.Linear):
+        super().__init__()
+        self.proj = proj
+
+
+def peft_lora_floor(hidden: int, rank: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A bias-free linear with one peft LoRA adapter of `rank` (frozen base, dropout 0)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    holder = _Holder(nn.Linear(hidden, hidden, bias=False))
+    holder = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["proj"]), holder)
+    for name, p in holder.named_parameters():
+        p.requires_grad_("lora_" in name)
+    with torch.no_grad():
+        for name, p in holder.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return holder.proj.to(device=device, dtype=dtype).train()
+
+
+def make_layer(kind: str, sizes: dict, x: torch.Tensor, router_scale: float, gw_quantile: float) -> MoLELinear:
+    D, E, k, r = sizes["hidden"], sizes["experts"], sizes["top_k"], sizes["rank"]
+    base = nn.Linear(D, D, bias=False, device=x.device, dtype=x.dtype)
+    router = RouterConfig(kind=kind, top_k=k, gw_quantile=gw_quantile if kind == "gwmoe" else None)
+    layer = MoLELinear(base, E, r, alpha=2 * r, dropout=0.0, router=router)
+    with torch.no_grad():
+        layer.experts.lora_B.normal_(std=0.02)  # zero-init B would make every delta (and the check) trivial
+        for name, p in layer.router.named_parameters():
+            if name.endswith("weight"):
+                p.mul_(router_scale)
+    layer.train()
+    if kind == "gwmoe":  # threshold = quantile of this input's token entropies (what calibrate_gwmoe does)
+        layer.router.eval()
+        with torch.no_grad():
+            uncertainty = layer.router(x.reshape(-1, D)).stats["uncertainty"]
+        layer.router.calibrate(uncertainty)
+        layer.router.train()
+    return layer
+
+
+def run(args: argparse.Namespace, settings: BenchSettings):
+    sizes = dict(QUICK_SIZES) if settings.quick else dict(
+        tokens=args.tokens, hidden=args.hidden, experts=args.experts, top_k=args.top_k, rank=args.rank)
+    T, D, k, r = sizes["tokens"], sizes["hidden"], sizes["top_k"], sizes["rank"]
+    device, dtype = settings.device, settings.dtype
+    x = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(1, T, D, device=device, dtype=dtype)
+    grad_delta = grad_out.view(T, D)
+
+    floor = peft_lora_floor(D, k * r, device, dtype)
+    floor_params = [p for p in floor.parameters() if p.requires_grad]
+    lora_a, lora_b, floor_scale = floor.lora_A["default"], floor.lora_B["default"], floor.scaling["default"]
+    floor_names = {"adapter": f"adapter floor: peft LoRA r={k * r}", "layer": f"layer floor: linear + peft LoRA r={k * r}"}
+    floor_cases = {
+        "adapter": lambda: grads_of(lora_b(lora_a(x.view(T, D))) * floor_scale, [x, *floor_params], grad_delta),
+        "layer": lambda: grads_of(floor(x), [x, *floor_params], grad_out),
+    }
+    cases, ratios, checks, routing = {}, [], [], {}
+    for scope in args.scopes:
+        cases[floor_names[scope]] = floor_cases[scope]
+    for kind in args.routers:
+        layer = make_layer(kind, sizes, x, args.router_scale, args.gw_quantile)
+        named = [(name, p) for name, p in layer.named_parameters() if not name.startswith("base.")]
+        params = [p for _, p in named]
+        labels = ["output", "grad x"] + [f"grad {name}" for name, _ in named]
+
+        def step(fn, target, layer=layer, params=params):
+            return lambda: grads_of(fn(layer, x), [x, *params], target)
+
+        implementations = {
+            "adapter": {"ours": step(mole_delta, grad_delta), "naive": step(naive_delta, grad_delta)},
+            "layer": {"ours": step(lambda m, v: m(v), grad_out), "naive": step(naive_mole_forward, grad_out)},
+        }
+        if args.candidate:
+            implementations["adapter"]["candidate dense"] = step(dense_candidate_delta, grad_delta)
+        for scope in args.scopes:
+            impl = implementations[scope]
+            reference = impl["naive"]()
+            for variant in [v for v in impl if v != "naive"]:
+                checks.append(check_same(f"{scope} {variant} [{kind}] vs naive loop", impl[variant](), reference,
+                                         dtype, labels))
+            names = {variant: f"{scope} {variant}: {kind}" for variant in impl}
+            for variant, fn in impl.items():
+                cases[names[variant]] = fn
+            ratios.append(Ratio(f"{scope} {kind}: ours / floor", names["ours"], floor_names[scope], TARGET_VS_FLOOR,
+                                "at_most"))
+            ratios.append(Ratio(f"{scope} {kind}: speedup over naive loop", names["naive"], names["ours"], TARGET_VS_NAIVE))
+            if "candidate dense" in names:
+                ratios.append(Ratio(f"{scope} {kind}: candidate dense / floor", names["candidate dense"],
+                                    floor_names[scope], TARGET_VS_FLOOR, "at_most"))
+                ratios.append(Ratio(f"{scope} {kind}: candidate dense speedup over naive loop", names["naive"],
+                                    names["candidate dense"], TARGET_VS_NAIVE))
+        layer(x)
+        stats = layer.last_routing.stats
+        routing[kind] = {
+            "mean_active_experts": round(stats["num_active"].float().mean().item(), 3),
+            "broadcast_fraction": round(stats["broadcast"].float().mean().item(), 3),
+        }
+
+    times = time_cases(cases, settings, "mole")
+    if settings.profile:
+        profile_cases(cases, settings, "mole")
+    notes = [
+        "scope 'adapter' = router + LoRA experts only (what differs between the implementations); scope 'layer' = "
+        "frozen base linear + adapter (what a model sees; the base matmul is common to all three, so it caps the "
+        "layer-level speedup over the naive loop)",
+        f"router weights scaled by {args.router_scale} after init (1.0 = as initialised); GW-MoE threshold = "
+        f"{args.gw_quantile} quantile of the input's token entropies, training mode (broadcast on)",
+        "DynMoLE and GW-MoE activate more than top-k experts for uncertain tokens (extra.routing), so their floor "
+        "ratio compares more active adapter parameters than the floor has",
+        "'candidate dense' = LoRAExperts._dense on the router's (zero-padded) weights: a proposed executor choice",
+    ]
+    first_ours = next(name for name in cases if " ours: " in name)
+    return finish("mole", dict(sizes, routers=list(args.routers)), times, ratios, checks, settings, first_ours,
+                  notes, extra={"routing": routing})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--routers", nargs="+", default=list(ROUTER_KINDS), choices=ROUTER_KINDS)
+    parser.add_argument("--router-scale", type=float, default=1.0,
+                        help="multiply router weights after init (>1 = sharper, more trained-like routing)")
+    parser.add_argument("--gw-quantile", type=float, default=0.9, help="GW-MoE threshold quantile")
+    parser.add_argument("--scopes", nargs="+", default=["adapter", "layer"], choices=["adapter", "layer"])
+    parser.add_argument("--no-candidate", dest="candidate", action="store_false",
+                        help="skip the candidate dense executor")
+    add_common_args(parser, warmup=2, repeats=10)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    return run(args, settings_from_args(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Shared benchmark machinery: flags, interleaved timing, correctness checks, tables, JSON, profiles.
+
+Every benchmark times several *cases* (ours and its references) in one process. After `warmup` calls of
+each case, the `repeats` timed calls are interleaved (ours, ref, ours, ref, ...) so that load from other
+processes on a shared machine hits every case alike. CPU times come from `time.perf_counter`; CUDA times
+from CUDA events around one call, after a synchronize (so the GPU timeline includes launch gaps).
+Results are medians with the inter-quartile range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("benchmarks")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Largest relative error (max |ours - ref| / max |ref|) accepted when checking ours against a reference.
+CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class BenchSettings:
+    device: torch.device
+    dtype: torch.dtype
+    warmup: int
+    repeats: int
+    out: Path | None
+    profile: bool
+    quick: bool
+    seed: int
+
+
+def add_common_args(parser: argparse.ArgumentParser, warmup: int = 2, repeats: int = 10) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--warmup", type=int, default=None, help=f"untimed calls per case (default {warmup})")
+    parser.add_argument("--repeats", type=int, default=None, help=f"timed calls per case (default {repeats})")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run, not a claim)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results (and profiles)")
+    parser.add_argument("--profile", action="store_true", help="also write a torch.profiler table per case")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(_default_warmup=warmup, _default_repeats=repeats)
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build / machine")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    quick_warmup, quick_repeats = 1, 3
+    warmup = args.warmup if args.warmup is not None else (quick_warmup if args.quick else args._default_warmup)
+    repeats = args.repeats if args.repeats is not None else (quick_repeats if args.quick else args._default_repeats)
+    if warmup < 0 or repeats < 1:
+        raise SystemExit(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup}, {repeats})")
+    torch.manual_seed(args.seed)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return BenchSettings(device, DTYPES[args.dtype], warmup, repeats, args.out, args.profile, args.quick, args.seed)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of `fn` (CUDA events on a GPU, wall clock on a CPU)."""
+    synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start_s) * 1e3
+
+
+def time_cases(cases: dict[str, Callable[[], object]], settings: BenchSettings, label: str = "") -> dict[str, list[float]]:
+    """Warm up every case, then time `repeats` interleaved rounds; returns {case: [ms, ...]}."""
+    for fn in cases.values():
+        for _ in range(settings.warmup):
+            fn()
+    synchronize(settings.device)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in tqdm(range(settings.repeats), desc=f"timing {label}".strip(), leave=False):
+        for name, fn in cases.items():
+            times[name].append(time_once(fn, settings.device))
+    return times
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    times_ms: list[float]
+
+    @classmethod
+    def of(cls, times: Sequence[float]) -> "Timing":
+        ordered = sorted(times)
+        if len(ordered) >= 2:
+            q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+        else:
+            q1 = q3 = ordered[0]
+        return cls(statistics.median(ordered), q1, q3, ordered[0], [round(t, 4) for t in times])
+
+
+@dataclass
+class Ratio:
+    """`numerator` median / `denominator` median, compared with `target` in direction `at_least` / `at_most`."""
+
+    name: str
+    numerator: str
+    denominator: str
+    target: float | None = None
+    direction: str = "at_least"
+    value: float = float("nan")  # ratio of medians (the reported number)
+    value_of_minimums: float = float("nan")  # ratio of the fastest calls: less sensitive to a loaded machine
+    met: bool | None = None
+
+    def evaluate(self, timings: dict[str, Timing]) -> "Ratio":
+        self.value = timings[self.numerator].median_ms / timings[self.denominator].median_ms
+        self.value_of_minimums = timings[self.numerator].min_ms / timings[self.denominator].min_ms
+        if self.target is not None:
+            self.met = self.value >= self.target if self.direction == "at_least" else self.value <= self.target
+        return self
+
+    def describe(self) -> str:
+        text = f"{self.name}: {self.value:.2f}x (of minimums {self.value_of_minimums:.2f}x)"
+        if self.target is None:
+            return text
+        sign = ">=" if self.direction == "at_least" else "<="
+        return f"{text}, target {sign} {self.target:g}x: {'met' if self.met else 'MISSED'}"
+
+
+@dataclass
+class Check:
+    name: str
+    max_rel_err: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel_err <= self.tolerance
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref| in float64 (0 when both are all zeros)."""
+    if ours.shape != ref.shape:
+        raise AssertionError(f"shape mismatch: ours {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
+    ours, ref = ours.detach().double(), ref.detach().double()
+    scale = ref.abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def check_same(name: str, ours: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], dtype: torch.dtype,
+               labels: Sequence[str] | None = None) -> Check:
+    """Compare tensors pairwise (output, then gradients); raise if any differs beyond the dtype's tolerance."""
+    if len(ours) != len(ref):
+        raise AssertionError(f"{name}: {len(ours)} tensors from ours vs {len(ref)} from the reference")
+    labels = list(labels) if labels is not None else [str(i) for i in range(len(ours))]
+    errors = {label: relative_error(a, b) for label, a, b in zip(labels, ours, ref)}
+    tolerance = CHECK_TOLERANCE[dtype]
+    worst = max(errors, key=errors.get)
+    check = Check(name, errors[worst], tolerance)
+    if not check.ok:
+        raise AssertionError(
+            f"{name}: ours and the reference disagree on {worst!r} (relative error {errors[worst]:.3g} > "
+            f"{tolerance:g}); all errors: { {k: f'{v:.2g}' for k, v in errors.items()} }"
+        )
+    return check
+
+
+def environment(settings: BenchSettings) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(settings.device),
+        "dtype": str(settings.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "warmup": settings.warmup,
+        "repeats": settings.repeats,
+        "quick": settings.quick,
+    }
+    if settings.device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(settings.device)
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def profile_cases(cases: dict[str, Callable[[], object]], settings: BenchSettings, bench: str, rows: int = 20) -> dict[str, str]:
+    """Run each case twice under torch.profiler; print and write the top ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if settings.device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if settings.device.type == "cuda" else "self_cpu_time_total"
+    tables = {}
+    for name, fn in cases.items():
+        fn()
+        synchronize(settings.device)
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                fn()
+            synchronize(settings.device)
+        table = prof.key_averages().table(sort_by=sort_by, row_limit=rows)
+        tables[name] = table
+        print(f"\n--- profile {bench} / {name} (2 calls) ---\n{table}")
+        if settings.out is not None:
+            settings.out.mkdir(parents=True, exist_ok=True)
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+            (settings.out / f"{bench}__{safe}__profile.txt").write_text(table)
+    return tables
+
+
+def format_table(title: str, timings: dict[str, Timing], baseline: str) -> str:
+    width = max(len(name) for name in timings) + 2
+    lines = [title, f"{'case':<{width}}{'median ms':>12}{'IQR ms':>12}{'min ms':>12}{'x ours':>10}"]
+    base = timings[baseline].median_ms
+    for name, t in timings.items():
+        lines.append(f"{name:<{width}}{t.median_ms:>12.3f}{t.q3_ms - t.q1_ms:>12.3f}{t.min_ms:>12.3f}"
+                     f"{t.median_ms / base:>10.2f}")
+    return "\n".join(lines)
+
+
+@dataclass
+class BenchResult:
+    benchmark: str
+    sizes: dict
+    environment: dict
+    timings: dict[str, Timing]
+    ratios: list[Ratio]
+    checks: list[Check]
+    notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "benchmark": self.benchmark,
+            "sizes": self.sizes,
+            "environment": self.environment,
+            "timings": {k: asdict(v) for k, v in self.timings.items()},
+            "ratios": [asdict(r) for r in self.ratios],
+            "checks": [dict(asdict(c), ok=c.ok) for c in self.checks],
+            "notes": self.notes,
+            "extra": self.extra,
+        }
+
+
+def finish(benchmark: str, sizes: dict, times: dict[str, list[float]], ratios: list[Ratio], checks: list[Check],
+           settings: BenchSettings, baseline: str, notes: Sequence[str] = (), extra: dict | None = None) -> BenchResult:
+    """Turn raw times into medians and ratios, print the table, write `<out>/<benchmark>.json`."""
+    timings = {name: Timing.of(t) for name, t in times.items()}
+    ratios = [r.evaluate(timings) for r in ratios]
+    env = environment(settings)
+    size_text = " ".join(f"{k}={v}" for k, v in sizes.items())
+    title = f"== {benchmark} ({env['device']} {env['device_name']}, {env['dtype']}, threads={env['threads']}) {size_text}"
+    print(format_table(title, timings, baseline))
+    for ratio in ratios:
+        print("  " + ratio.describe())
+    for check in checks:
+        print(f"  check {check.name}: max relative error {check.max_rel_err:.2e} (tol {check.tolerance:g})")
+    result = BenchResult(benchmark, sizes, env, timings, ratios, checks, list(notes), extra or {})
+    if settings.out is not None:
+        settings.out.mkdir(parents=True, exist_ok=True)
+        path = settings.out / f"{benchmark}.json"
+        path.write_text(json.dumps(result.to_json(), indent=2))
+        logger.info("wrote %s", path)
+    return result
+
+
+def grads_of(output: torch.Tensor, inputs: Sequence[torch.Tensor], grad_output: torch.Tensor) -> list[torch.Tensor]:
+    """Forward output plus d(output . grad_output)/d(inputs): what a fwd+bwd step computes, without touching .grad."""
+    grads = torch.autograd.grad(output, list(inputs), grad_output, allow_unused=True)
+    return [output] + [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, inputs)]

@@ -1,0 +1,219 @@
+"""Evaluate a model on MMMB: prompts → (generation + answer extraction | option-letter likelihood) → scores.
+
+    python -m mmmb.evaluate --model runs/tiny --data data/mmmb [--mode generate|likelihood] [--circular]
+                            [--batch-size 8] [--out results/tiny] [--languages en zh]
+
+Writes to ``--out``: ``<model>_MMMB_<lang>.xlsx`` and ``.tsv`` (VLMEvalKit's names: ``cn`` for Chinese) with the
+prediction of every prompt, ``<model>_MMMB_acc.csv|.md|.png`` (category × language accuracy, ``Avg`` column)
+and ``summary.json`` (read by :mod:`mmmb.leaderboard`). Predictions are cached per prompt in
+``cache/<mode>/<lang>.jsonl`` so an interrupted run resumes where it stopped.
+
+Scoring is exact matching as in the Parrot paper; circular evaluation (MMBench's CircularEval) asks every
+rotation of the options and counts an item as correct only if all rotations are answered correctly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from mmmb.cache import PredictionCache, prompt_hash
+from mmmb.extract import extract_answer
+from mmmb.languages import LANGUAGES, VLMEVALKIT_CODE
+from mmmb.models import MCQModel
+from mmmb.prompts import format_question, rotate_options
+from mmmb.report import AVERAGE, OVERALL, accuracy_table, plot_accuracy, to_markdown
+from mmmb.tsv import OPTION_LETTERS, MCQRecord, read_mmmb
+
+logger = logging.getLogger(__name__)
+MODES = ("generate", "likelihood")
+CIRCULAR_INDEX_STRIDE = 1_000_000  # VLMEvalKit numbers rotation r of item i as i + r * 1e6
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model_name: str
+    mode: str = "generate"
+    circular: bool = False
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One prompt sent to the model: an item with its options rotated by ``rotation``."""
+
+    record: MCQRecord
+    rotation: int
+    options: tuple[str, ...]
+    answer: str
+    prompt: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.record.index}:{self.rotation}"
+
+
+@dataclass
+class EvalResult:
+    table: pd.DataFrame  # accuracy % (rows Overall + categories, columns languages + Avg)
+    items: dict[str, pd.DataFrame]  # per language: index, category, hit, no_answer
+    predictions: dict[str, pd.DataFrame]  # per language: one row per prompt
+
+    @property
+    def average(self) -> float:
+        return float(self.table.loc[OVERALL, AVERAGE])
+
+
+def build_queries(records: Sequence[MCQRecord], language: str, circular: bool) -> list[Query]:
+    queries = []
+    for record in records:
+        for rotation in range(len(record.options) if circular else 1):
+            options, answer = rotate_options(record, rotation)
+            queries.append(Query(record, rotation, options, answer, format_question(record, options, language)))
+    return queries
+
+
+def _run_batch(model: MCQModel, batch: list[Query], mode: str) -> list[dict]:
+    prompts = [query.prompt for query in batch]
+    images = [query.record.load_image() for query in batch]
+    base = [{"key": q.key, "index": q.record.index, "rotation": q.rotation, "prompt_sha1": prompt_hash(q.prompt)}
+            for q in batch]
+    if mode == "generate":
+        texts = model.generate(prompts, images)
+        if len(texts) != len(batch):
+            raise ValueError(f"model.generate returned {len(texts)} outputs for {len(batch)} prompts")
+        return [entry | {"prediction": str(text)} for entry, text in zip(base, texts)]
+    letters = OPTION_LETTERS[: max(len(q.options) for q in batch)]
+    scores = torch.as_tensor(model.option_logprobs(prompts, images, list(letters))).float()  # (B, L)
+    if scores.shape != (len(batch), len(letters)):
+        raise ValueError(f"model.option_logprobs returned shape {tuple(scores.shape)}, "
+                         f"expected {(len(batch), len(letters))}")
+    n_options = torch.tensor([len(q.options) for q in batch])
+    valid = torch.arange(len(letters))[None, :] < n_options[:, None]  # (B, L): items may have fewer options
+    chosen = scores.masked_fill(~valid, float("-inf")).argmax(dim=-1)  # (B,)
+    return [entry | {"prediction": letters[c], "logprobs": row[: len(q.options)].tolist()}
+            for entry, c, row, q in zip(base, chosen.tolist(), scores, batch)]
+
+
+def predict_language(model: MCQModel, queries: list[Query], cache: PredictionCache, mode: str,
+                     batch_size: int, language: str) -> dict[str, dict]:
+    """Predictions for every query, asking the model only for those missing from the cache."""
+    todo = [query for query in queries if cache.get(query.key, query.prompt) is None]
+    if len(todo) < len(queries):
+        logger.info("%s: %d of %d prompts already cached", language, len(queries) - len(todo), len(queries))
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    for batch in tqdm(batches, desc=f"MMMB {language} ({mode})", unit="batch", disable=not batches):
+        cache.append(_run_batch(model, batch, mode))
+    return {query.key: cache.get(query.key, query.prompt) for query in queries}
+
+
+def score_language(queries: list[Query], predictions: dict[str, dict], mode: str,
+                   category_of: dict[int, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-prompt predictions table, per-item results). An item is correct iff all its prompts are."""
+    rows = []
+    for query in queries:
+        prediction = predictions[query.key]["prediction"]
+        extracted = extract_answer(prediction, query.options) if mode == "generate" else prediction
+        record = query.record
+        rows.append({
+            "index": record.index + query.rotation * CIRCULAR_INDEX_STRIDE, "question": record.question,
+            **{letter: text for letter, text in zip(OPTION_LETTERS, query.options)},
+            "answer": query.answer, "category": record.category, "l2-category": record.l2_category or "",
+            "prediction": prediction, "extracted": extracted or "", "hit": extracted == query.answer,
+            "item_index": record.index, "rotation": query.rotation,
+        })
+    per_prompt = pd.DataFrame(rows)
+    by_item = per_prompt["item_index"]
+    items = pd.DataFrame({
+        "hit": per_prompt["hit"].groupby(by_item, sort=False).all(),
+        "no_answer": per_prompt["extracted"].eq("").groupby(by_item, sort=False).any(),
+    }).reset_index(names="index")
+    items["category"] = items["index"].map(category_of)
+    return per_prompt, items
+
+
+def _write_predictions(frame: pd.DataFrame, stem: Path) -> None:
+    frame.to_csv(stem.with_suffix(".tsv"), sep="\t", index=False)
+    # openpyxl rejects control characters that a model may emit; the .tsv keeps the raw text.
+    printable = frame.replace(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "", regex=True)
+    printable.to_excel(stem.with_suffix(".xlsx"), index=False)
+
+
+def evaluate_mmmb(model: MCQModel, data: dict[str, list[MCQRecord]], out_dir: str | Path,
+                  config: EvalConfig) -> EvalResult:
+    """Evaluate ``model`` on the aligned per-language ``data`` and write all outputs to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Categories come from one reference language so translated category names still share a table row.
+    reference = "en" if "en" in data else next(iter(data))
+    category_of = {record.index: record.category for record in data[reference]}
+    items, predictions = {}, {}
+    for language, records in data.items():
+        queries = build_queries(records, language, config.circular)
+        cache = PredictionCache(out_dir / "cache" / config.mode / f"{language}.jsonl")
+        answered = predict_language(model, queries, cache, config.mode, config.batch_size, language)
+        predictions[language], items[language] = score_language(queries, answered, config.mode, category_of)
+        _write_predictions(predictions[language].drop(columns=["item_index"]),
+                           out_dir / f"{config.model_name}_MMMB_{VLMEVALKIT_CODE[language]}")
+    table = accuracy_table(items)
+    stem = out_dir / f"{config.model_name}_MMMB_acc"
+    table.to_csv(stem.with_suffix(".csv"))
+    stem.with_suffix(".md").write_text(
+        f"# {config.model_name} on MMMB ({config.mode}{', circular' if config.circular else ''})\n\n"
+        + to_markdown(table), encoding="utf-8")
+    plot_accuracy(table, stem.with_suffix(".png"), title=f"{config.model_name}: MMMB")
+    summary = {
+        **asdict(config), "languages": list(data), "average": float(table.loc[OVERALL, AVERAGE]),
+        "accuracy": {language: float(table.loc[OVERALL, language]) for language in data},
+        "items": {language: len(frame) for language, frame in items.items()},
+        "no_answer": {language: int(frame["no_answer"].sum()) for language, frame in items.items()},
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return EvalResult(table=table, items=items, predictions=predictions)
+
+
+def main(argv: Sequence[str] | None = None) -> EvalResult:
+    parser = argparse.ArgumentParser(prog="python -m mmmb.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="Parrot model directory (weights + processor)")
+    parser.add_argument("--data", required=True, nargs="+", help="directory of mmmb_<lang>.tsv and/or TSV files")
+    parser.add_argument("--mode", choices=MODES, default="generate")
+    parser.add_argument("--circular", action="store_true", help="ask every rotation of the options")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", help="output directory (default: results/<model name>[_likelihood][_circular])")
+    parser.add_argument("--languages", nargs="+", default=None, help=f"subset of {LANGUAGES} (cn = zh)")
+    parser.add_argument("--model-name", help="name used in file names and the leaderboard (default: model dir name)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from mmmb.models import ParrotMCQModel
+
+    model_name = args.model_name or Path(args.model).resolve().name
+    data = read_mmmb(args.data, languages=args.languages)
+    model = ParrotMCQModel(args.model, device=args.device, max_new_tokens=args.max_new_tokens,
+                           dtype=getattr(torch, args.dtype) if args.dtype else None)
+    config = EvalConfig(model_name=model_name, mode=args.mode, circular=args.circular, batch_size=args.batch_size)
+    # Default folder per (model, mode) so a likelihood or circular run never overwrites a generation run.
+    suffix = ("" if args.mode == "generate" else f"_{args.mode}") + ("_circular" if args.circular else "")
+    result = evaluate_mmmb(model, data, args.out or Path("results") / f"{model_name}{suffix}", config)
+    print(to_markdown(result.table))
+    return result
+
+
+if __name__ == "__main__":
+    main()

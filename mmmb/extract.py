@@ -1,0 +1,180 @@
+"""Answer extraction for generated MCQ outputs in the six MMMB languages (exact matching, no LLM judge).
+
+Follows VLMEvalKit's exact-matching idea (``can_infer_option`` then ``can_infer_text``) and adds answer cues in
+en/zh/pt/ar/tr/ru. Rules, applied in order; the first that decides wins:
+
+1. the whole output is one letter, possibly wrapped: ``B``, ``B.``, ``(B)``, ``B)``, ``**B**``;
+2. an answer cue followed by a letter: strong cues ("answer is", "答案是", "选", "الإجابة هي", "Cevap", "Ответ:",
+   "A resposta é", ...) before weak ones ("option", "选项", "вариант", "seçenek", "opção", "الخيار");
+3. option letters standing alone in the text (``B) red``, ``B选项``, ``B seçeneği``), after masking the option
+   texts so "Vitamin C" is not read as letter C, and skipping article/pronoun use ("A red car", "I think");
+4. the text of exactly one option appears (nested matches such as "red" inside "dark red" count once).
+
+Two different letters (or options) at the deciding rule → ambiguous → ``None`` (scored as wrong, reported as
+"no answer"). A letter that is not among the item's options also gives ``None``.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Sequence
+
+from mmmb.tsv import OPTION_LETTERS
+
+# Characters that glue to a letter and make it part of a word (Latin incl. accents, Cyrillic, Arabic, digits).
+_WORD_CHARS = r"0-9A-Za-z\u00C0-\u024F\u0400-\u04FF\u0600-\u06FF"
+# Look-alikes a model may write in Russian/Arabic: Cyrillic А В С Е, Arabic abjad option labels أ ب ج د.
+_HOMOGLYPHS: dict[str, str] = {"А": "A", "В": "B", "С": "C", "Е": "E", "أ": "A", "ب": "B", "ج": "C", "د": "D"}
+_WRAPPING = " \t\r\n.,:;!?。，、：；！？()（）[]【】「」<>*_\"'`“”‘’«»-—–=#"
+
+_STRONG_CUES = "|".join([
+    # en
+    r"(?:correct\s+|final\s+|right\s+)?answer(?:\s+(?:is|would\s+be|should\s+be|will\s+be))?",
+    r"(?:i\s+(?:would\s+)?)?(?:choose|select|pick|go\s+with)",
+    # zh
+    r"答案(?:应该|应|應該)?(?:是|为|為|选|選)?", r"正确(?:答案|选项|選項)(?:是|为)?", r"我?(?:选择|选|選擇|選)",
+    # pt
+    r"resposta(?:\s+(?:correta|certa|final))?(?:\s+(?:é|seria|será))?", r"(?:eu\s+)?escolh(?:o|eria)",
+    # ar
+    r"(?:الإجابة|الاجابة|الجواب)(?:\s+(?:الصحيحة|الصحيح))?(?:\s+(?:هي|هو))?", r"(?:أختار|اختار)",
+    # tr
+    r"(?:doğru\s+)?(?:cevap|cevab\w*|yanıt\w*)(?:\s+(?:şudur|budur))?", r"seçiyorum",
+    # ru
+    r"(?:правильный\s+|верный\s+)?ответ(?:\s*(?:—|-|это))?", r"(?:я\s+)?выбираю",
+])
+_WEAK_CUES = "|".join([
+    r"option|choice|letter", r"选项|選項", r"opção|alternativa|letra", r"(?:الخيار|الاختيار|الحرف)",
+    r"seçenek\w*|şık\w*", r"вариант\w*|буква",
+])
+_FILLER = r"[\s:：\-—–=\"'“”«»„‘’`*_\(\[（【「]*"
+_FILLER_WORDS = (r"(?:(?:(?:the|an|a|o|la)\s+)?(?:option|choice|letter|选项|選項|opção|alternativa|letra|"
+                 r"الخيار|الحرف|seçenek|şık|вариант|буква)" + _FILLER + r")?")
+# Upper-case Latin letter or a homoglyph; a lower-case one only when nothing word-like follows ("answer: b.").
+_LETTER = (r"(?P<letter>[A-Z]|[АВСЕ]|[أبجد]|[a-z](?=\s*(?:$|[.,;:!?)\]。，；：！？）])))"
+           rf"(?![{_WORD_CHARS}])")
+_CONJUNCTION = re.compile(
+    rf"^\s*(?:,|/|(?i:or|and|или|и|veya|ya\s+da|ve|ou|e|أو|و)\s|或者?|和|与|及)\s*(?P<letter>[A-Z])(?![{_WORD_CHARS}])"
+)
+
+
+def _cue_pattern(cues: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![{_WORD_CHARS}])(?i:{cues}){_FILLER}{_FILLER_WORDS}{_LETTER}")
+
+
+_CUE_TIERS: tuple[re.Pattern[str], ...] = (_cue_pattern(_STRONG_CUES), _cue_pattern(_WEAK_CUES))
+_STANDALONE = re.compile(rf"(?<![{_WORD_CHARS}])(?P<letter>[A-Z])(?![{_WORD_CHARS}])")
+# "A"/"E"/"I"/"O" are also words (en/pt article, pt "and", en "I", tr "O"): followed by a lower-case Latin word
+# they are read as words unless that word says the letter is the answer ("A is correct", "B şıkkı").
+_WORD_LETTERS = frozenset("AEIO")
+_FOLLOWING_WORD = re.compile(r"\s+([a-zà-ɏ]+)")
+_CONFIRMING_WORDS = frozenset({
+    "or", "and", "ou", "e", "veya", "ve", "ya",  # "A or B": letters joined by a conjunction
+    "is", "was", "seems", "would", "should", "matches", "fits", "correct", "right",
+    "é", "está", "parece", "seria", "correta", "certa",
+    "şıkkı", "şıkkıdır", "seçeneği", "seçeneğidir", "doğru", "doğrudur", "olmalı",
+})
+
+
+def _normalize(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).strip()
+
+
+def _to_letter(raw: str) -> str:
+    return _HOMOGLYPHS.get(raw, raw.upper())
+
+
+def _decide(letters: set[str], valid: str) -> tuple[bool, str | None]:
+    """(decided, answer): nothing found → undecided; one valid letter → it; else decided as no answer."""
+    if not letters:
+        return False, None
+    if len(letters) == 1:
+        (letter,) = letters
+        return True, letter if letter in valid else None
+    return True, None
+
+
+def _whole_text_letter(text: str) -> str | None:
+    core = text.strip(_WRAPPING)
+    return _to_letter(core) if len(core) == 1 and (core.isascii() and core.isalpha() or core in _HOMOGLYPHS) else None
+
+
+def _cue_letters(text: str, pattern: re.Pattern[str]) -> set[str]:
+    letters = set()
+    for match in pattern.finditer(text):
+        letters.add(_to_letter(match.group("letter")))
+        alternative = _CONJUNCTION.match(text[match.end():])
+        if alternative is not None:  # "the answer is B or C"
+            letters.add(alternative.group("letter"))
+    return letters
+
+
+def _option_key(option: str) -> str:
+    return " ".join(_normalize(option).strip(_WRAPPING).split())
+
+
+def _option_spans(text: str, options: Sequence[str]) -> tuple[list[tuple[int, int, int]], str]:
+    """(start, end, option position) of every option text found in ``text`` (case-insensitive), and the
+    whitespace-collapsed text the offsets refer to. Case-insensitive matching rather than ``casefold`` keeps
+    offsets stable (Turkish "İ" casefolds to two code points)."""
+    haystack = " ".join(text.split())
+    spans = []
+    for position, option in enumerate(options):
+        key = _option_key(option)
+        if not key:
+            continue
+        # Alphabetic edges need word boundaries ("red" must not match "bored"); CJK text has no spaces.
+        left = rf"(?<![{_WORD_CHARS}])" if re.match(rf"[{_WORD_CHARS}]", key[0]) else ""
+        right = rf"(?![{_WORD_CHARS}])" if re.match(rf"[{_WORD_CHARS}]", key[-1]) else ""
+        for match in re.finditer(left + re.escape(key) + right, haystack, flags=re.IGNORECASE):
+            spans.append((match.start(), match.end(), position))
+    return spans, haystack
+
+
+def _outermost(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    return [s for s in spans if not any(o[0] <= s[0] and s[1] <= o[1] and (o[1] - o[0]) > (s[1] - s[0])
+                                        for o in spans)]
+
+
+def _standalone_letters(text: str, options: Sequence[str], valid: str) -> set[str]:
+    spans, haystack = _option_spans(text, [o for o in options if len(_option_key(o)) > 1])
+    masked = list(haystack)
+    for start, end, _ in spans:
+        masked[start:end] = " " * (end - start)
+    masked_text = "".join(masked)
+    letters = set()
+    for match in _STANDALONE.finditer(masked_text):
+        letter = match.group("letter")
+        if letter not in valid:
+            continue
+        following = _FOLLOWING_WORD.match(masked_text, match.end())
+        if letter in _WORD_LETTERS and following is not None and following.group(1) not in _CONFIRMING_WORDS:
+            continue
+        letters.add(letter)
+    return letters
+
+
+def _option_text_letters(text: str, options: Sequence[str]) -> set[str]:
+    spans, _ = _option_spans(text, options)
+    return {OPTION_LETTERS[position] for _, _, position in _outermost(spans)}
+
+
+def extract_answer(text: str, options: Sequence[str]) -> str | None:
+    """The option letter a model's free-form ``text`` commits to, or ``None`` (no answer / ambiguous).
+
+    ``options`` are the option texts in letter order (``options[0]`` is A).
+    """
+    valid = OPTION_LETTERS[: len(options)]
+    text = _normalize(text)
+    if not text:
+        return None
+    whole = _whole_text_letter(text)
+    if whole is not None:
+        return whole if whole in valid else None
+    for pattern in _CUE_TIERS:
+        decided, answer = _decide(_cue_letters(text, pattern), valid)
+        if decided:
+            return answer
+    decided, answer = _decide(_standalone_letters(text, options, valid), valid)
+    if decided:
+        return answer
+    return _decide(_option_text_letters(text, options), valid)[1]

@@ -1,0 +1,29 @@
+"""VLMEvalKit-style MCQ prompt text, in the item's language.
+
+As VLMEvalKit's LLaVA-family ``build_prompt``: ``[hint\n]question\nA. ...\nB. ...\n<instruction>``, where the
+instruction ("Answer with the option's letter from the given choices directly.") is written in the item's
+language (:data:`mmmb.languages.ANSWER_INSTRUCTION`). Chat formatting and the ``<image>`` placeholder are the
+model adapter's job.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from mmmb.languages import ANSWER_INSTRUCTION
+from mmmb.tsv import OPTION_LETTERS, MCQRecord
+
+
+def format_question(record: MCQRecord, options: Sequence[str], language: str) -> str:
+    """Prompt text for ``record`` with ``options`` (possibly rotated) labelled A, B, ... in order."""
+    lines = [record.hint] if record.hint else []
+    lines.append(record.question)
+    lines.extend(f"{letter}. {text}" for letter, text in zip(OPTION_LETTERS, options))
+    lines.append(ANSWER_INSTRUCTION[language])
+    return "\n".join(lines)
+
+
+def rotate_options(record: MCQRecord, rotation: int) -> tuple[tuple[str, ...], str]:
+    """Options shifted left by ``rotation`` (circular evaluation) and the answer letter after the shift."""
+    n = len(record.options)
+    options = record.options[rotation:] + record.options[:rotation]
+    return options, OPTION_LETTERS[(record.answer_position - rotation) % n]

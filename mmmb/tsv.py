@@ -1,0 +1,314 @@
+"""Read and write MMMB in the VLMEvalKit MCQ TSV layout.
+
+Layout (one file per language, ``mmmb_<lang>.tsv``; VLMEvalKit's ``ImageMCQDataset``):
+``index, question, [hint], A, B, (C, D, ...), answer, category, [l2-category], image | image_path``
+where ``image`` is a base64-encoded JPEG/PNG. As in VLMEvalKit, an ``image`` cell of at most 64 characters
+that equals another row's index reuses that row's image (how the official files de-duplicate images).
+
+Every problem is reported as :class:`MMMBFormatError` naming the file, the row (by its ``index`` and its
+1-based data-row number) and the column; nothing is skipped or repaired silently.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from mmmb.languages import LANGUAGES, canonical_language
+
+OPTION_LETTERS: str = string.ascii_uppercase
+REQUIRED_COLUMNS: tuple[str, ...] = ("index", "question", "A", "B", "answer", "category")
+_FILE_PATTERN = re.compile(r"^mmmb_([a-z]{2})\.tsv$", re.IGNORECASE)
+_IMAGE_REFERENCE_MAX_CHARS = 64  # VLMEvalKit: shorter "image" cells are references to another row's index
+
+
+class MMMBFormatError(ValueError):
+    """Bad MMMB input; ``file``, ``row`` (the row's index or data-row number) and ``column`` locate it."""
+
+    def __init__(self, file: str | Path, message: str, row: str | int | None = None,
+                 column: str | None = None):
+        self.file, self.row, self.column = str(file), row, column
+        where = [self.file]
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column {column!r}")
+        super().__init__(f"{', '.join(where)}: {message}")
+
+
+@dataclass(frozen=True)
+class MCQRecord:
+    """One multiple-choice item of one language. ``options[i]`` is the text of letter ``OPTION_LETTERS[i]``."""
+
+    index: int
+    question: str
+    options: tuple[str, ...]
+    answer: str
+    category: str
+    l2_category: str | None = None
+    hint: str | None = None
+    image_b64: str | None = None
+    image_path: str | None = None
+
+    @property
+    def letters(self) -> str:
+        return OPTION_LETTERS[: len(self.options)]
+
+    @property
+    def answer_position(self) -> int:
+        return self.letters.index(self.answer)
+
+    def load_image(self) -> Image.Image:
+        if self.image_b64 is not None:
+            return decode_image(self.image_b64)
+        if self.image_path is not None:
+            with Image.open(self.image_path) as image:
+                return image.convert("RGB")
+        raise ValueError(f"item {self.index} has neither an image nor an image_path")
+
+
+def encode_image(image: Image.Image, image_format: str = "PNG") -> str:
+    """Base64 of ``image`` saved as PNG (lossless, the default) or JPEG."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=image_format.upper())
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def encode_image_bytes(data: bytes) -> str:
+    """Base64 of an already-encoded image file, kept byte-for-byte (no re-compression)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_image(b64: str) -> Image.Image:
+    """Decode a base64 JPEG/PNG (a ``data:image/...;base64,`` prefix is allowed) to an RGB image.
+
+    Raises ValueError when the text is not base64 or the bytes are not a readable image.
+    """
+    payload = b64.split(",", 1)[1] if b64.startswith("data:") else b64
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"not valid base64 ({error})") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"base64 payload is not a decodable image ({error})") from None
+
+
+def read_tsv(path: str | Path, check_images: bool = True) -> list[MCQRecord]:
+    """Read one MMMB/VLMEvalKit MCQ TSV; validate every row (see module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MMMBFormatError(path, "file not found")
+    try:
+        # Everything as text: "None"/"NA" are legitimate option texts, an empty cell is a missing option.
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise MMMBFormatError(path, f"not a readable TSV ({error})") from None
+    columns = list(table.columns)
+    for column in REQUIRED_COLUMNS:
+        if column not in columns:
+            raise MMMBFormatError(path, f"missing required column (found columns: {columns})", column=column)
+    if "image" not in columns and "image_path" not in columns:
+        raise MMMBFormatError(path, "missing required column: need 'image' (base64) or 'image_path'",
+                              column="image")
+    letters = [letter for letter in OPTION_LETTERS if letter in columns]
+    if letters != list(OPTION_LETTERS[: len(letters)]):
+        missing = next(letter for letter in OPTION_LETTERS if letter not in columns)
+        raise MMMBFormatError(path, f"option columns must be contiguous from A; found {letters}", column=missing)
+
+    rows = table.to_dict(orient="records")
+    indices = _parse_indices(path, rows)
+    images_by_index = {idx: row.get("image", "") for idx, row in zip(indices, rows)}
+    records = []
+    for data_row, (idx, row) in enumerate(zip(indices, rows), start=1):
+        where = f"{idx} (data row {data_row})"
+        options = _parse_options(path, where, row, letters)
+        answer = row["answer"].strip()
+        if answer not in OPTION_LETTERS[: len(options)]:
+            raise MMMBFormatError(path, f"answer {answer!r} is not among the options "
+                                        f"{OPTION_LETTERS[: len(options)]}", row=where, column="answer")
+        for column in ("question", "category"):
+            if not row[column].strip():
+                raise MMMBFormatError(path, "empty value", row=where, column=column)
+        image_b64, image_path = _parse_image(path, where, row, images_by_index, check_images)
+        records.append(MCQRecord(
+            index=idx, question=row["question"], options=options, answer=answer, category=row["category"],
+            l2_category=row.get("l2-category") or None, hint=row.get("hint") or None,
+            image_b64=image_b64, image_path=image_path,
+        ))
+    return records
+
+
+def _parse_indices(path: Path, rows: list[dict]) -> list[int]:
+    indices, seen = [], {}
+    for data_row, row in enumerate(rows, start=1):
+        raw = row["index"].strip()
+        try:
+            idx = int(raw)
+        except ValueError:
+            raise MMMBFormatError(path, f"index {raw!r} is not an integer", row=f"(data row {data_row})",
+                                  column="index") from None
+        if idx in seen:
+            raise MMMBFormatError(path, f"duplicate index (first used at data row {seen[idx]})",
+                                  row=f"{idx} (data row {data_row})", column="index")
+        seen[idx] = data_row
+        indices.append(idx)
+    return indices
+
+
+def _parse_options(path: Path, where: str, row: dict, letters: list[str]) -> tuple[str, ...]:
+    values = [row[letter] for letter in letters]
+    count = len(values)
+    while count and not values[count - 1].strip():
+        count -= 1
+    for letter, value in zip(letters[:count], values[:count]):
+        if not value.strip():
+            raise MMMBFormatError(path, "empty option before a later non-empty one", row=where, column=letter)
+    if count < 2:
+        raise MMMBFormatError(path, "an item needs at least two options", row=where, column=letters[count])
+    return tuple(values[:count])
+
+
+def _parse_image(path: Path, where: str, row: dict, images_by_index: dict[int, str],
+                 check_images: bool) -> tuple[str | None, str | None]:
+    image = row.get("image", "").strip()
+    if image:
+        if len(image) <= _IMAGE_REFERENCE_MAX_CHARS and image.lstrip("-").isdigit():
+            target = images_by_index.get(int(image), "")
+            if not target or len(target) <= _IMAGE_REFERENCE_MAX_CHARS:
+                raise MMMBFormatError(path, f"image refers to index {image}, which has no base64 image",
+                                      row=where, column="image")
+            image = target
+        if check_images:
+            try:
+                decode_image(image)
+            except ValueError as error:
+                raise MMMBFormatError(path, str(error), row=where, column="image") from None
+        return image, None
+    raw_path = row.get("image_path", "").strip()
+    if not raw_path:
+        column = "image" if "image" in row else "image_path"
+        raise MMMBFormatError(path, "no image", row=where, column=column)
+    image_path = Path(raw_path) if Path(raw_path).is_absolute() else path.parent / raw_path
+    if check_images:
+        try:
+            with Image.open(image_path) as opened:
+                opened.load()
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+            raise MMMBFormatError(path, f"cannot open image {str(image_path)!r} ({error})", row=where,
+                                  column="image_path") from None
+    return None, str(image_path)
+
+
+def write_tsv(path: str | Path, records: Iterable[MCQRecord]) -> Path:
+    """Write records in the VLMEvalKit MCQ layout (``image`` if the records carry base64, else ``image_path``)."""
+    path = Path(path)
+    records = list(records)
+    n_letters = max(len(record.options) for record in records)
+    has_hint = any(record.hint for record in records)
+    has_l2 = any(record.l2_category for record in records)
+    rows = []
+    for record in records:
+        row: dict[str, object] = {"index": record.index, "question": record.question}
+        if has_hint:
+            row["hint"] = record.hint or ""
+        for position, letter in enumerate(OPTION_LETTERS[:n_letters]):
+            row[letter] = record.options[position] if position < len(record.options) else ""
+        row["answer"] = record.answer
+        row["category"] = record.category
+        if has_l2:
+            row["l2-category"] = record.l2_category or ""
+        if record.image_b64 is not None:
+            row["image"] = record.image_b64
+        else:
+            row["image_path"] = record.image_path
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.isna().any().any():
+        raise ValueError(f"{path}: records mix base64 images and image paths; use one kind per file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, sep="\t", index=False, encoding="utf-8")
+    return path
+
+
+def language_of_file(path: str | Path) -> str:
+    """``mmmb_en.tsv`` → ``en``; ``mmmb_cn.tsv`` and ``mmmb_zh.tsv`` → ``zh``."""
+    match = _FILE_PATTERN.match(Path(path).name)
+    if match is None:
+        raise MMMBFormatError(path, f"file name must be mmmb_<lang>.tsv with lang in {LANGUAGES} (or 'cn')")
+    try:
+        return canonical_language(match.group(1))
+    except ValueError as error:
+        raise MMMBFormatError(path, str(error)) from None
+
+
+def find_language_files(paths: Sequence[str | Path]) -> dict[str, Path]:
+    """Language → TSV, from directories (every ``mmmb_*.tsv`` inside) and/or explicit TSV paths."""
+    files: dict[str, Path] = {}
+    for entry in map(Path, paths):
+        candidates = sorted(p for p in entry.iterdir() if _FILE_PATTERN.match(p.name)) if entry.is_dir() else [entry]
+        if entry.is_dir() and not candidates:
+            raise MMMBFormatError(entry, "no mmmb_<lang>.tsv files in this directory")
+        for candidate in candidates:
+            language = language_of_file(candidate)
+            if language in files and files[language] != candidate:
+                raise MMMBFormatError(candidate, f"second file for language {language!r} (also {files[language]})")
+            files[language] = candidate
+    return files
+
+
+def check_alignment(sets: dict[str, list[MCQRecord]], files: dict[str, Path] | None = None) -> None:
+    """The same item must carry the same index in every language: equal index sets, and per index the same
+    number of options and the same answer letter. Raises MMMBFormatError naming the file, row and column."""
+    if len(sets) < 2:
+        return
+    languages = list(sets)
+    reference = languages[0]
+    ref_by_index = {record.index: record for record in sets[reference]}
+    for language in languages[1:]:
+        file = (files or {}).get(language, f"mmmb_{language}")
+        by_index = {record.index: record for record in sets[language]}
+        missing = sorted(set(ref_by_index) - set(by_index))
+        extra = sorted(set(by_index) - set(ref_by_index))
+        if missing:
+            raise MMMBFormatError(file, f"index missing here but present in {reference!r} "
+                                        f"(first missing: {missing[:5]})", row=missing[0], column="index")
+        if extra:
+            raise MMMBFormatError(file, f"index not present in {reference!r} (indices not aligned; "
+                                        f"first extra: {extra[:5]})", row=extra[0], column="index")
+        for idx, record in by_index.items():
+            ref = ref_by_index[idx]
+            if len(record.options) != len(ref.options):
+                raise MMMBFormatError(file, f"{len(record.options)} options here but {len(ref.options)} in "
+                                            f"{reference!r}: item not aligned", row=idx,
+                                      column=OPTION_LETTERS[min(len(record.options), len(ref.options))])
+            if record.answer != ref.answer:
+                raise MMMBFormatError(file, f"answer {record.answer!r} here but {ref.answer!r} in {reference!r}: "
+                                            "item not aligned", row=idx, column="answer")
+
+
+def read_mmmb(paths: Sequence[str | Path], languages: Sequence[str] | None = None,
+              check_images: bool = True) -> dict[str, list[MCQRecord]]:
+    """Read the per-language TSVs found in ``paths`` (restricted to ``languages``), check index alignment,
+    and return them in :data:`LANGUAGES` order."""
+    files = find_language_files(paths)
+    if languages is not None:
+        wanted = [canonical_language(code) for code in languages]
+        absent = [code for code in wanted if code not in files]
+        if absent:
+            raise MMMBFormatError(", ".join(map(str, paths)), f"no TSV for language(s) {absent}")
+        files = {code: files[code] for code in wanted}
+    ordered = {code: files[code] for code in LANGUAGES if code in files}
+    sets = {code: read_tsv(path, check_images=check_images) for code, path in ordered.items()}
+    check_alignment(sets, ordered)
+    return sets

@@ -1,0 +1,363 @@
+"""LLaVA / Parrot conversation data: files -> validated records -> mixed datasets -> token ids, labels, images.
+
+Records follow LLaVA's JSON format::
+
+    {"id": "...", "image": "relative/to/image_dir.png",             # "image" absent: a text-only record
+     "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
+
+Datasets are named in a registry YAML (`configs/datasets.yaml`) and mixed with a spec string such as
+`"synthetic-caption|synthetic-qa"` or `"a:0.5|b"` (a ratio after the colon overrides the registry's).
+A ratio r keeps round(r * N) of a dataset's N records: r < 1 subsamples without replacement, r > 1 repeats
+the dataset floor(r) times and subsamples the rest (deterministic for the seed).
+
+Batches (`DataCollator`): `input_ids`/`labels`/`attention_mask` (B, T) right-padded, and `pixel_values`
+(n_images, 3, H, W) with one image per record that has one, in batch order — the order of the `<image>`
+placeholders, which is what `ParrotForCausalLM` expects. Text-only records contribute no image and no
+placeholder; a batch with no image has no `pixel_values` key.
+
+Bad images (missing/unreadable): `on_bad_image="error"` raises naming the file and record; `"skip"` drops the
+record and counts it in a `BadDataReport` (written to JSON with `BadDataReport.write`). Images are checked
+(fully decoded) when the dataset is built, so a skip never happens silently mid-training.
+
+Why plain JSON instead of HF `datasets` here: LLaVA files mix records with and without "image" and with
+ragged conversations, which Arrow schemas reject or pad with nulls, and we need error messages that name the
+file line of a bad record. Records are small Python dicts, as in LLaVA's own LazySupervisedDataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .images import BadImageError, load_image
+from .templates import IGNORE_INDEX, IMAGE_TOKEN, ChatTemplate, get_template, llava_to_messages
+
+logger = logging.getLogger(__name__)
+
+BAD_IMAGE_POLICIES = ("error", "skip")
+REQUIRED_FIELDS = ("id", "conversations")
+DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "configs" / "datasets.yaml"
+
+
+class DataFormatError(ValueError):
+    """A data file or record that cannot be used; the message names the file and the line/record/field."""
+
+
+# ------------------------------------------------------------------------------------------- loading
+def validate_record(record, source: str, index: int, image_token: str = IMAGE_TOKEN) -> None:
+    """Raise DataFormatError naming `source`, the record index and the field when `record` is malformed."""
+    where = f"{source}: record {index}"
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for name in REQUIRED_FIELDS:
+        if name not in record:
+            raise DataFormatError(f"{where}: missing required field {name!r}")
+    where = f"{where} (id {record['id']!r})"
+    conversations = record["conversations"]
+    if not isinstance(conversations, list) or not conversations:
+        raise DataFormatError(f"{where}: field 'conversations' must be a non-empty list")
+    for t, turn in enumerate(conversations):
+        for name in ("from", "value"):
+            if not isinstance(turn, dict) or name not in turn:
+                raise DataFormatError(f"{where}: missing required field 'conversations[{t}].{name}'")
+    if "image" in record and not isinstance(record["image"], str):
+        raise DataFormatError(f"{where}: field 'image' must be a string path")
+    placeholders = sum(str(turn["value"]).count(image_token) for turn in conversations)
+    expected = 1 if "image" in record else 0
+    if placeholders != expected:
+        raise DataFormatError(f"{where}: {placeholders} {image_token!r} placeholders in 'conversations' "
+                              f"but {'one image' if expected else 'no image'}")
+
+
+def load_records(path: str | Path, image_token: str = IMAGE_TOKEN) -> list[dict]:
+    """Records from a JSON list (`.json`) or one object per line (`.jsonl`), each validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
+        if not isinstance(records, list):
+            raise DataFormatError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for i, record in enumerate(records):
+        validate_record(record, str(path), i, image_token)
+    return records
+
+
+# ------------------------------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    path: Path
+    image_dir: Path | None = None
+    ratio: float = 1.0
+
+
+def load_registry(registry: str | Path = DEFAULT_REGISTRY, data_root: str | Path | None = None
+                  ) -> dict[str, DatasetEntry]:
+    """Name -> DatasetEntry. Relative paths resolve against `data_root`, else the registry's `root` key
+    (itself relative to the registry file), else the registry file's folder."""
+    registry = Path(registry)
+    try:
+        raw = yaml.safe_load(registry.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise DataFormatError(f"{registry}: invalid YAML ({err})") from err
+    if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), dict):
+        raise DataFormatError(f"{registry}: expected a mapping with a 'datasets' mapping of name -> entry")
+    root = Path(data_root) if data_root is not None else (registry.parent / raw.get("root", ".")).resolve()
+    entries = {}
+    for name, spec in raw["datasets"].items():
+        if not isinstance(spec, dict) or "path" not in spec:
+            raise DataFormatError(f"{registry}: dataset {name!r}: missing required field 'path'")
+        unknown = set(spec) - {"path", "image_dir", "ratio"}
+        if unknown:
+            raise DataFormatError(f"{registry}: dataset {name!r}: unknown fields {sorted(unknown)}")
+        ratio = float(spec.get("ratio", 1.0))
+        if ratio <= 0:
+            raise DataFormatError(f"{registry}: dataset {name!r}: ratio must be > 0, got {ratio}")
+        image_dir = spec.get("image_dir")
+        entries[name] = DatasetEntry(name, root / spec["path"], root / image_dir if image_dir else None, ratio)
+    return entries
+
+
+def parse_spec(spec: str) -> list[tuple[str, float | None]]:
+    """'a:0.5|b' -> [('a', 0.5), ('b', None)]."""
+    parts = []
+    for chunk in spec.split("|"):
+        chunk = chunk.strip()
+        if not chunk:
+            raise ValueError(f"empty dataset name in spec {spec!r}")
+        name, sep, ratio = chunk.partition(":")
+        if not sep:
+            parts.append((name.strip(), None))
+            continue
+        try:
+            value = float(ratio)
+        except ValueError:
+            raise ValueError(f"dataset spec {chunk!r}: ratio {ratio!r} is not a number") from None
+        if value <= 0:
+            raise ValueError(f"dataset spec {chunk!r}: ratio must be > 0")
+        parts.append((name.strip(), value))
+    return parts
+
+
+@dataclass(frozen=True)
+class SourcedRecord:
+    """A record with where it came from (for error messages and image paths)."""
+
+    record: dict
+    source: str  # data file
+    index: int  # position in that file
+    image_dir: Path | None
+    dataset: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}: record {self.index} (id {self.record['id']!r})"
+
+    @property
+    def image_path(self) -> Path | None:
+        if "image" not in self.record:
+            return None
+        base = self.image_dir if self.image_dir is not None else Path(self.source).parent
+        return base / self.record["image"]
+
+
+def _sample_indices(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    whole, fraction = divmod(ratio, 1.0)
+    extra = int(round(fraction * n))
+    picked = np.sort(rng.permutation(n)[:extra])
+    return np.concatenate([np.tile(np.arange(n), int(whole)), picked]).astype(np.int64)
+
+
+def mix_datasets(spec: str, registry: str | Path = DEFAULT_REGISTRY, data_root: str | Path | None = None,
+                 seed: int = 0) -> list[SourcedRecord]:
+    """Load and mix the datasets of `spec` (see module docstring) into one list of SourcedRecords."""
+    entries = load_registry(registry, data_root)
+    mixed: list[SourcedRecord] = []
+    for name, ratio in parse_spec(spec):
+        if name not in entries:
+            raise ValueError(f"dataset {name!r} is not in {registry}; known: {sorted(entries)}")
+        entry = entries[name]
+        records = load_records(entry.path)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        indices = _sample_indices(len(records), ratio if ratio is not None else entry.ratio, rng)
+        mixed.extend(SourcedRecord(records[i], str(entry.path), int(i), entry.image_dir, name) for i in indices)
+        logger.info("dataset %s: %d of %d records (ratio %s)", name, len(indices), len(records),
+                    ratio if ratio is not None else entry.ratio)
+    return mixed
+
+
+# ---------------------------------------------------------------------------------------- bad data
+@dataclass
+class BadDataReport:
+    """Counts and a list of (file, record id, reason) for records skipped because of bad images."""
+
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # parallel to `skipped`
+    checked: int = 0
+
+    def add(self, file: str, record_id: str, reason: str, kind: str) -> None:
+        """`kind` is "missing" (no such file) or "unreadable" (cannot be decoded)."""
+        self.skipped.append((file, record_id, reason))
+        self.kinds.append(kind)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"checked": self.checked, "skipped": len(self.skipped), **dict(Counter(self.kinds))}
+
+    def to_dict(self) -> dict:
+        return {"counts": self.counts,
+                "skipped": [{"file": f, "id": i, "kind": k, "reason": r}
+                            for (f, i, r), k in zip(self.skipped, self.kinds)]}
+
+    def write(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------ dataset
+class ConversationDataset(Dataset):
+    """SourcedRecords -> {"input_ids", "labels", "pixel_values" (3, H, W) or None}.
+
+    `image_transform` is any callable PIL image -> tensor (3, H, W), e.g. `parrot.data.images.ImageTransform`.
+    Images are decoded once at construction to apply `on_bad_image` (see module docstring).
+    """
+
+    def __init__(
+        self,
+        records: list[SourcedRecord],
+        tokenizer,
+        template: ChatTemplate | str,
+        max_length: int,
+        image_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        on_bad_image: str = "error",
+        report: BadDataReport | None = None,
+        system: str | None = None,
+        image_token: str = IMAGE_TOKEN,
+    ):
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+        self.tokenizer = tokenizer
+        self.template = get_template(template) if isinstance(template, str) else template
+        self.max_length = max_length
+        self.image_transform = image_transform
+        self.system = system
+        self.image_token = image_token
+        self.report = report if report is not None else BadDataReport()
+        self.records = self._check_images(records, on_bad_image)
+
+    def _check_images(self, records: list[SourcedRecord], on_bad_image: str) -> list[SourcedRecord]:
+        kept = []
+        for item in tqdm(records, desc="checking images", disable=len(records) < 5000):
+            path = item.image_path
+            if path is None:
+                kept.append(item)
+                continue
+            if self.image_transform is None:
+                raise ValueError(f"{item.where}: has an image but the dataset has no image_transform")
+            self.report.checked += 1
+            try:
+                load_image(path)
+            except BadImageError as err:
+                if on_bad_image == "error":
+                    raise BadImageError(f"{item.where}: {err}") from err
+                kind = "unreadable" if path.is_file() else "missing"
+                self.report.add(str(path), str(item.record["id"]), str(err), kind)
+                continue
+            kept.append(item)
+        if self.report.skipped:
+            logger.warning("skipped %d records with bad images (%s)", len(self.report.skipped), self.report.counts)
+        return kept
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.records[index]
+        record_id = str(item.record["id"])
+        messages = llava_to_messages(item.record["conversations"], record_id=item.where)
+        input_ids, labels = self.template.tokenize(messages, self.tokenizer, self.max_length, self.image_token,
+                                                   system=self.system, record_id=item.where)
+        pixel_values = None
+        if item.image_path is not None:
+            try:
+                image = load_image(item.image_path)
+            except BadImageError as err:  # changed on disk since the check
+                raise BadImageError(f"{item.where}: {err}") from err
+            pixel_values = self.image_transform(image)  # (3, H, W)
+        return {"input_ids": torch.tensor(input_ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "pixel_values": pixel_values}
+
+
+@dataclass(frozen=True)
+class DataCollator:
+    """Right-pad a list of ConversationDataset items into a batch (see module docstring for the layout)."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = torch.tensor([len(it["input_ids"]) for it in items])
+        longest = int(lengths.max())
+        batch_size = len(items)
+        input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        for row, it in enumerate(items):
+            input_ids[row, : len(it["input_ids"])] = it["input_ids"]
+            labels[row, : len(it["labels"])] = it["labels"]
+        attention_mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()  # (B, T)
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        images = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+        if images:
+            batch["pixel_values"] = torch.stack(images)  # (n_images, 3, H, W)
+        return batch
+
+
+# --------------------------------------------------------------------------------------- convenience
+@dataclass(frozen=True)
+class DataConfig:
+    """What a training run reads: `--data`, `--data-registry`, `--on-bad-image`, ..."""
+
+    spec: str
+    registry: str = str(DEFAULT_REGISTRY)
+    data_root: str | None = None
+    max_length: int = 512
+    template: str = "chatml"
+    on_bad_image: str = "error"
+    bad_data_report: str | None = None  # JSON file for BadDataReport
+    seed: int = 0
+
+
+def build_dataset(config: DataConfig, tokenizer, image_transform=None) -> ConversationDataset:
+    """Mix, check and wrap the datasets of `config`; writes the bad-data report when a path is given."""
+    records = mix_datasets(config.spec, config.registry, config.data_root, config.seed)
+    dataset = ConversationDataset(records, tokenizer, config.template, config.max_length, image_transform,
+                                  config.on_bad_image)
+    if config.bad_data_report:
+        dataset.report.write(config.bad_data_report)
+    return dataset

@@ -1,0 +1,79 @@
+"""Image loading and the CLIP input transform (LLaVA's `pad` / `resize` aspect modes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+# Pillow refuses images above 2x this as decompression bombs; we downscale anything bigger than needed early.
+MAX_IMAGE_PIXELS = 200_000_000
+
+
+class BadImageError(ValueError):
+    """An image that cannot be used; the message names the file (or upload) and the reason."""
+
+
+def load_image(source: str | Path | Image.Image, name: str | None = None) -> Image.Image:
+    """Open an image file (or take a PIL image) as RGB; raise BadImageError naming it on any failure."""
+    label = name or str(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise BadImageError(f"{label}: image file not found")
+        try:
+            image = Image.open(path)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise BadImageError(f"{label}: image too large ({image.width}x{image.height} pixels)")
+            image.draft("RGB", (1024, 1024))  # JPEG: decode at reduced size when the file is huge
+            image.load()
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as err:
+            raise BadImageError(f"{label}: cannot decode image ({err})") from err
+    try:
+        return image.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise BadImageError(f"{label}: cannot convert image to RGB ({err})") from err
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad the shorter side symmetrically with `background` (LLaVA's `expand2square`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image -> normalised tensor (3, S, S).
+
+    mode "pad": pad to a square with the mean colour, then resize (keeps the whole image, as LLaVA-1.5/Parrot);
+    mode "resize": stretch to a square.
+    """
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    mode: str = "pad"
+
+    def __post_init__(self):
+        if self.mode not in ("pad", "resize"):
+            raise ValueError(f"image mode {self.mode!r}; use 'pad' or 'resize'")
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        if self.mode == "pad":
+            image = expand_to_square(image, tuple(int(round(255 * m)) for m in self.mean))
+        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (pixels - mean) / std

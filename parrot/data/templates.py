@@ -1,0 +1,219 @@
+"""Chat templates: render conversations to text and tokenise them with training labels.
+
+Two templates:
+
+* "chatml" (Qwen / Qwen2, used by Parrot's Qwen-based models)::
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n
+
+  Labels: the answer and its `<|im_end|>`; the role header and the newline after `<|im_end|>` are ignored.
+
+* "llama" (Llama-2 chat as used by LLaVA's `llava_llama_2` conversation and Meta's reference code)::
+
+    {bos}[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} {eos}{bos}[INST] {user2} [/INST] ...
+
+  Labels: " {answer} " and `eos`. `bos`/`eos` default to "<s>"/"</s>"; `tokenize` (and
+  `with_special_tokens(tokenizer)`) take them from the tokenizer instead (empty bos when it has none).
+
+Truncation policy (`tokenize`): when the conversation is longer than `max_length`, whole trailing turns
+(user + assistant) are dropped first; if the first turn alone is still too long it is cut token-wise at
+`max_length`. Every `<image>` placeholder must survive, otherwise a ValueError names the record: a
+placeholder is never cut (its visual features would be orphaned).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+LLAMA2_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+
+# Jinja twin of ChatMLTemplate.render (set as `tokenizer.chat_template`; tests check the two agree).
+CHATML_JINJA = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    labelled: bool  # trained on (assistant answer + end-of-turn)
+    turn: int  # 0-based user/assistant exchange; the system prompt belongs to turn 0
+
+
+def _split_system(messages: list[dict], system: str | None, default: str) -> tuple[str, list[dict]]:
+    """The system prompt to use (explicit argument > system message > default) and the remaining messages."""
+    rest = list(messages)
+    own = None
+    if rest and rest[0]["role"] == "system":
+        own = rest.pop(0)["content"]
+    for i, m in enumerate(rest):
+        if m["role"] not in ("user", "assistant"):
+            raise ValueError(f"message {i}: role {m['role']!r} not allowed here (system only first)")
+    if system is not None:
+        return system, rest
+    return (own if own is not None else default), rest
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Base: subclasses build `Segment`s; rendering and tokenising are shared so they cannot disagree."""
+
+    name: str
+    default_system: str
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False,
+                 system: str | None = None) -> list[Segment]:
+        raise NotImplementedError
+
+    def with_special_tokens(self, tokenizer) -> "ChatTemplate":
+        """This template using `tokenizer`'s own bos/eos strings where the format needs them."""
+        return self
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, system: str | None = None) -> str:
+        """The conversation as one string; `system` overrides any system message and the default prompt."""
+        return "".join(s.text for s in self.segments(messages, add_generation_prompt, system))
+
+    def tokenize(self, messages: list[dict], tokenizer, max_length: int, image_token: str = IMAGE_TOKEN,
+                 system: str | None = None, record_id: str | None = None) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) with labels = IGNORE_INDEX except on assistant answers and their end-of-turn.
+
+        Segments are tokenised separately (so labels align exactly) without adding special tokens.
+        See the module docstring for the truncation policy; `record_id` names the record in errors.
+        """
+        name = record_id if record_id is not None else "<conversation>"
+        segments = self.with_special_tokens(tokenizer).segments(messages, False, system)
+        image_id = None
+        if any(image_token in s.text for s in segments):
+            image_id = tokenizer.convert_tokens_to_ids(image_token)
+            if image_id is None or image_id == tokenizer.unk_token_id:
+                raise ValueError(f"{name}: tokenizer has no {image_token!r} token; add it as a special token")
+        ids: list[int] = []
+        labels: list[int] = []
+        turn_start: dict[int, int] = {}
+        for seg in segments:
+            turn_start.setdefault(seg.turn, len(ids))
+            seg_ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+            ids.extend(seg_ids)
+            labels.extend(seg_ids if seg.labelled else [IGNORE_INDEX] * len(seg_ids))
+        if len(ids) <= max_length:
+            return ids, labels
+        n_images = ids.count(image_id) if image_id is not None else 0
+        # Drop whole trailing turns while they overflow and at least one turn remains.
+        end = len(ids)
+        for turn in sorted(turn_start, reverse=True):
+            if end <= max_length or turn == 0:
+                break
+            end = turn_start[turn]
+        end = min(end, max_length)
+        ids, labels = ids[:end], labels[:end]
+        if image_id is not None and ids.count(image_id) != n_images:
+            raise ValueError(
+                f"{name}: truncating to max_length={max_length} tokens would cut an {image_token!r} placeholder; "
+                f"raise max_length or shorten the text before the image"
+            )
+        return ids, labels
+
+
+@dataclass(frozen=True)
+class ChatMLTemplate(ChatTemplate):
+    name: str = "chatml"
+    default_system: str = DEFAULT_SYSTEM_PROMPT
+
+    def segments(self, messages, add_generation_prompt=False, system=None):
+        system_text, rest = _split_system(messages, system, self.default_system)
+        segs = []
+        if system_text:
+            segs.append(Segment(f"<|im_start|>system\n{system_text}<|im_end|>\n", False, 0))
+        turn = 0
+        for i, m in enumerate(rest):
+            if m["role"] == "user":
+                turn = turn + 1 if i > 0 else 0
+                segs.append(Segment(f"<|im_start|>user\n{m['content']}<|im_end|>\n", False, turn))
+            else:
+                segs.append(Segment("<|im_start|>assistant\n", False, turn))
+                segs.append(Segment(f"{m['content']}<|im_end|>", True, turn))
+                segs.append(Segment("\n", False, turn))
+        if add_generation_prompt:
+            segs.append(Segment("<|im_start|>assistant\n", False, turn))
+        return segs
+
+
+@dataclass(frozen=True)
+class Llama2Template(ChatTemplate):
+    name: str = "llama"
+    default_system: str = LLAMA2_SYSTEM_PROMPT
+    bos: str = "<s>"
+    eos: str = "</s>"
+
+    def with_special_tokens(self, tokenizer):
+        return replace(self, bos=tokenizer.bos_token or "", eos=tokenizer.eos_token or "")
+
+    def segments(self, messages, add_generation_prompt=False, system=None):
+        # The generation prompt is implicit: a rendered conversation ending in "[/INST]" awaits the answer.
+        system_text, rest = _split_system(messages, system, self.default_system)
+        segs = []
+        turn = 0
+        for i, m in enumerate(rest):
+            if m["role"] == "user":
+                turn = turn + 1 if i > 0 else 0
+                content = m["content"].strip()
+                if i == 0 and system_text:
+                    content = f"<<SYS>>\n{system_text}\n<</SYS>>\n\n{content}"
+                segs.append(Segment(f"{self.bos}[INST] {content} [/INST]", False, turn))
+            else:
+                segs.append(Segment(f" {m['content'].strip()} {self.eos}", True, turn))
+        return segs
+
+
+TEMPLATES = {"chatml": ChatMLTemplate(), "qwen": ChatMLTemplate(), "llama": Llama2Template(),
+             "llama2": Llama2Template()}
+
+
+def get_template(name: str) -> ChatTemplate:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; choose from {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def llava_to_messages(conversations: list[dict], record_id: str | None = None) -> list[dict]:
+    """LLaVA turns [{"from": "human"|"gpt"|"system", "value": ...}] -> [{"role", "content"}].
+
+    Checks the shape a training conversation must have: optional system first, then user/assistant
+    alternating, starting with user. Errors name the record and the turn index.
+    """
+    name = record_id if record_id is not None else "<conversation>"
+    messages = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ValueError(f"{name}: conversation turn {i} needs 'from' and 'value' fields, got {turn!r}")
+        role = LLAVA_ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f"{name}: conversation turn {i} has unknown 'from' {turn['from']!r}; "
+                             f"expected one of {sorted(LLAVA_ROLES)}")
+        if not isinstance(turn["value"], str):
+            raise ValueError(f"{name}: conversation turn {i} 'value' must be a string")
+        messages.append({"role": role, "content": turn["value"]})
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body:
+        raise ValueError(f"{name}: conversation has no user/assistant turns")
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise ValueError(f"{name}: turns must alternate user/assistant starting with user; "
+                             f"turn {i + len(messages) - len(body)} is {m['role']!r}")
+    return messages

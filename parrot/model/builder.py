@@ -1,0 +1,163 @@
+"""Build a model + processor from a YAML recipe (`configs/*.yaml`), or load a saved one.
+
+- Tiny recipes (with `text_config`/`vision_config`/`tokenizer`) build everything offline: the tokenizer is
+  trained on the synthetic world's multilingual text, the weights are random.
+- Real recipes give only the Parrot settings; the LLM and the vision tower come from local paths
+  (`--llm`, `--vision`), never from a hub.
+
+    python -m parrot.model.builder --recipe configs/tiny.yaml --out runs/tiny-init
+    python -m parrot.model.builder --recipe configs/parrot-7b.yaml --llm /models/Qwen1.5-7B-Chat \
+        --vision /models/clip-vit-large-patch14-336 --out runs/parrot-7b-init
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from ..data.processor import IMAGE_TOKEN, ParrotProcessor
+from .configuration import ParrotConfig
+from .modeling import ParrotForCausalLM
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+TINY_RECIPE = CONFIG_DIR / "tiny.yaml"
+
+
+@dataclass
+class TokenizerRecipe:
+    vocab_size: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class ModelRecipe:
+    parrot: dict = field(default_factory=dict)  # ParrotConfig fields (projector, MoE, vision feature choice)
+    text_config: dict | None = None  # tiny recipes only: the LLM's config
+    vision_config: dict | None = None  # tiny recipes only: the tower's config
+    tokenizer: TokenizerRecipe | None = None  # tiny recipes only: train a tokenizer offline
+    template: str = "chatml"
+    model_max_length: int = 2048
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.text_config is not None
+
+
+def load_recipe(path: str | Path) -> ModelRecipe:
+    """Parse a recipe YAML; unknown keys raise a ValueError naming the file and key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML ({err})") from err
+    known = {f.name for f in dataclasses.fields(ModelRecipe)}
+    for key in raw:
+        if key not in known:
+            raise ValueError(f"{path}: unknown key {key!r} (known: {sorted(known)})")
+    parrot_fields = {f.name for f in dataclasses.fields(ParrotConfig)}
+    for key in raw.get("parrot", {}) or {}:
+        if key not in parrot_fields or key in ("text_config", "vision_config"):
+            raise ValueError(f"{path}: unknown key 'parrot.{key}'")
+    if raw.get("tokenizer") is not None:
+        try:
+            raw["tokenizer"] = TokenizerRecipe(**raw["tokenizer"])
+        except TypeError as err:
+            raise ValueError(f"{path}: bad 'tokenizer' section ({err})") from err
+    recipe = ModelRecipe(**raw)
+    if (recipe.text_config is None) != (recipe.vision_config is None):
+        raise ValueError(f"{path}: give both 'text_config' and 'vision_config' (tiny recipe) or neither")
+    return recipe
+
+
+def build_tiny(
+    recipe: ModelRecipe | str | Path = TINY_RECIPE, seed: int = 0, **parrot_overrides
+) -> tuple[ParrotForCausalLM, ParrotProcessor]:
+    """A randomly initialised model from a tiny recipe and its offline-trained tokenizer."""
+    from ..data.tokenizer import build_tiny_tokenizer
+
+    if not isinstance(recipe, ModelRecipe):
+        recipe = load_recipe(recipe)
+    if not recipe.is_tiny:
+        raise ValueError("this recipe has no text_config/vision_config; use build_from_local with --llm/--vision")
+    tokenizer_recipe = recipe.tokenizer or TokenizerRecipe()
+    tokenizer = build_tiny_tokenizer(vocab_size=tokenizer_recipe.vocab_size, seed=tokenizer_recipe.seed)
+    text_config = dict(recipe.text_config, vocab_size=len(tokenizer))
+    text_config.setdefault("pad_token_id", tokenizer.pad_token_id)
+    text_config.setdefault("eos_token_id", tokenizer.eos_token_id)
+    config = ParrotConfig(
+        text_config=text_config,
+        vision_config=recipe.vision_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        **{**recipe.parrot, **parrot_overrides},
+    )
+    torch.manual_seed(seed)
+    model = ParrotForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = ParrotProcessor.for_model(tokenizer, config, recipe.template, recipe.model_max_length)
+    return model, processor
+
+
+def build_from_local(
+    recipe: ModelRecipe | str | Path, llm_path: str, vision_path: str, **parrot_overrides
+) -> tuple[ParrotForCausalLM, ParrotProcessor]:
+    """Stage-1 initialisation from a local LLM checkpoint (with its tokenizer) and a local CLIP tower.
+
+    `<image>` is added to the LLM's tokenizer as a special token when missing (the embeddings grow by one row).
+    """
+    if not isinstance(recipe, ModelRecipe):
+        recipe = load_recipe(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = ParrotForCausalLM.from_parts(
+        llm_path, vision_path, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vocab_size=len(tokenizer), **{**recipe.parrot, **parrot_overrides},
+    )
+    processor = ParrotProcessor.for_model(tokenizer, model.config, recipe.template, recipe.model_max_length)
+    return model, processor
+
+
+def load_pretrained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotProcessor]:
+    """A saved Parrot model directory (model + processor files) -> (model in eval mode, processor)."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: no config.json, not a saved Parrot model")
+    model = ParrotForCausalLM.from_pretrained(directory).eval()
+    return model, ParrotProcessor.from_pretrained(directory)
+
+
+def save_pretrained(model: ParrotForCausalLM, processor: ParrotProcessor, directory: str | Path) -> None:
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=str(TINY_RECIPE), help="model recipe YAML (configs/)")
+    parser.add_argument("--llm", help="local causal-LM checkpoint dir (real recipes)")
+    parser.add_argument("--vision", help="local CLIP checkpoint dir or open_clip state file (real recipes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe)
+    if recipe.is_tiny:
+        model, processor = build_tiny(recipe, seed=args.seed)
+    else:
+        if not (args.llm and args.vision):
+            parser.error(f"{args.recipe} is a real-scale recipe: give --llm and --vision local paths")
+        model, processor = build_from_local(recipe, args.llm, args.vision)
+    save_pretrained(model, processor, args.out)
+    print(f"saved {model.num_parameters():,}-parameter Parrot model to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

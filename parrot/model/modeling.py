@@ -1,0 +1,237 @@
+"""`ParrotForCausalLM`: vision tower -> projector -> Parrot MoE -> visual tokens spliced into any HF causal LM.
+
+Data flow for a batch (B samples, n images in total, N_v visual tokens per image):
+
+    pixel_values (n, 3, H, W) --VisionTower--> (n, N_v, D_v) --mm_projector--> (n, N_v, D)
+        --ParrotMoEProjector (text-guided by each image's own prompt, only when use_moe)--> (n, N_v, D)
+    input_ids (B, T) --embed--> (B, T, D) --merge at <image> placeholders--> (B, T', D) --language_model--> logits
+
+`generate()` runs this once on the prompt and hands the merged embeddings to HF generation (KV cache, greedy,
+sampling, beams...). Because the prompt is passed as embeddings, `generate()` returns only the new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..moe.experts import SwiGLUExperts
+from .configuration import OpenCLIPVisionConfig, ParrotConfig
+from .merge import IGNORE_INDEX, merge_visual_tokens
+from .parrot_moe import ParrotMoEProjector
+from .projector import build_projector
+from .vision import VisionTower, load_pretrained_vision_model
+
+
+@dataclass
+class ParrotCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus what the multimodal prefill produced.
+
+    router_probs: (n_images, E) Parrot MoE routing distribution per image (None when the MoE is off).
+    attention_mask: (B, T') the mask after splicing in visual tokens (None when no image was given).
+    """
+
+    router_probs: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+
+@dataclass
+class MultimodalInputs:
+    inputs_embeds: torch.Tensor  # (B, T', D)
+    attention_mask: torch.Tensor  # (B, T')
+    labels: torch.Tensor | None  # (B, T')
+    router_probs: torch.Tensor | None  # (n_images, E)
+
+
+class ParrotPreTrainedModel(PreTrainedModel):
+    config: ParrotConfig
+    config_class = ParrotConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SwiGLUExperts):
+            std = self.config.text_config.initializer_range
+            for weight in (module.gate_proj, module.up_proj, module.down_proj):
+                init.normal_(weight, mean=0.0, std=std)
+
+
+class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
+    def __init__(
+        self, config: ParrotConfig, language_model: PreTrainedModel | None = None, vision_model: nn.Module | None = None
+    ):
+        """`language_model` / `vision_model`: already-loaded parts (see `from_parts`); built from config if None."""
+        config.check_model_settings()
+        super().__init__(config)
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.vision_tower = VisionTower(config, vision_model)
+        self.mm_projector = build_projector(config)
+        self.moe = ParrotMoEProjector(config)
+        for loaded in (language_model, vision_model):
+            for tensor in loaded.state_dict(keep_vars=True).values() if loaded is not None else ():
+                tensor._is_hf_initialized = True  # post_init must not overwrite loaded weights
+        self.post_init()
+
+    # --- HF plumbing: the language model owns the embeddings and the head -------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    # --- multimodal prefill -------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (n, 3, H, W) -> projected visual tokens (n, N_v, D) (before the MoE)."""
+        return self.mm_projector(self.vision_tower(pixel_values))
+
+    def prepare_multimodal_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> MultimodalInputs:
+        """Embed text, encode images, route them through the MoE by their prompt, and splice them in.
+
+        The padding side of the output follows the input: a batch whose last column is all real tokens is
+        treated as left-padded (generation, next-token scoring), otherwise as right-padded (training).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        valid = attention_mask.bool()
+        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+        visual = self.encode_images(pixel_values)  # (n, N_v, D)
+        is_image = (input_ids == self.config.image_token_id) & valid
+        router_probs = None
+        if self.config.use_moe:
+            text_mask = valid & ~is_image  # (B, T): prompt tokens only
+            if labels is not None:
+                text_mask &= labels == IGNORE_INDEX
+            image_sample, _ = torch.nonzero(is_image, as_tuple=True)  # (n,) sample of each image, reading order
+            if image_sample.numel() != visual.shape[0]:
+                raise ValueError(
+                    f"got {visual.shape[0]} images but the batch holds {image_sample.numel()} '<image>' "
+                    f"placeholder tokens (image_token_id={self.config.image_token_id})"
+                )
+            visual, routing = self.moe(visual, inputs_embeds[image_sample], text_mask[image_sample])
+            router_probs = routing.probs
+        padding_side = "left" if bool(valid[:, -1].all()) else "right"
+        merged = merge_visual_tokens(
+            inputs_embeds, input_ids, attention_mask, visual, self.config.image_token_id, labels, padding_side
+        )
+        return MultimodalInputs(merged.inputs_embeds, merged.attention_mask, merged.labels, router_probs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ParrotCausalLMOutput:
+        """input_ids (B, T) with one `<image>` token per image, pixel_values (n_images, 3, H, W)."""
+        if "past_key_values" in kwargs:  # the pre-5.x name
+            cache = kwargs.pop("past_key_values")
+        router_probs = merged_mask = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids with '<image>' placeholders, not inputs_embeds")
+            prep = self.prepare_multimodal_inputs(input_ids, attention_mask, pixel_values, labels)
+            input_ids, inputs_embeds, labels = None, prep.inputs_embeds, prep.labels
+            attention_mask = merged_mask = prep.attention_mask
+            router_probs = prep.router_probs
+        elif input_ids is not None and bool((input_ids == self.config.image_token_id).any()) and cache is None:
+            raise ValueError("input_ids contain '<image>' placeholders but no pixel_values were given")
+        out = self.language_model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return ParrotCausalLMOutput(
+            loss=out.loss,
+            logits=out.logits,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            router_probs=router_probs,
+            attention_mask=merged_mask,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Generate from a left-padded prompt batch; returns only the new tokens (B, n_new)."""
+        if input_ids is None:
+            return super().generate(attention_mask=attention_mask, **kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if pixel_values is not None:
+            if not bool(attention_mask[:, -1].all()):
+                raise ValueError("generate() needs left padding (set padding_side='left' in the processor)")
+            prep = self.prepare_multimodal_inputs(input_ids, attention_mask, pixel_values)
+            inputs_embeds, attention_mask = prep.inputs_embeds, prep.attention_mask
+        else:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    # --- building from real checkpoints on local disk -------------------------------------------------------
+    @classmethod
+    def from_parts(
+        cls,
+        llm_path: str,
+        vision_path: str,
+        image_token_id: int,
+        vision_config: OpenCLIPVisionConfig | None = None,
+        vocab_size: int | None = None,
+        **parrot_kwargs,
+    ) -> "ParrotForCausalLM":
+        """Stage-1 starting point from a local causal-LM checkpoint and a local vision tower.
+
+        `vision_path`: an HF CLIP/CLIPVision checkpoint directory, or (with `vision_config` an
+        `OpenCLIPVisionConfig`) an open_clip state-dict file. Projector and MoE are freshly initialised.
+        `vocab_size`: grow the LLM's embeddings to this size first (after adding `<image>` to its tokenizer).
+        """
+        language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32)
+        if vocab_size is not None and vocab_size != language_model.get_input_embeddings().num_embeddings:
+            language_model.resize_token_embeddings(vocab_size)
+        if vision_config is None:
+            vision_config = AutoConfig.from_pretrained(vision_path)
+            vision_config = getattr(vision_config, "vision_config", vision_config)  # a full CLIPConfig
+        config = ParrotConfig(
+            text_config=language_model.config, vision_config=vision_config, image_token_id=image_token_id,
+            **parrot_kwargs,
+        )
+        vision_model = load_pretrained_vision_model(vision_path, vision_config)
+        return cls(config, language_model=language_model, vision_model=vision_model)

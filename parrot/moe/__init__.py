@@ -1,0 +1,43 @@
+"""Shared mixture-of-experts library: routers, expert executors, MoLE layers and routing diagnostics.
+
+- `routers`: `RouterOutput`, `RouterConfig`, `build_router`, `TopKRouter`, `DynMoLERouter`,
+  `GWMoERouter`, `MixtureOfRoutersRouter` (same interface: hidden (T, D), mask (T,) -> RouterOutput).
+- `experts`: `SwiGLUExperts` (Parrot projector), `LoRAExperts` (MoLE).
+- `mole`: `MoLEConfig`, `MoLELinear`, `inject_mole`, `collect_router_outputs`, `mole_aux_loss`,
+  `mole_state_dict`, `load_mole_state_dict`, `save_mole`, `load_mole`, `calibrate_gwmoe`.
+- `diagnostics`: `RouterStatsTracker`, `plot_expert_load`.
+"""
+
+from .diagnostics import LayerStepStats, RouterStatsTracker, plot_expert_load
+from .experts import LoRAExperts, SwiGLUExperts
+from .mole import (
+    MoLEConfig,
+    MoLELinear,
+    calibrate_gwmoe,
+    collect_router_outputs,
+    inject_mole,
+    load_mole,
+    load_mole_state_dict,
+    mole_aux_loss,
+    mole_parameters,
+    mole_state_dict,
+    save_mole,
+)
+from .routers import (
+    ROUTER_KINDS,
+    DynMoLERouter,
+    GWMoERouter,
+    MixtureOfRoutersRouter,
+    RouterConfig,
+    RouterOutput,
+    TopKRouter,
+    build_router,
+    tsallis_entropy,
+)
+
+__all__ = [
+    "ROUTER_KINDS", "DynMoLERouter", "GWMoERouter", "LayerStepStats", "LoRAExperts", "MixtureOfRoutersRouter",
+    "MoLEConfig", "MoLELinear", "RouterConfig", "RouterOutput", "RouterStatsTracker", "SwiGLUExperts", "TopKRouter",
+    "build_router", "calibrate_gwmoe", "collect_router_outputs", "inject_mole", "load_mole", "load_mole_state_dict",
+    "mole_aux_loss", "mole_parameters", "mole_state_dict", "plot_expert_load", "save_mole", "tsallis_entropy",
+]

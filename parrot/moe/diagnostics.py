@@ -1,0 +1,167 @@
+"""Routing diagnostics: per layer, per step statistics, a JSON log and an expert-load heat map.
+
+Trainer usage:
+
+    tracker = RouterStatsTracker(num_bins=20)
+    ...
+    routing = collect_router_outputs(model)       # parrot.moe.mole, after each forward
+    tracker.update(step, routing)
+    logger.log(tracker.scalars(step))             # flat {"router/entropy_mean": ..., ...} for that step
+    ...
+    tracker.write_json(out_dir / "router_stats.json")
+    plot_expert_load(tracker, out_dir / "expert_load.png")
+
+Per layer and step a record holds: entropy mean (nats, valid tokens), entropy histogram (`num_bins`
+bins of the entropy normalised by log E, so layers with different E share bins), expert load fractions
+(share of valid tokens that selected each expert), fraction of tokens broadcast / soft-routed
+(DynMoLE soft routing, GW-MoE broadcast; 0 for plain top-k), mean number of active experts and the
+(already coefficient-scaled) aux-loss values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .routers import RouterOutput
+
+
+@dataclass
+class LayerStepStats:
+    """One layer's routing statistics at one step."""
+
+    step: int
+    layer: str
+    num_tokens: int
+    entropy_mean: float
+    entropy_hist: list[int]
+    load: list[float]
+    broadcast_fraction: float
+    mean_active: float
+    aux: dict[str, float]
+
+
+def layer_stats(step: int, layer: str, routing: RouterOutput, num_bins: int) -> LayerStepStats:
+    """Reduce one RouterOutput to a LayerStepStats (valid tokens only)."""
+    stats = routing.stats
+    entropy = stats["entropy"].detach().double()
+    valid = stats["mask"] if "mask" in stats else torch.ones_like(entropy, dtype=torch.bool)
+    entropy = entropy[valid]
+    num_experts = routing.probs.shape[-1]
+    scale = math.log(num_experts) if num_experts > 1 else 1.0
+    hist = torch.histc((entropy / scale).clamp(0.0, 1.0).float().cpu(), bins=num_bins, min=0.0, max=1.0) if entropy.numel() else torch.zeros(num_bins)
+    count = int(valid.sum())
+    return LayerStepStats(
+        step=step,
+        layer=layer,
+        num_tokens=count,
+        entropy_mean=float(entropy.mean()) if count else float("nan"),
+        entropy_hist=[int(v) for v in hist.tolist()],
+        load=[float(v) for v in stats["load"].detach().double().cpu().tolist()],
+        broadcast_fraction=float(stats["broadcast"].detach().double()[valid].mean()) if count else float("nan"),
+        mean_active=float(stats["num_active"].detach().double()[valid].mean()) if count else float("nan"),
+        aux={name: float(value.detach()) for name, value in routing.aux_losses.items()},
+    )
+
+
+class RouterStatsTracker:
+    """Accumulates `LayerStepStats` over training and writes them as JSON.
+
+    `every` keeps one step out of `every` (the trainer may call `update` each step regardless).
+    """
+
+    def __init__(self, num_bins: int = 20, every: int = 1):
+        if num_bins < 1 or every < 1:
+            raise ValueError(f"RouterStatsTracker needs num_bins >= 1 and every >= 1, got {num_bins}, {every}")
+        self.num_bins = num_bins
+        self.every = every
+        self.records: list[LayerStepStats] = []
+
+    def update(self, step: int, routing: Mapping[str, RouterOutput]) -> list[LayerStepStats]:
+        if step % self.every:
+            return []
+        new = [layer_stats(step, name, out, self.num_bins) for name, out in routing.items()]
+        self.records.extend(new)
+        return new
+
+    def scalars(self, step: int | None = None) -> dict[str, float]:
+        """Layer-averaged scalars of one step (the latest when `step` is None), for a metrics logger."""
+        if not self.records:
+            return {}
+        step = self.records[-1].step if step is None else step
+        rows = [r for r in self.records if r.step == step]
+        if not rows:
+            return {}
+        out = {
+            "router/entropy_mean": sum(r.entropy_mean for r in rows) / len(rows),
+            "router/broadcast_fraction": sum(r.broadcast_fraction for r in rows) / len(rows),
+            "router/mean_active": sum(r.mean_active for r in rows) / len(rows),
+            # max over layers of (max load / uniform load): 1.0 is perfectly balanced
+            "router/max_load_ratio": max(max(r.load) * len(r.load) for r in rows),
+        }
+        for name in sorted({k for r in rows for k in r.aux}):
+            values = [r.aux[name] for r in rows if name in r.aux]
+            out[f"router/aux_{name}"] = sum(values) / len(values)
+        return out
+
+    def mean_load(self) -> dict[str, list[float]]:
+        """Per layer, the expert load averaged over every recorded step (layer order of first appearance)."""
+        sums: dict[str, list[float]] = {}
+        counts: dict[str, int] = {}
+        for r in self.records:
+            acc = sums.setdefault(r.layer, [0.0] * len(r.load))
+            for i, v in enumerate(r.load):
+                acc[i] += v
+            counts[r.layer] = counts.get(r.layer, 0) + 1
+        return {layer: [v / counts[layer] for v in acc] for layer, acc in sums.items()}
+
+    def to_dict(self) -> dict:
+        return {"num_bins": self.num_bins, "records": [asdict(r) for r in self.records], "mean_load": self.mean_load()}
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict()))
+        return path
+
+
+def plot_expert_load(stats: RouterStatsTracker | Mapping[str, list[float]], path: str | Path, title: str = "Expert load") -> Path:
+    """Heat map layers x experts of load fractions, written as PNG (matplotlib Agg backend).
+
+    `stats` is a tracker (its mean load over steps) or {layer: load list}. Layers with fewer experts
+    (per-layer expert counts) show blank cells beyond their last expert.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    load = stats.mean_load() if isinstance(stats, RouterStatsTracker) else dict(stats)
+    if not load:
+        raise ValueError("plot_expert_load: no routing statistics to plot")
+    layers = list(load)
+    width = max(len(v) for v in load.values())
+    grid = np.full((len(layers), width), np.nan)
+    for i, layer in enumerate(layers):
+        grid[i, : len(load[layer])] = load[layer]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * width + 3), max(3.0, 0.22 * len(layers) + 1.5)))
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(width))
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels(layers, fontsize=max(4, 8 - len(layers) // 20))
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="fraction of tokens")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,332 @@
+"""Mixture of LoRA Experts (MoLE) layers and their injection into any Hugging Face causal LM.
+
+A `MoLELinear` wraps a frozen `nn.Linear` W with E LoRA experts and a router (any router from
+`parrot.moe.routers`):
+
+    y = W x + sum_{e in selected(x)} w_e(x) * (alpha / r) * B_e A_e x        (MixLoRA, arXiv 2404.15159, eq. 4)
+
+Inference is merge-free: the same forward serves training and generation, nothing is merged into W.
+
+Trainer-facing API (what `--tuning mole --router {topk,dynmole,gwmoe,mor}` should use):
+
+    cfg = MoLEConfig(num_experts=4, rank=8, alpha=16, router=RouterConfig(kind="dynmole"))
+    replaced = inject_mole(model, cfg)              # -> ["model.layers.0.self_attn.q_proj", ...]
+    out = model(input_ids=..., attention_mask=...)  # attention_mask is picked up for the routers
+    routing = collect_router_outputs(model)         # {module name: RouterOutput} of THIS forward
+    loss = out.loss + mole_aux_loss(routing)        # mean over layers of the already-scaled aux losses
+    tracker.update(step, routing)                   # parrot.moe.diagnostics.RouterStatsTracker
+    save_mole(model, cfg, out_dir) / load_mole(model, out_dir)   # adapter + router weights only
+
+For `RouterConfig(kind="gwmoe", gw_quantile=q)` call `calibrate_gwmoe(model, batches)` once before
+training (a no-grad pass over a few batches that sets each layer's threshold to the q-quantile of its
+token entropies). `inject_mole` freezes every pre-existing parameter of the model by default
+(`MoLEConfig.freeze_base`); re-enable what else should train (e.g. a multimodal projector) afterwards.
+
+Routing masks: forward pre-hooks read the 2-D `attention_mask` keyword (B, S_total) of the model and
+of inner models (the innermost wins, e.g. the language model inside a multimodal model, which sees the
+merged text+image mask) and hand each MoLE layer the columns of its current tokens (the last S), so
+padding is excluded from aux losses and statistics, also during cached generation. Without such a
+keyword every token counts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from .experts import LoRAExperts
+from .routers import RouterConfig, RouterOutput, build_router
+
+ADAPTER_WEIGHTS_NAME = "mole_adapter.safetensors"
+ADAPTER_CONFIG_NAME = "mole_config.json"
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class MoLEConfig:
+    """Where to put LoRA experts and how many.
+
+    target_modules: names of the nn.Linear leaves to wrap (matched on the last name component, as
+        peft's `target_modules`), e.g. q/k/v/o_proj, gate/up/down_proj.
+    num_experts: one int for every layer, or a list with one entry per decoder layer (MoLA-style,
+        Gao et al., 2024: more experts in higher layers); the layer comes from the `layers.<i>.` name part.
+    rank, alpha, dropout: LoRA rank r, scaling numerator alpha (scale alpha / r), dropout on the input.
+    router: which router every MoLE layer uses (`RouterConfig`).
+    exclude_modules: name substrings never wrapped (the vision tower, projector, lm_head).
+    freeze_base: set requires_grad=False on every parameter that existed before injection.
+    """
+
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    num_experts: int | list[int] = 4
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    router: RouterConfig = field(default_factory=RouterConfig)
+    exclude_modules: tuple[str, ...] = ("vision_tower", "mm_projector", "lm_head")
+    freeze_base: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):  # from JSON
+            self.router = RouterConfig(**self.router)
+        self.target_modules = tuple(self.target_modules)
+        self.exclude_modules = tuple(self.exclude_modules)
+        if not self.target_modules:
+            raise ValueError("MoLEConfig.target_modules is empty")
+        counts = self.num_experts if isinstance(self.num_experts, list) else [self.num_experts]
+        if not counts or any(not isinstance(c, int) or c < 1 for c in counts):
+            raise ValueError(f"MoLEConfig.num_experts={self.num_experts!r} must be an int >= 1 or a list of them")
+        if self.rank < 1:
+            raise ValueError(f"MoLEConfig.rank={self.rank} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MoLEConfig.dropout={self.dropout} must be in [0, 1)")
+
+    def experts_for(self, module_name: str) -> int:
+        if isinstance(self.num_experts, int):
+            return self.num_experts
+        match = _LAYER_INDEX.search(module_name)
+        if match is None:
+            raise ValueError(f"MoLEConfig.num_experts is per layer but {module_name!r} has no 'layers.<i>.' part")
+        layer = int(match.group(1))
+        if layer >= len(self.num_experts):
+            raise ValueError(
+                f"MoLEConfig.num_experts lists {len(self.num_experts)} layers but {module_name!r} is layer {layer}"
+            )
+        return self.num_experts[layer]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MoLELinear(nn.Module):
+    """A frozen nn.Linear plus E routed LoRA experts (see the module docstring for the formula).
+
+    `last_routing` holds the RouterOutput of the latest forward (None before any); `token_mask` is set
+    by the model-level pre-hook that `inject_mole` installs.
+    """
+
+    def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: float, dropout: float, router: RouterConfig):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.num_experts = num_experts
+        self.experts = LoRAExperts(num_experts, base.in_features, base.out_features, rank, alpha)
+        self.router = build_router(router, base.in_features, num_experts)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base.weight
+        self.to(device=weight.device)
+        if weight.is_floating_point():
+            self.experts.to(dtype=weight.dtype)
+            self.router.to(dtype=weight.dtype)
+        self.last_routing: RouterOutput | None = None
+        self.token_mask: torch.Tensor | None = None  # (B, S_total) attention mask of the current model call
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code reads .weight of projections (dtype/device probes)
+        return self.base.weight
+
+    def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.token_mask is None or x.dim() != 3:
+            return None
+        batch, seq = x.shape[:2]
+        mask = self.token_mask
+        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
+            raise ValueError(
+                f"MoLE routing mask of shape {tuple(mask.shape)} does not cover hidden states {tuple(x.shape[:2])}"
+            )
+        return mask[:, -seq:].reshape(-1).to(device=x.device, dtype=torch.bool)  # (B*S,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        flat = x.reshape(-1, x.shape[-1])  # (T, D_in)
+        routing = self.router(flat, self._mask_for(x))
+        self.last_routing = routing
+        delta = self.experts(self.dropout(flat), routing.weights, routing.indices)  # (T, D_out)
+        return out + delta.view(*x.shape[:-1], -1).to(out.dtype)
+
+
+def _mole_modules(model: nn.Module) -> list[tuple[str, MoLELinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoLELinear)]
+
+
+class _MaskCapture:
+    """Forward pre-hook: hands a 2-D `attention_mask` keyword to the MoLE layers below a module.
+
+    Installed on the model and on every ancestor of MoLE layers whose forward takes `attention_mask`;
+    hooks run outer to inner, so the innermost 2-D mask wins (e.g. a multimodal model's merged
+    text+image mask given to its language model). 4-D or absent masks are ignored, except that the
+    root hook first resets every layer (mask and per-forward routing outputs).
+    """
+
+    def __init__(self, layers: list[MoLELinear], is_root: bool):
+        self.layers = layers
+        self.is_root = is_root
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.is_root:
+            for layer in self.layers:
+                layer.token_mask = None
+                layer.last_routing = None  # routing outputs are per forward
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            for layer in self.layers:
+                layer.token_mask = mask
+
+
+def _install_mask_hooks(model: nn.Module) -> None:
+    # The mask stays until the next model call so that activation-checkpoint recomputation sees it too.
+    layers = _mole_modules(model)
+    model.register_forward_pre_hook(_MaskCapture([m for _, m in layers], is_root=True), with_kwargs=True)
+    for name, module in model.named_modules():
+        if not name or isinstance(module, MoLELinear):
+            continue
+        below = [m for n, m in layers if n.startswith(name + ".")]
+        if below and "attention_mask" in inspect.signature(module.forward).parameters:
+            module.register_forward_pre_hook(_MaskCapture(below, is_root=False), with_kwargs=True)
+
+
+def inject_mole(model: nn.Module, config: MoLEConfig) -> list[str]:
+    """Replace every targeted nn.Linear of `model` by a MoLELinear; return the replaced module names.
+
+    Raises if nothing matches (a wrong target list should not silently train nothing).
+    """
+    if _mole_modules(model):
+        raise ValueError("inject_mole: model already has MoLE layers")
+    if config.freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    targets = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and name.rsplit(".", 1)[-1] in config.target_modules
+        and not any(part in name for part in config.exclude_modules)
+    ]
+    if not targets:
+        raise ValueError(f"inject_mole: no nn.Linear named any of {config.target_modules} in {type(model).__name__}")
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        layer = MoLELinear(base, config.experts_for(name), config.rank, config.alpha, config.dropout, config.router)
+        setattr(parent, child, layer)
+    _install_mask_hooks(model)
+    return targets
+
+
+def collect_router_outputs(model: nn.Module) -> dict[str, RouterOutput]:
+    """{MoLE module name: RouterOutput} from the model's latest forward (layers not run are absent)."""
+    return {name: m.last_routing for name, m in _mole_modules(model) if m.last_routing is not None}
+
+
+def mole_aux_loss(routing: dict[str, RouterOutput]) -> torch.Tensor | float:
+    """Mean over MoLE layers of each layer's summed (already coefficient-scaled) aux losses.
+
+    The mean matches the official MoE-PEFT losses, which pool the tokens of all layers into one loss.
+    """
+    losses = [r.aux_loss for r in routing.values() if r.aux_losses]
+    return sum(losses) / len(losses) if losses else 0.0
+
+
+def mole_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable MoLE parameters (experts + routers) of every MoLE layer."""
+    return [p for _, m in _mole_modules(model) for n, p in m.named_parameters() if not n.startswith("base.")]
+
+
+def mole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter + router weights (and router buffers such as the GW-MoE threshold) only; no base weights."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in _mole_modules(model):
+        for key, value in module.state_dict().items():
+            if not key.startswith("base."):
+                state[f"{name}.{key}"] = value.detach().clone()
+    return state
+
+
+def load_mole_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what `mole_state_dict` saved; every key must match exactly (names and shapes)."""
+    expected = mole_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"MoLE state dict mismatch: missing={missing[:5]} (+{max(0, len(missing) - 5)}), "
+                       f"unexpected={unexpected[:5]} (+{max(0, len(unexpected) - 5)})")
+    bad = [k for k in expected if expected[k].shape != state[k].shape]
+    if bad:
+        raise ValueError(f"MoLE state dict shape mismatch for {bad[:5]}: "
+                         f"{[(tuple(expected[k].shape), tuple(state[k].shape)) for k in bad[:5]]}")
+    with torch.no_grad():
+        for name, module in _mole_modules(model):
+            own = {k: v for k, v in module.state_dict().items() if not k.startswith("base.")}
+            for key, tensor in own.items():
+                tensor.copy_(state[f"{name}.{key}"].to(device=tensor.device, dtype=tensor.dtype))
+
+
+def save_mole(model: nn.Module, config: MoLEConfig, directory: str | Path) -> Path:
+    """Write the adapter weights (safetensors) and the MoLEConfig (JSON) to `directory`."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in mole_state_dict(model).items()}, str(directory / ADAPTER_WEIGHTS_NAME))
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+    return directory
+
+
+def load_mole(model: nn.Module, directory: str | Path) -> MoLEConfig:
+    """Inject MoLE layers from the saved config if the model has none yet, then load the saved weights."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path = directory / ADAPTER_CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no MoLE adapter config at {config_path}")
+    config = MoLEConfig(**json.loads(config_path.read_text()))
+    if not _mole_modules(model):
+        inject_mole(model, config)
+    load_mole_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS_NAME)))
+    return config
+
+
+@torch.no_grad()
+def calibrate_gwmoe(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], quantile: float | None = None) -> dict[str, float]:
+    """Set every GW-MoE router's threshold to a quantile of its layer's token entropies (GW-MoE, Sec. 3).
+
+    Runs `model(**batch)` for each batch in eval mode (no broadcast, no gradients), gathers each layer's
+    uncertainty over non-padding tokens, then calls `router.calibrate`. Returns {layer: threshold}.
+    """
+    from .routers import GWMoERouter
+
+    layers = {name: m for name, m in _mole_modules(model) if isinstance(m.router, GWMoERouter)}
+    if not layers:
+        raise ValueError("calibrate_gwmoe: the model has no MoLE layer with a GW-MoE router")
+    was_training = model.training
+    model.eval()
+    gathered: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    try:
+        for batch in batches:
+            model(**batch)
+            for name, routing in collect_router_outputs(model).items():
+                if name in gathered:
+                    values = routing.stats["uncertainty"]
+                    if "mask" in routing.stats:
+                        values = values[routing.stats["mask"]]
+                    gathered[name].append(values.float().cpu())
+    finally:
+        model.train(was_training)
+    return {name: layers[name].router.calibrate(torch.cat(vals) if vals else torch.empty(0), quantile)
+            for name, vals in gathered.items()}

@@ -1,0 +1,576 @@
+"""Routers: hidden states -> routing weights over experts.
+
+Every router in this library has the same interface so that the executors in `experts.py` and every
+user (the Parrot MoE projector on the vision side, MoLE layers on the language side) can swap them:
+
+    router(hidden (T, D), mask (T,) bool | None) -> RouterOutput
+
+`T` is any flattened set of routed items: tokens for MoLE, samples for the Parrot projector (one
+pooled text vector per image). `mask` marks real tokens (padding excluded from aux losses and stats).
+
+Routers (build any of them from a `RouterConfig` with `build_router(config, hidden_size, num_experts)`):
+
+- `TopKRouter`          softmax top-k (MixLoRA / Switch baseline; dense soft routing with top_k=None).
+- `DynMoLERouter`       Tsallis-entropy hybrid routing (Li et al., 2025, arXiv 2504.00661).
+- `GWMoERouter`         Global-Workspace broadcast of uncertain tokens in training (Wu et al., 2024,
+                        arXiv 2406.12375); plain top-k at inference.
+- `MixtureOfRoutersRouter`  M sub-routers mixed by a main router, then top-k (Zhang et al., 2025,
+                        arXiv 2503.23362).
+
+`RouterOutput.stats` (detached) always holds:
+    "entropy"     (T,)  Shannon entropy of the full router distribution (nats),
+    "load"        (E,)  fraction of (valid) tokens that selected each expert,
+    "num_active"  (T,)  number of experts selected per token,
+    "broadcast"   (T,)  1.0 where a token was soft-routed / broadcast to all experts (DynMoLE, GW-MoE),
+    "uncertainty" (T,)  the quantity a router thresholds (Tsallis for DynMoLE, entropy for GW-MoE;
+                        equals "entropy" otherwise); GW-MoE calibration reads it,
+    "mask"        (T,)  bool, only when a mask was given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RouterKind = Literal["topk", "dynmole", "gwmoe", "mor"]
+ROUTER_KINDS: tuple[str, ...] = ("topk", "dynmole", "gwmoe", "mor")
+
+
+@dataclass
+class RouterOutput:
+    """What a router returns.
+
+    weights: (T, E) combine weights, exactly zero for experts that are not selected.
+    indices: (T, K) selected expert ids, -1 where a token selected fewer than K experts.
+    probs:   (T, E) the router's full probability distribution (for diagnostics and aux losses).
+    logits:  (T, E) raw router logits (MoR: log of the mixed distribution).
+    aux_losses: named scalar losses, already multiplied by their coefficients (sum them into the loss).
+    stats: named diagnostics (detached tensors), see the module docstring.
+    """
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+    probs: torch.Tensor
+    logits: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def aux_loss(self) -> torch.Tensor | float:
+        return sum(self.aux_losses.values()) if self.aux_losses else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers (pure functions; the tests check them against naive loops)
+# ----------------------------------------------------------------------------------------------------
+
+
+def shannon_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """H(p) = -sum_e p_e log p_e over the last dim; 0 log 0 := 0."""
+    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)
+
+
+def tsallis_entropy(probs: torch.Tensor, q: float, eps: float = 0.0, normalize: bool = False) -> torch.Tensor:
+    """Tsallis entropy S_q(p) = (1 - sum_e (p_e + eps)^q) / (q - 1) over the last dim.
+
+    DynMoLE (Li et al., 2025, arXiv 2504.00661, eq. for S_q in Sec. 3). As in the official code
+    (mikecovlee/DynMoLE, `moe_peft/common/moe_utils.py`, verified) `eps` is added to every probability
+    and, with `normalize`, the value is divided by the maximum S_q of the uniform distribution over E
+    experts, (1 - E^(1-q)) / (q - 1), so thresholds live in [0, 1]. q -> 1 gives Shannon entropy.
+    """
+    if q <= 0:
+        raise ValueError(f"Tsallis index q must be > 0, got {q}")
+    num_experts = probs.shape[-1]
+    if abs(q - 1.0) < 1e-12:
+        shifted = probs + eps
+        entropy = -(shifted * shifted.log()).sum(-1)
+        max_entropy = math.log(num_experts)
+    else:
+        entropy = (1.0 - (probs + eps).pow(q).sum(-1)) / (q - 1.0)
+        max_entropy = (1.0 - num_experts ** (1.0 - q)) / (q - 1.0)
+    if normalize:
+        if num_experts == 1:
+            return torch.zeros_like(entropy)
+        return entropy / max_entropy
+    return entropy
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the first dim of `values` (T, ...) counting only rows where mask (T,) is True."""
+    if mask is None:
+        return values.mean(0)
+    m = mask.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    return (values * m).sum(0) / m.sum().clamp_min(1.0)
+
+
+def load_balance_loss(probs: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss (Fedus et al., 2021, eq. 4): E * sum_e f_e * P_e.
+
+    f_e is the share of expert assignments that go to e (from the selection in `weights`, no gradient),
+    P_e the mean router probability of e. Padding tokens (mask False) are excluded.
+    """
+    num_experts = probs.shape[-1]
+    selected = (weights > 0).to(probs.dtype)  # (T, E)
+    assignments = masked_mean(selected, mask)  # (E,)
+    f = assignments / assignments.sum().clamp_min(torch.finfo(probs.dtype).tiny)
+    p = masked_mean(probs, mask)  # (E,)
+    return num_experts * (f.detach() * p).sum()
+
+
+def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al., 2022, eq. 5): mean_t (logsumexp_e z_te)^2."""
+    return masked_mean(torch.logsumexp(logits, dim=-1).square(), mask)
+
+
+def topk_weights(probs: torch.Tensor, top_k: int | None, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the top-k probabilities per row (all when top_k is None); optionally renormalise them.
+
+    Returns weights (T, E) with zeros outside the selection and indices (T, K).
+    """
+    num_experts = probs.shape[-1]
+    if top_k is None or top_k >= num_experts:
+        indices = torch.arange(num_experts, device=probs.device).expand(probs.shape[0], num_experts)
+        weights = probs
+    else:
+        top_p, indices = probs.topk(top_k, dim=-1)  # (T, k)
+        weights = torch.zeros_like(probs).scatter(-1, indices, top_p)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    return weights, indices
+
+
+def indices_from_selection(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Selected experts (T, E) bool -> ids (T, E) sorted by descending probability, -1 padding at the end."""
+    order = probs.detach().argsort(dim=-1, descending=True)  # (T, E)
+    chosen = selected.gather(-1, order)  # (T, E) bool, in probability order
+    # Stable sort pushes the unselected (False -> key 1) behind the selected while keeping probability order.
+    perm = (~chosen).to(torch.int8).argsort(dim=-1, stable=True)
+    order, chosen = order.gather(-1, perm), chosen.gather(-1, perm)
+    return torch.where(chosen, order, torch.full_like(order, -1))
+
+
+def selection_from_indices(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Indices (T, K) with -1 padding -> bool selection (T, E)."""
+    valid = indices >= 0
+    one_hot = F.one_hot(indices.clamp_min(0), num_experts).to(torch.bool) & valid[..., None]  # (T, K, E)
+    return one_hot.any(dim=1)
+
+
+def routing_stats(
+    probs: torch.Tensor,
+    indices: torch.Tensor,
+    mask: torch.Tensor | None,
+    broadcast: torch.Tensor | None = None,
+    uncertainty: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The diagnostics every router reports (see the module docstring), all detached."""
+    probs = probs.detach()
+    selected = selection_from_indices(indices, probs.shape[-1]).to(probs.dtype)  # (T, E)
+    entropy = shannon_entropy(probs)
+    stats = {
+        "entropy": entropy,
+        "load": masked_mean(selected, mask),
+        "num_active": selected.sum(-1),
+        "broadcast": torch.zeros_like(entropy) if broadcast is None else broadcast.detach().to(probs.dtype),
+        "uncertainty": entropy if uncertainty is None else uncertainty.detach(),
+    }
+    if mask is not None:
+        stats["mask"] = mask.detach().to(torch.bool)
+    return stats
+
+
+def _check_inputs(hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if hidden.dim() != 2:
+        raise ValueError(f"router expects hidden states (T, D), got shape {tuple(hidden.shape)}")
+    if mask is not None and mask.shape != hidden.shape[:1]:
+        raise ValueError(f"router mask must have shape (T,)={tuple(hidden.shape[:1])}, got {tuple(mask.shape)}")
+
+
+def _softmax(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Softmax in at least float32 (Switch "selective precision"); float64 stays float64 for the tests.
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    return F.softmax(logits, dim=-1, dtype=compute).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Routers
+# ----------------------------------------------------------------------------------------------------
+
+
+class TopKRouter(nn.Module):
+    """Linear softmax router with optional top-k selection (MixLoRA / Switch style).
+
+    p = softmax(W x) (Shazeer et al., 2017; Parrot, Sun et al., 2024, eq. 3). With `top_k=None` all
+    experts are used with weights p (dense soft routing, as the Parrot projector does); otherwise the
+    top-k probabilities are kept and, with `renormalize`, rescaled to sum to one (MixLoRA, Li et al.,
+    2024, arXiv 2404.15159, Sec. 3: top-2 with renormalisation; official MoE-PEFT default aux
+    coefficient 0.001, verified in `moe_peft/adapters/mixlora/config.py`).
+    Aux losses: Switch load balance (`balance_coef`) and ST-MoE z-loss (`z_loss_coef`).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int | None = None,
+        renormalize: bool = True,
+        balance_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        bias: bool = False,
+    ):
+        super().__init__()
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}] or None (dense)")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.balance_coef = balance_coef
+        self.z_loss_coef = z_loss_coef
+        self.gate = nn.Linear(hidden_size, num_experts, bias=bias)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+        _check_inputs(hidden, mask)
+        logits = self.gate(hidden)  # (T, E)
+        probs = _softmax(logits, hidden.dtype)
+        weights, indices = topk_weights(probs, self.top_k, self.renormalize and self.top_k is not None)
+        aux: dict[str, torch.Tensor] = {}
+        if self.balance_coef:
+            aux["balance"] = self.balance_coef * load_balance_loss(probs, weights, mask)
+        if self.z_loss_coef:
+            aux["z"] = self.z_loss_coef * router_z_loss(logits, mask)
+        return RouterOutput(weights, indices, probs, logits, aux, routing_stats(probs, indices, mask))
+
+
+class DynMoLERouter(nn.Module):
+    """DynMoLE hybrid routing by Tsallis entropy (Li et al., 2025, arXiv 2504.00661, Sec. 3).
+
+    Per token: p = softmax(W x); S = S_q(p) (normalised Tsallis entropy, see `tsallis_entropy`).
+    - S > entropy_threshold  -> soft routing over all experts (router uncertain);
+    - otherwise              -> top-p routing: experts sorted by p, keep those whose cumulative
+                                probability is <= top_p, and always at least `keep_top_k`.
+    Combine weights are the original probabilities of the active experts; the official code does not
+    renormalise them (`renormalize=False` by default, flag to change it).
+    Aux loss (official `_dynamic_load_balancing_loss_func`): c_dyn * mean_t S_q(p_t) + c_aux * L_lb with
+    L_lb = E * sum_e mean_t(masked weights_te) * mean_t(p_te) -- f_e uses the masked (unrenormalised)
+    weights and carries gradient, as in the official code.
+
+    Defaults are the official `DynMoleConfig.from_config` values (verified in mikecovlee/DynMoLE,
+    `moe_peft/adapters/dynmole/config.py`): q=1.1, threshold=0.9, eps=1e-5, keep_top_k=2, top_p=0.75,
+    c_aux=0.001, c_dyn=0.01. Deviation: the official loss pools all layers' tokens and includes padding
+    tokens; here each layer's loss is computed separately over non-padding tokens (average the layers).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        tsallis_q: float = 1.1,
+        entropy_threshold: float = 0.9,
+        top_p: float = 0.75,
+        keep_top_k: int = 2,
+        renormalize: bool = False,
+        dyn_loss_coef: float = 0.01,
+        balance_coef: float = 0.001,
+        z_loss_coef: float = 0.0,
+        entropy_eps: float = 1e-5,
+        normalize_entropy: bool = True,
+        bias: bool = False,
+    ):
+        super().__init__()
+        if not 1 <= keep_top_k <= num_experts:
+            raise ValueError(f"keep_top_k={keep_top_k} must be in [1, num_experts={num_experts}]")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        self.num_experts = num_experts
+        self.top_k = None  # variable number of experts per token
+        self.tsallis_q = tsallis_q
+        self.entropy_threshold = entropy_threshold
+        self.top_p = top_p
+        self.keep_top_k = keep_top_k
+        self.renormalize = renormalize
+        self.dyn_loss_coef = dyn_loss_coef
+        self.balance_coef = balance_coef
+        self.z_loss_coef = z_loss_coef
+        self.entropy_eps = entropy_eps
+        self.normalize_entropy = normalize_entropy
+        self.gate = nn.Linear(hidden_size, num_experts, bias=bias)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+        _check_inputs(hidden, mask)
+        logits = self.gate(hidden)  # (T, E)
+        probs = _softmax(logits, hidden.dtype)
+        sorted_p, order = probs.sort(dim=-1, descending=True)  # (T, E)
+        keep_sorted = sorted_p.cumsum(-1) <= self.top_p
+        keep_sorted[:, : self.keep_top_k] = True
+        selected = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # (T, E) bool
+        tsallis = tsallis_entropy(probs, self.tsallis_q, self.entropy_eps, self.normalize_entropy)  # (T,)
+        soft = tsallis > self.entropy_threshold  # (T,)
+        selected = selected | soft[:, None]
+        masked = probs * selected  # (T, E) original probabilities of active experts
+        weights = masked
+        if self.renormalize:
+            weights = masked / masked.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+        indices = indices_from_selection(probs, selected)
+        aux: dict[str, torch.Tensor] = {}
+        if self.dyn_loss_coef:
+            aux["tsallis"] = self.dyn_loss_coef * masked_mean(tsallis, mask)
+        if self.balance_coef:
+            num_experts = probs.shape[-1]
+            aux["balance"] = self.balance_coef * num_experts * (masked_mean(masked, mask) * masked_mean(probs, mask)).sum()
+        if self.z_loss_coef:
+            aux["z"] = self.z_loss_coef * router_z_loss(logits, mask)
+        stats = routing_stats(probs, indices, mask, broadcast=soft, uncertainty=tsallis)
+        return RouterOutput(weights, indices, probs, logits, aux, stats)
+
+
+class GWMoERouter(nn.Module):
+    """GW-MoE: broadcast uncertain tokens to all experts during fine-tuning (Wu et al., 2024, arXiv 2406.12375).
+
+    Uncertainty u(x) = H(p) = -sum_e p_e log(p_e + eps) (official `calc_entropy`, eps=1e-5, natural log,
+    not normalised; verified in WaitHZ/GW-MoE `modeling_switch_transformers.py`; `normalize_entropy`
+    divides by log E). In training, tokens with u >= threshold are broadcast: every expert processes
+    them, combined with the full softmax p (`broadcast_weights="softmax"`, the official choice) or 1/E
+    (`"uniform"`); other tokens use top-k (optionally renormalised). In eval mode routing is plain top-k,
+    so inference costs nothing extra. The official scripts use threshold 1.6 nats for Switch-base-8
+    (`run_glue.sh`); here it is set directly (`threshold`) or as a quantile of the entropies measured
+    before fine-tuning (`calibrate(entropies, quantile)`; `parrot.moe.mole.calibrate_gwmoe` runs that pass).
+    The threshold is a buffer, so it is saved with the adapter weights.
+    Deviation: the official code also caps broadcast tokens per sequence (`max_num_slots`); we do not cap.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int = 2,
+        renormalize: bool = True,
+        threshold: float | None = None,
+        quantile: float | None = None,
+        broadcast_weights: Literal["softmax", "uniform"] = "softmax",
+        normalize_entropy: bool = False,
+        entropy_eps: float = 1e-5,
+        balance_coef: float = 0.001,
+        z_loss_coef: float = 0.0,
+        bias: bool = False,
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if broadcast_weights not in ("softmax", "uniform"):
+            raise ValueError(f"broadcast_weights must be 'softmax' or 'uniform', got {broadcast_weights!r}")
+        if quantile is not None and not 0.0 <= quantile <= 1.0:
+            raise ValueError(f"quantile={quantile} must be in [0, 1]")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.quantile = quantile
+        self.broadcast_weights = broadcast_weights
+        self.normalize_entropy = normalize_entropy
+        self.entropy_eps = entropy_eps
+        self.balance_coef = balance_coef
+        self.z_loss_coef = z_loss_coef
+        self.gate = nn.Linear(hidden_size, num_experts, bias=bias)
+        self.register_buffer("threshold", torch.tensor(float("nan") if threshold is None else float(threshold)))
+
+    def uncertainty(self, probs: torch.Tensor) -> torch.Tensor:
+        entropy = -(probs * (probs + self.entropy_eps).log()).sum(-1)
+        if self.normalize_entropy and self.num_experts > 1:
+            entropy = entropy / math.log(self.num_experts)
+        return entropy
+
+    @torch.no_grad()
+    def calibrate(self, entropies: torch.Tensor, quantile: float | None = None) -> float:
+        """Set the threshold to the `quantile` of `entropies` (uncertainties of valid tokens, any shape)."""
+        quantile = self.quantile if quantile is None else quantile
+        if quantile is None:
+            raise ValueError("GWMoERouter.calibrate needs a quantile (argument or RouterConfig.gw_quantile)")
+        values = entropies.detach().reshape(-1).double()
+        if values.numel() == 0:
+            raise ValueError("GWMoERouter.calibrate got no entropies (empty calibration pass?)")
+        value = torch.quantile(values, quantile).item()
+        self.threshold.fill_(value)
+        return value
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+        _check_inputs(hidden, mask)
+        logits = self.gate(hidden)  # (T, E)
+        probs = _softmax(logits, hidden.dtype)
+        uncertainty = self.uncertainty(probs)  # (T,)
+        weights, indices = topk_weights(probs, self.top_k, self.renormalize)
+        broadcast = torch.zeros_like(uncertainty, dtype=torch.bool)
+        if self.training:
+            if torch.isnan(self.threshold):
+                raise RuntimeError(
+                    "GWMoERouter threshold is unset: give RouterConfig.gw_threshold, or run "
+                    "parrot.moe.mole.calibrate_gwmoe / router.calibrate(entropies, quantile) before training"
+                )
+            # Not restricted by `mask`: routing must not depend on it (activation checkpointing may
+            # recompute without it); padding is excluded from aux losses and stats instead.
+            broadcast = uncertainty >= self.threshold
+            full = probs if self.broadcast_weights == "softmax" else torch.full_like(probs, 1.0 / self.num_experts)
+            weights = torch.where(broadcast[:, None], full, weights)
+            all_experts = torch.arange(self.num_experts, device=hidden.device).expand_as(probs)
+            padded = torch.cat([indices, indices.new_full((indices.shape[0], self.num_experts - self.top_k), -1)], 1)
+            indices = torch.where(broadcast[:, None], all_experts, padded)  # (T, E)
+        aux: dict[str, torch.Tensor] = {}
+        if self.balance_coef:
+            aux["balance"] = self.balance_coef * load_balance_loss(probs, weights, mask)
+        if self.z_loss_coef:
+            aux["z"] = self.z_loss_coef * router_z_loss(logits, mask)
+        stats = routing_stats(probs, indices, mask, broadcast=broadcast, uncertainty=uncertainty)
+        return RouterOutput(weights, indices, probs, logits, aux, stats)
+
+
+class MixtureOfRoutersRouter(nn.Module):
+    """Mixture of Routers (Zhang et al., 2025, arXiv 2503.23362, Sec. 3).
+
+    M sub-routers give p^(j) = softmax(W_j x) over E experts; a main router gives w = softmax(W_m x) over
+    the M sub-routers; the joint distribution p = sum_j w_j p^(j) is routed top-k (renormalised by
+    default, as in the MixLoRA base it plugs into). `gate` stacks the sub-routers (D -> M*E),
+    `main_gate` is the main router (D -> M). Aux: Switch balance on the joint p; z-loss on the
+    sub-router logits. `RouterOutput.logits` is log p (the joint distribution has no single logit).
+    Not verified against the paper/official code (the official code link is an anonymous mirror we
+    could not read): that sub-router outputs are softmaxed before mixing, the default M, and which
+    balance loss applies.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        num_routers: int = 3,
+        top_k: int = 2,
+        renormalize: bool = True,
+        balance_coef: float = 0.001,
+        z_loss_coef: float = 0.0,
+        bias: bool = False,
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if num_routers < 1:
+            raise ValueError(f"num_routers={num_routers} must be >= 1")
+        self.num_experts = num_experts
+        self.num_routers = num_routers
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.balance_coef = balance_coef
+        self.z_loss_coef = z_loss_coef
+        self.gate = nn.Linear(hidden_size, num_routers * num_experts, bias=bias)
+        self.main_gate = nn.Linear(hidden_size, num_routers, bias=bias)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+        _check_inputs(hidden, mask)
+        T = hidden.shape[0]
+        sub_logits = self.gate(hidden).view(T, self.num_routers, self.num_experts)  # (T, M, E)
+        sub_probs = _softmax(sub_logits, hidden.dtype)  # (T, M, E)
+        router_weights = _softmax(self.main_gate(hidden), hidden.dtype)  # (T, M)
+        probs = torch.einsum("tm,tme->te", router_weights, sub_probs)  # (T, E)
+        logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        weights, indices = topk_weights(probs, self.top_k, self.renormalize)
+        aux: dict[str, torch.Tensor] = {}
+        if self.balance_coef:
+            aux["balance"] = self.balance_coef * load_balance_loss(probs, weights, mask)
+        if self.z_loss_coef:
+            z_per_token = torch.logsumexp(sub_logits, dim=-1).square().mean(-1)  # (T,)
+            aux["z"] = self.z_loss_coef * masked_mean(z_per_token, mask)
+        stats = routing_stats(probs, indices, mask)
+        stats["router_weights"] = masked_mean(router_weights.detach(), mask)  # (M,)
+        return RouterOutput(weights, indices, probs, logits, aux, stats)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config + factory
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RouterConfig:
+    """Which router to build and its hyper-parameters (one dataclass for all kinds).
+
+    kind: "topk" | "dynmole" | "gwmoe" | "mor".
+    Shared: top_k (topk/gwmoe/mor; None = dense soft routing, topk only), renormalize (None = the
+    method's published choice: True for topk/gwmoe/mor, False for dynmole), balance_coef, z_loss_coef, bias.
+    DynMoLE (official defaults): tsallis_q, entropy_threshold, top_p, keep_top_k, dyn_loss_coef,
+    entropy_eps, normalize_entropy.
+    GW-MoE: gw_threshold (direct) or gw_quantile (set by calibration), gw_broadcast_weights,
+    gw_normalize_entropy.
+    MoR: num_routers.
+    """
+
+    kind: str = "topk"
+    top_k: int | None = 2
+    renormalize: bool | None = None
+    balance_coef: float = 0.001
+    z_loss_coef: float = 0.0
+    bias: bool = False
+    # DynMoLE
+    tsallis_q: float = 1.1
+    entropy_threshold: float = 0.9
+    top_p: float = 0.75
+    keep_top_k: int = 2
+    dyn_loss_coef: float = 0.01
+    entropy_eps: float = 1e-5
+    normalize_entropy: bool = True
+    # GW-MoE
+    gw_threshold: float | None = None
+    gw_quantile: float | None = None
+    gw_broadcast_weights: str = "softmax"
+    gw_normalize_entropy: bool = False
+    # Mixture of Routers
+    num_routers: int = 3
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTER_KINDS:
+            raise ValueError(f"RouterConfig.kind={self.kind!r} must be one of {ROUTER_KINDS}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"RouterConfig.top_k={self.top_k} must be >= 1 or None")
+        if self.top_k is None and self.kind in ("gwmoe", "mor"):
+            raise ValueError(f"RouterConfig.top_k=None (dense) is only valid for kind='topk', not {self.kind!r}")
+        if self.balance_coef < 0 or self.z_loss_coef < 0 or self.dyn_loss_coef < 0:
+            raise ValueError("RouterConfig.balance_coef / z_loss_coef / dyn_loss_coef must be >= 0")
+        if self.tsallis_q <= 0:
+            raise ValueError(f"RouterConfig.tsallis_q={self.tsallis_q} must be > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"RouterConfig.top_p={self.top_p} must be in (0, 1]")
+        if self.gw_broadcast_weights not in ("softmax", "uniform"):
+            raise ValueError(f"RouterConfig.gw_broadcast_weights={self.gw_broadcast_weights!r} must be 'softmax' or 'uniform'")
+        if self.gw_quantile is not None and not 0.0 <= self.gw_quantile <= 1.0:
+            raise ValueError(f"RouterConfig.gw_quantile={self.gw_quantile} must be in [0, 1]")
+        if self.kind == "gwmoe" and self.gw_threshold is None and self.gw_quantile is None:
+            raise ValueError("RouterConfig(kind='gwmoe') needs gw_threshold or gw_quantile (for calibrate_gwmoe)")
+        if self.num_routers < 1:
+            raise ValueError(f"RouterConfig.num_routers={self.num_routers} must be >= 1")
+
+
+def build_router(config: RouterConfig, hidden_size: int, num_experts: int) -> nn.Module:
+    """RouterConfig -> router module (clamping k to the number of experts of this layer)."""
+    k = None if config.top_k is None else min(config.top_k, num_experts)
+    if config.kind == "topk":
+        renorm = True if config.renormalize is None else config.renormalize
+        return TopKRouter(hidden_size, num_experts, k, renorm, config.balance_coef, config.z_loss_coef, config.bias)
+    if config.kind == "dynmole":
+        return DynMoLERouter(
+            hidden_size, num_experts, tsallis_q=config.tsallis_q, entropy_threshold=config.entropy_threshold,
+            top_p=config.top_p, keep_top_k=min(config.keep_top_k, num_experts),
+            renormalize=False if config.renormalize is None else config.renormalize,
+            dyn_loss_coef=config.dyn_loss_coef, balance_coef=config.balance_coef, z_loss_coef=config.z_loss_coef,
+            entropy_eps=config.entropy_eps, normalize_entropy=config.normalize_entropy, bias=config.bias,
+        )
+    if config.kind == "gwmoe":
+        return GWMoERouter(
+            hidden_size, num_experts, top_k=k, renormalize=True if config.renormalize is None else config.renormalize,
+            threshold=config.gw_threshold, quantile=config.gw_quantile, broadcast_weights=config.gw_broadcast_weights,
+            normalize_entropy=config.gw_normalize_entropy, entropy_eps=config.entropy_eps,
+            balance_coef=config.balance_coef, z_loss_coef=config.z_loss_coef, bias=config.bias,
+        )
+    return MixtureOfRoutersRouter(
+        hidden_size, num_experts, num_routers=config.num_routers, top_k=k,
+        renormalize=True if config.renormalize is None else config.renormalize,
+        balance_coef=config.balance_coef, z_loss_coef=config.z_loss_coef, bias=config.bias,
+    )

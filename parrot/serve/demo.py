@@ -1,0 +1,61 @@
+"""Launch the Parrot chat demo (Gradio) on the local machine.
+
+    python -m parrot.serve.demo                          # the quickstart model if trained, else a fresh tiny one
+    python -m parrot.serve.demo --model runs/quickstart/stage2 --port 7860
+    python -m parrot.serve.demo --host 0.0.0.0 --share   # reachable from other machines / a public link (opt-in)
+
+Analytics are off; the server listens on 127.0.0.1 unless --host says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from .engine import DEFAULT_MODEL_DIR
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help=f"saved Parrot model directory (default: {DEFAULT_MODEL_DIR} if it exists, "
+                             "else an untrained tiny model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+    parser.add_argument("--concurrency", type=int, default=2, help="generations running at once; others queue")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more are refused")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.max_queue < 1:
+        parser.error("--concurrency and --max-queue must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch
+
+    from .app import build_app
+    from .engine import ChatEngine, load_model
+    from .examples import write_examples
+    from .uploads import MAX_UPLOAD_BYTES
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor, source = load_model(args.model)
+    engine = ChatEngine(model, processor, source=source)
+    with tempfile.TemporaryDirectory(prefix="parrot-demo-examples-") as examples_dir:
+        examples = write_examples(examples_dir)
+        demo = build_app(engine, examples, concurrency_limit=args.concurrency, max_queue_size=args.max_queue)
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
+                    allowed_paths=[examples_dir], max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"])
+
+
+if __name__ == "__main__":
+    main()

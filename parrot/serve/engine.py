@@ -1,0 +1,202 @@
+"""A session-free chat engine over a Parrot model: prompt building, streamed generation, MoE routing weights.
+
+All per-user state lives in the immutable `Conversation` the caller holds (one per Gradio session); the engine
+only owns the read-only model and processor, so sessions cannot leak into each other.
+
+    engine = ChatEngine(*load_model(None))
+    prepared = engine.prepare(image, Conversation(), "What colour is the circle?")
+    for text_so_far in engine.stream_reply(prepared, GenerationSettings(max_new_tokens=32)):
+        ...
+    engine.routing_weights(prepared)  # (E,) Parrot MoE weights for this image + prompt, sums to 1
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import TextIteratorStreamer
+
+from ..data.processor import IMAGE_TOKEN, ParrotProcessor
+from ..model.builder import build_tiny, load_pretrained
+from ..model.modeling import ParrotForCausalLM
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Where `python -m parrot.quickstart` leaves its final (stage-2) model; the demo's default when it exists.
+DEFAULT_MODEL_DIR = REPO_ROOT / "runs" / "quickstart" / "stage2"
+MAX_MESSAGE_CHARS = 8000  # longer messages are refused before tokenising
+
+
+class ChatInputError(ValueError):
+    """A request the engine refuses; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy decoding
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise ChatInputError(f"max new tokens must be in [1, 4096], got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise ChatInputError(f"temperature must be in [0, 5], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ChatInputError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature == 0.0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+
+
+@dataclass(frozen=True)
+class Turn:
+    user: str
+    assistant: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One session's dialogue about one image (`image_key` identifies it; None = a text-only chat)."""
+
+    image_key: str | None = None
+    turns: tuple[Turn, ...] = ()
+
+    def with_turn(self, user: str, assistant: str) -> "Conversation":
+        return replace(self, turns=self.turns + (Turn(user, assistant),))
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    batch: dict[str, torch.Tensor]  # processor output: input_ids (1, T), attention_mask (1, T), pixel_values
+    prompt_tokens: int  # T plus the image's visual tokens
+    dropped_turns: int  # oldest turns left out to fit the context
+
+
+class ChatEngine:
+    def __init__(self, model: ParrotForCausalLM, processor: ParrotProcessor, source: str = "",
+                 stream_timeout_s: float = 300.0):
+        self.model = model.eval()
+        self.processor = processor
+        self.source = source  # where the weights came from, shown in the UI
+        self.stream_timeout_s = stream_timeout_s
+        # Fast tokenizers may raise "Already borrowed" when two threads encode at once; encoding is cheap.
+        self._encode_lock = threading.Lock()
+
+    @property
+    def context_length(self) -> int:
+        return self.processor.settings.model_max_length
+
+    @property
+    def num_experts(self) -> int | None:
+        return self.model.config.moe_num_experts if self.model.config.use_moe else None
+
+    # --- prompts ------------------------------------------------------------------------------------------
+    def _render(self, turns: tuple[Turn, ...], message: str, with_image: bool) -> str:
+        """ChatML prompt with the image placeholder in the first user turn (LLaVA keeps it there all chat)."""
+        history = []
+        for i, turn in enumerate(turns):
+            user = f"{IMAGE_TOKEN}\n{turn.user}" if with_image and i == 0 else turn.user
+            history += [{"role": "user", "content": user}, {"role": "assistant", "content": turn.assistant}]
+        return self.processor.build_prompt(message, with_image=with_image and not turns, history=history)
+
+    def _length(self, prompt: str, with_image: bool) -> int:
+        ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return len(ids) + (self.processor.settings.num_image_tokens - 1 if with_image else 0)
+
+    def prepare(self, image: Image.Image | None, conversation: Conversation, message: str) -> PreparedPrompt:
+        """Tokenise the chat so far plus `message`; drop the oldest turns when the context would overflow.
+
+        Raises ChatInputError for an empty message or one that does not fit even without history.
+        """
+        message = message.strip()
+        if not message:
+            raise ChatInputError("Please type a message.")
+        if len(message) > MAX_MESSAGE_CHARS:
+            raise ChatInputError(
+                f"Your message is {len(message)} characters long; the limit is {MAX_MESSAGE_CHARS} characters."
+            )
+        with_image = image is not None
+        turns = conversation.turns
+        with self._encode_lock:
+            while True:
+                prompt = self._render(turns, message, with_image)
+                length = self._length(prompt, with_image)
+                if length < self.context_length or not turns:
+                    break
+                turns = turns[1:]
+            if length >= self.context_length:  # at least one position must stay free for the answer
+                visual = f" including {self.processor.settings.num_image_tokens} image tokens" if with_image else ""
+                raise ChatInputError(
+                    f"Your message is too long: the prompt is {length} tokens{visual}, but this model's context "
+                    f"is {self.context_length} tokens. Please shorten it."
+                )
+            batch = self.processor([prompt], [image], padding_side="left")
+        return PreparedPrompt(batch, length, len(conversation.turns) - len(turns))
+
+    # --- generation ---------------------------------------------------------------------------------------
+    def stream_reply(self, prepared: PreparedPrompt, settings: GenerationSettings) -> Iterator[str]:
+        """Yield the answer so far after each decoded piece (generation runs in a worker thread)."""
+        max_new_tokens = min(settings.max_new_tokens, self.context_length - prepared.prompt_tokens)
+        streamer = TextIteratorStreamer(
+            self.processor.tokenizer, skip_prompt=True, timeout=self.stream_timeout_s, skip_special_tokens=True
+        )
+        failures: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.model.generate(
+                    **prepared.batch, max_new_tokens=max_new_tokens, streamer=streamer, **settings.generate_kwargs()
+                )
+            except BaseException as err:  # re-raised in the caller's thread below
+                failures.append(err)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="parrot-generate", daemon=True)
+        worker.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text
+        worker.join()
+        if failures:
+            raise failures[0]
+
+    @torch.inference_mode()
+    def routing_weights(self, prepared: PreparedPrompt) -> list[float] | None:
+        """The Parrot MoE routing distribution (E,) for this image + prompt; None without MoE or image."""
+        if not self.model.config.use_moe or "pixel_values" not in prepared.batch:
+            return None
+        batch = prepared.batch
+        inputs = self.model.prepare_multimodal_inputs(batch["input_ids"], batch["attention_mask"],
+                                                      batch["pixel_values"])
+        return inputs.router_probs[0].double().tolist()  # (E,)
+
+
+def load_model(model_dir: str | Path | None) -> tuple[ParrotForCausalLM, ParrotProcessor, str]:
+    """(model, processor, description): `model_dir`, else the quickstart output, else a fresh tiny model.
+
+    The fresh tiny model is built with the Parrot MoE on (random weights) so the router panel has something
+    to show; its answers are noise until trained (`python -m parrot.quickstart`).
+    """
+    if model_dir is not None:
+        model, processor = load_pretrained(model_dir)
+        return model, processor, f"model from {model_dir}"
+    if (DEFAULT_MODEL_DIR / "config.json").is_file():
+        logger.info("loading the quickstart model from %s", DEFAULT_MODEL_DIR)
+        model, processor = load_pretrained(DEFAULT_MODEL_DIR)
+        return model, processor, f"quickstart model ({DEFAULT_MODEL_DIR})"
+    logger.info("no trained model at %s; building an untrained tiny model", DEFAULT_MODEL_DIR)
+    model, processor = build_tiny(use_moe=True)
+    return model.eval(), processor, (
+        "untrained tiny model (random weights: answers are noise; run `python -m parrot.quickstart` first)"
+    )

@@ -1,0 +1,60 @@
+"""Uploaded file -> checked RGB image, or a `BadImageError` whose message can be shown to the user as is.
+
+The demo receives the raw upload (a path in Gradio's cache), not an image Gradio already decoded, so that a
+non-image file, a truncated file or a decompression bomb becomes a message in the chat instead of a server error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from ..data.images import BadImageError, load_image
+
+# The model sees a few hundred pixels a side; anything above ~40 megapixels (e.g. 10000x10000) is refused
+# before decoding, because decoding it costs hundreds of MB per request.
+MAX_UPLOAD_PIXELS = 40_000_000
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # also passed to Gradio as its upload limit
+
+
+def upload_path(payload: Any) -> tuple[Path, str] | None:
+    """A Gradio image payload (FileData dict, as sent when preprocessing is off) or a path -> (path, display name)."""
+    if payload is None:
+        return None
+    if isinstance(payload, dict):
+        if not payload.get("path"):
+            raise BadImageError("the upload has no file path; please upload the image again")
+        path = Path(payload["path"])
+        return path, str(payload.get("orig_name") or path.name)
+    path = Path(payload)
+    return path, path.name
+
+
+def open_upload(payload: Any, max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Image | None:
+    """The uploaded image as RGB (None when nothing was uploaded); BadImageError naming the file otherwise."""
+    located = upload_path(payload)
+    if located is None:
+        return None
+    path, name = located
+    if not path.is_file():
+        raise BadImageError(f"{name}: uploaded file not found on the server; please upload it again")
+    if path.stat().st_size > MAX_UPLOAD_BYTES:
+        raise BadImageError(f"{name}: file too large ({path.stat().st_size / 2**20:.0f} MB, limit "
+                            f"{MAX_UPLOAD_BYTES / 2**20:.0f} MB)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own, lower limit
+            with Image.open(path) as probe:  # reads the header only
+                width, height = probe.size
+    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"{name}: not an image file Pillow can read ({type(err).__name__})") from err
+    except OSError as err:
+        raise BadImageError(f"{name}: cannot read the image ({err})") from err
+    if width * height > max_pixels:
+        raise BadImageError(
+            f"{name}: image too large ({width}x{height} pixels; the limit is {max_pixels / 1e6:.0f} megapixels)"
+        )
+    return load_image(path, name=name)

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from parrot.model import ParrotConfig
+
+IMAGE_TOKEN_ID = 5
+
+
+def tiny_parrot_config(vision: str = "hf_clip", text: str = "qwen2", **overrides) -> ParrotConfig:
+    """A model that builds in milliseconds: 2-layer LM (hidden 32) and 2-layer ViT on 32x32 images (17 tokens)."""
+    text_config = dict(
+        model_type=text, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    if vision == "hf_clip":
+        vision_config = dict(
+            model_type="clip_vision_model", hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, image_size=32, patch_size=8,
+        )
+    else:
+        vision_config = dict(
+            model_type="parrot_open_clip_vision", embed_dim=16,
+            vision_cfg=dict(width=24, layers=2, patch_size=8, image_size=32, head_width=6),
+        )
+    settings = dict(image_token_id=IMAGE_TOKEN_ID, use_moe=True, moe_num_experts=3, moe_intermediate_size=40)
+    settings.update(overrides)
+    return ParrotConfig(text_config=text_config, vision_config=vision_config, **settings)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

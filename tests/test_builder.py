@@ -1,0 +1,77 @@
+"""Recipes -> models: the tiny default, saved-model loading, and the local-checkpoint (real-scale) path."""
+
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from parrot.model import ParrotForCausalLM
+from parrot.model.builder import build_from_local, build_tiny, load_pretrained, load_recipe, save_pretrained
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny(use_moe=True)
+
+
+def test_tiny_default_generates_and_round_trips(tiny, tmp_path):
+    model, processor = tiny
+    model.eval()
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    batch = processor([processor.build_prompt("What colour is the shape?")], [image])
+    out = model(**batch)
+    assert out.router_probs.shape == (1, 6)
+    new = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert new.shape == (1, 3) or (new.shape[1] < 3 and new[0, -1] == processor.tokenizer.eos_token_id)
+
+    save_pretrained(model, processor, tmp_path)
+    loaded, loaded_processor = load_pretrained(tmp_path)
+    batch2 = loaded_processor([processor.build_prompt("What colour is the shape?")], [image])
+    assert torch.equal(loaded(**batch2).logits, out.logits)
+    assert model.config.image_token_id == processor.image_token_id
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("parrot:\n  projector: linear\n")
+    with pytest.raises(ValueError, match="bad.yaml.*parrot.projector"):
+        load_recipe(bad)
+    bad.write_text("tokeniser: {}\n")
+    with pytest.raises(ValueError, match="unknown key 'tokeniser'"):
+        load_recipe(bad)
+    bad.write_text("parrot:\n  projector_type: conv\ntext_config: {model_type: qwen2}\n")
+    with pytest.raises(ValueError, match="text_config.*vision_config"):
+        load_recipe(bad)
+
+
+def word_tokenizer_without_image_token() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "hello", "what", "colour", "?", "\n"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+
+
+def test_build_from_local_checkpoints_adds_image_token(tmp_path):
+    tokenizer = word_tokenizer_without_image_token()
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, image_size=32, patch_size=16)).save_pretrained(tmp_path / "clip")
+    recipe = tmp_path / "real.yaml"
+    recipe.write_text("template: chatml\nmodel_max_length: 64\nparrot:\n  moe_num_experts: 2\n  use_moe: true\n")
+
+    base_vocab = len(AutoTokenizer.from_pretrained(tmp_path / "llm"))
+    assert "<image>" not in AutoTokenizer.from_pretrained(tmp_path / "llm").get_vocab()
+    model, processor = build_from_local(recipe, str(tmp_path / "llm"), str(tmp_path / "clip"))
+    assert isinstance(model, ParrotForCausalLM)
+    assert len(processor.tokenizer) == base_vocab + 1 == model.get_input_embeddings().num_embeddings
+    assert model.config.image_token_id == processor.image_token_id == base_vocab
+    old_rows = llm.get_input_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight[: len(tokenizer)], old_rows)  # pretrained rows kept
+    assert processor.settings.num_image_tokens == 5  # (32/16)^2 patches + CLS
+    batch = processor([processor.build_prompt("what colour ?")], [Image.new("RGB", (32, 32))])
+    assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1] + 4

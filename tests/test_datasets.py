@@ -1,0 +1,249 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from parrot.data.datasets import (
+    DEFAULT_REGISTRY,
+    BadDataReport,
+    ConversationDataset,
+    DataCollator,
+    DataConfig,
+    DataFormatError,
+    SourcedRecord,
+    build_dataset,
+    load_records,
+    load_registry,
+    mix_datasets,
+    parse_spec,
+)
+from parrot.data.images import BadImageError, ImageTransform
+from parrot.data.synthetic import make_conversation_records
+from parrot.data.templates import IGNORE_INDEX
+from parrot.data.tokenizer import build_tiny_tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_tensor(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer(vocab_size=1000, seed=0, n_texts=1500)
+
+
+def write_registry(tmp_path, datasets: dict) -> Path:
+    lines = ["datasets:"]
+    for name, spec in datasets.items():
+        lines.append(f"  {name}:")
+        lines.extend(f"    {k}: {v}" for k, v in spec.items())
+    path = tmp_path / "registry.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture()
+def synthetic_sets(tmp_path):
+    """Two small synthetic datasets (caption as JSON, qa as JSONL) plus a registry naming them."""
+    images = tmp_path / "images"
+    caption = make_conversation_records(10, seed=0, stage="caption", image_dir=images)
+    qa = make_conversation_records(6, seed=0, stage="qa", image_dir=images)
+    (tmp_path / "caption.json").write_text(json.dumps(caption, ensure_ascii=False))
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in qa) + "\n")
+    registry = write_registry(tmp_path, {
+        "cap": {"path": "caption.json", "image_dir": "images", "ratio": 1.0},
+        "qa": {"path": "qa.jsonl", "image_dir": "images"},
+    })
+    return registry, caption, qa
+
+
+# ----------------------------------------------------------------------------------------- loading
+def test_load_json_and_jsonl(synthetic_sets, tmp_path):
+    _, caption, qa = synthetic_sets
+    assert load_records(tmp_path / "caption.json") == caption
+    assert load_records(tmp_path / "qa.jsonl") == qa
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path):
+    good = json.dumps({"id": "a", "conversations": [{"from": "human", "value": "hi"}]})
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{good}\n\n{{\"id\": \"b\", \"conversations\": [}}\n{good}\n")
+    with pytest.raises(DataFormatError, match=r"bad\.jsonl:3: invalid JSON"):
+        load_records(path)
+
+
+def test_bad_json_list_names_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n {"id": "a",\n  "conversations": []\n  "image": "x.png"}\n]\n')
+    with pytest.raises(DataFormatError, match=r"bad\.json:4: invalid JSON"):
+        load_records(path)
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"id": "x"}, "'conversations'"),
+    ({"conversations": [{"from": "human", "value": "q"}]}, "'id'"),
+    ({"id": "x", "conversations": [{"from": "human"}]}, "'conversations\\[0\\].value'"),
+])
+def test_missing_field_names_file_record_and_field(tmp_path, record, field):
+    good = {"id": "ok", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([good, record]))
+    with pytest.raises(DataFormatError, match=rf"data\.json: record 1.*missing required field {field}"):
+        load_records(path)
+
+
+def test_placeholder_count_must_match_image(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"id": "x", "image": "a.png",
+                                 "conversations": [{"from": "human", "value": "no placeholder"}]}]))
+    with pytest.raises(DataFormatError, match="record 0 \\(id 'x'\\): 0 '<image>' placeholders"):
+        load_records(path)
+
+
+# ---------------------------------------------------------------------------------- registry + mixing
+def test_parse_spec():
+    assert parse_spec("a:0.5|b") == [("a", 0.5), ("b", None)]
+    assert parse_spec("synthetic-caption|synthetic-qa:2") == [("synthetic-caption", None), ("synthetic-qa", 2.0)]
+    with pytest.raises(ValueError, match="not a number"):
+        parse_spec("a:x")
+    with pytest.raises(ValueError, match="empty dataset name"):
+        parse_spec("a||b")
+
+
+def test_mix_ratios_and_determinism(synthetic_sets):
+    registry, caption, qa = synthetic_sets
+    mixed = mix_datasets("cap:0.5|qa", registry)
+    assert [m.dataset for m in mixed] == ["cap"] * 5 + ["qa"] * 6
+    assert len({m.record["id"] for m in mixed[:5]}) == 5  # without replacement
+    assert [m.record["id"] for m in mixed] == [m.record["id"] for m in mix_datasets("cap:0.5|qa", registry)]
+    upsampled = mix_datasets("qa:2.5", registry)
+    ids = [m.record["id"] for m in upsampled]
+    assert len(ids) == 15  # 2 full copies + round(0.5 * 6)
+    counts = {i: ids.count(i) for i in set(ids)}
+    assert sorted(counts.values()) == [2, 2, 2, 3, 3, 3]
+    with pytest.raises(ValueError, match="'nope' is not in .*known: \\['cap', 'qa'\\]"):
+        mix_datasets("nope", registry)
+
+
+def test_registry_ratio_is_the_default(tmp_path, synthetic_sets):
+    _, caption, _ = synthetic_sets
+    registry = write_registry(tmp_path, {"cap": {"path": "caption.json", "image_dir": "images", "ratio": 0.3}})
+    assert len(mix_datasets("cap", registry)) == 3
+    assert len(mix_datasets("cap:1", registry)) == 10
+
+
+def test_project_registry_parses():
+    entries = load_registry(DEFAULT_REGISTRY)
+    assert {"synthetic-caption", "synthetic-qa"} <= set(entries)
+    root = DEFAULT_REGISTRY.parent.parent
+    assert entries["synthetic-qa"].path == root / "data/synthetic/qa.json"
+    assert entries["synthetic-qa"].image_dir == root / "data/synthetic/images"
+
+
+# --------------------------------------------------------------------------------- dataset + collate
+def test_dataset_items_and_collate(synthetic_sets, tmp_path, tokenizer):
+    registry, _, _ = synthetic_sets
+    text_only = SourcedRecord({"id": "t0", "conversations": [{"from": "human", "value": "Hi"},
+                                                              {"from": "gpt", "value": "Hello"}]},
+                              "inline", 0, None, "inline")
+    records = mix_datasets("cap|qa", registry)[:3] + [text_only] + mix_datasets("qa", registry)[:1]
+    dataset = ConversationDataset(records, tokenizer, "chatml", max_length=256, image_transform=to_tensor)
+    items = [dataset[i] for i in range(len(dataset))]
+    for record, item in zip(records, items):
+        assert item["input_ids"].shape == item["labels"].shape
+        answer = record.record["conversations"][-1]["value"]
+        labelled = item["input_ids"][item["labels"] != IGNORE_INDEX].tolist()
+        assert tokenizer.decode(labelled) == f"{answer}<|im_end|>"
+    assert items[3]["pixel_values"] is None
+
+    batch = DataCollator(tokenizer.pad_token_id)(items)
+    lengths = [len(it["input_ids"]) for it in items]
+    assert batch["input_ids"].shape == (5, max(lengths))
+    for row, (item, n) in enumerate(zip(items, lengths)):
+        assert torch.equal(batch["input_ids"][row, :n], item["input_ids"])
+        assert (batch["input_ids"][row, n:] == tokenizer.pad_token_id).all()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
+    # one image per image record, in placeholder (batch) order; the text-only record adds none
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"] == image_id).sum()) == batch["pixel_values"].shape[0] == 4
+    image_rows = [r for r in records if "image" in r.record]
+    for k, record in enumerate(image_rows):
+        expected = to_tensor(Image.open(record.image_path).convert("RGB"))
+        assert torch.equal(batch["pixel_values"][k], expected)
+    assert "pixel_values" not in DataCollator(tokenizer.pad_token_id)([items[3]])
+
+
+def test_with_clip_image_transform(synthetic_sets, tokenizer):
+    registry, _, _ = synthetic_sets
+    transform = ImageTransform(32, CLIP_MEAN, CLIP_STD, "pad")
+    dataset = build_dataset(DataConfig(spec="qa", registry=str(registry), max_length=128), tokenizer, transform)
+    batch = DataCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def _break_images(records):
+    """Delete the first image record's file and corrupt the second's; return their paths."""
+    with_images = [r for r in records if r.image_path is not None]
+    missing, corrupt = with_images[0].image_path, with_images[1].image_path
+    missing.unlink()
+    corrupt.write_bytes(b"not a png at all")
+    return with_images[0], with_images[1]
+
+
+def test_bad_image_error_policy(synthetic_sets, tokenizer):
+    registry, _, _ = synthetic_sets
+    records = mix_datasets("cap", registry)
+    first, _ = _break_images(records)
+    with pytest.raises(BadImageError) as err:
+        ConversationDataset(records, tokenizer, "chatml", 128, to_tensor, on_bad_image="error")
+    message = str(err.value)
+    assert "caption.json: record 0" in message and first.record["id"] in message
+    assert str(first.image_path) in message and "not found" in message
+
+
+def test_bad_image_skip_policy_counts_and_reports(synthetic_sets, tokenizer, tmp_path):
+    registry, _, _ = synthetic_sets
+    records = mix_datasets("cap", registry)
+    missing, corrupt = _break_images(records)
+    dataset = ConversationDataset(records, tokenizer, "chatml", 128, to_tensor, on_bad_image="skip")
+    assert len(dataset) == len(records) - 2
+    assert {r.record["id"] for r in dataset.records}.isdisjoint({missing.record["id"], corrupt.record["id"]})
+    assert dataset.report.counts == {"checked": 10, "skipped": 2, "missing": 1, "unreadable": 1}
+    out = tmp_path / "report" / "bad.json"
+    dataset.report.write(out)
+    written = json.loads(out.read_text())
+    assert written["counts"]["skipped"] == 2
+    assert [(e["file"], e["id"]) for e in written["skipped"]] == [
+        (str(missing.image_path), missing.record["id"]), (str(corrupt.image_path), corrupt.record["id"])]
+
+
+def test_build_dataset_writes_report(synthetic_sets, tokenizer, tmp_path):
+    registry, _, _ = synthetic_sets
+    _break_images(mix_datasets("qa", registry))
+    report = tmp_path / "bad_data.json"
+    config = DataConfig(spec="qa", registry=str(registry), max_length=128, on_bad_image="skip",
+                        bad_data_report=str(report))
+    dataset = build_dataset(config, tokenizer, to_tensor)
+    assert len(dataset) == 4
+    assert json.loads(report.read_text())["counts"] == {"checked": 6, "skipped": 2, "missing": 1, "unreadable": 1}
+
+
+def test_bad_policy_name(tokenizer):
+    with pytest.raises(ValueError, match="on_bad_image"):
+        ConversationDataset([], tokenizer, "chatml", 16, to_tensor, on_bad_image="ignore")
+
+
+def test_report_counts_by_kind():
+    report = BadDataReport()
+    report.add("a.png", "r1", "a.png: image file not found", "missing")
+    report.add("b.png", "r2", "b.png: cannot decode image", "unreadable")
+    report.add("c.png", "r3", "c.png: image file not found", "missing")
+    assert report.counts == {"checked": 0, "skipped": 3, "missing": 2, "unreadable": 1}
+    assert [e["kind"] for e in report.to_dict()["skipped"]] == ["missing", "unreadable", "missing"]

@@ -1,0 +1,307 @@
+"""The chat demo's parts in-process: uploads, prompt building, streaming, routing, handlers, examples, defaults.
+
+The server end-to-end (gradio_client, 20 concurrent users, headless Chromium) is in test_demo_server.py.
+"""
+
+import copy
+import dataclasses
+import unicodedata
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from parrot.data.images import BadImageError
+from parrot.model.builder import TINY_RECIPE, build_tiny, load_recipe, save_pretrained
+from parrot.model.modeling import ParrotForCausalLM
+from parrot.serve import engine as engine_module
+from parrot.serve.app import EMPTY_ANSWER, WARNING, ChatSession, DemoHandlers
+from parrot.serve.demo import parse_args
+from parrot.serve.engine import (
+    ChatEngine,
+    ChatInputError,
+    Conversation,
+    GenerationSettings,
+    Turn,
+    load_model,
+)
+from parrot.serve.examples import write_examples
+from parrot.serve.uploads import open_upload
+
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+def chatml(*turns: tuple[str, str | None]) -> str:
+    """The ChatML text written out by hand (reference for the engine's prompt builder)."""
+    text = SYSTEM
+    for user, assistant in turns:
+        text += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        if assistant is not None:
+            text += f"{assistant}<|im_end|>\n"
+    return text
+
+
+def build_demo_model(sharpen_router: float = 1.0):
+    """Tiny Parrot with the MoE on and untied output embeddings (a random tied model only repeats "\\n")."""
+    recipe = load_recipe(TINY_RECIPE)
+    recipe = dataclasses.replace(recipe, text_config={**recipe.text_config, "tie_word_embeddings": False})
+    model, processor = build_tiny(recipe, use_moe=True)
+    with torch.no_grad():  # a peaked, prompt-dependent router instead of the near-uniform initial one
+        model.moe.router.gate.weight.mul_(sharpen_router)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model, processor = build_demo_model(sharpen_router=50.0)
+    return ChatEngine(model, processor, source="test")
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, size=(40, 56, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# --- uploads ---------------------------------------------------------------------------------------------
+def test_open_upload_accepts_an_image_and_gradio_payloads(image_file):
+    expected = np.asarray(Image.open(image_file).convert("RGB"))
+    for payload in (str(image_file), {"path": str(image_file), "orig_name": "mine.png"}):
+        image = open_upload(payload)
+        assert image.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(image), expected)
+    assert open_upload(None) is None
+
+
+def test_open_upload_rejects_bad_files_with_their_name(tmp_path, image_file):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    truncated = tmp_path / "cut.png"
+    raw = image_file.read_bytes()
+    truncated.write_bytes(raw[: len(raw) // 2])
+    huge = tmp_path / "huge.png"
+    Image.new("1", (10000, 10000)).save(huge)  # a real 10000x10000 PNG, small on disk
+    cases = {
+        str(text_file): "notes.txt: not an image file",
+        str(truncated): "cut.png: cannot decode image",
+        str(huge): "huge.png: image too large (10000x10000 pixels",
+        str(tmp_path / "gone.png"): "gone.png: uploaded file not found",
+    }
+    for payload, message in cases.items():
+        with pytest.raises(BadImageError) as caught:
+            open_upload(payload)
+        assert str(caught.value).startswith(message), str(caught.value)
+    with pytest.raises(BadImageError, match="shown.png: not an image file"):
+        open_upload({"path": str(text_file), "orig_name": "shown.png"})  # the user's file name, not the cache's
+
+
+# --- prompts -------------------------------------------------------------------------------------------------
+def decode(engine, prepared) -> str:
+    return engine.processor.tokenizer.decode(prepared.batch["input_ids"][0], skip_special_tokens=False)
+
+
+def test_prepare_keeps_the_image_in_the_first_turn(engine, image_file):
+    image = open_upload(str(image_file))
+    conversation = Conversation("k", (Turn("Какого цвета круг?", "Красного."), Turn("和方块呢?", "蓝色。")))
+    prepared = engine.prepare(image, conversation, "  ¿Y el fondo?  ")
+    expected = chatml(("<image>\nКакого цвета круг?", "Красного."), ("和方块呢?", "蓝色。"), ("¿Y el fondo?", None))
+    assert decode(engine, prepared) == expected
+    ids = prepared.batch["input_ids"]
+    assert int((ids == engine.processor.image_token_id).sum()) == 1
+    assert prepared.batch["pixel_values"].shape == (1, 3, 32, 32)
+    assert prepared.prompt_tokens == ids.shape[1] + engine.processor.settings.num_image_tokens - 1
+    assert prepared.dropped_turns == 0
+
+    text_only = engine.prepare(None, Conversation(None, (Turn("hi", "hello"),)), "bye")
+    assert decode(engine, text_only) == chatml(("hi", "hello"), ("bye", None))
+    assert "pixel_values" not in text_only.batch
+
+
+def test_prepare_drops_the_oldest_turns_just_enough(engine, image_file):
+    image = open_upload(str(image_file))
+    turns = tuple(Turn(f"question {i} " + "blue " * 12, f"answer {i} " + "red " * 12) for i in range(8))
+    prepared = engine.prepare(image, Conversation("k", turns), "last one?")
+    kept = turns[prepared.dropped_turns:]
+    assert 0 < prepared.dropped_turns < len(turns)
+    first = [(f"<image>\n{kept[0].user}", kept[0].assistant)]
+    assert decode(engine, prepared) == chatml(*first, *[(t.user, t.assistant) for t in kept[1:]], ("last one?", None))
+    assert prepared.prompt_tokens < engine.context_length
+
+    def length(kept_turns):  # reference length: tokens of the hand-written prompt + visual tokens - placeholder
+        pairs = [(t.user, t.assistant) for t in kept_turns]
+        pairs[0] = ("<image>\n" + pairs[0][0], pairs[0][1])
+        ids = engine.processor.tokenizer(chatml(*pairs, ("last one?", None)), add_special_tokens=False)["input_ids"]
+        return len(ids) + engine.processor.settings.num_image_tokens - 1
+
+    assert length(kept) == prepared.prompt_tokens
+    assert length(turns[prepared.dropped_turns - 1:]) >= engine.context_length  # one turn more would not fit
+
+
+def test_prepare_refuses_empty_and_over_long_messages(engine, image_file):
+    image = open_upload(str(image_file))
+    for empty in ("", "   \n\t"):
+        with pytest.raises(ChatInputError, match="Please type a message"):
+            engine.prepare(image, Conversation(), empty)
+    with pytest.raises(ChatInputError, match=r"too long: the prompt is \d+ tokens including 17 image tokens.*256"):
+        engine.prepare(image, Conversation(), "circle " * 300)
+    with pytest.raises(ChatInputError, match="limit is 8000 characters"):
+        engine.prepare(image, Conversation(), "x" * 8001)
+
+
+def test_generation_settings_are_checked():
+    assert GenerationSettings(8, 0.0, 0.5).generate_kwargs() == {"do_sample": False}
+    assert GenerationSettings(8, 0.7, 0.9).generate_kwargs() == {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    for bad in (dict(max_new_tokens=0), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ChatInputError):
+            GenerationSettings(**bad)
+
+
+# --- generation and routing --------------------------------------------------------------------------------
+def test_stream_reply_streams_the_greedy_answer(engine, image_file):
+    prepared = engine.prepare(open_upload(str(image_file)), Conversation(), "What colour is the circle?")
+    pieces = list(engine.stream_reply(prepared, GenerationSettings(max_new_tokens=12)))
+    reference = engine.model.generate(**prepared.batch, max_new_tokens=12, do_sample=False)  # (1, n_new)
+    expected = engine.processor.batch_decode(reference)[0]
+    assert expected.strip()
+    assert pieces[-1] == expected
+    assert len(pieces) > 1 and all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))  # cumulative stream
+
+
+def test_stream_reply_keeps_within_the_context(engine, image_file, monkeypatch):
+    image = open_upload(str(image_file))
+    prepared = engine.prepare(image, Conversation(), "blue " * 40)
+    budget = engine.context_length - prepared.prompt_tokens
+    seen = {}
+    real_generate = engine.model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", spy)
+    assert 0 < budget < 200
+    list(engine.stream_reply(prepared, GenerationSettings(max_new_tokens=500)))
+    assert seen["max_new_tokens"] == budget
+
+
+def test_stream_reply_reraises_generation_errors(engine, image_file, monkeypatch):
+    prepared = engine.prepare(open_upload(str(image_file)), Conversation(), "hi")
+
+    def broken(**kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(engine.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        list(engine.stream_reply(prepared, GenerationSettings(max_new_tokens=4)))
+
+
+def test_routing_weights_match_the_model_forward(engine, image_file):
+    image = open_upload(str(image_file))
+    weights = {}
+    for lang, question in (("en", "What colour is the circle?"), ("ar", "ما لون الخلفية؟")):
+        prepared = engine.prepare(image, Conversation(), question)
+        weights[lang] = engine.routing_weights(prepared)
+        with torch.no_grad():
+            reference = engine.model(**prepared.batch).router_probs[0].double()  # (E,)
+        assert len(weights[lang]) == engine.num_experts == 6
+        assert sum(weights[lang]) == pytest.approx(1.0, abs=1e-6)
+        np.testing.assert_allclose(weights[lang], reference.numpy(), atol=1e-6)
+    assert max(abs(a - b) for a, b in zip(weights["en"], weights["ar"])) > 1e-3  # the prompt steers the router
+    assert engine.routing_weights(engine.prepare(None, Conversation(), "hi")) is None  # no image, no routing
+
+    config = copy.deepcopy(engine.model.config)
+    config.use_moe = False
+    plain = ChatEngine(ParrotForCausalLM(config), engine.processor)
+    assert plain.num_experts is None
+    assert plain.routing_weights(plain.prepare(image, Conversation(), "hi")) is None
+
+
+# --- handlers (what the Gradio events call) ------------------------------------------------------------------
+def run_chat(handlers, image, message, session, max_new_tokens=6):
+    *_, last = handlers.chat(image, message, 0.0, 1.0, max_new_tokens, session)
+    return last  # (chatbot messages, textbox, session, router plot, router note)
+
+
+def test_chat_handler_turns_bad_input_into_chat_messages(engine, image_file, tmp_path):
+    handlers = DemoHandlers(engine)
+    text_file = tmp_path / "x.txt"
+    text_file.write_text("hello")
+    messages, textbox, session, _, _ = run_chat(handlers, str(image_file), "What is this?", None)
+    assert [m["role"] for m in messages] == ["user", "assistant"] and len(session.conversation.turns) == 1
+    for image, message, expected in (
+        ({"path": str(text_file), "orig_name": "x.txt"}, "hi", "x.txt: not an image file"),
+        (str(image_file), "   ", "Please type a message"),
+        (str(image_file), "blue " * 400, "too long"),
+    ):
+        shown, textbox, after, _, _ = run_chat(handlers, image, message, session)
+        assert shown[-1]["role"] == "assistant" and shown[-1]["content"].startswith(WARNING)
+        assert expected in shown[-1]["content"]
+        assert after.conversation == session.conversation  # the model's history is untouched by refusals
+        assert textbox == message  # the user keeps the text to fix it
+        session = after
+    shown, textbox, session, _, _ = run_chat(handlers, str(image_file), "And now?", session)
+    assert textbox == "" and len(session.conversation.turns) == 2
+    assert shown[-1]["content"] in (session.conversation.turns[-1].assistant, EMPTY_ANSWER)
+
+
+def test_chat_handler_starts_over_for_a_new_image(engine, image_file, tmp_path):
+    handlers = DemoHandlers(engine)
+    other = tmp_path / "other.png"
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(other)
+    _, _, session, _, _ = run_chat(handlers, str(image_file), "first", ChatSession())
+    _, _, session, _, _ = run_chat(handlers, str(image_file), "second", session)
+    assert [t.user for t in session.conversation.turns] == ["first", "second"]
+    shown, _, session, plot, _ = run_chat(handlers, str(other), "third", session)
+    assert [t.user for t in session.conversation.turns] == ["third"] and len(shown) == 2
+    assert session.conversation.image_key == str(other)
+    assert plot["weight"].sum() == pytest.approx(1.0)
+
+
+def test_route_handler(engine, image_file):
+    handlers = DemoHandlers(engine)
+    plot, note = handlers.route(str(image_file), "What colour is the circle?", None)
+    assert list(plot["expert"]) == [f"expert {i}" for i in range(6)]
+    top = int(np.argmax(plot["weight"].to_numpy()))
+    assert f"expert {top}**" in note
+    plot, note = handlers.route(str(image_file), "", None)
+    assert plot.empty and note.startswith(WARNING)
+
+
+# --- examples, model choice, command line -----------------------------------------------------------------------
+def test_examples_cover_the_six_languages(tmp_path):
+    examples = write_examples(tmp_path / "a")
+    assert [e.lang for e in examples] == ["en", "zh", "pt", "ar", "tr", "ru"]
+    script = {"zh": "CJK", "ar": "ARABIC", "ru": "CYRILLIC"}
+    for example in examples:
+        assert example.prompt.strip()
+        if example.lang in script:
+            assert any(script[example.lang] in unicodedata.name(ch, "") for ch in example.prompt), example.prompt
+        pixels = np.asarray(Image.open(example.image_path))
+        assert pixels.shape == (256, 256, 3) and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2  # shapes drawn
+    again = write_examples(tmp_path / "b")
+    assert [e.image_path.read_bytes() for e in again] == [e.image_path.read_bytes() for e in examples]
+
+
+def test_load_model_prefers_the_quickstart_output(engine, tmp_path, monkeypatch):
+    saved = tmp_path / "stage2"
+    save_pretrained(engine.model, engine.processor, saved)
+    monkeypatch.setattr(engine_module, "DEFAULT_MODEL_DIR", saved)
+    model, processor, source = load_model(None)
+    assert "quickstart" in source
+    for name, tensor in engine.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
+
+    monkeypatch.setattr(engine_module, "DEFAULT_MODEL_DIR", tmp_path / "missing")
+    model, processor, source = load_model(None)
+    assert "untrained tiny model" in source and model.config.use_moe and not model.training
+
+
+def test_cli_defaults_are_local_and_private():
+    args = parse_args([])
+    assert (args.host, args.port, args.share, args.model) == ("127.0.0.1", 7860, False, None)
+    assert parse_args(["--model", "m", "--port", "9", "--share"]).share
+    with pytest.raises(SystemExit):
+        parse_args(["--concurrency", "0"])

@@ -1,0 +1,77 @@
+"""Vectorized visual-token merge against a per-sample Python reference (LLaVA's original loop)."""
+
+import pytest
+import torch
+
+from parrot.model.merge import IGNORE_INDEX, merge_visual_tokens
+
+IMG = 7
+
+
+def reference_merge(embeds, ids, mask, feats, labels, padding_side):
+    rows, row_labels, k = [], [], 0
+    for b in range(ids.shape[0]):
+        parts, lab = [], []
+        for t in range(ids.shape[1]):
+            if not mask[b, t]:
+                continue
+            if ids[b, t] == IMG:
+                parts.append(feats[k])
+                lab += [IGNORE_INDEX] * feats.shape[1]
+                k += 1
+            else:
+                parts.append(embeds[b, t][None])
+                lab.append(int(labels[b, t]))
+        rows.append(torch.cat(parts))
+        row_labels.append(lab)
+    T = max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), T, embeds.shape[-1], dtype=embeds.dtype)
+    out_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    out_labels = torch.full((len(rows), T), IGNORE_INDEX)
+    for b, (r, lab) in enumerate(zip(rows, row_labels)):
+        sl = slice(T - r.shape[0], T) if padding_side == "left" else slice(0, r.shape[0])
+        out[b, sl], out_mask[b, sl], out_labels[b, sl] = r, 1, torch.tensor(lab)
+    return out, out_mask, out_labels
+
+
+def make_batch(padding_side):
+    # rows: two images, one image, no image, one image at the very start
+    seqs = [[1, IMG, 2, 3, IMG, 4], [IMG, 5, 6], [8, 9], [IMG, 1, 2, 3, 4, 5, 6, 8]]
+    T = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if padding_side == "left" else slice(0, len(s))
+        ids[b, sl], mask[b, sl] = torch.tensor(s), 1
+    labels = torch.where(mask.bool() & (ids != IMG), torch.randint(10, 50, ids.shape), IGNORE_INDEX)
+    embeds = torch.randn(*ids.shape, 6)
+    feats = torch.randn(4, 3, 6)
+    return embeds, ids, mask, feats, labels
+
+
+@pytest.mark.parametrize("in_side", ["left", "right"])
+@pytest.mark.parametrize("out_side", ["left", "right"])
+def test_merge_matches_reference(in_side, out_side):
+    embeds, ids, mask, feats, labels = make_batch(in_side)
+    merged = merge_visual_tokens(embeds, ids, mask, feats, IMG, labels, out_side)
+    ref, ref_mask, ref_labels = reference_merge(embeds, ids, mask, feats, labels, out_side)
+    torch.testing.assert_close(merged.inputs_embeds, ref)
+    assert torch.equal(merged.attention_mask, ref_mask)
+    assert torch.equal(merged.labels, ref_labels)
+    assert int(merged.visual_mask.sum()) == feats.shape[0] * feats.shape[1]
+    assert (merged.labels[merged.visual_mask] == IGNORE_INDEX).all()
+
+
+def test_merge_gradients_flow_to_features():
+    embeds, ids, mask, feats, labels = make_batch("right")
+    feats.requires_grad_(True)
+    merged = merge_visual_tokens(embeds, ids, mask, feats, IMG, labels)
+    merged.inputs_embeds.sum().backward()
+    assert torch.equal(feats.grad, torch.ones_like(feats))
+
+
+@pytest.mark.parametrize("n_images", [3, 5])
+def test_image_placeholder_mismatch_is_an_error(n_images):
+    embeds, ids, mask, _, labels = make_batch("right")
+    with pytest.raises(ValueError, match="placeholder"):
+        merge_visual_tokens(embeds, ids, mask, torch.randn(n_images, 3, 6), IMG, labels)

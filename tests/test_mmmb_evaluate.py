@@ -1,0 +1,200 @@
+"""mmmb.evaluate on stub models whose answers are known: vanilla and circular scores, likelihood mode,
+resume after a crash, output files. Expected scores are computed here by plain loops over the items."""
+import json
+import re
+
+import pandas as pd
+import pytest
+import torch
+
+from mmmb.evaluate import EvalConfig, evaluate_mmmb
+from mmmb.languages import ANSWER_INSTRUCTION, LANGUAGES
+from mmmb.toy import toy_mmmb
+from mmmb.tsv import OPTION_LETTERS
+
+SENTENCES = {  # how the stub phrases "the answer is <letter>" in each language
+    "en": "The answer is {}.", "zh": "答案是{}", "pt": "A resposta é {}", "ar": "الإجابة هي {}",
+    "tr": "Cevap {}", "ru": "Ответ: {}",
+}
+
+
+class KnownAnswersStub:
+    """Answers from the prompt text alone. Per item (found by its question line) a behaviour:
+    "know" → picks the option text of the true answer wherever it is; "first" → always letter A;
+    "mumble" → an output with no answer. Records every prompt it is asked."""
+
+    def __init__(self, behaviour: dict[str, str], true_text: dict[str, str]):
+        self.behaviour, self.true_text, self.asked = behaviour, true_text, []
+
+    def _choice(self, prompt: str) -> str | None:
+        lines = prompt.split("\n")
+        options = dict(re.match(r"^([A-Z])\. (.*)$", line).groups() for line in lines[1:-1])
+        kind = self.behaviour[lines[0]]
+        if kind == "know":
+            return next(letter for letter, text in options.items() if text == self.true_text[lines[0]])
+        return "A" if kind == "first" else None
+
+    def generate(self, prompts, images):
+        assert len(prompts) == len(images) and all(image.size == (8, 8) for image in images)
+        self.asked.extend(prompts)
+        outputs = []
+        for prompt in prompts:
+            language = next(lang for lang, text in ANSWER_INSTRUCTION.items() if prompt.endswith(text))
+            choice = self._choice(prompt)
+            outputs.append(SENTENCES[language].format(choice) if choice else "I am not sure.")
+        return outputs
+
+    def option_logprobs(self, prompts, images, letters):
+        self.asked.extend(prompts)
+        scores = torch.zeros(len(prompts), len(letters))
+        scores[:, -1] = 5.0  # a letter beyond a 3-option item's options must never be chosen
+        for row, prompt in enumerate(prompts):
+            choice = self._choice(prompt) or "B"
+            scores[row, letters.index(choice)] = 10.0
+        return scores.log_softmax(dim=-1)
+
+
+class CrashAfter:
+    def __init__(self, model, batches):
+        self.model, self.batches_left = model, batches
+
+    def generate(self, prompts, images):
+        if self.batches_left == 0:
+            raise RuntimeError("simulated crash")
+        self.batches_left -= 1
+        return self.model.generate(prompts, images)
+
+
+@pytest.fixture()
+def setup():
+    data = toy_mmmb(n_items=12, seed=1, languages=LANGUAGES)
+    behaviour, true_text = {}, {}
+    for lang, records in data.items():
+        for k, record in enumerate(records):
+            behaviour[record.question] = ("know", "first", "mumble")[(k + LANGUAGES.index(lang)) % 3]
+            true_text[record.question] = record.options[record.answer_position]
+    return data, behaviour, true_text
+
+
+def _expected(data, behaviour, circular):
+    """Per-language accuracy (%) and no-answer counts by direct reasoning about the stub."""
+    accuracy, no_answer = {}, {}
+    for lang, records in data.items():
+        hits = 0
+        for record in records:
+            kind = behaviour[record.question]
+            if kind == "know":
+                hits += 1
+            elif kind == "first":
+                # vanilla: right iff the answer is A; circular: "A" every rotation is right in only one of them
+                hits += (not circular) and record.answer == "A"
+        accuracy[lang] = 100.0 * hits / len(records)
+        no_answer[lang] = sum(behaviour[r.question] == "mumble" for r in records)
+    return accuracy, no_answer
+
+
+@pytest.mark.parametrize("circular", [False, True])
+def test_generation_scores_match_known_answers(tmp_path, setup, circular):
+    data, behaviour, true_text = setup
+    model = KnownAnswersStub(behaviour, true_text)
+    result = evaluate_mmmb(model, data, tmp_path, EvalConfig("stub", circular=circular, batch_size=5))
+    accuracy, no_answer = _expected(data, behaviour, circular)
+    n_prompts = sum(len(r.options) if circular else 1 for records in data.values() for r in records)
+    assert len(model.asked) == n_prompts
+    for lang in LANGUAGES:
+        assert result.table.loc["Overall", lang] == pytest.approx(accuracy[lang])
+    assert result.average == pytest.approx(sum(accuracy.values()) / 6)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["no_answer"] == no_answer and summary["average"] == pytest.approx(result.average)
+    # per-category numbers from the items table
+    en = data["en"]
+    for category in {r.category for r in en}:
+        members = [r for r in en if r.category == category]
+        hits = sum(behaviour[r.question] == "know" or (not circular and behaviour[r.question] == "first"
+                                                       and r.answer == "A") for r in members)
+        assert result.table.loc[category, "en"] == pytest.approx(100.0 * hits / len(members))
+
+
+def test_output_files_follow_vlmevalkit_names(tmp_path, setup):
+    data, behaviour, true_text = setup
+    evaluate_mmmb(KnownAnswersStub(behaviour, true_text), data, tmp_path, EvalConfig("stub", circular=True))
+    for code in ("en", "cn", "pt", "ar", "tr", "ru"):
+        predictions = pd.read_excel(tmp_path / f"stub_MMMB_{code}.xlsx")
+        assert {"index", "question", "A", "B", "answer", "category", "prediction", "hit"} <= set(predictions.columns)
+        n_rows = sum(len(r.options) for r in data["en"])
+        assert len(predictions) == n_rows and len(pd.read_csv(tmp_path / f"stub_MMMB_{code}.tsv", sep="\t")) == n_rows
+        assert (predictions["index"] >= 1_000_000).sum() == n_rows - len(data["en"])  # VLMEvalKit circular ids
+    table = pd.read_csv(tmp_path / "stub_MMMB_acc.csv", index_col=0)
+    assert list(table.columns) == [*LANGUAGES, "Avg"] and table.index[0] == "Overall"
+    assert "| Overall |" in (tmp_path / "stub_MMMB_acc.md").read_text()
+    assert (tmp_path / "stub_MMMB_acc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prompt_is_in_the_item_language_with_lettered_options(tmp_path, setup):
+    data, behaviour, true_text = setup
+    model = KnownAnswersStub(behaviour, true_text)
+    evaluate_mmmb(model, {"ar": data["ar"][:1]}, tmp_path, EvalConfig("stub"))
+    record = data["ar"][0]
+    expected = "\n".join([record.question, *(f"{l}. {t}" for l, t in zip(OPTION_LETTERS, record.options)),
+                          ANSWER_INSTRUCTION["ar"]])
+    assert model.asked == [expected]
+
+
+def test_likelihood_mode_masks_missing_letters(tmp_path, setup):
+    data, behaviour, true_text = setup
+    model = KnownAnswersStub(behaviour, true_text)
+    result = evaluate_mmmb(model, data, tmp_path, EvalConfig("stub", mode="likelihood", batch_size=4))
+    for lang, records in data.items():
+        # "mumble" items fall back to B in the stub's scores; "first" picks A; letter D never wins on 3 options
+        hits = sum(behaviour[r.question] == "know" or (behaviour[r.question] == "first" and r.answer == "A")
+                   or (behaviour[r.question] == "mumble" and r.answer == "B") for r in records)
+        assert result.table.loc["Overall", lang] == pytest.approx(100.0 * hits / len(records))
+        predictions = result.predictions[lang]
+        assert all(p in OPTION_LETTERS[:n] for p, n in zip(predictions["prediction"],
+                                                            predictions[["A", "B", "C", "D"]].notna().sum(axis=1)))
+
+
+def test_resume_after_crash_gives_the_same_scores(tmp_path, setup):
+    data, behaviour, true_text = setup
+    config = EvalConfig("stub", circular=True, batch_size=7)
+    reference = evaluate_mmmb(KnownAnswersStub(behaviour, true_text), data, tmp_path / "clean", config)
+
+    crashing = KnownAnswersStub(behaviour, true_text)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate_mmmb(CrashAfter(crashing, batches=9), data, tmp_path / "resumed", config)
+    cache_dir = tmp_path / "resumed" / "cache" / "generate"
+    done = sum(len(p.read_text().splitlines()) for p in cache_dir.glob("*.jsonl"))
+    total = sum(len(r.options) for records in data.values() for r in records)
+    assert done == len(crashing.asked) and 0 < done < total  # every finished batch was flushed
+    interrupted = cache_dir / "zh.jsonl"  # the language the crash hit; it also cut a write short
+    complete_lines = interrupted.read_text().splitlines()
+    assert 0 < len(complete_lines) < sum(len(r.options) for r in data["zh"])
+    with interrupted.open("a") as handle:
+        handle.write('{"key": "1000:1", "index": 10')
+
+    resumed_model = KnownAnswersStub(behaviour, true_text)
+    resumed = evaluate_mmmb(resumed_model, data, tmp_path / "resumed", config)
+    assert len(resumed_model.asked) == total - done  # only the missing prompts were asked
+    assert set(resumed_model.asked).isdisjoint(crashing.asked)
+    assert interrupted.read_text().splitlines()[: len(complete_lines)] == complete_lines
+    pd.testing.assert_frame_equal(resumed.table, reference.table)
+    for lang in LANGUAGES:
+        keys = [json.loads(line)["key"] for line in (cache_dir / f"{lang}.jsonl").read_text().splitlines()]
+        assert len(keys) == len(set(keys)) == sum(len(r.options) for r in data[lang])
+
+    # a third run asks nothing at all
+    idle = KnownAnswersStub(behaviour, true_text)
+    evaluate_mmmb(idle, data, tmp_path / "resumed", config)
+    assert idle.asked == []
+
+
+def test_cache_from_other_data_is_refused(tmp_path, setup):
+    data, behaviour, true_text = setup
+    evaluate_mmmb(KnownAnswersStub(behaviour, true_text), {"en": data["en"]}, tmp_path, EvalConfig("stub"))
+    other = toy_mmmb(n_items=12, seed=99, languages=("en",))
+    other_behaviour = {r.question: "know" for r in other["en"]}
+    other_text = {r.question: r.options[r.answer_position] for r in other["en"]}
+    # same indices and same question texts, different options → different prompts
+    with pytest.raises(ValueError, match="different prompt"):
+        evaluate_mmmb(KnownAnswersStub(other_behaviour | behaviour, other_text | true_text), other, tmp_path,
+                      EvalConfig("stub"))

@@ -1,0 +1,58 @@
+"""mmmb.leaderboard: merging result folders into one table ranked by the six-language average."""
+import json
+
+import pandas as pd
+import pytest
+
+from mmmb.languages import LANGUAGES
+from mmmb.leaderboard import leaderboard, main
+
+
+def _summary(folder, name, accuracy, mode="generate", circular=False):
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(
+        {"model_name": name, "mode": mode, "circular": circular, "accuracy": accuracy}))
+
+
+def _scores(*values):
+    return dict(zip(LANGUAGES, values))
+
+
+def test_ranked_by_average_with_ties_and_incomplete_entries_last(tmp_path):
+    models = {
+        "alpha": _scores(50, 40, 30, 20, 10, 0),        # avg 25
+        "beta": _scores(90, 80, 70, 60, 50, 40),        # avg 65
+        "gamma": _scores(65, 65, 65, 65, 65, 65),       # avg 65 (tie with beta)
+        "delta": _scores(70, 60, 50, 40, 30, 20),       # avg 45
+        "partial": {"en": 99.0, "zh": 99.0},            # no avg: not all six languages
+    }
+    for name, accuracy in models.items():
+        _summary(tmp_path / name, name, accuracy)
+    table = leaderboard([tmp_path])
+    assert list(table["model"]) == ["beta", "gamma", "delta", "alpha", "partial"]
+    assert list(table["rank"][:4]) == [1, 1, 3, 4] and pd.isna(table["rank"][4])
+    expected_avg = {name: sum(acc.values()) / 6 for name, acc in models.items() if len(acc) == 6}
+    for _, row in table.iloc[:4].iterrows():
+        assert row["Avg"] == pytest.approx(expected_avg[row["model"]])
+        assert [row[lang] for lang in LANGUAGES] == list(models[row["model"]].values())
+    assert list(table.columns) == ["rank", "model", "mode", "Avg", *LANGUAGES]
+
+
+def test_cli_writes_markdown_and_csv(tmp_path):
+    _summary(tmp_path / "a", "model-a", _scores(10, 20, 30, 40, 50, 60))
+    _summary(tmp_path / "b", "model-b", _scores(60, 60, 60, 60, 60, 60), mode="likelihood", circular=True)
+    main([str(tmp_path)])
+    lines = (tmp_path / "leaderboard.md").read_text().splitlines()
+    assert lines[2].startswith("| rank | model | mode | Avg | en | zh | pt | ar | tr | ru |")
+    assert lines[4].startswith("| 1 | model-b | likelihood circular | 60.00 |")
+    assert lines[5].startswith("| 2 | model-a | generate | 35.00 | 10.00 |")
+    assert list(pd.read_csv(tmp_path / "leaderboard.csv")["model"]) == ["model-b", "model-a"]
+
+
+def test_duplicate_entries_and_empty_folders_are_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="summary.json"):
+        leaderboard([tmp_path])
+    _summary(tmp_path / "run1", "same", _scores(*[1] * 6))
+    _summary(tmp_path / "run2", "same", _scores(*[2] * 6))
+    with pytest.raises(ValueError, match="also in"):
+        leaderboard([tmp_path])

@@ -1,0 +1,194 @@
+"""ParrotForCausalLM: HF round trip, generation, padding invariance, tower features, config errors."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
+
+from parrot.model import ParrotConfig, ParrotForCausalLM
+from parrot.model.vision import build_open_clip_visual
+
+from .conftest import IMAGE_TOKEN_ID, tiny_parrot_config
+
+COMBOS = [("hf_clip", "qwen2"), ("hf_clip", "llama"), ("open_clip", "qwen2"), ("open_clip", "llama")]
+
+
+def prompt_batch(padding_side="left"):
+    seqs = [[1, 2, IMAGE_TOKEN_ID, 3, 4, 9], [6, IMAGE_TOKEN_ID, 7]]
+    T = max(map(len, seqs))
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if padding_side == "left" else slice(0, len(s))
+        ids[b, sl], mask[b, sl] = torch.tensor(s), 1
+    return ids, mask, torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("vision,text", COMBOS)
+def test_save_load_round_trip_and_generate(tmp_path, vision, text):
+    model = ParrotForCausalLM(tiny_parrot_config(vision, text)).eval()
+    ids, mask, pixels = prompt_batch()
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, ParrotForCausalLM)
+    assert torch.equal(loaded(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, logits)
+
+    new = loaded.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+    assert new.shape[0] == 2 and 1 <= new.shape[1] <= 4
+    sampled = loaded.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=True, top_p=0.9,
+        temperature=0.8,
+    )
+    assert sampled.shape[0] == 2 and sampled.dtype == torch.long
+
+
+def greedy_without_cache(model, ids, mask, pixels, steps):
+    """Reference decoding: re-run the full forward pass for every new token (no KV cache)."""
+    new = []
+    for _ in range(steps):
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=False).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        new.append(token)
+        ids = torch.cat([ids, token], 1)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+    return torch.cat(new, 1)
+
+
+@pytest.mark.parametrize("vision,text", [COMBOS[0], COMBOS[3]])
+def test_generate_with_cache_equals_no_cache_greedy(vision, text):
+    config = tiny_parrot_config(vision, text)
+    config.text_config.eos_token_id = None  # decode a fixed number of steps
+    model = ParrotForCausalLM(config).eval()
+    ids, mask, pixels = prompt_batch("left")
+    expected = greedy_without_cache(model, ids, mask, pixels, 5)
+    got = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5, min_new_tokens=5, do_sample=False
+    )
+    assert torch.equal(got, expected)
+
+
+def test_left_padded_batch_equals_single_samples():
+    model = ParrotForCausalLM(tiny_parrot_config()).eval()
+    ids, mask, pixels = prompt_batch("left")
+    batched = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -1]
+    for b in range(2):
+        keep = mask[b].bool()
+        single = model(input_ids=ids[b][keep][None], pixel_values=pixels[b : b + 1]).logits[:, -1]
+        torch.testing.assert_close(batched[b : b + 1], single, rtol=1e-4, atol=1e-5)
+
+
+def test_training_loss_ignores_visual_tokens_and_prompt():
+    model = ParrotForCausalLM(tiny_parrot_config()).eval()
+    ids, mask, pixels = prompt_batch("right")
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:6] = ids[0, 4:6]  # only two answer tokens of sample 0
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+    # Reference: cross-entropy of exactly those two tokens, predicted from the previous position.
+    merged_pos = [4 + 16, 5 + 16]  # each image adds N_v - 1 = 16 positions before them
+    logits = out.logits[0]
+    ref = torch.nn.functional.cross_entropy(logits[[p - 1 for p in merged_pos]], ids[0, 4:6])
+    torch.testing.assert_close(out.loss, ref)
+    assert out.router_probs.shape == (2, 3)
+    torch.testing.assert_close(out.router_probs.sum(-1), torch.ones(2))
+
+
+def test_moe_off_is_identity():
+    config = tiny_parrot_config(use_moe=False)
+    model = ParrotForCausalLM(config).eval()
+    ids, mask, pixels = prompt_batch()
+    before = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    with torch.no_grad():
+        for p in model.moe.parameters():
+            p.normal_()
+    after = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    assert before.router_probs is None
+    assert torch.equal(before.logits, after.logits)
+
+
+def test_hf_clip_features_select_layer_and_cls():
+    config = tiny_parrot_config(vision_select_layer=-2, vision_select_feature="patch", use_moe=False)
+    model = ParrotForCausalLM(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = model.vision_tower.model(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(model.vision_tower(pixels), expected)
+    assert config.num_image_tokens == 16
+
+
+def test_open_clip_features_select_layer():
+    config = tiny_parrot_config("open_clip", vision_select_layer=-2)  # output of block 0 of 2
+    model = ParrotForCausalLM(config).eval()
+    visual = model.vision_tower.model
+    pixels = torch.randn(2, 3, 32, 32)
+    # Reference: the ViT by hand -- patchify, class token, positions, ln_pre, first residual block.
+    x = visual.conv1(pixels).flatten(2).transpose(1, 2)  # (B, 16, W)
+    cls = visual.class_embedding.expand(2, 1, -1)
+    x = visual.ln_pre(torch.cat([cls, x], 1) + visual.positional_embedding)
+    x = visual.transformer.resblocks[0](x)
+    torch.testing.assert_close(model.vision_tower(pixels), x)
+
+
+@pytest.mark.parametrize("projector,expected_layers", [("linear", 1), ("mlp3x_gelu", 5)])
+def test_projector_types(projector, expected_layers):
+    model = ParrotForCausalLM(tiny_parrot_config(projector_type=projector))
+    layers = [model.mm_projector] if projector == "linear" else list(model.mm_projector)
+    assert len(layers) == expected_layers
+    assert model.encode_images(torch.randn(1, 3, 32, 32)).shape == (1, 17, 32)
+
+
+def test_identity_projector_needs_equal_widths():
+    with pytest.raises(ValueError, match="identity.*hidden_size"):
+        ParrotForCausalLM(tiny_parrot_config(projector_type="identity"))
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(projector_type="conv3x"), "projector_type"),
+        (dict(image_token_id=-1), "image_token_id"),
+        (dict(image_token_id=64), "image_token_id"),
+        (dict(vision_select_layer=7), "vision_select_layer"),
+        (dict(moe_top_k=4), "moe_top_k"),
+        (dict(use_moe=True, vision_select_feature="patch"), "cls_patch"),
+    ],
+)
+def test_wrong_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        ParrotForCausalLM(tiny_parrot_config(**overrides))
+
+
+def test_image_placeholder_errors():
+    model = ParrotForCausalLM(tiny_parrot_config()).eval()
+    ids, mask, pixels = prompt_batch()
+    with pytest.raises(ValueError, match="placeholder"):  # more images than placeholders
+        model(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(3, 3, 32, 32))
+    no_placeholder = ids.masked_fill(ids == IMAGE_TOKEN_ID, 1)
+    with pytest.raises(ValueError, match="placeholder"):  # image given, prompt without <image>
+        model(input_ids=no_placeholder, attention_mask=mask, pixel_values=pixels)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_from_parts_loads_local_checkpoints(tmp_path):
+    """Real-scale loading path (Qwen LLM + CLIP tower from local dirs), exercised on tiny saved checkpoints."""
+    reference = tiny_parrot_config()
+    llm = Qwen2ForCausalLM(Qwen2Config(**reference.text_config.to_dict()))
+    llm.save_pretrained(tmp_path / "llm")
+    tower = CLIPVisionModel(reference.vision_config)
+    tower.save_pretrained(tmp_path / "clip")
+    model = ParrotForCausalLM.from_parts(
+        str(tmp_path / "llm"), str(tmp_path / "clip"), image_token_id=IMAGE_TOKEN_ID, use_moe=True, moe_num_experts=2
+    )
+    for name, p in llm.state_dict().items():
+        assert torch.equal(model.language_model.state_dict()[name], p), name
+    for name, p in tower.state_dict().items():
+        assert torch.equal(model.vision_tower.model.state_dict()[name], p), name
+    assert model.config.moe_num_experts == 2
+
+    open_clip_config = tiny_parrot_config("open_clip").vision_config
+    visual = build_open_clip_visual(open_clip_config)
+    torch.save({f"visual.{k}": v for k, v in visual.state_dict().items()}, tmp_path / "open_clip.pt")
+    model = ParrotForCausalLM.from_parts(
+        str(tmp_path / "llm"), str(tmp_path / "open_clip.pt"), IMAGE_TOKEN_ID, vision_config=open_clip_config
+    )
+    for name, p in visual.state_dict().items():
+        assert torch.equal(model.vision_tower.model.state_dict()[name], p), name

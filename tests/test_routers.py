@@ -1,0 +1,342 @@
+"""Routers vs naive per-token float64 references: weights, indices, aux losses and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from parrot.moe.routers import (
+    DynMoLERouter,
+    GWMoERouter,
+    MixtureOfRoutersRouter,
+    RouterConfig,
+    TopKRouter,
+    build_router,
+    tsallis_entropy,
+)
+
+T, D, E = 24, 12, 5
+
+
+def _inputs(seed: int = 0, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    mask = torch.ones(T, dtype=torch.bool)
+    mask[[3, 10, 17]] = False
+    combine = torch.randn(T, E, generator=g, dtype=torch.float64)  # random downstream use of the weights
+    return x, mask, combine
+
+
+def _randomize(router: torch.nn.Module, seed: int, scale: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+# ---------------------------------------------------------------- naive per-token pieces (no batching)
+
+
+def softmax_list(z: list[float]) -> list[float]:
+    m = max(z)
+    ex = [math.exp(v - m) for v in z]
+    s = sum(ex)
+    return [v / s for v in ex]
+
+
+def softmax_t(z: torch.Tensor) -> torch.Tensor:  # one token, differentiable
+    ex = torch.exp(z - z.max())
+    return ex / ex.sum()
+
+
+def order_desc(p: torch.Tensor) -> list[int]:
+    vals = p.detach().tolist()
+    return sorted(range(len(vals)), key=lambda e: -vals[e])
+
+
+def valid_tokens(mask: torch.Tensor) -> list[int]:
+    return [t for t in range(T) if bool(mask[t])]
+
+
+def switch_balance(probs: list[torch.Tensor], chosen: list[list[int]], toks: list[int]) -> torch.Tensor:
+    counts = [0.0] * E
+    for t in toks:
+        for e in chosen[t]:
+            counts[e] += 1.0
+    total = sum(counts)
+    loss = torch.zeros((), dtype=torch.float64)
+    for e in range(E):
+        p_mean = sum(probs[t][e] for t in toks) / len(toks)
+        loss = loss + (counts[e] / total) * p_mean
+    return E * loss
+
+
+def z_loss(logits: list[torch.Tensor], toks: list[int]) -> torch.Tensor:
+    return sum(torch.logsumexp(logits[t], 0) ** 2 for t in toks) / len(toks)
+
+
+def check_against_reference(router, ref_weights, ref_indices, ref_aux, x, mask, combine, ref_params):
+    out = router(x, mask)
+    torch.testing.assert_close(out.weights, torch.stack(ref_weights), rtol=1e-10, atol=1e-12)
+    assert out.indices.shape[1] >= max(len(i) for i in ref_indices)
+    for t, idx in enumerate(ref_indices):
+        row = out.indices[t].tolist()
+        assert row[: len(idx)] == idx and all(v == -1 for v in row[len(idx):]), (t, row, idx)
+    assert set(out.aux_losses) == set(ref_aux)
+    for name, value in ref_aux.items():
+        torch.testing.assert_close(out.aux_losses[name], value, rtol=1e-10, atol=1e-12)
+    # gradients of a downstream use of the weights plus all aux losses
+    loss = (out.weights * combine).sum() + sum(out.aux_losses.values())
+    ref_loss = (torch.stack(ref_weights) * combine).sum() + sum(ref_aux.values())
+    grads = torch.autograd.grad(loss, list(router.parameters()))
+    ref_grads = torch.autograd.grad(ref_loss, ref_params)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-12)
+    return out
+
+
+# ---------------------------------------------------------------- top-k
+
+
+@pytest.mark.parametrize("top_k,renormalize", [(2, True), (3, False), (None, True)])
+def test_topk_router_matches_naive(top_k, renormalize):
+    x, mask, combine = _inputs(1)
+    router = TopKRouter(D, E, top_k=top_k, renormalize=renormalize, balance_coef=0.01, z_loss_coef=0.001).double()
+    _randomize(router, 11, 0.5)
+    W = router.gate.weight.detach().clone().requires_grad_(True)
+    toks = valid_tokens(mask)
+    logits, probs, weights, indices = [], [], [], []
+    for t in range(T):
+        z = W @ x[t]
+        p = softmax_t(z)
+        k = E if top_k is None else top_k
+        sel = order_desc(p)[:k]
+        denom = sum(p[e] for e in sel) if (renormalize and top_k is not None) else 1.0
+        w = torch.stack([p[e] / denom if e in sel else p[e] * 0 for e in range(E)])
+        logits.append(z), probs.append(p), weights.append(w)
+        indices.append(sel if top_k is not None else list(range(E)))
+    aux = {"balance": 0.01 * switch_balance(probs, indices, toks), "z": 0.001 * z_loss(logits, toks)}
+    out = check_against_reference(router, weights, indices if top_k else [list(range(E))] * T, aux, x, mask, combine, [W])
+    # stats: load over valid tokens, entropy per token
+    load = torch.tensor([sum(1.0 for t in toks if e in indices[t]) / len(toks) for e in range(E)], dtype=torch.float64)
+    torch.testing.assert_close(out.stats["load"], load)
+    ent = torch.tensor([-sum(v * math.log(v) for v in p.tolist()) for p in probs], dtype=torch.float64)
+    torch.testing.assert_close(out.stats["entropy"], ent)
+
+
+# ---------------------------------------------------------------- DynMoLE
+
+
+def naive_tsallis(p: torch.Tensor, q: float, eps: float) -> torch.Tensor:
+    s = sum((p[e] + eps) ** q for e in range(len(p)))
+    return ((1 - s) / (q - 1)) / ((1 - len(p) ** (1 - q)) / (q - 1))
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_dynmole_router_matches_naive(renormalize):
+    q, top_p, keep, eps = 1.1, 0.9, 1, 1e-5
+    x, mask, combine = _inputs(2)
+    scale = torch.linspace(0.2, 3.0, T, dtype=torch.float64)[:, None]  # spread of router confidence
+    x = x * scale
+    router = DynMoLERouter(D, E, tsallis_q=q, top_p=top_p, keep_top_k=keep, renormalize=renormalize,
+                           dyn_loss_coef=0.01, balance_coef=0.001, z_loss_coef=0.002, entropy_eps=eps).double()
+    _randomize(router, 12, 0.6)
+    W = router.gate.weight.detach().clone().requires_grad_(True)
+    # threshold between observed entropies so that both branches occur
+    with torch.no_grad():
+        ents = sorted(float(naive_tsallis(softmax_t(W @ x[t]), q, eps)) for t in range(T))
+    router.entropy_threshold = (ents[3 * T // 4] + ents[3 * T // 4 + 1]) / 2
+    toks = valid_tokens(mask)
+    logits, probs, tsallis, masked, weights, indices = [], [], [], [], [], []
+    n_soft = n_top_p = 0
+    for t in range(T):
+        z = W @ x[t]
+        p = softmax_t(z)
+        s = naive_tsallis(p, q, eps)
+        order = order_desc(p)
+        if float(s.detach()) > router.entropy_threshold:
+            sel = order
+            n_soft += 1
+        else:
+            sel, cum = [], 0.0
+            for i, e in enumerate(order):
+                cum += p[e].item()
+                if cum <= top_p or i < keep:
+                    sel.append(e)
+            n_top_p += keep < len(sel) < E  # the cumulative-probability cut decided, not keep_top_k
+        m = torch.stack([p[e] if e in sel else p[e] * 0 for e in range(E)])
+        w = m / m.sum() if renormalize else m
+        logits.append(z), probs.append(p), tsallis.append(s), masked.append(m), weights.append(w), indices.append(sel)
+    assert 0 < n_soft < T and n_top_p > 0
+    f = [sum(masked[t][e] for t in toks) / len(toks) for e in range(E)]
+    P = [sum(probs[t][e] for t in toks) / len(toks) for e in range(E)]
+    aux = {
+        "tsallis": 0.01 * sum(tsallis[t] for t in toks) / len(toks),
+        "balance": 0.001 * E * sum(f[e] * P[e] for e in range(E)),
+        "z": 0.002 * z_loss(logits, toks),
+    }
+    out = check_against_reference(router, weights, indices, aux, x, mask, combine, [W])
+    soft = torch.tensor([float(tsallis[t]) > router.entropy_threshold for t in range(T)], dtype=torch.float64)
+    torch.testing.assert_close(out.stats["broadcast"], soft)
+    torch.testing.assert_close(out.stats["num_active"], torch.tensor([float(len(i)) for i in indices], dtype=torch.float64))
+
+
+def test_tsallis_entropy_limits():
+    p = torch.softmax(torch.randn(7, 6, dtype=torch.float64), -1)
+    shannon = -(p * p.log()).sum(-1)
+    torch.testing.assert_close(tsallis_entropy(p, 1.0), shannon)
+    torch.testing.assert_close(tsallis_entropy(p, 1.0 + 1e-7), shannon, rtol=1e-5, atol=1e-6)
+    uniform = torch.full((1, 6), 1 / 6, dtype=torch.float64)
+    torch.testing.assert_close(tsallis_entropy(uniform, 1.5, normalize=True), torch.ones(1, dtype=torch.float64))
+    one_hot = torch.tensor([[1.0, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    torch.testing.assert_close(tsallis_entropy(one_hot, 2.0), torch.zeros(1, dtype=torch.float64))
+    # q = 2: Gini impurity 1 - sum p^2
+    torch.testing.assert_close(tsallis_entropy(p, 2.0), 1 - (p**2).sum(-1))
+
+
+# ---------------------------------------------------------------- GW-MoE
+
+
+@pytest.mark.parametrize("broadcast_weights", ["softmax", "uniform"])
+def test_gwmoe_router_matches_naive(broadcast_weights):
+    k, eps = 2, 1e-5
+    x, mask, combine = _inputs(3)
+    x = x * torch.linspace(0.1, 2.5, T, dtype=torch.float64)[:, None]
+    router = GWMoERouter(D, E, top_k=k, renormalize=True, broadcast_weights=broadcast_weights,
+                         balance_coef=0.01, z_loss_coef=0.001).double()
+    _randomize(router, 13, 0.6)
+    W = router.gate.weight.detach().clone().requires_grad_(True)
+
+    def uncertainty(p):
+        return -sum(p[e] * math.log(p[e] + eps) for e in range(E))
+
+    with torch.no_grad():
+        unc = sorted(float(uncertainty(softmax_t(W @ x[t]).tolist())) for t in range(T))
+    threshold = (unc[T // 3] + unc[T // 3 + 1]) / 2
+    router.threshold.fill_(threshold)
+    toks = valid_tokens(mask)
+
+    def reference(training: bool):
+        logits, probs, weights, indices = [], [], [], []
+        for t in range(T):
+            z = W @ x[t]
+            p = softmax_t(z)
+            if training and uncertainty(p.tolist()) >= threshold:
+                sel = list(range(E))
+                w = p if broadcast_weights == "softmax" else torch.full((E,), 1 / E, dtype=torch.float64) + 0 * p
+            else:
+                sel = order_desc(p)[:k]
+                denom = sum(p[e] for e in sel)
+                w = torch.stack([p[e] / denom if e in sel else p[e] * 0 for e in range(E)])
+            logits.append(z), probs.append(p), weights.append(w), indices.append(sel)
+        aux = {"balance": 0.01 * switch_balance(probs, indices, toks), "z": 0.001 * z_loss(logits, toks)}
+        return weights, indices, aux
+
+    router.train()
+    weights, indices, aux = reference(True)
+    n_broadcast = sum(len(i) == E for i in indices)
+    assert 0 < n_broadcast < T
+    out = check_against_reference(router, weights, indices, aux, x, mask, combine, [W])
+    assert out.stats["broadcast"].sum().item() == n_broadcast
+    ref_unc = torch.tensor([float(uncertainty(softmax_t(W @ x[t]).tolist())) for t in range(T)], dtype=torch.float64)
+    torch.testing.assert_close(out.stats["uncertainty"], ref_unc, rtol=1e-12, atol=1e-12)
+
+    router.eval()  # inference: plain top-k, no broadcast
+    weights, indices, aux = reference(False)
+    out = check_against_reference(router, weights, indices, aux, x, mask, combine, [W])
+    assert out.indices.shape[1] == k and out.stats["broadcast"].sum().item() == 0
+
+
+def test_gwmoe_threshold_unset_and_calibration():
+    router = GWMoERouter(D, E, top_k=2, quantile=0.75).double()
+    router.train()
+    x, mask, _ = _inputs(4)
+    with pytest.raises(RuntimeError, match="threshold is unset"):
+        router(x, mask)
+    router.eval()
+    out = router(x, mask)  # eval needs no threshold
+    values = out.stats["uncertainty"][mask]
+    got = router.calibrate(values)
+    # naive linear-interpolation quantile
+    s = sorted(values.tolist())
+    pos = 0.75 * (len(s) - 1)
+    lo = int(math.floor(pos))
+    expected = s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert router.threshold.item() == pytest.approx(expected, rel=1e-12)
+    router.train()
+    out = router(x, mask)
+    n_above = sum(v >= router.threshold.item() for v in out.stats["uncertainty"].tolist())
+    assert out.stats["broadcast"].sum().item() == n_above
+    with pytest.raises(ValueError, match="quantile"):
+        GWMoERouter(D, E).calibrate(values)
+
+
+# ---------------------------------------------------------------- Mixture of Routers
+
+
+def test_mixture_of_routers_matches_naive():
+    M, k = 3, 2
+    x, mask, combine = _inputs(5)
+    router = MixtureOfRoutersRouter(D, E, num_routers=M, top_k=k, balance_coef=0.01, z_loss_coef=0.001).double()
+    _randomize(router, 14, 0.5)
+    W = router.gate.weight.detach().clone().requires_grad_(True)  # (M*E, D)
+    Wm = router.main_gate.weight.detach().clone().requires_grad_(True)  # (M, D)
+    toks = valid_tokens(mask)
+    probs, weights, indices, sub_logits = [], [], [], []
+    for t in range(T):
+        mix = softmax_t(Wm @ x[t])
+        p = torch.zeros(E, dtype=torch.float64)
+        zs = []
+        for j in range(M):
+            zj = W[j * E : (j + 1) * E] @ x[t]
+            zs.append(zj)
+            p = p + mix[j] * softmax_t(zj)
+        sel = order_desc(p)[:k]
+        denom = sum(p[e] for e in sel)
+        weights.append(torch.stack([p[e] / denom if e in sel else p[e] * 0 for e in range(E)]))
+        probs.append(p), indices.append(sel), sub_logits.append(zs)
+    z = sum(sum(torch.logsumexp(zj, 0) ** 2 for zj in sub_logits[t]) / M for t in toks) / len(toks)
+    aux = {"balance": 0.01 * switch_balance(probs, indices, toks), "z": 0.001 * z}
+    out = check_against_reference(router, weights, indices, aux, x, mask, combine, [W, Wm])
+    torch.testing.assert_close(out.probs, torch.stack(probs).detach())
+    torch.testing.assert_close(out.probs.sum(-1), torch.ones(T, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- config / factory
+
+
+def test_build_router_kinds_and_defaults():
+    kinds = {"topk": TopKRouter, "dynmole": DynMoLERouter, "gwmoe": GWMoERouter, "mor": MixtureOfRoutersRouter}
+    for kind, cls in kinds.items():
+        r = build_router(RouterConfig(kind=kind, gw_threshold=1.0), D, E)
+        assert isinstance(r, cls) and isinstance(r.gate, torch.nn.Linear)
+    dyn = build_router(RouterConfig(kind="dynmole"), D, E)
+    assert dyn.renormalize is False  # official DynMoLE does not renormalise
+    assert (dyn.tsallis_q, dyn.entropy_threshold, dyn.top_p, dyn.keep_top_k) == (1.1, 0.9, 0.75, 2)
+    assert build_router(RouterConfig(kind="topk"), D, E).renormalize is True
+    assert build_router(RouterConfig(kind="topk", top_k=8), D, 3).top_k == 3  # clamped per layer
+    dense = build_router(RouterConfig(kind="topk", top_k=None), D, E)
+    assert dense.top_k is None
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"kind": "switch"}, "kind"),
+    ({"kind": "gwmoe"}, "gw_threshold"),
+    ({"kind": "mor", "top_k": None}, "top_k"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"gw_broadcast_weights": "max"}, "gw_broadcast_weights"),
+])
+def test_router_config_rejects_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        RouterConfig(**kwargs)
+
+
+def test_router_rejects_bad_shapes():
+    router = TopKRouter(D, E, top_k=2)
+    with pytest.raises(ValueError, match=r"\(T, D\)"):
+        router(torch.randn(2, 3, D))
+    with pytest.raises(ValueError, match="mask"):
+        router(torch.randn(4, D), torch.ones(5, dtype=torch.bool))
