@@ -5,9 +5,16 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-fast clean-venv
+.PHONY: install system-packages quickstart test test-fast clean-venv
 
 install: $(STAMP)
+
+# Headless Chromium (Debian package) for the demo's browser test; needs root, as on CI and our machines.
+# Where it cannot be installed the browser test skips and says why.
+system-packages:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the demo browser test will be skipped"; }
 
 # torch first (the wheels lie on local disk; exact pins avoid multi-GB downloads), then the rest, then
 # DeepSpeed, which builds against the installed torch (no build isolation, no compiled ops: JIT on demand).
@@ -23,7 +30,7 @@ $(STAMP): requirements.txt requirements-torch.txt requirements-deepspeed.txt pyp
 quickstart: install
 	$(PY) -m parrot.quickstart
 
-test: install
+test: install system-packages
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: install

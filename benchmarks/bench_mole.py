@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scopes", nargs="+", default=["adapter", "layer"], choices=["adapter", "layer"])
     parser.add_argument("--no-candidate", dest="candidate", action="store_false",
                         help="skip the candidate dense executor")
-    add_common_args(parser, warmup=2, repeats=10)
+    add_common_args(parser, warmup=(1, 3), repeats=(5, 20))
     return parser
 
 

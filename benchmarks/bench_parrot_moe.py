@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=6)
     parser.add_argument("--intermediate", type=int, default=1024)
-    add_common_args(parser, warmup=1, repeats=5)
+    add_common_args(parser, warmup=(0, 2), repeats=(3, 10))
     return parser
 
 

@@ -42,11 +42,15 @@ class BenchSettings:
     seed: int
 
 
-def add_common_args(parser: argparse.ArgumentParser, warmup: int = 2, repeats: int = 10) -> None:
+def add_common_args(parser: argparse.ArgumentParser, warmup: tuple[int, int] = (1, 3),
+                    repeats: tuple[int, int] = (5, 20)) -> None:
+    """Flags every benchmark shares. `warmup` / `repeats` defaults are (CPU, CUDA): CPU calls are slow."""
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--warmup", type=int, default=None, help=f"untimed calls per case (default {warmup})")
-    parser.add_argument("--repeats", type=int, default=None, help=f"timed calls per case (default {repeats})")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed calls per case after the correctness check (default {warmup[0]} CPU, {warmup[1]} CUDA)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed calls per case (default {repeats[0]} CPU, {repeats[1]} CUDA)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run, not a claim)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results (and profiles)")
     parser.add_argument("--profile", action="store_true", help="also write a torch.profiler table per case")
@@ -61,9 +65,12 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build / machine")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    quick_warmup, quick_repeats = 1, 3
-    warmup = args.warmup if args.warmup is not None else (quick_warmup if args.quick else args._default_warmup)
-    repeats = args.repeats if args.repeats is not None else (quick_repeats if args.quick else args._default_repeats)
+    on_gpu = int(device.type == "cuda")
+    default_warmup, default_repeats = args._default_warmup[on_gpu], args._default_repeats[on_gpu]
+    if args.quick:
+        default_warmup, default_repeats = 1, 3
+    warmup = default_warmup if args.warmup is None else args.warmup
+    repeats = default_repeats if args.repeats is None else args.repeats
     if warmup < 0 or repeats < 1:
         raise SystemExit(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup}, {repeats})")
     torch.manual_seed(args.seed)

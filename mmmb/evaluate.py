@@ -6,7 +6,8 @@
 Writes to ``--out``: ``<model>_MMMB_<lang>.xlsx`` and ``.tsv`` (VLMEvalKit's names: ``cn`` for Chinese) with the
 prediction of every prompt, ``<model>_MMMB_acc.csv|.md|.png`` (category × language accuracy, ``Avg`` column)
 and ``summary.json`` (read by :mod:`mmmb.leaderboard`). Predictions are cached per prompt in
-``cache/<mode>/<lang>.jsonl`` so an interrupted run resumes where it stopped.
+``cache/<mode>/<lang>.jsonl`` so an interrupted run resumes where it stopped (the cache is tied to the model
+name and to each prompt's text; ``--fresh`` discards it, e.g. after retraining under the same name).
 
 Scoring is exact matching as in the Parrot paper; circular evaluation (MMBench's CircularEval) asks every
 rotation of the options and counts an item as correct only if all rotations are answered correctly.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +32,7 @@ from mmmb.languages import LANGUAGES, VLMEVALKIT_CODE
 from mmmb.models import MCQModel
 from mmmb.prompts import format_question, rotate_options
 from mmmb.report import AVERAGE, OVERALL, accuracy_table, plot_accuracy, to_markdown
-from mmmb.tsv import OPTION_LETTERS, MCQRecord, read_mmmb
+from mmmb.tsv import OPTION_LETTERS, MCQRecord, check_alignment, read_mmmb
 
 logger = logging.getLogger(__name__)
 MODES = ("generate", "likelihood")
@@ -86,11 +88,11 @@ def build_queries(records: Sequence[MCQRecord], language: str, circular: bool) -
     return queries
 
 
-def _run_batch(model: MCQModel, batch: list[Query], mode: str) -> list[dict]:
+def _run_batch(model: MCQModel, batch: list[Query], mode: str, model_name: str) -> list[dict]:
     prompts = [query.prompt for query in batch]
     images = [query.record.load_image() for query in batch]
-    base = [{"key": q.key, "index": q.record.index, "rotation": q.rotation, "prompt_sha1": prompt_hash(q.prompt)}
-            for q in batch]
+    base = [{"key": q.key, "index": q.record.index, "rotation": q.rotation, "prompt_sha1": prompt_hash(q.prompt),
+             "model": model_name} for q in batch]
     if mode == "generate":
         texts = model.generate(prompts, images)
         if len(texts) != len(batch):
@@ -108,15 +110,20 @@ def _run_batch(model: MCQModel, batch: list[Query], mode: str) -> list[dict]:
             for entry, c, row, q in zip(base, chosen.tolist(), scores, batch)]
 
 
-def predict_language(model: MCQModel, queries: list[Query], cache: PredictionCache, mode: str,
-                     batch_size: int, language: str) -> dict[str, dict]:
+def predict_language(model: MCQModel, queries: list[Query], cache: PredictionCache, config: EvalConfig,
+                     language: str) -> dict[str, dict]:
     """Predictions for every query, asking the model only for those missing from the cache."""
+    mode, batch_size = config.mode, config.batch_size
+    cached_models = {entry.get("model") for entry in cache.entries.values()} - {config.model_name}
+    if cached_models:
+        raise ValueError(f"{cache.path} holds predictions of model(s) {sorted(map(str, cached_models))}, not "
+                         f"{config.model_name!r}; use another --out (or --fresh to discard the cache)")
     todo = [query for query in queries if cache.get(query.key, query.prompt) is None]
     if len(todo) < len(queries):
         logger.info("%s: %d of %d prompts already cached", language, len(queries) - len(todo), len(queries))
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc=f"MMMB {language} ({mode})", unit="batch", disable=not batches):
-        cache.append(_run_batch(model, batch, mode))
+        cache.append(_run_batch(model, batch, mode, config.model_name))
     return {query.key: cache.get(query.key, query.prompt) for query in queries}
 
 
@@ -155,6 +162,7 @@ def _write_predictions(frame: pd.DataFrame, stem: Path) -> None:
 def evaluate_mmmb(model: MCQModel, data: dict[str, list[MCQRecord]], out_dir: str | Path,
                   config: EvalConfig) -> EvalResult:
     """Evaluate ``model`` on the aligned per-language ``data`` and write all outputs to ``out_dir``."""
+    check_alignment(data)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Categories come from one reference language so translated category names still share a table row.
@@ -164,7 +172,7 @@ def evaluate_mmmb(model: MCQModel, data: dict[str, list[MCQRecord]], out_dir: st
     for language, records in data.items():
         queries = build_queries(records, language, config.circular)
         cache = PredictionCache(out_dir / "cache" / config.mode / f"{language}.jsonl")
-        answered = predict_language(model, queries, cache, config.mode, config.batch_size, language)
+        answered = predict_language(model, queries, cache, config, language)
         predictions[language], items[language] = score_language(queries, answered, config.mode, category_of)
         _write_predictions(predictions[language].drop(columns=["item_index"]),
                            out_dir / f"{config.model_name}_MMMB_{VLMEVALKIT_CODE[language]}")
@@ -198,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--fresh", action="store_true", help="discard cached predictions of this mode first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -210,7 +219,10 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
     config = EvalConfig(model_name=model_name, mode=args.mode, circular=args.circular, batch_size=args.batch_size)
     # Default folder per (model, mode) so a likelihood or circular run never overwrites a generation run.
     suffix = ("" if args.mode == "generate" else f"_{args.mode}") + ("_circular" if args.circular else "")
-    result = evaluate_mmmb(model, data, args.out or Path("results") / f"{model_name}{suffix}", config)
+    out_dir = Path(args.out or Path("results") / f"{model_name}{suffix}")
+    if args.fresh:
+        shutil.rmtree(out_dir / "cache" / args.mode, ignore_errors=True)
+    result = evaluate_mmmb(model, data, out_dir, config)
     print(to_markdown(result.table))
     return result
 

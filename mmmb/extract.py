@@ -1,14 +1,16 @@
-"""Answer extraction for generated MCQ outputs in the six MMMB languages (exact matching, no LLM judge).
+r"""Answer extraction for generated MCQ outputs in the six MMMB languages (exact matching, no LLM judge).
 
 Follows VLMEvalKit's exact-matching idea (``can_infer_option`` then ``can_infer_text``) and adds answer cues in
 en/zh/pt/ar/tr/ru. Rules, applied in order; the first that decides wins:
 
 1. the whole output is one letter, possibly wrapped: ``B``, ``B.``, ``(B)``, ``B)``, ``**B**``;
-2. an answer cue followed by a letter: strong cues ("answer is", "答案是", "选", "الإجابة هي", "Cevap", "Ответ:",
-   "A resposta é", ...) before weak ones ("option", "选项", "вариант", "seçenek", "opção", "الخيار");
-3. option letters standing alone in the text (``B) red``, ``B选项``, ``B seçeneği``), after masking the option
+2. a strong answer cue followed by a letter ("answer is", "答案是", "选", "الإجابة هي", "Cevap", "Ответ:",
+   "A resposta é", ...);
+3. a label opening the output ("B. blue\nbecause ...", "(C)\n..."), unless several lines open with labels;
+4. a weak cue followed by a letter ("option", "选项", "вариант", "seçenek", "opção", "الخيار");
+5. option letters standing alone in the text (``B) red``, ``B选项``, ``B seçeneği``), after masking the option
    texts so "Vitamin C" is not read as letter C, and skipping article/pronoun use ("A red car", "I think");
-4. the text of exactly one option appears (nested matches such as "red" inside "dark red" count once).
+6. the text of exactly one option appears (nested matches such as "red" inside "dark red" count once).
 
 Two different letters (or options) at the deciding rule → ambiguous → ``None`` (scored as wrong, reported as
 "no answer"). A letter that is not among the item's options also gives ``None``.
@@ -30,6 +32,7 @@ _WRAPPING = " \t\r\n.,:;!?。，、：；！？()（）[]【】「」<>*_\"'`“
 _STRONG_CUES = "|".join([
     # en
     r"(?:correct\s+|final\s+|right\s+)?answer(?:\s+(?:is|would\s+be|should\s+be|will\s+be))?",
+    r"(?:correct|right|best)\s+(?:option|choice|letter)(?:\s+is)?",
     r"(?:i\s+(?:would\s+)?)?(?:choose|select|pick|go\s+with)",
     # zh
     r"答案(?:应该|应|應該)?(?:是|为|為|选|選)?", r"正确(?:答案|选项|選項)(?:是|为)?", r"我?(?:选择|选|選擇|選)",
@@ -43,7 +46,7 @@ _STRONG_CUES = "|".join([
     r"(?:правильный\s+|верный\s+)?ответ(?:\s*(?:—|-|это))?", r"(?:я\s+)?выбираю",
 ])
 _WEAK_CUES = "|".join([
-    r"option|choice|letter", r"选项|選項", r"opção|alternativa|letra", r"(?:الخيار|الاختيار|الحرف)",
+    r"(?:option|choice|letter)(?:\s+is)?", r"选项|選項", r"opção|alternativa|letra", r"(?:الخيار|الاختيار|الحرف)",
     r"seçenek\w*|şık\w*", r"вариант\w*|буква",
 ])
 _FILLER = r"[\s:：\-—–=\"'“”«»„‘’`*_\(\[（【「]*"
@@ -62,6 +65,9 @@ def _cue_pattern(cues: str) -> re.Pattern[str]:
 
 
 _CUE_TIERS: tuple[re.Pattern[str], ...] = (_cue_pattern(_STRONG_CUES), _cue_pattern(_WEAK_CUES))
+# "B. blue\nbecause ..." / "(C)\n..." : an answer given as a label at the very start of the output.
+_LEADING_LABEL = re.compile(r"^[\s*_(\[（【]*(?P<letter>[A-Z])[*_]*(?:[.)\]:：）】]|\s*\n|\s*$)")
+_LINE_LABEL = re.compile(r"(?m)^[\s*_(\[（【]*(?P<letter>[A-Z])[*_]*[.)\]:：）】]")
 _STANDALONE = re.compile(rf"(?<![{_WORD_CHARS}])(?P<letter>[A-Z])(?![{_WORD_CHARS}])")
 # "A"/"E"/"I"/"O" are also words (en/pt article, pt "and", en "I", tr "O"): followed by a lower-case Latin word
 # they are read as words unless that word says the letter is the answer ("A is correct", "B şıkkı").
@@ -96,6 +102,14 @@ def _decide(letters: set[str], valid: str) -> tuple[bool, str | None]:
 def _whole_text_letter(text: str) -> str | None:
     core = text.strip(_WRAPPING)
     return _to_letter(core) if len(core) == 1 and (core.isascii() and core.isalpha() or core in _HOMOGLYPHS) else None
+
+
+def _leading_label(text: str) -> str | None:
+    """The label that opens the output, unless several lines open with labels (echoed options)."""
+    match = _LEADING_LABEL.match(text)
+    if match is None or len({m.group("letter") for m in _LINE_LABEL.finditer(text)}) > 1:
+        return None
+    return match.group("letter")
 
 
 def _cue_letters(text: str, pattern: re.Pattern[str]) -> set[str]:
@@ -170,10 +184,16 @@ def extract_answer(text: str, options: Sequence[str]) -> str | None:
     whole = _whole_text_letter(text)
     if whole is not None:
         return whole if whole in valid else None
-    for pattern in _CUE_TIERS:
-        decided, answer = _decide(_cue_letters(text, pattern), valid)
-        if decided:
-            return answer
+    strong, weak = _CUE_TIERS
+    decided, answer = _decide(_cue_letters(text, strong), valid)
+    if decided:
+        return answer
+    leading = _leading_label(text)
+    if leading is not None:
+        return leading if leading in valid else None
+    decided, answer = _decide(_cue_letters(text, weak), valid)
+    if decided:
+        return answer
     decided, answer = _decide(_standalone_letters(text, options, valid), valid)
     if decided:
         return answer

@@ -17,7 +17,7 @@ from parrot.model.builder import TINY_RECIPE, build_tiny, load_recipe, save_pret
 from parrot.model.modeling import ParrotForCausalLM
 from parrot.serve import engine as engine_module
 from parrot.serve.app import EMPTY_ANSWER, WARNING, ChatSession, DemoHandlers
-from parrot.serve.demo import parse_args
+from parrot.serve.demo import main, parse_args
 from parrot.serve.engine import (
     ChatEngine,
     ChatInputError,
@@ -107,7 +107,8 @@ def test_prepare_keeps_the_image_in_the_first_turn(engine, image_file):
     image = open_upload(str(image_file))
     conversation = Conversation("k", (Turn("Какого цвета круг?", "Красного."), Turn("和方块呢?", "蓝色。")))
     prepared = engine.prepare(image, conversation, "  ¿Y el fondo?  ")
-    expected = chatml(("<image>\nКакого цвета круг?", "Красного."), ("和方块呢?", "蓝色。"), ("¿Y el fondo?", None))
+    expected = chatml(("<image>\nКакого цвета круг?", "Красного."), ("和方块呢?", "蓝色。"),
+                      ("¿Y el fondo?", None))
     assert decode(engine, prepared) == expected
     ids = prepared.batch["input_ids"]
     assert int((ids == engine.processor.image_token_id).sum()) == 1
@@ -127,7 +128,8 @@ def test_prepare_drops_the_oldest_turns_just_enough(engine, image_file):
     kept = turns[prepared.dropped_turns:]
     assert 0 < prepared.dropped_turns < len(turns)
     first = [(f"<image>\n{kept[0].user}", kept[0].assistant)]
-    assert decode(engine, prepared) == chatml(*first, *[(t.user, t.assistant) for t in kept[1:]], ("last one?", None))
+    rest = [(t.user, t.assistant) for t in kept[1:]]
+    assert decode(engine, prepared) == chatml(*first, *rest, ("last one?", None))
     assert prepared.prompt_tokens < engine.context_length
 
     def length(kept_turns):  # reference length: tokens of the hand-written prompt + visual tokens - placeholder
@@ -305,3 +307,5 @@ def test_cli_defaults_are_local_and_private():
     assert parse_args(["--model", "m", "--port", "9", "--share"]).share
     with pytest.raises(SystemExit):
         parse_args(["--concurrency", "0"])
+    with pytest.raises(SystemExit, match="cannot load --model: .*no config.json"):
+        main(["--model", "/nonexistent/parrot-model"])

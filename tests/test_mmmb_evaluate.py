@@ -198,3 +198,18 @@ def test_cache_from_other_data_is_refused(tmp_path, setup):
     with pytest.raises(ValueError, match="different prompt"):
         evaluate_mmmb(KnownAnswersStub(other_behaviour | behaviour, other_text | true_text), other, tmp_path,
                       EvalConfig("stub"))
+
+
+def test_cache_of_another_model_is_refused(tmp_path, setup):
+    data, behaviour, true_text = setup
+    evaluate_mmmb(KnownAnswersStub(behaviour, true_text), {"en": data["en"]}, tmp_path, EvalConfig("model-one"))
+    with pytest.raises(ValueError, match="model-one"):
+        evaluate_mmmb(KnownAnswersStub(behaviour, true_text), {"en": data["en"]}, tmp_path, EvalConfig("model-two"))
+
+
+def test_misaligned_data_is_refused_before_any_inference(tmp_path, setup):
+    data, behaviour, true_text = setup
+    model = KnownAnswersStub(behaviour, true_text)
+    with pytest.raises(ValueError, match="not aligned|missing here"):
+        evaluate_mmmb(model, {"en": data["en"], "tr": data["tr"][1:]}, tmp_path, EvalConfig("stub"))
+    assert model.asked == []

@@ -23,6 +23,9 @@ CASES = [
     ("I think the correct answer is (D) dark red.", EN, "D"), ("A is correct.", EN, "A"), ("Option C", EN, "C"),
     ("The answer is b.", EN, "B"), ("Answer: B, not C", EN, "B"), ("C is the right choice", EN, "C"),
     ("The answer is option D.", EN, "D"), ("I would choose B because the sky is blue.", EN, "B"),
+    ("B\nExplanation: option A is wrong because the square is blue.", EN, "B"),
+    ("(C)\nThe square is green.", EN, "C"), ("D: dark red, since it is darker", EN, "D"),
+    ("A. red\nB. blue\nC. green", EN, NO), ("The correct option is C, not A.", EN, "C"),
     # English: option text only / article "A"
     ("blue", EN, "B"), ("It is green.", EN, "C"), ("dark red", EN, "D"), ("Red.", EN, "A"),
     ("A blue car is shown.", EN, "B"), ("The answer is a blue square", EN, "B"),

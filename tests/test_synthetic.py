@@ -197,3 +197,11 @@ def test_sample_scene_respects_world_limits():
         assert 1 <= len(scene.objects) <= 5
         assert 1 <= len(scene.groups) <= 3
         assert all(1 <= g.count <= 4 for g in scene.groups)
+
+
+def test_mcq_wording_does_not_depend_on_requested_languages():
+    all_six = make_mcq_items(6, seed=3)
+    two = make_mcq_items(6, seed=3, languages=("en", "tr"))
+    for full, subset in zip(all_six, two):
+        assert subset.questions == {lang: full.questions[lang] for lang in ("en", "tr")}
+        assert subset.options == {lang: full.options[lang] for lang in ("en", "tr")}

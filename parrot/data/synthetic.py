@@ -426,9 +426,12 @@ def make_mcq_items(n: int, seed: int, languages=LANGUAGES, image_size: int = 64,
         answer_pos = int(block[i % 4])
         values = list(distractors)
         values.insert(answer_pos, value)
+        # One wording draw per known language, in a fixed order, so a language's wording does not depend on
+        # which other languages were requested.
+        wording = {lang: int(rng.integers(1 << 16)) for lang in LANGUAGES}
         questions, options = {}, {}
         for lang in languages:
-            questions[lang] = phrasebook(lang).question(q, int(rng.integers(1 << 16)))
+            questions[lang] = phrasebook(lang).question(q, wording[lang])
             options[lang] = [render_value(lang, q, v) for v in values]
         items.append(MCQItem(i, category, render_scene(scene, image_size), LETTERS[answer_pos], questions, options,
                              scene))

@@ -171,6 +171,7 @@ def build_app(engine: ChatEngine, examples: list[Example], concurrency_limit: in
             examples=[[str(example.image_path), example.prompt] for example in examples],
             inputs=[image, textbox],
             label="Examples (en, zh, pt, ar, tr, ru)",
+            elem_id="parrot-examples",
         )
 
         gr.on(

@@ -20,7 +20,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from .engine import DEFAULT_MODEL_DIR
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m parrot.serve.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
                         help=f"saved Parrot model directory (default: {DEFAULT_MODEL_DIR} if it exists, "
                              "else an untrained tiny model)")
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes, one line per request
     import torch
 
     from .app import build_app
@@ -48,7 +50,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor, source = load_model(args.model)
+    try:
+        model, processor, source = load_model(args.model)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"parrot.serve.demo: cannot load --model: {err}") from err
     engine = ChatEngine(model, processor, source=source)
     with tempfile.TemporaryDirectory(prefix="parrot-demo-examples-") as examples_dir:
         examples = write_examples(examples_dir)

@@ -1,0 +1,99 @@
+"""Run every benchmark with one command; all JSON lands in one folder, plus `summary.json` and `summary.md`.
+
+    python -m benchmarks.run_all                                  # CPU, float32, the issue's sizes
+    python -m benchmarks.run_all --device cuda                    # GPU: float32 and bfloat16
+    python -m benchmarks.run_all --quick --out results/bench-quick   # small sizes, a smoke run
+
+Results go to `--out` (default `results/benchmarks/<device>`), one subfolder per dtype. A benchmark that
+fails (a reference mismatch, an import error) is recorded in the summary and the others still run; the exit
+status is 1 if any failed. Budget at the issue's sizes: about 10 minutes on 2 CPU cores, under 4 on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+BENCHMARKS = ("parrot_moe", "mole", "merge", "train_eval")
+
+
+def _module(name: str):
+    # Imported one at a time, so that a benchmark whose dependencies are missing fails alone.
+    return importlib.import_module(f".bench_{name}", __package__)
+
+
+def summary_rows(result) -> list[dict]:
+    return [{"benchmark": result.benchmark, "ratio": r.name, "value": round(r.value, 3),
+             "value_of_minimums": round(r.value_of_minimums, 3),
+             "target": None if r.target is None else (">= " if r.direction == "at_least" else "<= ") + f"{r.target:g}",
+             "met": r.met} for r in result.ratios]
+
+
+def to_markdown(rows: list[dict], failures: dict[str, str], header: str) -> str:
+    lines = [header, "", "| dtype | benchmark | ratio | median ratio | ratio of minimums | target | met |",
+             "| --- | --- | --- | ---: | ---: | --- | --- |"]
+    for row in rows:
+        met = "" if row["met"] is None else ("yes" if row["met"] else "**no**")
+        lines.append(f"| {row['dtype']} | {row['benchmark']} | {row['ratio']} | {row['value']:.2f}x | "
+                     f"{row['value_of_minimums']:.2f}x | {row['target'] or ''} | {met} |")
+    for name, error in failures.items():
+        lines.append(f"\nFAILED {name}: {error}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", nargs="+", default=None,
+                        help="default: float32 on CPU; float32 and bfloat16 on CUDA")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    dtypes = args.dtypes or (["float32", "bfloat16"] if args.device.startswith("cuda") else ["float32"])
+    out = args.out or Path("results") / "benchmarks" / args.device.replace(":", "")
+
+    rows, failures, started = [], {}, time.perf_counter()
+    for dtype in dtypes:
+        for name in args.only:
+            flags = ["--device", args.device, "--dtype", dtype, "--out", str(out / dtype)]
+            flags += ["--quick"] * args.quick + ["--profile"] * args.profile
+            flags += ["--threads", str(args.threads)] if args.threads is not None else []
+            print(f"\n##### {name} [{dtype}] {' '.join(flags)}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                result = _module(name).main(flags)
+            except Exception as err:  # keep going: one broken benchmark must not hide the others' numbers
+                traceback.print_exc()
+                failures[f"{name}[{dtype}]"] = f"{type(err).__name__}: {err}"
+                continue
+            finally:
+                print(f"##### {name} [{dtype}] took {time.perf_counter() - t0:.1f} s", flush=True)
+            rows += [dict(row, dtype=dtype) for row in summary_rows(result)]
+            if args.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+
+    elapsed = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    header = f"# Benchmarks on {args.device} ({', '.join(dtypes)}{', quick' if args.quick else ''}), {elapsed:.0f} s"
+    (out / "summary.json").write_text(json.dumps({"device": args.device, "dtypes": dtypes, "quick": args.quick,
+                                                  "seconds": round(elapsed, 1), "ratios": rows,
+                                                  "failures": failures}, indent=2))
+    markdown = to_markdown(rows, failures, header)
+    (out / "summary.md").write_text(markdown)
+    print("\n" + markdown)
+    print(f"results in {out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Smoke tests of the benchmark scripts at toy sizes: every reference must reproduce our output and gradients
+(the scripts raise otherwise), the timing/ratio bookkeeping must be right, and JSON must be written.
+
+    .venv/bin/python -m pytest -q benchmarks/test_benchmarks.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_merge, bench_mole, bench_parrot_moe, harness
+
+FAST = ["--warmup", "0", "--repeats", "2"]
+
+
+def test_parrot_moe_reference_matches_and_json(tmp_path):
+    result = bench_parrot_moe.main(["--batch", "3", "--visual-tokens", "9", "--text-tokens", "6", "--hidden", "16",
+                                    "--experts", "3", "--intermediate", "8", "--dtype", "float64",
+                                    "--out", str(tmp_path), *FAST])
+    assert result.checks[0].ok and result.checks[0].max_rel_err < 1e-12
+    saved = json.loads((tmp_path / "parrot_moe.json").read_text())
+    assert saved["sizes"]["batch"] == 3 and len(saved["timings"]) == 2
+    assert all(len(t["times_ms"]) == 2 for t in saved["timings"].values())
+    ratio = saved["ratios"][0]
+    timings = saved["timings"]
+    assert ratio["value"] == pytest.approx(timings[ratio["numerator"]]["median_ms"] / timings[ratio["denominator"]]["median_ms"])
+
+
+def test_mole_references_match_for_every_router(tmp_path):
+    result = bench_mole.main(["--tokens", "64", "--hidden", "32", "--rank", "4", "--experts", "4", "--dtype", "float64",
+                              "--router-scale", "4", "--out", str(tmp_path), *FAST])
+    # adapter: ours + candidate; layer: ours -> 3 checks per router, all against the naive loop.
+    assert len(result.checks) == 3 * 4 and all(c.max_rel_err < 1e-10 for c in result.checks)
+    assert set(result.extra["routing"]) == {"topk", "dynmole", "gwmoe", "mor"}
+    assert result.extra["routing"]["topk"]["mean_active_experts"] == pytest.approx(2.0)
+    assert (tmp_path / "mole.json").is_file()
+
+
+def test_merge_reference_matches_exactly():
+    result = bench_merge.main(["--batch", "4", "--text-tokens", "12", "--visual-tokens", "5", "--hidden", "8", *FAST])
+    assert result.checks[0].max_rel_err == 0.0
+
+
+def test_naive_mole_loop_is_an_independent_reference():
+    """The naive loop must not share the grouped executor: zeroing one expert's routing column changes only it."""
+    torch.manual_seed(0)
+    sizes = dict(tokens=16, hidden=8, experts=3, top_k=2, rank=2)
+    x = torch.randn(1, 16, 8, dtype=torch.float64)
+    layer = bench_mole.make_layer("topk", sizes, x.float(), 1.0, 0.9).double()
+    flat = x.reshape(-1, 8)
+    weights = layer.router(flat).weights
+    by_hand = sum(weights[:, e : e + 1] * (flat @ layer.experts.lora_A[e].t() @ layer.experts.lora_B[e].t())
+                  * layer.experts.scaling for e in range(3))
+    torch.testing.assert_close(bench_mole.naive_delta(layer, x), by_hand)
+
+
+def test_check_same_rejects_a_wrong_result():
+    ref = torch.randn(10)
+    with pytest.raises(AssertionError, match="disagree on 'output'"):
+        harness.check_same("demo", [ref + 0.1], [ref], torch.float32, ["output"])
+    assert harness.check_same("demo", [ref.clone()], [ref], torch.float32).max_rel_err == 0.0
+
+
+def test_timing_summary_and_ratio_direction():
+    timings = {"fast": harness.Timing.of([1.0, 2.0, 3.0]), "slow": harness.Timing.of([10.0, 20.0, 30.0])}
+    assert timings["fast"].median_ms == 2.0 and timings["fast"].min_ms == 1.0
+    speedup = harness.Ratio("speedup", "slow", "fast", 5.0, "at_least").evaluate(timings)
+    assert speedup.value == pytest.approx(10.0) and speedup.met
+    overhead = harness.Ratio("overhead", "slow", "fast", 1.5, "at_most").evaluate(timings)
+    assert not overhead.met

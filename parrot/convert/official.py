@@ -1,0 +1,427 @@
+"""Convert a checkpoint saved by the official AIDC-AI/Parrot code into this package's format.
+
+The official model (`ParrotQwen2ForCausalLM`, `model_type` "parrot_qwen2"; Sun et al., 2024, arXiv 2406.02539)
+is a Qwen2 causal LM whose `model` also owns the multimodal parts. Its checkpoint names map to ours as
+
+    model.{embed_tokens,layers,norm}.*                      -> language_model.model.*
+    lm_head.weight                                          -> language_model.lm_head.weight
+    model.mm_projector.*  (linear / mlp{N}x_gelu)           -> mm_projector.*          (same layer indices)
+    model.vision_tower.vision_tower[.vision_model].*        -> vision_tower.model.*    (HF CLIPVisionModel)
+    model.moe_model.gate.weight               (E, D)        -> moe.router.gate.weight  (E, D)
+    model.moe_model.experts.{e}.gate_proj.weight  (I, D)    -> moe.experts.gate_proj[e] (D, I)   (transposed,
+    model.moe_model.experts.{e}.up_proj.weight    (I, D)    -> moe.experts.up_proj[e]   (D, I)    stacked over e:
+    model.moe_model.experts.{e}.down_proj.weight  (D, I)    -> moe.experts.down_proj[e] (I, D)    x @ W layout)
+
+and its config keys to `ParrotConfig`: `mm_projector_type` -> projector_type, `mm_vision_select_layer` /
+`mm_vision_select_feature` -> vision_select_layer / vision_select_feature, `num_experts` -> moe_num_experts,
+`moe_intermediate_size`, `use_moe`, `use_moe_residual`, `moe_weight`, `image_aspect_ratio` -> image_aspect_mode.
+Where a key is absent the official forward's own default applies (`MultilingualMoE`: use_moe=True,
+use_moe_residual=True, moe_weight=1.0; `CLIPVisionTower`: select_feature "patch"; projector "linear").
+The official MoE always routes densely over all experts (its `moe_top_k` is never used), so moe_top_k=None.
+
+The official code has no `<image>` token: its `tokenizer_image_token` splits the prompt at the literal text
+"<image>" and inserts the sentinel id -200. Here `<image>` is added to the tokenizer as a special token; it
+takes the first free id (Qwen's embedding matrix is padded beyond the tokenizer, so no resize is needed), and
+otherwise the embeddings and the LM head grow by rows equal to the mean of the existing rows.
+
+The vision tower's architecture is read from `--vision DIR` (an HF CLIP / CLIPVision checkpoint), else from
+`mm_vision_tower` when that is a local directory, else from `KNOWN_VISION_TOWERS` by name. Its weights come
+from the checkpoint (the official trainer saves the whole state dict) or, when absent there, from that directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from safetensors.torch import load_file
+from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, GenerationConfig, PreTrainedTokenizerBase
+
+from ..data.processor import IMAGE_TOKEN, ParrotProcessor
+from ..model import ParrotConfig, ParrotForCausalLM
+from ..model.parrot_moe import ParrotMoEProjector
+from ..model.vision import load_pretrained_vision_model
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_IMAGE_TOKEN_INDEX = -200  # the official sentinel id for "<image>" (parrot/utils/constants.py)
+# Official model_type -> the HF model_type of its language model (the official code ships only Qwen2).
+OFFICIAL_TEXT_MODEL_TYPES = {"parrot_qwen2": "qwen2"}
+# Keys the official code adds to the LLM config (multimodal, MoE and training settings): not part of the LLM.
+OFFICIAL_EXTRA_KEYS = frozenset({
+    "mm_vision_tower", "mm_hidden_size", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
+    "mm_patch_merge_type", "use_mm_proj", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_projector_lr",
+    "image_aspect_ratio", "image_grid_pinpoints", "tokenizer_model_max_length", "tokenizer_padding_side",
+    "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "unfreeze_mm_vision_tower", "num_experts", "moe_hidden_size",
+    "use_moe", "use_moe_residual", "moe_intermediate_size", "moe_top_k", "moe_weight", "architectures",
+    "model_type", "auto_map", "transformers_version", "_name_or_path",
+})
+_COMMON_CLIP = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3)
+# Vision towers the official recipes use, by the name `mm_vision_tower` holds (hub id or a path ending in it).
+KNOWN_VISION_TOWERS: dict[str, dict] = {
+    "clip-vit-large-patch14-336": dict(_COMMON_CLIP, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+    "clip-vit-large-patch14": dict(_COMMON_CLIP, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                   num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768),
+}
+_EXPERT = re.compile(r"^model\.moe_model\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_VISION_PREFIX = "model.vision_tower.vision_tower."
+
+
+class ConversionError(ValueError):
+    """The source checkpoint cannot be converted; the message names the file, config key or tensors."""
+
+
+@dataclass(frozen=True)
+class OfficialSettings:
+    """What an official `config.json` says beyond the language model."""
+
+    vision_tower: str
+    projector_type: str
+    select_layer: int
+    select_feature: str
+    has_moe: bool  # the official model builds `moe_model` only when `moe_hidden_size` is in the config
+    use_moe: bool
+    num_experts: int
+    moe_hidden_size: int | None
+    moe_intermediate_size: int | None
+    use_moe_residual: bool
+    moe_weight: float
+    image_aspect_mode: str
+    model_max_length: int | None
+
+
+# --- reading the source ----------------------------------------------------------------------------------------
+def read_official_config(src: Path) -> tuple[dict, OfficialSettings]:
+    """(the language model's config dict with its HF model_type, the multimodal settings)."""
+    path = src / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{path}: not found; --src must be an official Parrot checkpoint directory")
+    raw = json.loads(path.read_text())
+    model_type = raw.get("model_type")
+    if model_type not in OFFICIAL_TEXT_MODEL_TYPES:
+        raise ConversionError(f"{path}: model_type={model_type!r}; an official Parrot checkpoint has one of "
+                              f"{sorted(OFFICIAL_TEXT_MODEL_TYPES)}")
+    for key in ("mm_vision_tower", "mm_vision_select_layer"):
+        if key not in raw:
+            raise ConversionError(f"{path}: key {key!r} is missing (needed to rebuild the vision tower)")
+    merge_type = raw.get("mm_patch_merge_type", "flat")
+    if merge_type != "flat":
+        raise ConversionError(f"{path}: mm_patch_merge_type={merge_type!r} is not supported (only 'flat')")
+    if raw.get("mm_use_im_start_end", False):
+        raise ConversionError(f"{path}: mm_use_im_start_end=true is not supported (the official code has no "
+                              "image start/end tokens either)")
+    aspect = raw.get("image_aspect_ratio", "pad")
+    if aspect not in ("pad", "square", None):
+        raise ConversionError(f"{path}: image_aspect_ratio={aspect!r} is not supported (use 'pad' or 'square')")
+    has_moe = "moe_hidden_size" in raw
+    if has_moe:
+        for key in ("num_experts", "moe_intermediate_size"):
+            if raw.get(key) is None:
+                raise ConversionError(f"{path}: key {key!r} is missing but moe_hidden_size is set")
+    settings = OfficialSettings(
+        vision_tower=str(raw["mm_vision_tower"]),
+        projector_type=raw.get("mm_projector_type", "linear"),
+        select_layer=int(raw["mm_vision_select_layer"]),
+        select_feature=raw.get("mm_vision_select_feature", "patch"),
+        has_moe=has_moe,
+        use_moe=has_moe and bool(raw.get("use_moe", True)),
+        num_experts=int(raw.get("num_experts") or 1),
+        moe_hidden_size=raw.get("moe_hidden_size"),
+        moe_intermediate_size=raw.get("moe_intermediate_size"),
+        use_moe_residual=bool(raw.get("use_moe_residual", True)),
+        moe_weight=float(raw.get("moe_weight", 1.0)),
+        image_aspect_mode="pad" if aspect == "pad" else "resize",
+        model_max_length=raw.get("tokenizer_model_max_length"),
+    )
+    if has_moe and settings.moe_hidden_size != raw.get("hidden_size"):
+        raise ConversionError(f"{path}: moe_hidden_size={settings.moe_hidden_size} differs from hidden_size="
+                              f"{raw.get('hidden_size')}; the Parrot MoE runs in the LLM's hidden size")
+    text_config = {k: v for k, v in raw.items() if k not in OFFICIAL_EXTRA_KEYS}
+    text_config["model_type"] = OFFICIAL_TEXT_MODEL_TYPES[model_type]
+    return text_config, settings
+
+
+def load_checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF-style checkpoint: sharded or single, safetensors or PyTorch `.bin`."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = directory / index_name
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            break
+    else:
+        files = [name for name in ("model.safetensors", "pytorch_model.bin") if (directory / name).is_file()][:1]
+    if not files:
+        raise ConversionError(f"{directory}: no model.safetensors / pytorch_model.bin (or their .index.json)")
+    state: dict[str, torch.Tensor] = {}
+    for name in tqdm(files, desc="reading shards", disable=len(files) < 2):
+        path = directory / name
+        if not path.is_file():
+            raise ConversionError(f"{path}: listed in the checkpoint index but missing")
+        if name.endswith(".safetensors"):
+            state.update(load_file(str(path)))
+        else:
+            state.update(torch.load(path, map_location="cpu", weights_only=True))
+    return state
+
+
+def vision_config_for(settings: OfficialSettings, vision_dir: Path | None) -> CLIPVisionConfig:
+    """The CLIP vision tower's config (see the module docstring for where it comes from)."""
+    local = vision_dir or (Path(settings.vision_tower) if Path(settings.vision_tower).is_dir() else None)
+    if local is not None:
+        if not (local / "config.json").is_file():
+            raise ConversionError(f"{local}: no config.json; --vision must be an HF CLIP checkpoint directory")
+        config = AutoConfig.from_pretrained(local)
+        config = config.vision_config if hasattr(config, "vision_config") else config  # a full CLIPConfig
+        if not isinstance(config, CLIPVisionConfig):
+            raise ConversionError(f"{local}: model_type={config.model_type!r}; only CLIP towers are supported")
+        return config
+    name = settings.vision_tower.rstrip("/").rsplit("/", 1)[-1]
+    if name not in KNOWN_VISION_TOWERS:
+        raise ConversionError(f"mm_vision_tower={settings.vision_tower!r} is neither a local directory nor a known "
+                              f"tower ({sorted(KNOWN_VISION_TOWERS)}); pass --vision DIR (a local CLIP checkpoint)")
+    return CLIPVisionConfig(**KNOWN_VISION_TOWERS[name])
+
+
+def image_normalisation(vision_dir: Path | None) -> dict:
+    """image_mean / image_std from the tower's `preprocessor_config.json` when there is one."""
+    path = vision_dir / "preprocessor_config.json" if vision_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    return {key: raw[key] for key in ("image_mean", "image_std") if key in raw}
+
+
+# --- mapping ---------------------------------------------------------------------------------------------------
+def _our_name(name: str) -> str | None:
+    """Our parameter name for an official (non-expert) tensor name; None for names we do not know."""
+    if name == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    if name.startswith(_VISION_PREFIX):
+        rest = name[len(_VISION_PREFIX):]
+        return "vision_tower.model." + rest.removeprefix("vision_model.")  # CLIPVisionModel drops vision_model.
+    if name.startswith("model.mm_projector."):
+        return name[len("model."):]
+    if name == "model.moe_model.gate.weight":
+        return "moe.router.gate.weight"
+    if name.startswith(("model.moe_model.", "model.image_newline")):
+        return None
+    if name.startswith("model."):
+        return "language_model." + name
+    return None
+
+
+def _stack_experts(state: dict[str, torch.Tensor], num_experts: int, hidden: int, inner: int,
+                   problems: list[str]) -> dict[str, torch.Tensor]:
+    """Official per-expert nn.Linear weights -> our stacked (E, D, I) / (E, I, D) tensors (x @ W layout)."""
+    linear_shape = {"gate_proj": (inner, hidden), "up_proj": (inner, hidden), "down_proj": (hidden, inner)}
+    stacked = {}
+    for proj, shape in linear_shape.items():
+        per_expert = []
+        for e in range(num_experts):
+            key = f"model.moe_model.experts.{e}.{proj}.weight"
+            if key not in state:
+                problems.append(f"missing: {key}")
+            elif tuple(state[key].shape) != shape:
+                problems.append(f"mis-shaped: {key} is {tuple(state[key].shape)}, expected {shape}")
+            else:
+                per_expert.append(state[key].t())
+        if len(per_expert) == num_experts:
+            stacked[f"moe.experts.{proj}"] = torch.stack(per_expert).contiguous()  # (E, D, I) or (E, I, D)
+    return stacked
+
+
+def map_official_state_dict(
+    state: dict[str, torch.Tensor], config: ParrotConfig, expected: dict[str, tuple[int, ...]],
+    with_moe: bool, optional_prefixes: tuple[str, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """Rename/reshape official tensors to ours and check them against `expected` (our names -> shapes).
+
+    `with_moe`: the checkpoint must hold the MoE (`model.moe_model.*`). Keys under `optional_prefixes` may be
+    missing (the caller fills them). Raises ConversionError listing every missing, mis-shaped and unknown tensor
+    by its official name.
+    """
+    problems: list[str] = []
+    mapped: dict[str, torch.Tensor] = {}
+    source_of: dict[str, str] = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            embeddings = state.get("model.embed_tokens.weight")
+            if embeddings is None or not torch.equal(tensor, embeddings):
+                problems.append("unexpected: lm_head.weight differs from model.embed_tokens.weight although the "
+                                "config ties them (tie_word_embeddings=true)")
+            continue  # a saved copy of the tied embeddings
+        expert = _EXPERT.match(name)
+        if expert is not None and with_moe and int(expert.group(1)) < config.moe_num_experts:
+            continue  # stacked below
+        ours = _our_name(name) if expert is None else None
+        if ours is None or ours not in expected or (ours.startswith("moe.") and not with_moe):
+            problems.append(f"unexpected: {name}")
+            continue
+        mapped[ours], source_of[ours] = tensor, name
+    if with_moe:
+        hidden, inner = config.text_config.hidden_size, config.moe_intermediate_size or config.text_config.hidden_size
+        mapped.update(_stack_experts(state, config.moe_num_experts, hidden, inner, problems))
+        source_of.update({f"moe.experts.{p}": f"model.moe_model.experts.*.{p}.weight"
+                          for p in ("gate_proj", "up_proj", "down_proj")})
+    for ours, shape in expected.items():
+        if ours in mapped:
+            if tuple(mapped[ours].shape) != shape:
+                problems.append(f"mis-shaped: {source_of[ours]} is {tuple(mapped[ours].shape)}, expected {shape}")
+        elif not ours.startswith(optional_prefixes) and not ours.startswith("moe.experts."):
+            problems.append(f"missing: {official_name(ours)}")  # (missing experts are named by _stack_experts)
+    if problems:
+        raise ConversionError("the checkpoint does not match its config:\n  " + "\n  ".join(sorted(set(problems))))
+    return mapped
+
+
+def official_name(ours: str) -> str:
+    """The official checkpoint name of one of our tensors (for error messages)."""
+    if ours == "language_model.lm_head.weight":
+        return "lm_head.weight"
+    if ours.startswith("language_model."):
+        return ours[len("language_model."):]
+    if ours.startswith("vision_tower.model."):
+        return _VISION_PREFIX + "vision_model." + ours[len("vision_tower.model."):]
+    if ours == "moe.router.gate.weight":
+        return "model.moe_model.gate.weight"
+    return "model." + ours
+
+
+def expected_tensors(config: ParrotConfig) -> dict[str, tuple[int, ...]]:
+    """Our model's saved tensors (tied weights once) and their shapes, from a meta-device instance (no memory)."""
+    with torch.device("meta"):
+        model = ParrotForCausalLM(config)
+    seen: set[int] = set()
+    shapes = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            shapes[name] = tuple(tensor.shape)
+    return shapes
+
+
+# --- tokenizer -------------------------------------------------------------------------------------------------
+def prepare_tokenizer(src: Path) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer with the official special-token roles and an atomic `<image>` token.
+
+    As the official loader: pad = `<|endoftext|>`, eos = `<|im_end|>` (Qwen ChatML) when the vocabulary has them.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        tokenizer.pad_token = "<|endoftext|>"
+    if "<|im_end|>" in vocab:
+        tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if IMAGE_TOKEN not in vocab:
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer
+
+
+def _grow_vocab(state: dict[str, torch.Tensor], new_size: int) -> None:
+    """Append rows (the mean of the existing rows) to the embeddings and the untied LM head."""
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in state:
+            weight = state[key]
+            extra = weight.float().mean(0, keepdim=True).to(weight.dtype).expand(new_size - weight.shape[0], -1)
+            state[key] = torch.cat([weight, extra])
+
+
+# --- the conversion --------------------------------------------------------------------------------------------
+def convert_official(
+    src: str | Path, dst: str | Path, vision: str | Path | None = None, template: str = "chatml",
+    model_max_length: int | None = None, max_shard_size: str = "5GB",
+) -> Path:
+    """Read an official Parrot checkpoint in `src`, write our model + processor to `dst`; returns `dst`.
+
+    Nothing is written when the checkpoint does not match its config (ConversionError names the tensors).
+    """
+    src, dst = Path(src), Path(dst)
+    vision_dir = Path(vision) if vision is not None else None
+    text_config, settings = read_official_config(src)
+    tokenizer = prepare_tokenizer(src)
+    logger.info("reading %s", src)
+    state = load_checkpoint_tensors(src)
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    dtype = max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
+
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_token_id >= text_config["vocab_size"]:
+        logger.info("growing the vocabulary %d -> %d for %s", text_config["vocab_size"], len(tokenizer), IMAGE_TOKEN)
+        _grow_vocab(state, len(tokenizer))
+        text_config["vocab_size"] = len(tokenizer)
+    text_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision_config = vision_config_for(settings, vision_dir)
+    config = ParrotConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=image_token_id,
+        vision_select_layer=settings.select_layer,
+        vision_select_feature=settings.select_feature,
+        projector_type=settings.projector_type,
+        use_moe=settings.use_moe,
+        moe_num_experts=settings.num_experts,
+        moe_intermediate_size=settings.moe_intermediate_size,
+        moe_top_k=None,
+        use_moe_residual=settings.use_moe_residual,
+        moe_weight=settings.moe_weight,
+        image_aspect_mode=settings.image_aspect_mode,
+        **image_normalisation(vision_dir),
+    )
+    try:
+        config.check_model_settings()
+    except ValueError as err:
+        raise ConversionError(f"{src / 'config.json'}: {err}") from err
+    config.dtype = str(dtype).removeprefix("torch.")
+
+    expected = expected_tensors(config)
+    has_vision_weights = any(k.startswith(_VISION_PREFIX) for k in state)
+    optional = ("vision_tower.",) if not has_vision_weights else ()
+    if not settings.has_moe:
+        optional += ("moe.",)  # saved without `moe_model`: the MoE is off and gets fresh (unused) weights
+    mapped = map_official_state_dict(state, config, expected, settings.has_moe, optional)
+    if not has_vision_weights:
+        mapped.update(_vision_weights(settings, vision_dir, vision_config))
+    if not settings.has_moe:
+        mapped.update(_fresh_moe(config))
+    missing = sorted(set(expected) - set(mapped))
+    if missing:
+        raise ConversionError("missing tensors after conversion: " + ", ".join(missing))
+    for name, tensor in mapped.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ConversionError(f"{name}: shape {tuple(tensor.shape)} from --vision, expected {expected[name]}")
+
+    dst.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(dst)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(dst)
+    logger.info("writing %d tensors to %s", len(mapped), dst)
+    save_torch_state_dict({k: v.to(dtype).contiguous() for k, v in mapped.items()}, dst,
+                          max_shard_size=max_shard_size)
+    max_length = model_max_length or settings.model_max_length or 2048
+    ParrotProcessor.for_model(tokenizer, config, template, max_length).save_pretrained(dst)
+    return dst
+
+
+def _vision_weights(settings: OfficialSettings, vision_dir: Path | None,
+                    vision_config: CLIPVisionConfig) -> dict[str, torch.Tensor]:
+    local = vision_dir or (Path(settings.vision_tower) if Path(settings.vision_tower).is_dir() else None)
+    if local is None:
+        raise ConversionError(f"the checkpoint holds no vision tower weights ({_VISION_PREFIX}*) and "
+                              f"mm_vision_tower={settings.vision_tower!r} is not local; pass --vision DIR")
+    logger.info("vision tower weights from %s", local)
+    tower = load_pretrained_vision_model(str(local), vision_config)
+    return {f"vision_tower.model.{k}": v for k, v in tower.state_dict().items()}
+
+
+def _fresh_moe(config: ParrotConfig) -> dict[str, torch.Tensor]:
+    """A freshly initialised (and unused: use_moe is off) MoE for a checkpoint saved without one."""
+    return {f"moe.{k}": v for k, v in ParrotMoEProjector(config).state_dict().items()}

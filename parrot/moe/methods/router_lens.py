@@ -1,0 +1,475 @@
+"""Router Lens + CEFT: find and tune the context-faithful experts of an MoE LLM.
+
+Bai et al., 2025, "Understanding and Leveraging the Expert Specialization of Context Faithfulness in
+Mixture-of-Experts LLMs" (arXiv 2508.19594; official code bigai-nlco/RouterLens, read to verify):
+
+- Router Lens (paper Sec. 3): fine-tune ONLY the routers of an MoE LLM on a context-dependent task
+  (official `rt`: target modules `mlp.gate`), then count, per layer, how often each expert is among the
+  top-k experts of each token (official `exp_act_count.py`: argsort of the router logits, top
+  `num_act_experts`). The most activated experts after router tuning are the context-faithful experts.
+  Our ranking score is the RISE of that activation frequency from the untuned to the router-tuned model,
+  measured on the context-dependent tokens (positions whose next token must be copied from the passage);
+  `score="tuned"` ranks by the tuned frequency alone, as the official count does (over all tokens).
+- CEFT (paper Sec. 4): fine-tune only the selected experts' weights (official `ceft-N`: the top-N experts
+  of EVERY layer by that count, their gate/up/down projections), everything else frozen, starting from
+  the original (not router-tuned) model.
+
+In transformers 5.x the experts of a layer are stacked 3-D parameters, so `CEFTExperts` keeps the stacked
+tensors frozen and trains copies of the selected experts' slices, written back into the stacked tensors on
+every forward (`index_copy` + `torch.func.functional_call`); `merge_ceft` folds them back so the model's
+parameter names are unchanged for `save_pretrained`.
+
+Command (writes the ranked expert table as CSV + Markdown and a layer x expert heat map):
+
+    python -m parrot.moe.methods.router_lens --out runs/router_lens [--steps 60] [--ceft-top-n 2 --ceft-steps 30]
+
+It builds a tiny OLMoE from a config (or `--model DIR`, a local checkpoint) and a synthetic context-copy
+task (`make_context_copy_batches`): "BOS k1 v1 ... kn vn SEP k ANS -> v", the answer copied from the passage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from ..diagnostics import plot_expert_load
+from ..routers import selection_from_indices
+from .moe_blocks import find_moe_blocks, layer_index
+
+logger = logging.getLogger(__name__)
+PAD, BOS, SEP, ANS = 0, 1, 2, 3
+NUM_SPECIAL = 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic context-grounded task
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ContextTaskConfig:
+    """Key-value passages; the question names one key, the answer is its value copied from the passage.
+
+    Token ids: 0 PAD, 1 BOS, 2 SEP, 3 ANS; keys in [4, 4 + num_keys); values (spans of `value_length`
+    tokens) in [4 + num_keys, vocab_size).
+    """
+
+    vocab_size: int = 64
+    num_keys: int = 16
+    num_pairs: int = 4
+    value_length: int = 2
+    batch_size: int = 8
+    num_batches: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_pairs > self.num_keys:
+            raise ValueError(f"ContextTaskConfig.num_pairs={self.num_pairs} exceeds num_keys={self.num_keys}")
+        if self.value_length < 1:
+            raise ValueError(f"ContextTaskConfig.value_length={self.value_length} must be >= 1")
+        if self.vocab_size - NUM_SPECIAL - self.num_keys < 2:
+            raise ValueError(f"ContextTaskConfig.vocab_size={self.vocab_size} leaves fewer than 2 value tokens")
+
+
+def make_context_copy_batches(config: ContextTaskConfig) -> list[dict[str, torch.Tensor]]:
+    """Batches with input_ids / attention_mask / labels (B, S) and context_mask (B, S) bool.
+
+    Sequence: BOS k1 v1 ... kn vn SEP k_q ANS v_q, each v a span of m = value_length tokens. Only v_q's tokens
+    are labels; `context_mask` marks the positions whose next token is one of them (ANS and v_q but its last
+    token): the context-dependent tokens, whose next-token prediction needs the passage.
+    """
+    g = torch.Generator().manual_seed(config.seed)
+    B, n, m = config.batch_size, config.num_pairs, config.value_length
+    first_value = NUM_SPECIAL + config.num_keys
+    batches = []
+    for _ in range(config.num_batches):
+        keys = torch.rand(B, config.num_keys, generator=g).argsort(-1)[:, :n] + NUM_SPECIAL  # (B, n) distinct
+        values = torch.randint(first_value, config.vocab_size, (B, n, m), generator=g)  # (B, n, m)
+        query = torch.randint(0, n, (B,), generator=g)
+        rows = torch.arange(B)
+        passage = torch.cat([keys[:, :, None], values], -1).reshape(B, n * (m + 1))
+        ids = torch.cat([torch.full((B, 1), BOS), passage, torch.full((B, 1), SEP), keys[rows, query, None],
+                         torch.full((B, 1), ANS), values[rows, query]], 1)  # (B, n(m+1) + 4 + m)
+        labels = torch.full_like(ids, -100)
+        labels[:, -m:] = ids[:, -m:]
+        context_mask = torch.zeros_like(ids, dtype=torch.bool)
+        context_mask[:, -m - 1 : -1] = True
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+                        "context_mask": context_mask})
+    return batches
+
+
+def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels") if k in batch}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Routing frequencies and router tuning
+# ----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def record_gate_selection(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """While active, every MoE router's chosen expert ids (T, k) are appended per block name."""
+    records: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, block in find_moe_blocks(model):
+        records[name] = []
+
+        def hook(module, args, output, _name=name):
+            records[_name].append(output[2].detach())  # router_indices (T, k)
+
+        handles.append(block.gate.register_forward_hook(hook))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def routing_frequency(model: nn.Module, batches: list[dict[str, torch.Tensor]], mask_key: str = "context_mask") -> tuple[list[str], torch.Tensor]:
+    """Per MoE block and expert, the share of selected tokens (batch[mask_key], (B, S) bool; all real tokens
+    when absent) whose top-k includes the expert. Returns (block names, frequency (L, E) float64)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    counts: torch.Tensor | None = None
+    total = 0
+    try:
+        with record_gate_selection(model) as records:
+            for batch in batches:
+                for r in records.values():
+                    r.clear()
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                mask = batch.get(mask_key, batch["attention_mask"].bool()).reshape(-1).to(device)  # (T,)
+                per_layer = []
+                for name in records:
+                    indices = records[name][-1]
+                    selected = selection_from_indices(indices, model.get_submodule(name).gate.num_experts)  # (T, E)
+                    per_layer.append(selected[mask].double().sum(0))
+                layer_counts = torch.stack(per_layer)  # (L, E)
+                counts = layer_counts if counts is None else counts + layer_counts
+                total += int(mask.sum())
+            names = list(records)
+    finally:
+        model.train(was_training)
+    if counts is None or total == 0:
+        raise ValueError("routing_frequency: no selected tokens in the batches")
+    return names, (counts / total).cpu()
+
+
+def router_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every MoE router (the blocks' `gate`)."""
+    return [(f"{name}.gate.{n}", p) for name, block in find_moe_blocks(model) for n, p in block.gate.named_parameters()]
+
+
+def router_tune(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps: int, lr: float = 5e-3) -> list[float]:
+    """Router Lens tuning: train only the MoE routers on the task's LM loss (official `rt`); returns losses.
+
+    Every other parameter is frozen for the duration and its requires_grad flag restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    routers = router_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, p in routers:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam([p for _, p in routers], lr=lr)
+    device = next(model.parameters()).device
+    model.train()
+    losses = []
+    try:
+        for step in tqdm(range(steps), desc="router tuning", leave=False):
+            loss = model(**_model_inputs(batches[step % len(batches)], device)).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach().item())
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+    return losses
+
+
+@dataclass
+class ExpertScore:
+    """One (layer, expert) of the Router Lens ranking; frequencies are shares of context-dependent tokens."""
+
+    block: str
+    layer: int
+    expert: int
+    base_frequency: float
+    tuned_frequency: float
+
+    @property
+    def rise(self) -> float:
+        return self.tuned_frequency - self.base_frequency
+
+
+def rank_experts(blocks: list[str], base: torch.Tensor, tuned: torch.Tensor, score: str = "rise") -> list[ExpertScore]:
+    """All (layer, expert) pairs sorted by `score` ("rise" = tuned - base, or "tuned"), best first."""
+    if base.shape != tuned.shape or base.shape[0] != len(blocks):
+        raise ValueError(f"rank_experts: shapes {tuple(base.shape)} / {tuple(tuned.shape)} do not match {len(blocks)} blocks")
+    if score not in ("rise", "tuned"):
+        raise ValueError(f"rank_experts: score must be 'rise' or 'tuned', got {score!r}")
+    rows = [ExpertScore(b, layer_index(b), e, float(base[i, e]), float(tuned[i, e]))
+            for i, b in enumerate(blocks) for e in range(base.shape[1])]
+    key = (lambda r: (-r.rise, -r.tuned_frequency)) if score == "rise" else (lambda r: (-r.tuned_frequency, -r.rise))
+    return sorted(rows, key=key)
+
+
+@dataclass
+class RouterLensResult:
+    blocks: list[str]
+    base_frequency: torch.Tensor  # (L, E)
+    tuned_frequency: torch.Tensor  # (L, E)
+    ranking: list[ExpertScore]
+    losses: list[float]
+
+
+def run_router_lens(model: nn.Module, train_batches: list[dict[str, torch.Tensor]], eval_batches: list[dict[str, torch.Tensor]] | None = None,
+                    steps: int = 60, lr: float = 5e-3, score: str = "rise", restore_routers: bool = True) -> RouterLensResult:
+    """Measure routing on context tokens, tune the routers, measure again, rank (layer, expert).
+
+    With `restore_routers` the original router weights are put back afterwards (CEFT starts from the
+    original model, as in the paper).
+    """
+    eval_batches = eval_batches or train_batches
+    saved = {n: p.detach().clone() for n, p in router_parameters(model)}
+    blocks, base = routing_frequency(model, eval_batches)
+    losses = router_tune(model, train_batches, steps, lr)
+    _, tuned = routing_frequency(model, eval_batches)
+    if restore_routers:
+        with torch.no_grad():
+            for n, p in router_parameters(model):
+                p.copy_(saved[n])
+    logger.info("router tuning loss %.4f -> %.4f over %d steps", losses[0] if losses else float("nan"),
+                losses[-1] if losses else float("nan"), steps)
+    return RouterLensResult(blocks, base, tuned, rank_experts(blocks, base, tuned, score), losses)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs: ranked table + heat maps
+# ----------------------------------------------------------------------------------------------------
+
+_TABLE_HEADER = ["rank", "block", "layer", "expert", "base_frequency", "tuned_frequency", "rise"]
+
+
+def write_router_lens_outputs(result: RouterLensResult, out_dir: str | Path) -> dict[str, Path]:
+    """router_lens_ranking.csv / .md, router_lens_rise.png (layer x expert rise), router_lens_tuned_load.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [[i + 1, r.block, r.layer, r.expert, r.base_frequency, r.tuned_frequency, r.rise] for i, r in enumerate(result.ranking)]
+    paths = {"csv": out_dir / "router_lens_ranking.csv", "markdown": out_dir / "router_lens_ranking.md",
+             "heatmap": out_dir / "router_lens_rise.png", "tuned_load": out_dir / "router_lens_tuned_load.png",
+             "losses": out_dir / "router_lens_losses.json"}
+    with paths["csv"].open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(_TABLE_HEADER)
+        writer.writerows(rows)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(_TABLE_HEADER) + " |", "|" + "---|" * len(_TABLE_HEADER)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    paths["markdown"].write_text("\n".join(lines) + "\n")
+
+    rise = (result.tuned_frequency - result.base_frequency).numpy()
+    bound = max(float(abs(rise).max()), 1e-6)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * rise.shape[1] + 3), max(3.0, 0.3 * rise.shape[0] + 1.5)))
+    image = ax.imshow(rise, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(rise.shape[1]))
+    ax.set_yticks(range(rise.shape[0]))
+    ax.set_yticklabels([str(layer_index(b)) for b in result.blocks])
+    ax.set_title("Router Lens: rise of routing frequency on context tokens")
+    fig.colorbar(image, ax=ax, label="tuned - base frequency")
+    fig.tight_layout()
+    fig.savefig(paths["heatmap"], dpi=100)
+    plt.close(fig)
+    plot_expert_load({b: result.tuned_frequency[i].tolist() for i, b in enumerate(result.blocks)}, paths["tuned_load"],
+                     title="Routing frequency on context tokens after router tuning")
+    paths["losses"].write_text(json.dumps({"router_tuning": result.losses}))
+    return paths
+
+
+def load_ranking_csv(path: str | Path) -> list[ExpertScore]:
+    """Read back a ranking written by `write_router_lens_outputs` (in file order)."""
+    path = Path(path)
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = set(_TABLE_HEADER) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: ranking CSV lacks columns {sorted(missing)}")
+        rows = []
+        for line, rec in enumerate(reader, start=2):
+            try:
+                rows.append(ExpertScore(rec["block"], int(rec["layer"]), int(rec["expert"]),
+                                        float(rec["base_frequency"]), float(rec["tuned_frequency"])))
+            except ValueError as err:
+                raise ValueError(f"{path}:{line}: bad ranking row ({err})") from err
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# CEFT: tune only the selected experts
+# ----------------------------------------------------------------------------------------------------
+
+
+def select_context_experts(ranking: list[ExpertScore], top_n: int, per_layer: bool = True) -> dict[str, list[int]]:
+    """{block: expert ids} to tune: the top-N of every layer (official `ceft-N`) or the top-N overall."""
+    if top_n < 1:
+        raise ValueError(f"select_context_experts: top_n={top_n} must be >= 1")
+    chosen: dict[str, list[int]] = {}
+    if per_layer:
+        for r in ranking:
+            ids = chosen.setdefault(r.block, [])
+            if len(ids) < top_n:
+                ids.append(r.expert)
+    else:
+        for r in ranking[:top_n]:
+            chosen.setdefault(r.block, []).append(r.expert)
+    return {b: sorted(ids) for b, ids in chosen.items()}
+
+
+class CEFTExperts(nn.Module):
+    """A frozen stacked-experts module whose selected experts' weights train (see the module docstring).
+
+    Every parameter of `base` whose first dim is the expert count (gate_up_proj (E, 2I, D), down_proj
+    (E, D, I), biases if any) gets a trainable copy of the selected rows, `tuned_<name>` (n, ...).
+    """
+
+    def __init__(self, base: nn.Module, expert_ids: list[int]):
+        super().__init__()
+        num_experts = base.num_experts
+        if not expert_ids or any(not 0 <= e < num_experts for e in expert_ids) or len(set(expert_ids)) != len(expert_ids):
+            raise ValueError(f"CEFTExperts: expert ids {expert_ids} must be distinct and in [0, {num_experts})")
+        self.base = base
+        self.num_experts = num_experts
+        base.requires_grad_(False)
+        self.register_buffer("expert_ids", torch.tensor(sorted(expert_ids), dtype=torch.long), persistent=True)
+        self.stacked_names = [n for n, p in base.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == num_experts]
+        if not self.stacked_names:
+            raise ValueError(f"CEFTExperts: {type(base).__name__} has no stacked (E, ...) expert parameters")
+        ids = self.expert_ids.to(next(base.parameters()).device)
+        for n in self.stacked_names:
+            self.register_parameter(f"tuned_{n}", nn.Parameter(getattr(base, n).detach()[ids].clone()))
+
+    def merged_parameters(self) -> dict[str, torch.Tensor]:
+        ids = self.expert_ids
+        return {n: getattr(self.base, n).index_copy(0, ids, getattr(self, f"tuned_{n}")) for n in self.stacked_names}
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.base, self.merged_parameters(), args, kwargs)
+
+
+def prepare_ceft(model: nn.Module, selection: dict[str, list[int]]) -> list[str]:
+    """Freeze the model and make only the selected experts trainable; return the trainable parameter names."""
+    blocks = dict(find_moe_blocks(model))
+    unknown = sorted(set(selection) - set(blocks))
+    if unknown:
+        raise ValueError(f"prepare_ceft: {unknown} are not MoE blocks of {type(model).__name__} (have {sorted(blocks)[:4]}...)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, ids in selection.items():
+        if isinstance(blocks[name].experts, CEFTExperts):
+            raise ValueError(f"prepare_ceft: {name} already has CEFT experts")
+        blocks[name].experts = CEFTExperts(blocks[name].experts, ids)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def ceft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tuned expert slices and their expert ids only."""
+    return {f"{n}.{k}": v.detach().clone() for n, m in model.named_modules() if isinstance(m, CEFTExperts)
+            for k, v in m.state_dict().items() if not k.startswith("base.")}
+
+
+@torch.no_grad()
+def merge_ceft(model: nn.Module) -> list[str]:
+    """Write the tuned slices into the stacked tensors and unwrap, restoring the original parameter names."""
+    merged = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, CEFTExperts):
+            for n, value in module.merged_parameters().items():
+                getattr(module.base, n).copy_(value)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
+            merged.append(name)
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command
+# ----------------------------------------------------------------------------------------------------
+
+
+def _tiny_olmoe(vocab: int, seed: int) -> nn.Module:
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = OlmoeConfig(vocab_size=vocab, hidden_size=32, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+                         bos_token_id=BOS, eos_token_id=None, pad_token_id=PAD)
+    return OlmoeForCausalLM(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Router Lens (router tuning -> ranked context-faithful experts) + optional CEFT")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--model", default=None, help="local MoE causal-LM checkpoint directory (default: a tiny random OLMoE)")
+    parser.add_argument("--steps", type=int, default=60, help="router-tuning steps")
+    parser.add_argument("--lr", type=float, default=5e-3, help="router-tuning learning rate")
+    parser.add_argument("--score", choices=("rise", "tuned"), default="rise", help="ranking score")
+    parser.add_argument("--vocab", type=int, default=64, help="synthetic task vocabulary (must fit the model)")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--ceft-top-n", type=int, default=0, help="then CEFT-tune the top-N experts of every layer (0: skip)")
+    parser.add_argument("--ceft-steps", type=int, default=30)
+    parser.add_argument("--ceft-lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    else:
+        model = _tiny_olmoe(args.vocab, args.seed)
+    if model.get_input_embeddings().num_embeddings < args.vocab:
+        raise ValueError(f"--vocab {args.vocab} exceeds the model's vocabulary ({model.get_input_embeddings().num_embeddings})")
+    task = ContextTaskConfig(vocab_size=args.vocab, batch_size=args.batch_size, num_batches=args.batches, seed=args.seed)
+    train = make_context_copy_batches(task)
+    held_out = make_context_copy_batches(ContextTaskConfig(**{**asdict(task), "seed": args.seed + 1, "num_batches": 2}))
+    result = run_router_lens(model, train, held_out, steps=args.steps, lr=args.lr, score=args.score)
+    paths = write_router_lens_outputs(result, args.out)
+    print("\n".join(paths["markdown"].read_text().splitlines()[:12]))  # header + top 10
+    if args.ceft_top_n:
+        from .tuning import train_steps
+
+        selection = select_context_experts(result.ranking, args.ceft_top_n)
+        trainable = prepare_ceft(model, selection)
+        losses = train_steps(model, [_model_inputs(b, next(model.parameters()).device) for b in train], args.ceft_steps, args.ceft_lr)
+        (Path(args.out) / "ceft.json").write_text(json.dumps({"selection": selection, "trainable": trainable, "losses": losses}, indent=2))
+        logger.info("CEFT (%d tensors) loss %.4f -> %.4f", len(trainable), losses[0], losses[-1])
+    for kind, path in paths.items():
+        logger.info("wrote %s: %s", kind, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Trainer callbacks: a readable progress line (loss, lr, tokens/s, ETA) and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger("parrot.train")
+
+LOSS_CURVE_PNG = "loss_curve.png"
+LOSS_HISTORY_JSON = "loss_history.json"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressLogCallback(TrainerCallback):
+    """Logs `step s/N | loss | lr | tokens/s | ETA` on the main process at every logging step.
+
+    tokens/s counts every non-padding position the LLM processed (text + visual tokens, all processes); the
+    trainer puts it in the logs as `tokens_per_s`. ETA extrapolates the mean time per step of this session.
+    """
+
+    def __init__(self) -> None:
+        self._start_time: float | None = None
+        self._start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start_time = time.perf_counter()
+        self._start_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs or self._start_time is None:
+            return
+        done = state.global_step - self._start_step
+        elapsed = time.perf_counter() - self._start_time
+        eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+        logs["eta_s"] = round(eta, 1) if done else None
+        parts = [f"step {state.global_step}/{state.max_steps}", f"loss {logs['loss']:.4f}"]
+        if "learning_rate" in logs:
+            parts.append(f"lr {float(logs['learning_rate']):.2e}")
+        if "tokens_per_s" in logs:
+            parts.append(f"{logs['tokens_per_s']:,.0f} tok/s")
+        parts.append(f"ETA {format_duration(eta)}" if done else "ETA ?")
+        logger.info(" | ".join(parts))
+
+
+def plot_loss_curve(log_history: list[dict], path: str | Path, title: str = "training loss") -> Path | None:
+    """Loss (and lr on a second axis) against the optimizer step, from `TrainerState.log_history`."""
+    points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs = [(e["step"], e["learning_rate"]) for e in log_history if "learning_rate" in e and "loss" in e]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps, losses = zip(*points)
+    ax.plot(steps, losses, color="tab:blue", label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss", color="tab:blue")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if lrs:
+        ax_lr = ax.twinx()
+        ax_lr.plot(*zip(*lrs), color="tab:orange", alpha=0.6, label="learning rate")
+        ax_lr.set_ylabel("learning rate", color="tab:orange")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class LossCurveCallback(TrainerCallback):
+    """Writes `loss_curve.png` and `loss_history.json` into the output dir at every save and at the end
+    (the history survives a resume: it lives in the restored `TrainerState`)."""
+
+    def __init__(self, output_dir: str | Path, title: str):
+        self.output_dir = Path(output_dir)
+        self.title = title
+
+    def _write(self, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        history = [e for e in state.log_history if "loss" in e]
+        (self.output_dir / LOSS_HISTORY_JSON).write_text(json.dumps(history, indent=1) + "\n")
+        plot_loss_curve(state.log_history, self.output_dir / LOSS_CURVE_PNG, self.title)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write(state)

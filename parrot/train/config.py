@@ -1,0 +1,175 @@
+"""`TrainConfig`: every setting of a stage-1 / stage-2 run, from the command line and/or a YAML file.
+
+The command line is generated from the dataclass (one `--flag` per field, its help from the field's metadata),
+so `python -m parrot.train --help` and `scripts/train_stage{1,2}.sh --help` always document every argument.
+A YAML file (`--config configs/train/<name>.yaml`) sets defaults; flags given on the command line win.
+Unknown YAML keys raise a ValueError naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TUNING_MODES = ("full", "lora", "mole")
+ROUTER_KINDS = ("topk", "dynmole", "gwmoe", "mor")
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train ----------------------------------------------------------------------------------
+    stage: int = _opt(1, "1: only the projector trains (vision tower + LLM frozen, MoE off); "
+                         "2: projector + Parrot MoE + LLM (per --tuning) train, MoE on", (1, 2))
+    model: str = _opt("configs/tiny.yaml", "stage 1: a model recipe YAML (configs/tiny.yaml builds a random tiny "
+                                           "model; a real recipe needs --llm/--vision) or a saved init directory; "
+                                           "stage 2: the stage-1 output directory")
+    llm: str | None = _opt(None, "stage 1 with a real recipe: local causal-LM checkpoint directory")
+    vision: str | None = _opt(None, "stage 1 with a real recipe: local CLIP checkpoint directory")
+    output_dir: str = _opt("runs/stage1", "where the final model, checkpoints, loss curve and reports go")
+    tuning: str = _opt("full", "stage 2: how the LLM trains: full fine-tuning, LoRA (peft), or MoLE "
+                               "(LoRA experts + router from parrot.moe)", TUNING_MODES)
+    # --- LoRA / MoLE ---------------------------------------------------------------------------------------
+    lora_rank: int = _opt(8, "LoRA / MoLE expert rank r")
+    lora_alpha: float = _opt(16.0, "LoRA / MoLE scaling numerator alpha (scale alpha / r)")
+    lora_dropout: float = _opt(0.05, "LoRA / MoLE input dropout")
+    lora_targets: str = _opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                             "comma-separated names of the LLM linear layers that get LoRA / MoLE")
+    router: str = _opt("topk", "MoLE router kind (--tuning mole)", ROUTER_KINDS)
+    mole_experts: int = _opt(4, "MoLE: LoRA experts per layer")
+    mole_top_k: int = _opt(2, "MoLE: experts kept per token (topk / gwmoe / mor routers)")
+    gw_quantile: float = _opt(0.8, "GW-MoE: broadcast threshold = this quantile of the router entropies measured "
+                                   "on --gw-calibration-batches batches before training")
+    gw_calibration_batches: int = _opt(8, "GW-MoE: batches for the threshold calibration")
+    # --- data ------------------------------------------------------------------------------------------------
+    data: str = _opt("synthetic-caption", "datasets to mix, by registry name: 'a|b' or 'a:0.5|b' (ratio after ':')")
+    data_registry: str | None = _opt(None, "dataset registry YAML (default: configs/datasets.yaml)")
+    data_root: str | None = _opt(None, "resolve the registry's relative paths against this folder")
+    on_bad_image: str = _opt("error", "missing/unreadable image: stop with an error, or skip the record and count "
+                                      "it in <output_dir>/bad_data_report.json", BAD_IMAGE_POLICIES)
+    max_samples: int | None = _opt(None, "use only the first N records of the mix (quick runs)")
+    # --- optimisation ----------------------------------------------------------------------------------------
+    learning_rate: float = _opt(1e-3, "peak learning rate (paper: 1e-3 stage 1, 2e-5 stage 2)")
+    global_batch_size: int = _opt(256, "samples per optimizer step over all processes (paper: 256 stage 1, "
+                                       "128 stage 2); gradient accumulation = global / (per-device * processes)")
+    per_device_batch_size: int = _opt(16, "samples per process per forward pass")
+    epochs: float = _opt(1.0, "passes over the data (paper: 1 per stage)")
+    max_steps: int = _opt(-1, "stop after this many optimizer steps (overrides --epochs when > 0)")
+    warmup_ratio: float = _opt(0.03, "linear warm-up share of the steps")
+    lr_scheduler: str = _opt("cosine", "learning-rate schedule (any HF Trainer lr_scheduler_type)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
+    seed: int = _opt(42, "seed of the model init (tiny recipes), the data order and dropout")
+    bf16: bool = _opt(False, "train in bfloat16 mixed precision")
+    gradient_checkpointing: bool = _opt(False, "recompute LLM activations in the backward pass (saves memory)")
+    dataloader_workers: int = _opt(0, "DataLoader worker processes")
+    deepspeed: str | None = _opt(None, "DeepSpeed config JSON (configs/deepspeed/zero2.json, zero3.json, "
+                                       "zero3_offload.json)")
+    # --- checkpoints and logging ---------------------------------------------------------------------------
+    save_steps: int = _opt(0, "save a checkpoint every N optimizer steps (0: only the final model)")
+    keep_last: int = _opt(2, "keep only the last K checkpoints (0: keep all)")
+    resume: bool = _opt(False, "continue from the latest checkpoint in --output-dir (same data order and RNG)")
+    logging_steps: int = _opt(10, "log loss, lr, tokens/s and ETA every N optimizer steps")
+    progress_bar: bool = _opt(True, "show the tqdm progress bar")
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.tuning not in TUNING_MODES:
+            raise ValueError(f"tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
+        if self.router not in ROUTER_KINDS:
+            raise ValueError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}")
+        for name in ("global_batch_size", "per_device_batch_size", "logging_steps", "lora_rank", "mole_experts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_steps < 0 or self.keep_last < 0:
+            raise ValueError("save_steps and keep_last must be >= 0")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.lora_targets.split(",") if name.strip())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    text = str(f.type)
+    for name, typ in (("bool", bool), ("int", int), ("float", float)):
+        if text.startswith(name):
+            return typ
+    return str
+
+
+def load_yaml_defaults(path: str | Path) -> dict[str, Any]:
+    """A YAML training config -> {field: value}; unknown keys raise naming the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read training config ({err})") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of training settings")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{path}: unknown training setting {key!r}")
+        values[name] = value
+    return values
+
+
+def build_parser(prog: str = "python -m parrot.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Stage-wise Parrot training (stage 1: projector alignment; stage 2: multilingual instruction "
+                    "tuning with the MoE) on the HF Trainer, optionally with DeepSpeed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file of settings (configs/train/*.yaml); command-line flags win")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        typ = _field_type(f)
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if typ is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = typ
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kwargs)
+        parser._option_string_actions[flag].help += f" (default: {f.default})"  # SUPPRESS hides the default
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "python -m parrot.train") -> TrainConfig:
+    """Command line (+ optional YAML) -> TrainConfig."""
+    parser = build_parser(prog)
+    args = vars(parser.parse_args(argv))
+    yaml_path = args.pop("config", None)
+    values = load_yaml_defaults(yaml_path) if yaml_path else {}
+    values.update(args)
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits

@@ -1,0 +1,132 @@
+"""The final model of a run: gather full weights (also under ZeRO-3), fold adapters, save a loadable directory.
+
+- `gather_full_state_dict`: every parameter and buffer at full size on the main process. Under DeepSpeed
+  ZeRO-3 each parameter is partitioned over the processes; it is all-gathered one at a time
+  (`deepspeed.zero.GatheredParameters`), so peak memory stays at one full parameter above the shards.
+- LoRA (`--tuning lora`): folded into the base weights, W' = W + (alpha / r) B A (Hu et al., 2021, eq. 3),
+  so the output is a plain Parrot model.
+- MoLE (`--tuning mole`): routed experts cannot be folded (the mixture depends on the token); the base weights
+  go to the Parrot model files and the experts + routers to `mole_adapter.safetensors` + `mole_config.json`
+  (the `parrot.moe.save_mole` format, names relative to the language model). `load_trained` restores both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from ..data.processor import ParrotProcessor
+from ..model import ParrotConfig, ParrotForCausalLM
+from ..moe import MoLEConfig, load_mole
+from ..moe.mole import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+
+TRAINING_INFO = "parrot_training.json"
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: full CPU tensor} on the main process ({} elsewhere). Collective under ZeRO-3: call on every rank."""
+    main = is_main_process()
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                if main:
+                    state[name] = tensor.data.detach().to("cpu", copy=True)
+        elif main:
+            state[name] = tensor.detach().to("cpu", copy=True)
+    return state
+
+
+def fold_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """peft LoRA names (`x.base_layer.weight`, `x.lora_A.default.weight`, `x.lora_B.default.weight`) ->
+    `x.weight` = W + scaling * B A; every other key is kept as is."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key or ".lora_dropout" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    for key in state:
+        if ".lora_A." not in key:
+            continue
+        prefix = key.split(".lora_A.")[0]
+        lora_a = state[key].float()  # (r, D_in)
+        lora_b = state[key.replace(".lora_A.", ".lora_B.")].float()  # (D_out, r)
+        base = out[f"{prefix}.weight"]
+        out[f"{prefix}.weight"] = (base.float() + scaling * lora_b @ lora_a).to(base.dtype)
+    return out
+
+
+def split_mole(state: dict[str, torch.Tensor], mole_modules: list[str]) -> tuple[dict, dict]:
+    """(base state with `x.base.weight` -> `x.weight`, adapter state named relative to the language model)."""
+    prefixes = tuple(f"{name}." for name in mole_modules)
+    base, adapter = {}, {}
+    for key, value in state.items():
+        owner = next((p for p in prefixes if key.startswith(p)), None)
+        if owner is None:
+            base[key] = value
+        elif key.startswith(owner + "base."):
+            base[owner + key[len(owner) + len("base."):]] = value
+        else:
+            adapter[key[len("language_model."):]] = value
+    return base, adapter
+
+
+def save_final_model(
+    model: ParrotForCausalLM,
+    processor: ParrotProcessor,
+    output_dir: str | Path,
+    lora_scaling: float | None = None,
+    mole_config: MoLEConfig | None = None,
+    training_info: dict | None = None,
+) -> Path | None:
+    """Gather, fold/split adapters and write a directory `load_trained` (and, without MoLE, `load_pretrained`)
+    reads. Collective under ZeRO-3 (call on every rank); only the main process writes."""
+    from ..moe.mole import MoLELinear
+
+    state = gather_full_state_dict(model)
+    if not is_main_process():
+        return None
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if lora_scaling is not None:
+        state = fold_lora(state, lora_scaling)
+    if mole_config is not None:
+        mole_names = [name for name, m in model.named_modules() if isinstance(m, MoLELinear)]
+        state, adapter = split_mole(state, mole_names)
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(output_dir / ADAPTER_WEIGHTS_NAME))
+        (output_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(mole_config.to_dict(), indent=2) + "\n")
+    # A fresh model (no adapters) receives the weights: strict loading proves every key has a home.
+    config = ParrotConfig.from_dict(model.config.to_dict())
+    with torch.device("meta"):
+        clean = ParrotForCausalLM(config)
+    clean.load_state_dict(state, strict=True, assign=True)
+    clean.tie_weights()
+    clean.generation_config = model.generation_config
+    clean.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    if training_info is not None:
+        (output_dir / TRAINING_INFO).write_text(json.dumps(training_info, indent=2) + "\n")
+    return output_dir
+
+
+def load_trained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotProcessor]:
+    """A run's output directory -> (model in eval mode, processor), with its MoLE adapter if it has one."""
+    from ..model.builder import load_pretrained
+
+    directory = Path(directory)
+    model, processor = load_pretrained(directory)
+    if (directory / ADAPTER_CONFIG_NAME).is_file():
+        load_mole(model.language_model, directory)
+        model.eval()
+    return model, processor

@@ -1,0 +1,222 @@
+"""One training run: model + stage preset + data + `ParrotTrainer` (+ DeepSpeed) -> a saved model directory.
+
+    from parrot.train import TrainConfig, train
+    result = train(TrainConfig(stage=1, model="configs/tiny.yaml", data="synthetic-caption", output_dir="runs/s1"))
+    result = train(TrainConfig(stage=2, model="runs/s1", data="synthetic-qa", tuning="mole", router="dynmole",
+                               learning_rate=2e-5, global_batch_size=128, output_dir="runs/s2"))
+
+Output directory: the final model (`load_trained(dir)`; plain `load_pretrained(dir)` unless MoLE), the processor,
+`train_config.json`, `parrot_training.json`, `loss_curve.png`, `loss_history.json`, `bad_data_report.json`, and
+`checkpoint-<step>/` folders (HF Trainer format, DeepSpeed shards included) for `--resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from transformers import TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from ..data.datasets import DEFAULT_REGISTRY, DataCollator, DataConfig, build_dataset
+from ..data.processor import ParrotProcessor
+from ..model import ParrotForCausalLM
+from ..model.builder import build_from_local, build_tiny, load_pretrained, load_recipe
+from ..moe import calibrate_gwmoe
+from . import checkpoints
+from .callbacks import LossCurveCallback, ProgressLogCallback
+from .config import TrainConfig
+from .export import TRAINING_INFO, save_final_model
+from .stages import StagePlan, apply_stage, describe_trainable
+from .trainer import ParrotTrainer
+
+logger = logging.getLogger("parrot.train")
+BAD_DATA_REPORT = "bad_data_report.json"
+TRAIN_CONFIG = "train_config.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    losses: list[tuple[int, float]]  # (optimizer step, logged loss), resumed runs include the earlier steps
+    train_runtime_s: float
+
+
+class _QuietProgressCallback(ProgressCallback):
+    """The tqdm bar without its raw log-dict lines (ProgressLogCallback prints a readable line instead)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_model(cfg: TrainConfig) -> tuple[ParrotForCausalLM, ParrotProcessor]:
+    """Stage 1: recipe YAML (tiny: random init; real: --llm/--vision) or an init dir. Stage 2: the stage-1 dir."""
+    path = Path(cfg.model)
+    if cfg.stage == 2 or path.suffix not in (".yaml", ".yml"):
+        if not (path / "config.json").is_file():
+            what = "the stage-1 output directory" if cfg.stage == 2 else "a recipe YAML or a saved model directory"
+            raise FileNotFoundError(f"--model {path}: no config.json there; stage {cfg.stage} expects {what}")
+        info_path = path / TRAINING_INFO
+        if cfg.stage == 2 and info_path.is_file() and json.loads(info_path.read_text()).get("stage") != 1:
+            logger.warning("%s was not produced by a stage-1 run (%s)", path, info_path)
+        model, processor = load_pretrained(path)
+        return model.train(), processor
+    recipe = load_recipe(path)
+    if recipe.is_tiny:
+        return build_tiny(recipe, seed=cfg.seed)
+    if not (cfg.llm and cfg.vision):
+        raise ValueError(f"--model {path} is a real-scale recipe: give --llm and --vision (local checkpoint dirs)")
+    return build_from_local(recipe, cfg.llm, cfg.vision)
+
+
+def build_train_dataset(cfg: TrainConfig, processor: ParrotProcessor, output_dir: Path):
+    settings = processor.settings
+    # The template truncates text tokens; each <image> expands to num_image_tokens positions in the LLM.
+    text_budget = settings.model_max_length - max(settings.num_image_tokens - 1, 0)
+    data_config = DataConfig(
+        spec=cfg.data, registry=cfg.data_registry or str(DEFAULT_REGISTRY), data_root=cfg.data_root,
+        max_length=text_budget, template=settings.template, on_bad_image=cfg.on_bad_image,
+        bad_data_report=str(output_dir / BAD_DATA_REPORT) if is_rank_zero() else None, seed=cfg.seed,
+    )
+    full = build_dataset(data_config, processor.tokenizer, processor.image_transform)
+    dataset = full if cfg.max_samples is None else Subset(full, range(min(cfg.max_samples, len(full))))
+    if len(dataset) == 0:
+        raise ValueError(f"--data {cfg.data!r}: no usable records")
+    return dataset, full.report
+
+
+def gradient_accumulation(cfg: TrainConfig, processes: int) -> int:
+    per_step = cfg.per_device_batch_size * processes
+    if cfg.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of --per-device-batch-size "
+                         f"({cfg.per_device_batch_size}) x processes ({processes})")
+    return cfg.global_batch_size // per_step
+
+
+def training_arguments(cfg: TrainConfig, processes: int) -> TrainingArguments:
+    use_cpu = not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(cfg, processes),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a share of the total steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        dataloader_num_workers=cfg.dataloader_workers,
+        deepspeed=cfg.deepspeed,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=None,  # ParrotTrainer rotates published checkpoints itself (keep_last)
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        report_to=[],
+        disable_tqdm=not cfg.progress_bar,
+        remove_unused_columns=False,
+        use_cpu=use_cpu,
+        average_tokens_across_devices=False,
+        # top-k MoLE leaves some experts without tokens in a step; DDP must tolerate their missing gradients
+        ddp_find_unused_parameters=cfg.stage == 2 and cfg.tuning == "mole",
+    )
+
+
+def _calibrate_gwmoe(model: ParrotForCausalLM, dataset, collator: DataCollator, cfg: TrainConfig) -> None:
+    loader = DataLoader(dataset, batch_size=cfg.per_device_batch_size, collate_fn=collator, shuffle=False)
+    batches = (batch for _, batch in zip(range(cfg.gw_calibration_batches), loader))
+    thresholds = calibrate_gwmoe(model, batches, cfg.gw_quantile)
+    logger.info("GW-MoE thresholds (quantile %.2f): %s", cfg.gw_quantile,
+                {k: round(v, 4) for k, v in list(thresholds.items())[:4]})
+
+
+def is_rank_zero() -> bool:
+    """Rank 0 of the launch (torchrun / deepspeed set RANK), usable before torch.distributed is initialised."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _setup_logging() -> None:
+    level = logging.INFO if is_rank_zero() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("transformers", "DeepSpeed", "deepspeed", "torch"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Run one stage; `callbacks`: extra `TrainerCallback`s (tests use them to interrupt or poison a run)."""
+    _setup_logging()
+    output_dir = Path(cfg.output_dir)
+    main = is_rank_zero()
+    resume_from = None
+    if cfg.resume:
+        resume_from = checkpoints.latest_checkpoint(output_dir)
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume: no published checkpoint-<step> folder in {output_dir}")
+    elif checkpoints.list_checkpoints(output_dir):
+        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
+                              "choose another --output-dir")
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints.remove_stale_staging(output_dir)
+        cfg.save(output_dir / TRAIN_CONFIG)
+
+    set_seed(cfg.seed)  # adapter / MoLE initialisation (and tiny recipes) must not depend on earlier RNG use
+    # The model is built before TrainingArguments: with a ZeRO-3 config the latter switches HF loading to
+    # zero.Init, and the stage surgery below (LoRA/MoLE injection) must see whole, unpartitioned modules.
+    model, processor = load_model(cfg)
+    plan: StagePlan = apply_stage(model, cfg)
+    if main:
+        print(describe_trainable(model, plan), flush=True)
+
+    dataset, bad_data = build_train_dataset(cfg, processor, output_dir)
+    collator = DataCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    if plan.mole_config is not None and plan.mole_config.router.kind == "gwmoe":
+        _calibrate_gwmoe(model, dataset, collator, cfg)
+
+    processes = world_size()
+    args = training_arguments(cfg, processes)
+    trainer = ParrotTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                            keep_last=cfg.keep_last)
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_QuietProgressCallback)
+    title = f"Parrot stage {cfg.stage}" + (f" ({cfg.tuning})" if cfg.stage == 2 else "")
+    trainer.add_callback(ProgressLogCallback())
+    trainer.add_callback(LossCurveCallback(output_dir, title))
+    for callback in callbacks or ():
+        trainer.add_callback(callback)
+    if main:
+        logger.info("%d samples, %d process(es) x batch %d x accumulation %d = global batch %d%s",
+                    len(dataset), processes, cfg.per_device_batch_size, args.gradient_accumulation_steps,
+                    cfg.global_batch_size, f", resuming from {resume_from}" if resume_from else "")
+
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    info = {"stage": cfg.stage, "tuning": plan.tuning, "trained_parts": list(plan.trained_parts),
+            "router": plan.mole_config.router.kind if plan.mole_config else None,
+            "global_step": trainer.state.global_step, "data": cfg.data, "train_loss": output.training_loss}
+    save_final_model(trainer.model, processor, output_dir, lora_scaling=plan.lora_scaling,
+                     mole_config=plan.mole_config, training_info=info)
+    if main:  # the bad-data report again, at the end of the run
+        bad_data.write(output_dir / BAD_DATA_REPORT)
+    trainer.accelerator.wait_for_everyone()
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    if main:
+        logger.info("saved the stage-%d model to %s (%d steps, final logged loss %.4f)", cfg.stage, output_dir,
+                    trainer.state.global_step, losses[-1][1] if losses else float("nan"))
+    return TrainResult(output_dir, trainer.state.global_step, losses, output.metrics.get("train_runtime", 0.0))

@@ -1,0 +1,118 @@
+"""`ParrotTrainer`: the HF `Trainer` plus what Parrot runs need.
+
+- the MoLE routers' auxiliary losses join the LM loss (`parrot.moe.mole_aux_loss`);
+- a non-finite loss stops the run before the optimizer step, naming the step and the first router (Parrot MoE
+  projector router, then MoLE layers in forward order) whose outputs are non-finite;
+- tokens/s (text + visual tokens, all processes) in every log;
+- checkpoints are staged in a temporary folder and renamed when complete; keep-last-k rotation
+  (`parrot.train.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+
+from ..moe import collect_router_outputs, mole_aux_loss
+from . import checkpoints
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf; the message names the step and, when routers exist, the layer."""
+
+
+def _first_nonfinite_router(outputs, mole_routing: dict) -> str | None:
+    probs = getattr(outputs, "router_probs", None)
+    if probs is not None and not bool(torch.isfinite(probs).all()):
+        return "moe.router (the Parrot MoE projector router)"
+    for name, routing in mole_routing.items():
+        if not (bool(torch.isfinite(routing.logits).all()) and bool(torch.isfinite(routing.weights).all())):
+            return f"language_model.{name} (MoLE router)"
+    return None
+
+
+class ParrotTrainer(Trainer):
+    def __init__(self, *args, keep_last: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_last = keep_last
+        # The loss is a per-micro-batch mean (as LLaVA); the aux losses are per micro-batch too, so the Trainer
+        # must divide by the accumulation steps itself rather than hand num_items_in_batch to the model.
+        self.model_accepts_loss_kwargs = False
+        self._tokens_since_log = 0
+        self._last_log_time: float | None = None
+
+    # --- loss -------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss
+        routing = collect_router_outputs(self.model.language_model)
+        if routing:
+            loss = loss + mole_aux_loss(routing)
+        mask = outputs.attention_mask if outputs.attention_mask is not None else inputs["attention_mask"]
+        self._tokens_since_log += int(mask.sum())
+        self._stop_if_nonfinite(loss, outputs, routing)
+        return (loss, outputs) if return_outputs else loss
+
+    def _stop_if_nonfinite(self, loss: torch.Tensor, outputs, routing: dict) -> None:
+        local_bad = not bool(torch.isfinite(loss.detach()).all())
+        flag = torch.tensor([1.0 if local_bad else 0.0], device=loss.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops together
+        if flag.item() == 0.0:
+            return
+        step = self.state.global_step + 1
+        if not local_bad:
+            raise NonFiniteLossError(f"non-finite training loss at optimizer step {step} on another process; "
+                                     "see its message")
+        message = f"non-finite training loss ({loss.item()}) at optimizer step {step} (epoch {self.state.epoch:.3f})"
+        has_routers = getattr(outputs, "router_probs", None) is not None or bool(routing)
+        if has_routers:
+            culprit = _first_nonfinite_router(outputs, routing)
+            message += (f"; first router with non-finite outputs: {culprit}" if culprit
+                        else "; every router output is finite (the LM head / loss overflowed)")
+        message += ". Stopping before the optimizer step; lower --learning-rate or check the data of this step."
+        raise NonFiniteLossError(message)
+
+    # --- logging --------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # called on every rank at the same steps (the Trainer gathers the loss there too)
+            now = time.perf_counter()
+            tokens = torch.tensor([float(self._tokens_since_log)], device=self.args.device)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(tokens)
+            if self._last_log_time is not None:
+                logs["tokens_per_s"] = round(tokens.item() / max(now - self._last_log_time, 1e-9), 1)
+            self._last_log_time = now
+            self._tokens_since_log = 0
+        super().log(logs, start_time)
+
+    def _inner_training_loop(self, *args, **kwargs):
+        self._last_log_time = time.perf_counter()
+        self._tokens_since_log = 0
+        return super()._inner_training_loop(*args, **kwargs)
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the Trainer's checkpoint into a staging folder, then rename it into place and rotate."""
+        run_dir = self.args.output_dir
+        step = self.state.global_step
+        staging = checkpoints.staging_dir(run_dir, step)
+        if self.args.should_save and staging.exists():
+            checkpoints.remove_stale_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        self.args.output_dir = str(staging)  # the Trainer writes <output_dir>/checkpoint-<step>
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.publish(staging / f"{checkpoints.CHECKPOINT_PREFIX}{step}",
+                                checkpoints.checkpoint_dir(run_dir, step))
+            shutil.rmtree(staging)
+            checkpoints.rotate(run_dir, self.keep_last)
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Shared launcher of scripts/train_stage{1,2}.sh (not called directly). Usage: _launch.sh STAGE DEFAULT_DS -- ARGS
+set -euo pipefail
+STAGE=$1; DEFAULT_DS=$2; shift 2
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+BIN="$(dirname "$PY")"
+
+NPROC=""
+ARGS=()
+HAS_DS=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help)
+      cat <<USAGE
+usage: scripts/train_stage${STAGE}.sh [--nproc N] [--no-deepspeed] [--config YAML] [TRAINING ARGUMENTS...]
+
+Launcher options:
+  --nproc N        processes (default: all visible GPUs; 1 on a CPU-only machine)
+  --no-deepspeed   do not add the default DeepSpeed config on GPUs (${DEFAULT_DS})
+Launch: GPUs -> the 'deepspeed' launcher (--deepspeed ${DEFAULT_DS} unless given);
+        CPU with --nproc > 1 -> torchrun (gloo); otherwise a single process.
+Environment: PYTHON (interpreter; default .venv/bin/python), MASTER_PORT (default 29500).
+
+Training arguments (python -m parrot.train --stage ${STAGE} ...):
+USAGE
+      "$PY" -m parrot.train --help | sed -n '/^options:/,$p'
+      exit 0 ;;
+    --nproc) NPROC=$2; shift 2 ;;
+    --nproc=*) NPROC=${1#*=}; shift ;;
+    --no-deepspeed) HAS_DS=1; shift ;;
+    --deepspeed|--deepspeed=*) HAS_DS=1; ARGS+=("$1"); shift ;;
+    *) ARGS+=("$1"); shift ;;
+  esac
+done
+
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [[ "$GPUS" -gt 0 ]]; then
+  NPROC=${NPROC:-$GPUS}
+  [[ $HAS_DS -eq 0 ]] && ARGS+=(--deepspeed "$DEFAULT_DS")
+  exec "$BIN/deepspeed" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
+    --module parrot.train --stage "$STAGE" "${ARGS[@]}"
+fi
+NPROC=${NPROC:-1}
+if [[ "$NPROC" -gt 1 ]]; then
+  exec "$BIN/torchrun" --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}" \
+    -m parrot.train --stage "$STAGE" "${ARGS[@]}"
+fi
+exec "$PY" -m parrot.train --stage "$STAGE" "${ARGS[@]}"

@@ -1,0 +1,95 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 on CPU: 2 processes (torchrun + gloo) against a single-process reference.
+
+Two processes with per-device batch b and no accumulation see, at each optimizer step, the same 2b samples as
+one process with batch b and 2 accumulation steps (the distributed sampler hands out consecutive batches of the
+same seeded permutation), so their weights must agree up to float round-off.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from parrot.train import train
+
+from .test_train_pipeline import config, make_workspace, weights
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    torchrun_bin = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun_bin), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "parrot.train",
+           *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def cli_args(ws: dict, out: Path, **overrides) -> list[str]:
+    """The command line of `config(ws, out, **overrides)` (same defaults as the in-process runs)."""
+    cfg = config(ws, out, **overrides)
+    names = ["stage", "model", "data", "data_registry", "output_dir", "learning_rate", "warmup_ratio",
+             "logging_steps", "seed", "max_steps", "per_device_batch_size", "global_batch_size", *overrides]
+    args = []
+    for name in dict.fromkeys(names):
+        value = getattr(cfg, name)
+        args += ["--" + name.replace("_", "-"), str(value)]
+    return args + ["--no-progress-bar"]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("dist_ws"))
+
+
+def assert_same_weights(reference: dict, distributed: dict, atol: float = 2e-5) -> None:
+    assert reference.keys() == distributed.keys()
+    for key in reference:
+        assert reference[key].shape == distributed[key].shape, key  # full, not ZeRO-3 shards
+        torch.testing.assert_close(distributed[key], reference[key], atol=atol, rtol=1e-4, msg=key)
+
+
+def test_zero2_two_processes_match_single_process(ws, tmp_path):
+    common = dict(max_steps=3, per_device_batch_size=4)
+    reference = tmp_path / "single"
+    train(config(ws, reference, global_batch_size=8, **common))  # 1 process x 4 x accumulation 2
+    out = tmp_path / "zero2"
+    proc = torchrun(cli_args(ws, out, global_batch_size=8, deepspeed=str(REPO / "configs/deepspeed/zero2.json"),
+                             **common))
+    assert "step 3/3" in proc.stderr + proc.stdout
+    assert_same_weights(weights(reference), weights(out))
+    assert (out / "loss_curve.png").is_file()
+
+
+def test_zero3_saves_full_weights_of_every_trained_part(ws, tmp_path):
+    stage1 = tmp_path / "stage1"
+    train(config(ws, stage1, max_steps=1))
+    common = dict(stage=2, model=str(stage1), data="qa", tuning="mole", router="topk", lora_targets="q_proj,up_proj",
+                  mole_experts=2, mole_top_k=2, lora_dropout=0.0, max_steps=2, per_device_batch_size=4)
+    reference = tmp_path / "single"
+    train(config(ws, reference, global_batch_size=8, **common))
+    out = tmp_path / "zero3"
+    torchrun(cli_args(ws, out, global_batch_size=8, deepspeed=str(REPO / "configs/deepspeed/zero3.json"), **common))
+    # Parrot model files: projector + MoE (trained) and the frozen parts, all at full size.
+    assert_same_weights(weights(reference), weights(out))
+    before, after = weights(stage1), weights(out)
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.startswith(("moe.", "mm_projector.")))
+    # MoLE adapters (experts + routers), gathered from the shards.
+    assert_same_weights(load_file(str(reference / "mole_adapter.safetensors")),
+                        load_file(str(out / "mole_adapter.safetensors")))

@@ -1,0 +1,305 @@
+"""Stage-wise training: freezing per stage, LoRA folding, MoLE export, exact resume, atomic checkpoints, NaN stop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from parrot.data.synthetic import make_conversation_records
+from parrot.model.builder import TINY_RECIPE, build_tiny, save_pretrained
+from parrot.train import NonFiniteLossError, TrainConfig, load_trained, train
+from parrot.train import checkpoints
+from parrot.train.config import TrainConfig as _Cfg, build_parser, load_yaml_defaults, parse_args
+from parrot.train.export import fold_lora
+from parrot.train.trainer import ParrotTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_workspace(root: Path, n_records: int = 32) -> dict[str, Path]:
+    """Synthetic caption + QA sets (32 px images), their registry, and a saved random tiny model."""
+    data = root / "data"
+    for stage in ("caption", "qa"):
+        records = make_conversation_records(n_records, seed=0, stage=stage, image_dir=data / "images", image_size=32)
+        (data / f"{stage}.json").write_text(json.dumps(records, ensure_ascii=False))
+    registry = data / "registry.yaml"
+    registry.write_text(yaml.safe_dump({"root": ".", "datasets": {
+        "caption": {"path": "caption.json", "image_dir": "images"},
+        "qa": {"path": "qa.json", "image_dir": "images"},
+    }}))
+    model, processor = build_tiny(TINY_RECIPE, seed=0)
+    save_pretrained(model, processor, root / "init")
+    return {"registry": registry, "init": root / "init"}
+
+
+def config(ws: dict, out: Path, **overrides) -> TrainConfig:
+    settings = dict(model=str(ws["init"]), data="caption", data_registry=str(ws["registry"]), output_dir=str(out),
+                    per_device_batch_size=4, global_batch_size=8, max_steps=2, learning_rate=1e-2,
+                    warmup_ratio=0.0, logging_steps=1, progress_bar=False, seed=0)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def changed_parts(before: dict, after: dict) -> dict[str, tuple[int, int]]:
+    """{part: (changed tensors, tensors)} by top-level module name."""
+    assert before.keys() == after.keys()
+    parts: dict[str, list[int]] = {}
+    for key in before:
+        part = key.split(".")[0]
+        counts = parts.setdefault(part, [0, 0])
+        counts[0] += int(not torch.equal(before[key], after[key]))
+        counts[1] += 1
+    return {part: tuple(c) for part, c in parts.items()}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("train_ws"))
+
+
+@pytest.fixture(scope="module")
+def stage1(ws, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    train(config(ws, out))
+    return out
+
+
+# --- stages -------------------------------------------------------------------------------------------------
+def test_stage1_trains_only_the_projector(ws, stage1, capsys):
+    changes = changed_parts(weights(ws["init"]), weights(stage1))
+    assert changes["mm_projector"][0] == changes["mm_projector"][1]  # every projector tensor moved
+    for part in ("vision_tower", "language_model", "moe"):
+        assert changes[part][0] == 0, part
+    assert json.loads((stage1 / "config.json").read_text())["use_moe"] is False
+    info = json.loads((stage1 / "parrot_training.json").read_text())
+    assert info["stage"] == 1 and info["global_step"] == 2
+    assert (stage1 / "loss_curve.png").stat().st_size > 1000
+
+
+def test_start_table_counts_trainable_parameters(ws, tmp_path, capsys):
+    train(config(ws, tmp_path / "run", max_steps=1))
+    table = capsys.readouterr().out
+    model, _ = load_trained(ws["init"])
+    projector = sum(p.numel() for p in model.mm_projector.parameters())
+    total = model.num_parameters()
+    row = next(line for line in table.splitlines() if line.startswith("mm_projector"))
+    assert row.split()[1:3] == [f"{projector:,}", f"{projector:,}"]
+    row = next(line for line in table.splitlines() if line.startswith("all"))
+    assert row.split()[1:3] == [f"{projector:,}", f"{total:,}"]
+
+
+def test_stage2_full_trains_projector_moe_and_llm(ws, stage1, tmp_path):
+    out = tmp_path / "s2"
+    train(config(ws, out, stage=2, model=str(stage1), data="qa", tuning="full"))
+    changes = changed_parts(weights(stage1), weights(out))
+    assert changes["vision_tower"][0] == 0
+    for part in ("mm_projector", "moe"):
+        assert changes[part][0] == changes[part][1], part
+    assert changes["language_model"][0] >= changes["language_model"][1] - 1  # all but possibly unused rows
+    assert json.loads((out / "config.json").read_text())["use_moe"] is True
+
+
+def test_stage2_lora_folds_adapters_into_targeted_linears_only(ws, stage1, tmp_path):
+    out = tmp_path / "s2"
+    train(config(ws, out, stage=2, model=str(stage1), data="qa", tuning="lora", lora_targets="q_proj,v_proj"))
+    before, after = weights(stage1), weights(out)
+    for key in before:
+        if key.startswith("language_model."):
+            targeted = key.endswith(("q_proj.weight", "v_proj.weight"))
+            assert torch.equal(before[key], after[key]) != targeted, key
+    assert changed_parts(before, after)["vision_tower"][0] == 0
+
+
+def test_fold_lora_matches_peft_merge():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=6, target_modules=["0", "2"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    state = {k.removeprefix("base_model.model."): v for k, v in model.state_dict().items()}
+    folded = fold_lora(state, scaling=6 / 2)
+    merged = model.merge_and_unload().state_dict()
+    assert folded.keys() == merged.keys()
+    for key in merged:
+        torch.testing.assert_close(folded[key], merged[key])
+
+
+def test_stage2_mole_keeps_llm_base_and_saves_adapter(ws, stage1, tmp_path):
+    out = tmp_path / "s2"
+    train(config(ws, out, stage=2, model=str(stage1), data="qa", tuning="mole", router="dynmole",
+                 lora_targets="q_proj,o_proj", mole_experts=3))
+    before, after = weights(stage1), weights(out)
+    changes = changed_parts(before, after)
+    assert changes["language_model"][0] == 0 and changes["vision_tower"][0] == 0
+    assert changes["mm_projector"][0] == changes["mm_projector"][1]
+    adapter = load_file(str(out / "mole_adapter.safetensors"))
+    assert "model.layers.1.self_attn.q_proj.router.gate.weight" in adapter
+    model, processor = load_trained(out)
+    from parrot.moe import MoLELinear
+
+    assert sum(isinstance(m, MoLELinear) for m in model.modules()) == 2 * 2  # 2 layers x (q_proj, o_proj)
+    state = {f"language_model.{k}": v for k, v in adapter.items()}
+    for key, value in state.items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+
+
+# --- resume and checkpoints ---------------------------------------------------------------------------------
+class _Crash(RuntimeError):
+    pass
+
+
+class CrashAtStep(TrainerCallback):
+    """Simulates an interruption when `step` begins (after the checkpoint of the previous step is out)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            raise _Crash(f"simulated crash at step {self.step}")
+
+
+def test_resume_continues_exactly(ws, stage1, tmp_path):
+    # Stage 2 with MoLE dropout: the resumed run must restore the data order *and* the RNG stream.
+    common = dict(stage=2, model=str(stage1), data="qa", tuning="mole", router="topk", lora_dropout=0.2,
+                  lora_targets="q_proj", mole_experts=2, mole_top_k=1, max_steps=6, save_steps=3,
+                  learning_rate=3e-3)
+    full = train(config(ws, tmp_path / "full", keep_last=1, **common))
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "full")] == ["checkpoint-6"]
+
+    with pytest.raises(_Crash):
+        train(config(ws, tmp_path / "cut", **common), callbacks=[CrashAtStep(4)])
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "cut")] == ["checkpoint-3"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config(ws, tmp_path / "cut", **common))
+    resumed = train(config(ws, tmp_path / "cut", resume=True, **common))
+
+    assert [s for s, _ in full.losses] == [1, 2, 3, 4, 5, 6]
+    assert dict(resumed.losses) == dict(full.losses)  # steps 1-3 restored from the checkpoint, 4-6 retrained
+    for key, value in weights(tmp_path / "full").items():
+        assert torch.equal(value, weights(tmp_path / "cut")[key]), key
+    assert torch.equal(load_file(str(tmp_path / "full" / "mole_adapter.safetensors"))[
+        "model.layers.0.self_attn.q_proj.experts.lora_B"],
+        load_file(str(tmp_path / "cut" / "mole_adapter.safetensors"))[
+        "model.layers.0.self_attn.q_proj.experts.lora_B"])
+
+
+def test_crash_during_save_leaves_no_published_checkpoint(ws, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    original = ParrotTrainer._save_rng_state
+
+    def failing_save(self, output_dir):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        original(self, output_dir)
+
+    monkeypatch.setattr(ParrotTrainer, "_save_rng_state", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(config(ws, out, max_steps=4, save_steps=1, keep_last=3))
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-1"]
+    assert (out / ".staging-checkpoint-2").is_dir()  # the half-written one never got the final name
+    monkeypatch.setattr(ParrotTrainer, "_save_rng_state", original)
+    result = train(config(ws, out, max_steps=4, save_steps=1, keep_last=3, resume=True))
+    assert result.global_step == 4
+    assert not (out / ".staging-checkpoint-2").exists()
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+
+
+def test_checkpoint_helpers(tmp_path):
+    for step in (10, 2, 30):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-x").mkdir()
+    (tmp_path / ".staging-checkpoint-40").mkdir()
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10", "checkpoint-30"]
+    assert checkpoints.latest_checkpoint(tmp_path).name == "checkpoint-30"
+    assert [p.name for p in checkpoints.rotate(tmp_path, 2)] == ["checkpoint-2"]
+    staged = checkpoints.staging_dir(tmp_path, 40)
+    (staged / "weights").write_text("w")
+    checkpoints.publish(staged, checkpoints.checkpoint_dir(tmp_path, 40))
+    assert (tmp_path / "checkpoint-40" / "weights").read_text() == "w" and not staged.exists()
+    assert checkpoints.rotate(tmp_path, 0) == []
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-30",
+                                                                       "checkpoint-40"]
+    assert checkpoints.latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_resume_without_checkpoint_is_an_error(ws, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no published checkpoint"):
+        train(config(ws, tmp_path / "empty", resume=True))
+
+
+# --- NaN stop -----------------------------------------------------------------------------------------------
+class PoisonAfterStep(TrainerCallback):
+    """Fills one parameter with NaN once `step` has finished, so step + 1 computes a NaN loss."""
+
+    def __init__(self, step: int, parameter: str):
+        self.step, self.parameter = step, parameter
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                dict(model.named_parameters())[self.parameter].fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_the_step(ws, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 3\b") as err:
+        train(config(ws, tmp_path / "run", max_steps=5),
+              callbacks=[PoisonAfterStep(2, "mm_projector.0.weight")])
+    assert "router" not in str(err.value)  # stage 1 has no router
+    assert not (tmp_path / "run" / "model.safetensors").exists()  # nothing saved after the NaN
+
+
+def test_nan_loss_names_the_first_nonfinite_router(ws, stage1, tmp_path):
+    poisoned = "language_model.model.layers.1.self_attn.q_proj.router.gate.weight"
+    with pytest.raises(NonFiniteLossError) as err:
+        train(config(ws, tmp_path / "run", stage=2, model=str(stage1), data="qa", tuning="mole", router="dynmole",
+                     lora_targets="q_proj,o_proj", mole_experts=2, max_steps=4),
+              callbacks=[PoisonAfterStep(1, poisoned)])
+    message = str(err.value)
+    assert "optimizer step 2" in message
+    assert "language_model.model.layers.1.self_attn.q_proj (MoLE router)" in message
+
+
+# --- configuration / CLI ------------------------------------------------------------------------------------
+def test_help_documents_every_setting():
+    text = build_parser().format_help()
+    import dataclasses
+
+    for f in dataclasses.fields(_Cfg):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+def test_paper_configs_hold_the_paper_hyperparameters():
+    s1 = parse_args(["--config", str(REPO / "configs/train/parrot7b_stage1.yaml")])
+    s2 = parse_args(["--config", str(REPO / "configs/train/parrot7b_stage2.yaml"), "--learning-rate", "1e-5"])
+    assert (s1.stage, s1.learning_rate, s1.global_batch_size, s1.epochs) == (1, 1e-3, 256, 1.0)
+    assert (s2.stage, s2.global_batch_size, s2.epochs, s2.tuning) == (2, 128, 1.0, "full")
+    assert s2.learning_rate == 1e-5  # the command line wins over the YAML (which holds 2e-5)
+    assert load_yaml_defaults(REPO / "configs/train/parrot7b_stage2.yaml")["learning_rate"] == 2e-5
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: 1\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: unknown training setting 'learning_rat'"):
+        load_yaml_defaults(bad)
+
+
+def test_global_batch_must_divide(ws, tmp_path):
+    with pytest.raises(ValueError, match="not a multiple"):
+        train(config(ws, tmp_path / "run", global_batch_size=6, per_device_batch_size=4))
