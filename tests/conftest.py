@@ -27,6 +27,12 @@ def tiny_parrot_config(vision: str = "hf_clip", text: str = "qwen2", **overrides
     return ParrotConfig(text_config=text_config, vision_config=vision_config, **settings)
 
 
+def pytest_configure(config):
+    # The test models are tiny: one intra-op thread avoids thread start-up and oversubscription costs
+    # (many times faster on the 2-core CI machine). Subprocess tests (torchrun, servers) are unaffected.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

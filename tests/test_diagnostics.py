@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -88,3 +89,15 @@ def test_plot_expert_load_writes_png(tmp_path):
     assert path2.is_file()
     with pytest.raises(ValueError, match="no routing statistics"):
         plot_expert_load(RouterStatsTracker(), tmp_path / "empty.png")
+
+
+def test_tracker_computes_lazy_stats_only_on_recorded_steps_and_rejects_missing_stats():
+    routing, _ = _outputs()
+    tracker = RouterStatsTracker(every=3)
+    assert tracker.update(1, routing) == []
+    assert not any(out.stats.computed for out in routing.values())  # a skipped step reads nothing
+    tracker.update(3, routing)
+    assert all(out.stats.computed for out in routing.values())
+    bare = dataclasses.replace(routing["layers.1.q_proj"], stats={})
+    with pytest.raises(ValueError, match=r"layers\.9\.v_proj.*without stats at step 6"):
+        tracker.update(6, {"layers.9.v_proj": bare})

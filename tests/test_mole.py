@@ -25,10 +25,10 @@ from parrot.moe.routers import RouterConfig
 D_IN, D_OUT, E, R, ALPHA = 10, 7, 4, 3, 6.0
 
 
-def _layer(router: RouterConfig, seed: int = 0) -> MoLELinear:
+def _layer(router: RouterConfig, seed: int = 0, execution: str = "auto") -> MoLELinear:
     torch.manual_seed(seed)
     base = nn.Linear(D_IN, D_OUT).double()
-    layer = MoLELinear(base, E, R, ALPHA, 0.0, router).double()
+    layer = MoLELinear(base, E, R, ALPHA, 0.0, router, execution).double()
     with torch.no_grad():  # B is zero-initialised; make every expert contribute
         layer.experts.lora_B.normal_(0, 0.3)
         for p in layer.router.parameters():
@@ -104,14 +104,14 @@ class _RowCounter:
         self._run = experts.run_expert
         experts.run_expert = self  # instance attribute shadows the method
 
-    def __call__(self, expert, x):
+    def __call__(self, expert, x, *args):
         self.calls[expert] = self.calls.get(expert, 0) + x.shape[0]
-        return self._run(expert, x)
+        return self._run(expert, x, *args)
 
 
 @pytest.mark.parametrize("name", ["topk", "dynmole", "mor"])
 def test_sparse_routing_runs_only_selected_experts(name):
-    layer = _layer(ROUTERS[name])
+    layer = _layer(ROUTERS[name], execution="grouped")
     counter = _RowCounter(layer.experts)
     x = torch.randn(40, D_IN, dtype=torch.float64) * torch.linspace(0.1, 3.0, 40, dtype=torch.float64)[:, None]
     layer(x)
@@ -122,7 +122,7 @@ def test_sparse_routing_runs_only_selected_experts(name):
 
 
 def test_dense_routing_uses_fused_path():
-    layer = _layer(ROUTERS["dense"])
+    layer = _layer(ROUTERS["dense"])  # auto: every token selected every expert -> stacked
     counter = _RowCounter(layer.experts)
     layer(torch.randn(8, D_IN, dtype=torch.float64))
     assert counter.calls == {}  # one fused matmul over all experts, no per-expert group calls
@@ -321,3 +321,58 @@ def test_nested_model_uses_inner_merged_mask():
     for out in routing.values():
         assert torch.equal(out.stats["mask"], merged)
         torch.testing.assert_close(out.stats["load"].sum(), torch.tensor(1.0))  # top-1 over the 14 valid tokens
+
+
+@pytest.mark.parametrize("name", ["topk", "dynmole", "mor", "dense"])
+def test_stacked_and_grouped_executions_agree(name):
+    """The stacked executor (zero weights for unselected experts) equals the sparse grouped one exactly."""
+    x = torch.randn(30, D_IN, dtype=torch.float64, requires_grad=True)
+    results = []
+    for execution in ("grouped", "stacked"):
+        layer = _layer(ROUTERS[name], execution=execution)
+        out = layer(x)
+        params = [x, layer.experts.lora_A, layer.experts.lora_B, *layer.router.parameters()]
+        grads = torch.autograd.grad(out.square().sum(), params)
+        results.append((out, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for g_grouped, g_stacked in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g_grouped, g_stacked, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_execution_picks_stacked_only_for_small_adapters():
+    small = LoRAExperts(4, 256, 256, 8, 16.0)  # E*r = 32 <= 256 / 8
+    large = LoRAExperts(4, 64, 64, 8, 16.0)  # E*r = 32 > 64 / 8
+    indices = torch.tensor([[0, 1], [2, 3]])
+    assert small._use_stacked(indices) and not large._use_stacked(indices)
+    assert large._use_stacked(torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]))  # every token uses every expert
+    assert not large._use_stacked(torch.tensor([[0, 1, 2, 3], [3, 2, 1, -1]]))
+    with pytest.raises(ValueError, match="execution"):
+        LoRAExperts(4, 64, 64, 8, 16.0, execution="dense")
+
+
+@pytest.mark.parametrize("execution", ["stacked", "grouped"])
+def test_experts_accumulate_into_base_output(execution):
+    """forward(..., base=b) == b + forward(...) for both executors, in values and gradients."""
+    experts = LoRAExperts(E, D_IN, D_OUT, R, ALPHA, execution=execution).double()
+    with torch.no_grad():
+        experts.lora_B.normal_()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(10, D_IN, dtype=torch.float64, generator=g)
+    base = torch.randn(10, D_OUT, dtype=torch.float64, generator=g, requires_grad=True)
+    probs = torch.softmax(torch.randn(10, E, dtype=torch.float64, generator=g), -1)
+    indices = torch.tensor([[0, 1], [1, -1], [2, 0]] * 3 + [[-1, -1]])
+    safe = indices.clamp_min(0)
+    weights = torch.zeros_like(probs).scatter(1, safe, probs.gather(1, safe) * (indices >= 0))  # 0 if unselected
+    fused = experts(x, weights, indices, base=base)
+    separate = base + experts(x, weights, indices)
+    torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
+    cot = torch.randn(10, D_OUT, dtype=torch.float64, generator=g)
+    params = [base, experts.lora_A, experts.lora_B]
+    for a, b in zip(torch.autograd.grad((fused * cot).sum(), params), torch.autograd.grad((separate * cot).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the token with no expert (row 9) gets exactly the base output
+    assert torch.equal(fused[9], base[9])
+    # a base of another dtype is added after the delta is cast (no silent dtype change)
+    mixed = experts(x, weights, indices, base=base.detach().float())
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, separate.detach().float())

@@ -6,14 +6,19 @@ import math
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from parrot.moe.routers import (
     DynMoLERouter,
     GWMoERouter,
     MixtureOfRoutersRouter,
     RouterConfig,
+    RoutingStats,
     TopKRouter,
     build_router,
+    indices_from_selection,
+    lazy_routing_stats,
+    routing_stats,
     tsallis_entropy,
 )
 
@@ -340,3 +345,80 @@ def test_router_rejects_bad_shapes():
         router(torch.randn(2, 3, D))
     with pytest.raises(ValueError, match="mask"):
         router(torch.randn(4, D), torch.ones(5, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- lazy statistics, host syncs
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["topk", "dynmole", "gwmoe", "mor"])
+def test_stats_are_computed_on_first_read_only(kind):
+    x, mask, _ = _inputs(6)
+    router = build_router(RouterConfig(kind=kind, gw_threshold=1.0), D, E).double().train()
+    _randomize(router, 15, 0.7)
+    with _OpCounter() as forward_ops:
+        out = router(x, mask)
+    assert isinstance(out.stats, RoutingStats) and not out.stats.computed
+    with _OpCounter() as stats_ops:
+        loads = out.stats["load"]
+    assert out.stats.computed and stats_ops.count >= 5  # the diagnostics ran now, not in the forward
+    with _OpCounter() as again:
+        loads_again, keys = out.stats["load"], set(out.stats)
+    assert again.count == 0 and loads_again is loads  # computed once
+    assert keys >= {"entropy", "load", "num_active", "broadcast", "uncertainty", "mask"}
+    assert forward_ops.count > 0
+    # values are those of THAT forward, and equal the eager computation from its probs / indices
+    router(x * 3.0, mask)
+    eager = routing_stats(out.probs, out.indices, mask, out.stats["broadcast"], out.stats["uncertainty"])
+    for key, value in eager.items():
+        torch.testing.assert_close(out.stats[key], value, rtol=0, atol=0)
+    valid = [t for t in range(T) if mask[t]]
+    naive_load = [sum(e in out.indices[t].tolist() for t in valid) / len(valid) for e in range(E)]
+    torch.testing.assert_close(out.stats["load"], torch.tensor(naive_load, dtype=torch.float64))
+
+
+def test_lazy_routing_stats_equals_routing_stats():
+    p = torch.softmax(torch.randn(9, 4, dtype=torch.float64), -1)
+    idx = torch.tensor([[0, 1]] * 5 + [[2, -1]] * 4)
+    mask = torch.tensor([True] * 7 + [False] * 2)
+    lazy, eager = lazy_routing_stats(p, idx, mask), routing_stats(p, idx, mask)
+    assert repr(lazy) == "RoutingStats(<not computed yet>)"
+    assert dict(lazy).keys() == eager.keys() and len(lazy) == len(eager)
+    for key in eager:
+        assert torch.equal(lazy[key], eager[key])
+    torch.testing.assert_close(lazy["load"], torch.tensor([5 / 7, 5 / 7, 2 / 7, 0.0], dtype=torch.float64))
+
+
+def test_gwmoe_threshold_is_checked_again_after_it_changes():
+    x, mask, _ = _inputs(7)
+    router = GWMoERouter(D, E, top_k=2, threshold=1.0).double().train()
+    router(x, mask)  # set: checked once
+    router.threshold.fill_(float("nan"))  # in-place change bumps the version counter
+    with pytest.raises(RuntimeError, match="threshold is unset"):
+        router(x, mask)
+    router.load_state_dict({**router.state_dict(), "threshold": torch.tensor(0.5, dtype=torch.float64)})
+    router(x, mask)
+    router.threshold = torch.tensor(float("nan"), dtype=torch.float64)  # a new tensor object
+    with pytest.raises(RuntimeError, match="threshold is unset"):
+        router(x, mask)
+
+
+def test_dynmole_indices_match_indices_from_selection():
+    """The sort-prefix indices of DynMoLE equal the generic selection -> indices helper (two argsorts)."""
+    x, mask, _ = _inputs(8)
+    x = x * torch.linspace(0.2, 4.0, T, dtype=torch.float64)[:, None]
+    router = DynMoLERouter(D, E, top_p=0.6, keep_top_k=1, entropy_threshold=0.8).double()
+    _randomize(router, 16, 0.8)
+    out = router(x, mask)
+    selected = out.weights > 0
+    assert len(set(selected.sum(-1).tolist())) > 1  # variable number of active experts
+    assert torch.equal(out.indices, indices_from_selection(out.probs, selected))

@@ -8,6 +8,7 @@ same seeded permutation), so their weights must agree up to float round-off.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,9 +37,17 @@ def torchrun(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess
     cmd = [str(torchrun_bin), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "parrot.train",
            *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+    # A session of its own, so that a hang is cleaned up with every worker (not only the torchrun agent).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun timed out after {timeout} s:\n{stderr[-6000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def cli_args(ws: dict, out: Path, **overrides) -> list[str]:
@@ -81,7 +90,8 @@ def test_zero3_saves_full_weights_of_every_trained_part(ws, tmp_path):
     stage1 = tmp_path / "stage1"
     train(config(ws, stage1, max_steps=1))
     common = dict(stage=2, model=str(stage1), data="qa", tuning="mole", router="topk", lora_targets="q_proj,up_proj",
-                  mole_experts=2, mole_top_k=2, lora_dropout=0.0, max_steps=2, per_device_batch_size=4)
+                  mole_experts=2, mole_top_k=2, lora_dropout=0.0, max_steps=2, per_device_batch_size=4, save_steps=1,
+                  keep_last=1, learning_rate=1e-3)  # Adam turns round-off of near-zero gradients into ~lr steps
     reference = tmp_path / "single"
     train(config(ws, reference, global_batch_size=8, **common))
     out = tmp_path / "zero3"
@@ -93,3 +103,5 @@ def test_zero3_saves_full_weights_of_every_trained_part(ws, tmp_path):
     # MoLE adapters (experts + routers), gathered from the shards.
     assert_same_weights(load_file(str(reference / "mole_adapter.safetensors")),
                         load_file(str(out / "mole_adapter.safetensors")))
+    # Checkpoints under DeepSpeed are published atomically and rotated like single-process ones.
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]

@@ -30,14 +30,16 @@ from .routers import (
     MixtureOfRoutersRouter,
     RouterConfig,
     RouterOutput,
+    RoutingStats,
     TopKRouter,
     build_router,
+    lazy_routing_stats,
     tsallis_entropy,
 )
 
 __all__ = [
     "ROUTER_KINDS", "DynMoLERouter", "GWMoERouter", "LayerStepStats", "LoRAExperts", "MixtureOfRoutersRouter",
-    "MoLEConfig", "MoLELinear", "RouterConfig", "RouterOutput", "RouterStatsTracker", "SwiGLUExperts", "TopKRouter",
+    "MoLEConfig", "MoLELinear", "RouterConfig", "RouterOutput", "RoutingStats", "RouterStatsTracker", "SwiGLUExperts", "TopKRouter",
     "build_router", "calibrate_gwmoe", "collect_router_outputs", "inject_mole", "load_mole", "load_mole_state_dict",
-    "mole_aux_loss", "mole_parameters", "mole_state_dict", "plot_expert_load", "save_mole", "tsallis_entropy",
+    "mole_aux_loss", "mole_parameters", "mole_state_dict", "plot_expert_load", "save_mole", "tsallis_entropy", "lazy_routing_stats",
 ]

@@ -11,6 +11,11 @@ Trainer usage:
     tracker.write_json(out_dir / "router_stats.json")
     plot_expert_load(tracker, out_dir / "expert_load.png")
 
+Cost: routers return their statistics lazily (`parrot.moe.routers.RoutingStats`), computed on the first
+read, i.e. by `update` here. Call `update` only at logging steps (or give `every`, which skips before
+reading anything) and training steps in between pay nothing for diagnostics. `update` reads each
+layer's stats once and moves them to the host (one sync per layer), so keep it off non-logging steps.
+
 Per layer and step a record holds: entropy mean (nats, valid tokens), entropy histogram (`num_bins`
 bins of the entropy normalised by log E, so layers with different E share bins), expert load fractions
 (share of valid tokens that selected each expert), fraction of tokens broadcast / soft-routed
@@ -47,8 +52,17 @@ class LayerStepStats:
 
 
 def layer_stats(step: int, layer: str, routing: RouterOutput, num_bins: int) -> LayerStepStats:
-    """Reduce one RouterOutput to a LayerStepStats (valid tokens only)."""
+    """Reduce one RouterOutput to a LayerStepStats (valid tokens only).
+
+    Reading `routing.stats` computes a lazy `RoutingStats`; an output without statistics (a custom
+    router that returned none) is an error naming the layer, not a record of zeros.
+    """
     stats = routing.stats
+    if not stats:
+        raise ValueError(
+            f"RouterStatsTracker: layer {layer!r} returned a RouterOutput without stats at step {step}; "
+            "routers must fill RouterOutput.stats (e.g. parrot.moe.routers.lazy_routing_stats(probs, indices, mask))"
+        )
     entropy = stats["entropy"].detach().double()
     valid = stats["mask"] if "mask" in stats else torch.ones_like(entropy, dtype=torch.bool)
     entropy = entropy[valid]
@@ -83,6 +97,7 @@ class RouterStatsTracker:
         self.records: list[LayerStepStats] = []
 
     def update(self, step: int, routing: Mapping[str, RouterOutput]) -> list[LayerStepStats]:
+        """Record every layer's statistics at `step` (computing their lazy stats); [] on skipped steps."""
         if step % self.every:
             return []
         new = [layer_stats(step, name, out, self.num_bins) for name, out in routing.items()]

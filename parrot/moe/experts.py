@@ -74,17 +74,35 @@ class LoRAExperts(nn.Module):
     sum_k weights[t, e_k] * delta_{e_k}(x_t) over each token's selected experts (MixLoRA, Li et al.,
     2024, arXiv 2404.15159, eq. 4), computed without a loop over tokens:
 
-    - dense path (every token selected every expert): one matmul through all experts' A stacked
-      (D_in -> E*r), a per-expert weight, one matmul through all B stacked (E*r -> D_out);
-    - sparse path: (token, expert) pairs are sorted by expert and each expert runs once on its
-      contiguous group of rows (`run_expert`), results scattered back with index_add. Unselected
-      (token, expert) pairs are never computed.
+    - "stacked": one matmul through all experts' A stacked (D_in -> E*r), the routing weights (exactly
+      zero for unselected experts) applied per rank block, one matmul through all B stacked
+      (E*r -> D_out). It reads x and writes the output once, like a single rank-E*r LoRA: the fastest
+      path whenever E*r is small next to the layer width (the LoRA FLOPs are then a rounding error next
+      to the frozen base matmul, and memory traffic decides; see benchmarks/README.md).
+    - "grouped": (token, expert) pairs are sorted by expert, x is gathered once, each expert runs once
+      on its contiguous slice of rows (`run_expert`), results are scattered back with one index_add.
+      Unselected (token, expert) pairs are never computed: FLOPs scale with k, not E.
+    - "auto" (default): "stacked" when every token selected every expert, or when E*r <= min(D_in,
+      D_out) / 8 (the whole stacked adapter costs under 1/4 of the base layer's FLOPs); else "grouped".
+
+    Both fold alpha / r into the per-row routing weights (applied to the rank-r hidden, never to the
+    (T, D_out) output) and, given the frozen layer's output as `base`, accumulate into it inside the
+    last GEMM (`addmm`) or `index_add`, so `MoLELinear` needs no separate (T, D_out) addition.
     """
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int, alpha: float):
+    EXECUTIONS = ("auto", "stacked", "grouped")
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int, alpha: float,
+                 execution: str = "auto", activation: nn.Module | None = None):
         super().__init__()
         if rank < 1 or num_experts < 1:
             raise ValueError(f"LoRAExperts needs rank >= 1 and num_experts >= 1, got rank={rank}, E={num_experts}")
+        if execution not in self.EXECUTIONS:
+            raise ValueError(f"LoRAExperts execution={execution!r}; choose from {self.EXECUTIONS}")
+        self.execution = execution
+        # sigma between A and B: identity for LoRA; a nonlinearity turns the experts into bottleneck
+        # adapters (Houlsby et al., 2019), as PERFT uses them.
+        self.act = activation if activation is not None else nn.Identity()
         self.num_experts = num_experts
         self.in_features = in_features
         self.out_features = out_features
@@ -99,36 +117,69 @@ class LoRAExperts(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """delta_e on a group of rows x (n, D_in) -> (n, D_out), without the routing weight."""
-        return (x @ self.lora_A[expert].t()) @ self.lora_B[expert].t() * self.scaling
+    def run_expert(self, expert: int, x: torch.Tensor, row_scale: torch.Tensor | None = None,
+                   lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """delta_e on a group of rows x (n, D_in) -> (n, D_out).
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x (T, D_in), weights (T, E), indices (T, K) with -1 padding -> (T, D_out)."""
-        valid = indices >= 0  # (T, K)
-        if indices.shape[1] == self.num_experts and bool(valid.all()):
-            return self._dense(x, weights)
-        return self._grouped(x, weights, indices, valid)
+        `row_scale` (n,) multiplies each row (routing weight times alpha / r); it is applied to the
+        rank-r hidden, r/D_out of the work of scaling the output. Without it: the plain (alpha / r) delta.
+        `lora` = (A_e, B_e) when the caller already split the stacked weights (one backward node for all
+        experts instead of E zero-filled (E, r, D) gradients).
+        """
+        lora_a, lora_b = (self.lora_A[expert], self.lora_B[expert]) if lora is None else lora
+        h = self.act(x @ lora_a.t())  # (n, r)
+        if row_scale is None:
+            return h @ lora_b.t() * self.scaling
+        return (h * row_scale[:, None]) @ lora_b.t()
 
-    def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                base: torch.Tensor | None = None) -> torch.Tensor:
+        """x (T, D_in), weights (T, E), indices (T, K) with -1 padding -> (T, D_out).
+
+        With `base` (T, D_out) (the frozen layer's output) the result is base + delta, accumulated
+        inside the last matmul / index_add instead of by a separate (T, D_out) addition.
+        """
+        if self._use_stacked(indices):
+            return self._stacked(x, weights, base)
+        return self._grouped(x, weights, indices, base)
+
+    def _use_stacked(self, indices: torch.Tensor) -> bool:
+        if self.execution != "auto":
+            return self.execution == "stacked"
+        if self.num_experts * self.rank * 8 <= min(self.in_features, self.out_features):
+            return True
+        return indices.shape[1] == self.num_experts and bool((indices >= 0).all())
+
+    def _stacked(self, x: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         E, r = self.num_experts, self.rank
-        h = x @ self.lora_A.reshape(E * r, self.in_features).t()  # (T, E*r)
-        h = (h.view(-1, E, r) * weights.to(h.dtype)[:, :, None]).reshape(-1, E * r)
-        return h @ self.lora_B.transpose(1, 2).reshape(E * r, self.out_features) * self.scaling  # (T, D_out)
+        h = self.act(x @ self.lora_A.reshape(E * r, self.in_features).t())  # (T, E*r)
+        # alpha / r folds into the (T, E) weights, so the (T, D_out) output is never rescaled.
+        scale = (weights * self.scaling).to(h.dtype)  # (T, E)
+        h = (h.view(-1, E, r) * scale[:, :, None]).view(-1, E * r)
+        lora_b = self.lora_B.transpose(1, 2).reshape(E * r, self.out_features)  # (E*r, D_out)
+        if base is None:
+            return h @ lora_b  # (T, D_out)
+        if base.dtype == h.dtype:
+            return torch.addmm(base, h, lora_b)  # base + h @ lora_b in one GEMM
+        return base + (h @ lora_b).to(base.dtype)
 
-    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        token_ids = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(indices)[valid]  # (P,)
-        expert_ids = indices[valid]  # (P,)
-        order = expert_ids.argsort(stable=True)
-        token_ids, expert_ids = token_ids[order], expert_ids[order]
-        pair_weights = weights[token_ids, expert_ids].to(x.dtype)  # (P,)
-        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
-        out = x.new_zeros(x.shape[0], self.out_features)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                rows = token_ids[start : start + count]
-                delta = self.run_expert(expert, x[rows]) * pair_weights[start : start + count, None]
-                out = out.index_add(0, rows, delta)
-            start += count
-        return out
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                 base: torch.Tensor | None = None) -> torch.Tensor:
+        num_slots = indices.shape[1]
+        flat = indices.reshape(-1)  # (T*K,)
+        # A stable sort puts the empty slots (-1) first, then expert 0's pairs, 1's, ...: one host sync
+        # (the split sizes) covers both the padding count and the groups.
+        order = flat.argsort(stable=True)  # (T*K,)
+        counts = torch.bincount(flat + 1, minlength=self.num_experts + 1).tolist()  # split sizes must be ints
+        order = order[counts[0]:]  # (P,) drop empty slots
+        token_ids, expert_ids = order // num_slots, flat[order]  # (P,), in expert order
+        row_scale = (weights[token_ids, expert_ids] * self.scaling).to(x.dtype)  # (P,)
+        # One gather (index_select: its backward is an index_add, not an accumulating index_put), then views.
+        groups = zip(x.index_select(0, token_ids).split(counts[1:]), row_scale.split(counts[1:]),
+                     zip(self.lora_A.unbind(0), self.lora_B.unbind(0)))
+        deltas = [self.run_expert(e, rows, s, lora) for e, (rows, s, lora) in enumerate(groups) if rows.shape[0]]
+        delta = torch.cat(deltas) if deltas else x.new_zeros(0, self.out_features)  # (P, D_out), expert order
+        if base is not None and base.dtype == delta.dtype:
+            return base.index_add(0, token_ids, delta)  # base + delta, no separate addition
+        out = x.new_zeros(x.shape[0], self.out_features).index_add(0, token_ids, delta)  # (T, D_out)
+        return out if base is None else base + out.to(base.dtype)

@@ -14,7 +14,8 @@ Trainer-facing API (what `--tuning mole --router {topk,dynmole,gwmoe,mor}` shoul
     out = model(input_ids=..., attention_mask=...)  # attention_mask is picked up for the routers
     routing = collect_router_outputs(model)         # {module name: RouterOutput} of THIS forward
     loss = out.loss + mole_aux_loss(routing)        # mean over layers of the already-scaled aux losses
-    tracker.update(step, routing)                   # parrot.moe.diagnostics.RouterStatsTracker
+    if step % log_every == 0:                       # stats are lazy: only logging steps compute them
+        tracker.update(step, routing)               # parrot.moe.diagnostics.RouterStatsTracker
     save_mole(model, cfg, out_dir) / load_mole(model, out_dir)   # adapter + router weights only
 
 For `RouterConfig(kind="gwmoe", gw_quantile=q)` call `calibrate_gwmoe(model, batches)` once before
@@ -61,6 +62,9 @@ class MoLEConfig:
     router: which router every MoLE layer uses (`RouterConfig`).
     exclude_modules: name substrings never wrapped (the vision tower, projector, lm_head).
     freeze_base: set requires_grad=False on every parameter that existed before injection.
+    expert_execution: "auto" | "stacked" | "grouped", how `LoRAExperts` computes (see its docstring):
+        "grouped" runs only the selected (token, expert) pairs; "stacked" runs one rank-E*r product
+        with zero weights for unselected experts (faster when E*r is small); "auto" picks by size.
     """
 
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -71,6 +75,7 @@ class MoLEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     exclude_modules: tuple[str, ...] = ("vision_tower", "mm_projector", "lm_head")
     freeze_base: bool = True
+    expert_execution: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):  # from JSON
@@ -111,13 +116,14 @@ class MoLELinear(nn.Module):
     by the model-level pre-hook that `inject_mole` installs.
     """
 
-    def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: float, dropout: float, router: RouterConfig):
+    def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: float, dropout: float, router: RouterConfig,
+                 expert_execution: str = "auto"):
         super().__init__()
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
         self.num_experts = num_experts
-        self.experts = LoRAExperts(num_experts, base.in_features, base.out_features, rank, alpha)
+        self.experts = LoRAExperts(num_experts, base.in_features, base.out_features, rank, alpha, expert_execution)
         self.router = build_router(router, base.in_features, num_experts)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = base.weight
@@ -156,15 +162,16 @@ class MoLELinear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # (T, D_in)
         routing = self.router(flat, self._mask_for(x))
         self.last_routing = routing
-        delta = self.experts(self.dropout(flat), routing.weights, routing.indices)  # (T, D_out)
-        return out + delta.view(*x.shape[:-1], -1).to(out.dtype)
+        # The experts add their delta into the base output inside their last GEMM / index_add.
+        out = self.experts(self.dropout(flat), routing.weights, routing.indices, base=out.reshape(-1, out.shape[-1]))
+        return out.view(*x.shape[:-1], -1)  # (..., D_out)
 
 
 def _mole_modules(model: nn.Module) -> list[tuple[str, MoLELinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoLELinear)]
 
 
-class _MaskCapture:
+class MaskCapture:
     """Forward pre-hook: hands a 2-D `attention_mask` keyword to the MoLE layers below a module.
 
     Installed on the model and on every ancestor of MoLE layers whose forward takes `attention_mask`;
@@ -184,20 +191,25 @@ class _MaskCapture:
                 layer.last_routing = None  # routing outputs are per forward
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            mask = mask.to(torch.bool)  # once per model call, not once per routed layer
             for layer in self.layers:
                 layer.token_mask = mask
 
 
-def _install_mask_hooks(model: nn.Module) -> None:
-    # The mask stays until the next model call so that activation-checkpoint recomputation sees it too.
-    layers = _mole_modules(model)
-    model.register_forward_pre_hook(_MaskCapture([m for _, m in layers], is_root=True), with_kwargs=True)
+def install_mask_hooks(model: nn.Module, routed: list[tuple[str, nn.Module]]) -> None:
+    """Hand the innermost 2-D `attention_mask` of each model call to every routed module (`.token_mask`).
+
+    `routed`: [(qualified name, module)] of the modules that route tokens (MoLE layers, PERFT adapters).
+    The mask stays until the next model call so that activation-checkpoint recomputation sees it too.
+    """
+    targets = {id(m) for _, m in routed}
+    model.register_forward_pre_hook(MaskCapture([m for _, m in routed], is_root=True), with_kwargs=True)
     for name, module in model.named_modules():
-        if not name or isinstance(module, MoLELinear):
+        if not name or id(module) in targets:
             continue
-        below = [m for n, m in layers if n.startswith(name + ".")]
+        below = [m for n, m in routed if n.startswith(name + ".")]
         if below and "attention_mask" in inspect.signature(module.forward).parameters:
-            module.register_forward_pre_hook(_MaskCapture(below, is_root=False), with_kwargs=True)
+            module.register_forward_pre_hook(MaskCapture(below, is_root=False), with_kwargs=True)
 
 
 def inject_mole(model: nn.Module, config: MoLEConfig) -> list[str]:
@@ -222,9 +234,10 @@ def inject_mole(model: nn.Module, config: MoLEConfig) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        layer = MoLELinear(base, config.experts_for(name), config.rank, config.alpha, config.dropout, config.router)
+        layer = MoLELinear(base, config.experts_for(name), config.rank, config.alpha, config.dropout, config.router,
+                           config.expert_execution)
         setattr(parent, child, layer)
-    _install_mask_hooks(model)
+    install_mask_hooks(model, _mole_modules(model))
     return targets
 
 

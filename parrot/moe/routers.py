@@ -17,7 +17,8 @@ Routers (build any of them from a `RouterConfig` with `build_router(config, hidd
 - `MixtureOfRoutersRouter`  M sub-routers mixed by a main router, then top-k (Zhang et al., 2025,
                         arXiv 2503.23362).
 
-`RouterOutput.stats` (detached) always holds:
+`RouterOutput.stats` is a `RoutingStats` mapping, computed on first read (never on the training hot
+path: a step that does not log diagnostics pays nothing for them). Once read it holds (detached):
     "entropy"     (T,)  Shannon entropy of the full router distribution (nats),
     "load"        (E,)  fraction of (valid) tokens that selected each expert,
     "num_active"  (T,)  number of experts selected per token,
@@ -30,7 +31,10 @@ Routers (build any of them from a `RouterConfig` with `build_router(config, hidd
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -50,7 +54,8 @@ class RouterOutput:
     probs:   (T, E) the router's full probability distribution (for diagnostics and aux losses).
     logits:  (T, E) raw router logits (MoR: log of the mixed distribution).
     aux_losses: named scalar losses, already multiplied by their coefficients (sum them into the loss).
-    stats: named diagnostics (detached tensors), see the module docstring.
+    stats: named diagnostics (detached tensors), see the module docstring; the routers here return a
+        lazy `RoutingStats` (computed on first read), a plain dict works too.
     """
 
     weights: torch.Tensor
@@ -58,7 +63,7 @@ class RouterOutput:
     probs: torch.Tensor
     logits: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def aux_loss(self) -> torch.Tensor | float:
@@ -91,8 +96,11 @@ def tsallis_entropy(probs: torch.Tensor, q: float, eps: float = 0.0, normalize: 
         entropy = -(shifted * shifted.log()).sum(-1)
         max_entropy = math.log(num_experts)
     else:
-        entropy = (1.0 - (probs + eps).pow(q).sum(-1)) / (q - 1.0)
+        power_sum = (probs + eps).pow(q).sum(-1)
         max_entropy = (1.0 - num_experts ** (1.0 - q)) / (q - 1.0)
+        if normalize and num_experts > 1:  # one scale for 1 / (q - 1) and the normalisation
+            return (1.0 - power_sum) * (1.0 / ((q - 1.0) * max_entropy))
+        entropy = (1.0 - power_sum) / (q - 1.0)
     if normalize:
         if num_experts == 1:
             return torch.zeros_like(entropy)
@@ -100,12 +108,34 @@ def tsallis_entropy(probs: torch.Tensor, q: float, eps: float = 0.0, normalize: 
     return entropy
 
 
+def token_weights(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Mask (T,) bool -> (T,) weights 1 / n_valid on valid tokens and 0 on padding (None without a mask).
+
+    Built once per forward so that every masked mean of that forward is one product `weights @ values`.
+    """
+    if mask is None:
+        return None
+    m = mask.to(dtype)
+    return m / m.sum().clamp_min(1.0)
+
+
+def token_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the first dim of `values` (T, ...) with `token_weights` (plain mean when None)."""
+    if weights is None:
+        return values.mean(0)
+    return torch.tensordot(weights, values, dims=1)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over the first dim of `values` (T, ...) counting only rows where mask (T,) is True."""
-    if mask is None:
-        return values.mean(0)
-    m = mask.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
-    return (values * m).sum(0) / m.sum().clamp_min(1.0)
+    return token_mean(values, token_weights(mask, values.dtype))
+
+
+def _switch_balance(probs: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    # E * sum_e f_e P_e with f = a / sum(a): the normalisation of f is applied once to the dot product.
+    assignments = token_mean((weights > 0).to(probs.dtype), tokens)  # (E,), no gradient
+    p = token_mean(probs, tokens)  # (E,)
+    return probs.shape[-1] * (assignments @ p) / assignments.sum().clamp_min(torch.finfo(probs.dtype).tiny)
 
 
 def load_balance_loss(probs: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -114,34 +144,38 @@ def load_balance_loss(probs: torch.Tensor, weights: torch.Tensor, mask: torch.Te
     f_e is the share of expert assignments that go to e (from the selection in `weights`, no gradient),
     P_e the mean router probability of e. Padding tokens (mask False) are excluded.
     """
-    num_experts = probs.shape[-1]
-    selected = (weights > 0).to(probs.dtype)  # (T, E)
-    assignments = masked_mean(selected, mask)  # (E,)
-    f = assignments / assignments.sum().clamp_min(torch.finfo(probs.dtype).tiny)
-    p = masked_mean(probs, mask)  # (E,)
-    return num_experts * (f.detach() * p).sum()
+    return _switch_balance(probs, weights, token_weights(mask, probs.dtype))
 
 
 def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """ST-MoE router z-loss (Zoph et al., 2022, eq. 5): mean_t (logsumexp_e z_te)^2."""
-    return masked_mean(torch.logsumexp(logits, dim=-1).square(), mask)
+    return token_mean(torch.logsumexp(logits, dim=-1).square(), token_weights(mask, logits.dtype))
 
 
-def topk_weights(probs: torch.Tensor, top_k: int | None, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_weights(probs: torch.Tensor, top_k: int | None, renormalize: bool,
+                 logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the top-k probabilities per row (all when top_k is None); optionally renormalise them.
 
-    Returns weights (T, E) with zeros outside the selection and indices (T, K).
+    Returns weights (T, E) with zeros outside the selection and indices (T, K). With `logits` (probs =
+    softmax(logits)) the renormalised top-k probabilities are computed as the softmax of the top-k
+    logits, p_i / sum_{j in top-k} p_j = exp(z_i) / sum_{j in top-k} exp(z_j): the same values and
+    gradients in two kernels instead of a sum, clamp and division (and their backward).
     """
     num_experts = probs.shape[-1]
     if top_k is None or top_k >= num_experts:
         indices = torch.arange(num_experts, device=probs.device).expand(probs.shape[0], num_experts)
         weights = probs
+        if renormalize:
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+        return weights, indices
+    if renormalize and logits is not None:
+        top_z, indices = logits.topk(top_k, dim=-1)  # (T, k); softmax is monotone: same experts
+        top_p = _softmax(top_z, probs.dtype)
     else:
         top_p, indices = probs.topk(top_k, dim=-1)  # (T, k)
-        weights = torch.zeros_like(probs).scatter(-1, indices, top_p)
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
-    return weights, indices
+        if renormalize:  # on the k kept values, before scattering them into (T, E)
+            top_p = top_p / top_p.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    return torch.zeros_like(probs).scatter(-1, indices, top_p), indices
 
 
 def indices_from_selection(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -168,7 +202,7 @@ def routing_stats(
     broadcast: torch.Tensor | None = None,
     uncertainty: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The diagnostics every router reports (see the module docstring), all detached."""
+    """The diagnostics every router reports (see the module docstring), all detached, computed now."""
     probs = probs.detach()
     selected = selection_from_indices(indices, probs.shape[-1]).to(probs.dtype)  # (T, E)
     entropy = shannon_entropy(probs)
@@ -182,6 +216,54 @@ def routing_stats(
     if mask is not None:
         stats["mask"] = mask.detach().to(torch.bool)
     return stats
+
+
+class RoutingStats(Mapping[str, torch.Tensor]):
+    """Routing diagnostics computed on first read: `compute()` runs once, when a key is first looked up.
+
+    Routers return this instead of a dict so that the ~15 small kernels of `routing_stats` (and the
+    uncertainty of GW-MoE in eval mode) stay off the training hot path; only steps that read
+    `RouterOutput.stats` (a `RouterStatsTracker.update`, GW-MoE calibration) pay for them. `compute`
+    closes over the forward's detached tensors, so the values are those of that forward.
+    """
+
+    def __init__(self, compute: Callable[[], dict[str, torch.Tensor]]):
+        self._compute: Callable[[], dict[str, torch.Tensor]] | None = compute
+        self._values: dict[str, torch.Tensor] | None = None
+
+    @property
+    def computed(self) -> bool:
+        return self._values is not None
+
+    def _materialize(self) -> dict[str, torch.Tensor]:
+        if self._values is None:
+            self._values = self._compute()
+            self._compute = None  # drop the closure's references
+        return self._values
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._materialize()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._materialize())
+
+    def __len__(self) -> int:
+        return len(self._materialize())
+
+    def __repr__(self) -> str:
+        return f"RoutingStats({self._values!r})" if self.computed else "RoutingStats(<not computed yet>)"
+
+
+def lazy_routing_stats(
+    probs: torch.Tensor,
+    indices: torch.Tensor,
+    mask: torch.Tensor | None,
+    broadcast: torch.Tensor | None = None,
+    uncertainty: torch.Tensor | None = None,
+) -> RoutingStats:
+    """`routing_stats` with the same arguments, deferred to the first read (see `RoutingStats`)."""
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731 - keep no autograd graph alive
+    return RoutingStats(partial(routing_stats, probs.detach(), indices, mask, detach(broadcast), detach(uncertainty)))
 
 
 def _check_inputs(hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -237,13 +319,14 @@ class TopKRouter(nn.Module):
         _check_inputs(hidden, mask)
         logits = self.gate(hidden)  # (T, E)
         probs = _softmax(logits, hidden.dtype)
-        weights, indices = topk_weights(probs, self.top_k, self.renormalize and self.top_k is not None)
+        weights, indices = topk_weights(probs, self.top_k, self.renormalize and self.top_k is not None, logits)
+        tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
         if self.balance_coef:
-            aux["balance"] = self.balance_coef * load_balance_loss(probs, weights, mask)
+            aux["balance"] = self.balance_coef * _switch_balance(probs, weights, tokens)
         if self.z_loss_coef:
-            aux["z"] = self.z_loss_coef * router_z_loss(logits, mask)
-        return RouterOutput(weights, indices, probs, logits, aux, routing_stats(probs, indices, mask))
+            aux["z"] = self.z_loss_coef * token_mean(torch.logsumexp(logits, dim=-1).square(), tokens)
+        return RouterOutput(weights, indices, probs, logits, aux, lazy_routing_stats(probs, indices, mask))
 
 
 class DynMoLERouter(nn.Module):
@@ -304,27 +387,32 @@ class DynMoLERouter(nn.Module):
         _check_inputs(hidden, mask)
         logits = self.gate(hidden)  # (T, E)
         probs = _softmax(logits, hidden.dtype)
-        sorted_p, order = probs.sort(dim=-1, descending=True)  # (T, E)
-        keep_sorted = sorted_p.cumsum(-1) <= self.top_p
-        keep_sorted[:, : self.keep_top_k] = True
-        selected = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # (T, E) bool
+        # Experts in descending probability; no gradient flows through the selection.
+        sorted_p, order = probs.detach().sort(dim=-1, descending=True)  # (T, E)
+        # Top-p keeps a prefix of each sorted row (cumulative sums of probabilities only grow), at least
+        # keep_top_k long; soft routing keeps the whole row, so the active set stays a prefix.
+        active_sorted = sorted_p.cumsum(-1) <= self.top_p  # (T, E), sorted order
+        active_sorted[:, : self.keep_top_k] = True
         tsallis = tsallis_entropy(probs, self.tsallis_q, self.entropy_eps, self.normalize_entropy)  # (T,)
         soft = tsallis > self.entropy_threshold  # (T,)
-        selected = selected | soft[:, None]
+        active_sorted |= soft[:, None]
+        selected = torch.zeros_like(active_sorted).scatter(-1, order, active_sorted)  # (T, E) bool, expert order
         masked = probs * selected  # (T, E) original probabilities of active experts
         weights = masked
         if self.renormalize:
             weights = masked / masked.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
-        indices = indices_from_selection(probs, selected)
+        # The active prefix in probability order, -1 after it (what `indices_from_selection` computes).
+        indices = torch.where(active_sorted, order, -1)  # (T, E)
+        tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
         if self.dyn_loss_coef:
-            aux["tsallis"] = self.dyn_loss_coef * masked_mean(tsallis, mask)
+            aux["tsallis"] = self.dyn_loss_coef * token_mean(tsallis, tokens)
         if self.balance_coef:
             num_experts = probs.shape[-1]
-            aux["balance"] = self.balance_coef * num_experts * (masked_mean(masked, mask) * masked_mean(probs, mask)).sum()
+            aux["balance"] = self.balance_coef * num_experts * (token_mean(masked, tokens) @ token_mean(probs, tokens))
         if self.z_loss_coef:
-            aux["z"] = self.z_loss_coef * router_z_loss(logits, mask)
-        stats = routing_stats(probs, indices, mask, broadcast=soft, uncertainty=tsallis)
+            aux["z"] = self.z_loss_coef * token_mean(torch.logsumexp(logits, dim=-1).square(), tokens)
+        stats = lazy_routing_stats(probs, indices, mask, broadcast=soft, uncertainty=tsallis)
         return RouterOutput(weights, indices, probs, logits, aux, stats)
 
 
@@ -376,6 +464,9 @@ class GWMoERouter(nn.Module):
         self.z_loss_coef = z_loss_coef
         self.gate = nn.Linear(hidden_size, num_experts, bias=bias)
         self.register_buffer("threshold", torch.tensor(float("nan") if threshold is None else float(threshold)))
+        # (the threshold tensor, its version counter) when last found set: the NaN check reads the
+        # value on the host (a device sync on GPUs), so it runs again only after the buffer changed.
+        self._threshold_checked: tuple[weakref.ref, int] | None = None
 
     def uncertainty(self, probs: torch.Tensor) -> torch.Tensor:
         entropy = -(probs * (probs + self.entropy_eps).log()).sum(-1)
@@ -396,33 +487,45 @@ class GWMoERouter(nn.Module):
         self.threshold.fill_(value)
         return value
 
+    def _require_threshold(self) -> None:
+        current = self.threshold
+        if self._threshold_checked is not None:
+            checked, version = self._threshold_checked
+            if checked() is current and version == current._version:
+                return
+        if torch.isnan(current):
+            raise RuntimeError(
+                "GWMoERouter threshold is unset: give RouterConfig.gw_threshold, or run "
+                "parrot.moe.mole.calibrate_gwmoe / router.calibrate(entropies, quantile) before training"
+            )
+        self._threshold_checked = (weakref.ref(current), current._version)
+
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
         _check_inputs(hidden, mask)
         logits = self.gate(hidden)  # (T, E)
         probs = _softmax(logits, hidden.dtype)
-        uncertainty = self.uncertainty(probs)  # (T,)
-        weights, indices = topk_weights(probs, self.top_k, self.renormalize)
-        broadcast = torch.zeros_like(uncertainty, dtype=torch.bool)
+        weights, indices = topk_weights(probs, self.top_k, self.renormalize, logits)
         if self.training:
-            if torch.isnan(self.threshold):
-                raise RuntimeError(
-                    "GWMoERouter threshold is unset: give RouterConfig.gw_threshold, or run "
-                    "parrot.moe.mole.calibrate_gwmoe / router.calibrate(entropies, quantile) before training"
-                )
+            self._require_threshold()
+            uncertainty = self.uncertainty(probs)  # (T,)
             # Not restricted by `mask`: routing must not depend on it (activation checkpointing may
             # recompute without it); padding is excluded from aux losses and stats instead.
             broadcast = uncertainty >= self.threshold
-            full = probs if self.broadcast_weights == "softmax" else torch.full_like(probs, 1.0 / self.num_experts)
+            full = probs if self.broadcast_weights == "softmax" else 1.0 / self.num_experts
             weights = torch.where(broadcast[:, None], full, weights)
-            all_experts = torch.arange(self.num_experts, device=hidden.device).expand_as(probs)
-            padded = torch.cat([indices, indices.new_full((indices.shape[0], self.num_experts - self.top_k), -1)], 1)
+            all_experts = torch.arange(self.num_experts, device=hidden.device)  # (E,)
+            padded = F.pad(indices, (0, self.num_experts - self.top_k), value=-1)  # (T, E)
             indices = torch.where(broadcast[:, None], all_experts, padded)  # (T, E)
+            stats = lazy_routing_stats(probs, indices, mask, broadcast=broadcast, uncertainty=uncertainty)
+        else:  # plain top-k: the uncertainty is only a diagnostic (calibration reads it), computed lazily
+            probs_now, mask_now = probs.detach(), mask
+            stats = RoutingStats(lambda: routing_stats(probs_now, indices, mask_now, uncertainty=self.uncertainty(probs_now)))
+        tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
         if self.balance_coef:
-            aux["balance"] = self.balance_coef * load_balance_loss(probs, weights, mask)
+            aux["balance"] = self.balance_coef * _switch_balance(probs, weights, tokens)
         if self.z_loss_coef:
-            aux["z"] = self.z_loss_coef * router_z_loss(logits, mask)
-        stats = routing_stats(probs, indices, mask, broadcast=broadcast, uncertainty=uncertainty)
+            aux["z"] = self.z_loss_coef * token_mean(torch.logsumexp(logits, dim=-1).square(), tokens)
         return RouterOutput(weights, indices, probs, logits, aux, stats)
 
 
@@ -473,15 +576,21 @@ class MixtureOfRoutersRouter(nn.Module):
         probs = torch.einsum("tm,tme->te", router_weights, sub_probs)  # (T, E)
         logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
         weights, indices = topk_weights(probs, self.top_k, self.renormalize)
+        tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
         if self.balance_coef:
-            aux["balance"] = self.balance_coef * load_balance_loss(probs, weights, mask)
+            aux["balance"] = self.balance_coef * _switch_balance(probs, weights, tokens)
         if self.z_loss_coef:
             z_per_token = torch.logsumexp(sub_logits, dim=-1).square().mean(-1)  # (T,)
-            aux["z"] = self.z_loss_coef * masked_mean(z_per_token, mask)
-        stats = routing_stats(probs, indices, mask)
-        stats["router_weights"] = masked_mean(router_weights.detach(), mask)  # (M,)
-        return RouterOutput(weights, indices, probs, logits, aux, stats)
+            aux["z"] = self.z_loss_coef * token_mean(z_per_token, tokens)
+        probs_now, router_weights_now = probs.detach(), router_weights.detach()
+
+        def stats() -> dict[str, torch.Tensor]:
+            values = routing_stats(probs_now, indices, mask)
+            values["router_weights"] = masked_mean(router_weights_now, mask)  # (M,)
+            return values
+
+        return RouterOutput(weights, indices, probs, logits, aux, RoutingStats(stats))
 
 
 # ----------------------------------------------------------------------------------------------------

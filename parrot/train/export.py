@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,6 +47,21 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         elif main:
             state[name] = tensor.detach().to("cpu", copy=True)
     return state
+
+
+@contextmanager
+def _outside_hf_zero3():
+    """Switch off transformers' global "ZeRO-3 is on" flag (set by TrainingArguments with a ZeRO-3 config):
+    under it, building a model runs `deepspeed.zero.Init`, a collective that would hang the main process
+    building the export model alone."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def fold_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
@@ -108,12 +124,13 @@ def save_final_model(
         (output_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(mole_config.to_dict(), indent=2) + "\n")
     # A fresh model (no adapters) receives the weights: strict loading proves every key has a home.
     config = ParrotConfig.from_dict(model.config.to_dict())
-    with torch.device("meta"):
-        clean = ParrotForCausalLM(config)
-    clean.load_state_dict(state, strict=True, assign=True)
-    clean.tie_weights()
-    clean.generation_config = model.generation_config
-    clean.save_pretrained(output_dir)
+    with _outside_hf_zero3():
+        with torch.device("meta"):
+            clean = ParrotForCausalLM(config)
+        clean.load_state_dict(state, strict=True, assign=True)
+        clean.tie_weights()
+        clean.generation_config = model.generation_config
+        clean.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     if training_info is not None:
         (output_dir / TRAINING_INFO).write_text(json.dumps(training_info, indent=2) + "\n")

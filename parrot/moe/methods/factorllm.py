@@ -1,14 +1,15 @@
 """FactorLLM: factorise a trained dense SwiGLU FFN into experts (Zhao et al., 2024, arXiv 2408.11855).
 
-Factorisation (paper Sec. 3.1): the intermediate dimension I of FFN(x) = W_down (act(W_gate x) * W_up x)
+Factorisation: the intermediate dimension I of FFN(x) = W_down (act(W_gate x) * W_up x)
 is cut into E slices S_1..S_E (optionally after a permutation of the neurons); expert e owns rows S_e of
 W_gate / W_up and columns S_e of W_down, so sum_e Expert_e(x) = FFN(x) exactly.
 
 Routing (verified in the official code, zhenwuweihe/FactorLLM `new_model_KD.py`, `LlamaMLP_stu`): a linear
 router D -> E picks the top-k experts per token; the selected experts' outputs are summed with HARD unit
 weights (no probability weighting) and scaled by E/k (official: integer E // k), so that k = E gives the
-dense FFN exactly. The router therefore learns only from the Prior-Approximate (PA) loss (paper eq. for
-L_PA, Sec. 3.2), whose prior comes from each expert's contribution on the data:
+dense FFN exactly. The router therefore learns only from the Prior-Approximate (PA) loss (the paper's
+teacher-student Prior-Approximate Router loss; formula below as verified in the official code), whose prior comes from each
+expert's contribution on the data:
 
     l_e(x)  = mean_d (Expert_e(x)_d - FFN(x)_d / (E/k))^2          (distance of expert e to its share)
     m(x)    = multi-hot of the k experts with the smallest l_e     (teacher pseudo-label)
@@ -347,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-steps", type=int, default=60)
     parser.add_argument("--router-steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models run fastest on 1)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -4,9 +4,12 @@ PEFT experts sit in parallel with each frozen sparse MoE FFN block; their output
 
     y = MoE(h) + sum_{j in S(h)} g_j(h) * E_j(h),    E_j(h) = (alpha / r) * W_up,j  sigma(W_down,j h)
 
-with W_down,j in R^{r x D}, W_up,j in R^{D x r} (paper Sec. 3, "architecture inside PEFT experts": the
-general form W_up sigma(W_down h); the paper mainly uses LoRA, i.e. sigma = identity -- verified from the
-paper's framework description; `activation` selects sigma). Variants (paper Sec. 3.2, Fig. 2):
+with W_down,j in R^{r x D}, W_up,j in R^{D x r}. Verified against the paper's framework description ("functional strategies"):
+the general expert form W_up sigma(W_down h), the paper's main setting being LoRA (sigma = identity;
+`activation` selects sigma), the PEFT module in parallel with the MoE FFN, and the four variants below.
+Not verified (the official code sits behind an anonymous link we could not read):
+PERFT-R's renormalisation over the kept top-k (our default, as MixLoRA), PERFT-D's unit gates, and the
+alpha / r output scale (LoRA convention).
 
 - PERFT-R (routed):   a new trainable router over N PEFT experts, top-k (any `parrot.moe.routers` router,
                       `RouterConfig`; default softmax top-2 with renormalisation).
@@ -36,7 +39,6 @@ Trainer-facing API:
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,8 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..experts import LoRAExperts
-from ..mole import _MaskCapture, mole_aux_loss
-from ..routers import RouterConfig, RouterOutput, build_router, routing_stats
+from ..mole import install_mask_hooks, mole_aux_loss
+from ..routers import RouterConfig, RouterOutput, build_router, lazy_routing_stats
 from .moe_blocks import find_moe_blocks
 
 PERFT_VARIANTS: tuple[str, ...] = ("perft-r", "perft-e", "perft-d", "perft-s")
@@ -96,26 +98,13 @@ class PerftConfig:
         return asdict(self)
 
 
-class BottleneckExperts(LoRAExperts):
+def bottleneck_experts(num_experts: int, hidden_size: int, rank: int, alpha: float, activation: str) -> LoRAExperts:
     """N bottleneck PEFT experts E_j(x) = (alpha / r) W_up,j sigma(W_down,j x) on the LoRA-expert executor.
 
-    `lora_A` (N, r, D) holds W_down, `lora_B` (N, D, r) W_up (zero init). With sigma = identity this is
-    exactly `LoRAExperts`; the grouped (sparse) and dense paths of `LoRAExperts` are reused, only the two
-    places that apply the bottleneck insert sigma.
+    `lora_A` (N, r, D) holds W_down, `lora_B` (N, D, r) W_up (zero init); with sigma = identity they are
+    exactly LoRA experts.
     """
-
-    def __init__(self, num_experts: int, hidden_size: int, rank: int, alpha: float, activation: str):
-        super().__init__(num_experts, hidden_size, hidden_size, rank, alpha)
-        self.act = _ACTIVATIONS[activation]()
-
-    def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x @ self.lora_A[expert].t()) @ self.lora_B[expert].t() * self.scaling
-
-    def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        E, r = self.num_experts, self.rank
-        h = self.act(x @ self.lora_A.reshape(E * r, self.in_features).t())  # (T, E*r)
-        h = (h.view(-1, E, r) * weights.to(h.dtype)[:, :, None]).reshape(-1, E * r)
-        return h @ self.lora_B.transpose(1, 2).reshape(E * r, self.out_features) * self.scaling  # (T, D)
+    return LoRAExperts(num_experts, hidden_size, hidden_size, rank, alpha, activation=_ACTIVATIONS[activation]())
 
 
 class PerftAdapter(nn.Module):
@@ -131,7 +120,7 @@ class PerftAdapter(nn.Module):
         num_experts = {"perft-r": config.num_experts, "perft-d": config.num_experts,
                        "perft-e": base_num_experts, "perft-s": 1}[variant]
         self.num_experts = num_experts
-        self.experts = BottleneckExperts(num_experts, hidden_size, config.rank, config.alpha, config.activation)
+        self.experts = bottleneck_experts(num_experts, hidden_size, config.rank, config.alpha, config.activation)
         self.router = build_router(config.router, hidden_size, num_experts) if variant == "perft-r" else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.last_routing: RouterOutput | None = None
@@ -159,7 +148,7 @@ class PerftAdapter(nn.Module):
         logits, scores, indices = logits.reshape(T, -1).detach(), scores.reshape(T, -1).detach(), indices.reshape(T, -1)
         weights = torch.zeros(T, self.num_experts, dtype=dtype, device=scores.device).scatter(1, indices, scores.to(dtype))
         probs = F.softmax(logits.float(), dim=-1).to(dtype)
-        return RouterOutput(weights, indices, probs, logits, {}, routing_stats(probs, indices, mask))
+        return RouterOutput(weights, indices, probs, logits, {}, lazy_routing_stats(probs, indices, mask))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         T, D = hidden.shape[0] * hidden.shape[1], hidden.shape[-1]
@@ -192,18 +181,6 @@ def perft_adapters(model: nn.Module) -> list[tuple[str, PerftAdapter]]:
     return [(name[: -len(".perft")], m) for name, m in model.named_modules() if isinstance(m, PerftAdapter)]
 
 
-def _install_mask_hooks(model: nn.Module, adapters: list[tuple[str, PerftAdapter]]) -> None:
-    # Same capture as the MoLE layers (parrot.moe.mole): the innermost 2-D attention_mask of the current
-    # model call reaches every adapter, so padding is excluded from router aux losses and statistics.
-    model.register_forward_pre_hook(_MaskCapture([a for _, a in adapters], is_root=True), with_kwargs=True)
-    for name, module in model.named_modules():
-        if not name or isinstance(module, PerftAdapter):
-            continue
-        below = [a for n, a in adapters if n.startswith(name + ".")]
-        if below and "attention_mask" in inspect.signature(module.forward).parameters:
-            module.register_forward_pre_hook(_MaskCapture(below, is_root=False), with_kwargs=True)
-
-
 def inject_perft(model: nn.Module, config: PerftConfig) -> list[str]:
     """Attach a PERFT adapter beside every sparse MoE block of `model`; return the block names.
 
@@ -223,7 +200,7 @@ def inject_perft(model: nn.Module, config: PerftConfig) -> list[str]:
         block.register_forward_hook(_add_perft_branch, with_kwargs=True)
         if config.variant == "perft-e":
             block.gate.register_forward_hook(adapter.capture_gate)
-    _install_mask_hooks(model, perft_adapters(model))
+    install_mask_hooks(model, perft_adapters(model))
     return [name for name, _ in blocks]
 
 

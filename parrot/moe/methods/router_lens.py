@@ -3,14 +3,14 @@
 Bai et al., 2025, "Understanding and Leveraging the Expert Specialization of Context Faithfulness in
 Mixture-of-Experts LLMs" (arXiv 2508.19594; official code bigai-nlco/RouterLens, read to verify):
 
-- Router Lens (paper Sec. 3): fine-tune ONLY the routers of an MoE LLM on a context-dependent task
+- Router Lens: fine-tune ONLY the routers of an MoE LLM on a context-dependent task
   (official `rt`: target modules `mlp.gate`), then count, per layer, how often each expert is among the
   top-k experts of each token (official `exp_act_count.py`: argsort of the router logits, top
   `num_act_experts`). The most activated experts after router tuning are the context-faithful experts.
   Our ranking score is the RISE of that activation frequency from the untuned to the router-tuned model,
   measured on the context-dependent tokens (positions whose next token must be copied from the passage);
   `score="tuned"` ranks by the tuned frequency alone, as the official count does (over all tokens).
-- CEFT (paper Sec. 4): fine-tune only the selected experts' weights (official `ceft-N`: the top-N experts
+- CEFT: fine-tune only the selected experts' weights (official `ceft-N`: the top-N experts
   of EVERY layer by that count, their gate/up/down projections), everything else frozen, starting from
   the original (not router-tuned) model.
 
@@ -443,7 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ceft-steps", type=int, default=30)
     parser.add_argument("--ceft-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models run fastest on 1)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.model:
         from transformers import AutoModelForCausalLM

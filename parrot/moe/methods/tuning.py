@@ -90,10 +90,12 @@ def prepare_for_tuning(model: nn.Module, tuning: str, **cfg: Any) -> TuningSetup
 
 
 def train_steps(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps: int, lr: float,
-                aux_loss: Callable[[], torch.Tensor | float] | None = None, desc: str = "tuning") -> list[float]:
+                aux_loss: Callable[[], torch.Tensor | float] | None = None, desc: str = "tuning",
+                on_step: Callable[[int], None] | None = None) -> list[float]:
     """A minimal AdamW loop over the trainable parameters (commands and tests; the real trainer is parrot.train).
 
-    Returns the LM loss (without aux) of every step.
+    `on_step(step)` runs after each forward/backward (e.g. to record routing diagnostics). Returns the LM
+    loss (without aux) of every step.
     """
     from tqdm.auto import tqdm
 
@@ -110,4 +112,6 @@ def train_steps(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps:
         loss.backward()
         optimizer.step()
         losses.append(out.loss.detach().item())
+        if on_step is not None:
+            on_step(step)
     return losses

@@ -1,0 +1,207 @@
+"""Router Lens (routing frequency on context tokens, router-only tuning, ranking) and CEFT on a tiny OLMoE."""
+
+import copy
+
+import pytest
+import torch
+from transformers import OlmoeConfig, OlmoeForCausalLM
+
+from parrot.moe.methods import (CEFTExperts, ContextTaskConfig, load_ranking_csv, make_context_copy_batches, merge_ceft,
+                                prepare_ceft, prepare_for_tuning, rank_experts, router_tune, routing_frequency,
+                                select_context_experts, write_router_lens_outputs)
+from parrot.moe.methods.router_lens import ANS, RouterLensResult, _tiny_olmoe, run_router_lens
+from parrot.moe.methods.router_lens import main as router_lens_main
+from parrot.moe.methods.tuning import train_steps
+
+TASK = ContextTaskConfig(vocab_size=40, num_keys=8, num_pairs=3, value_length=3, batch_size=4, num_batches=3)
+
+
+def _olmoe(seed: int = 0, dtype=torch.float64) -> OlmoeForCausalLM:
+    torch.manual_seed(seed)
+    config = OlmoeConfig(vocab_size=40, hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=None, pad_token_id=0, experts_implementation="eager")
+    return OlmoeForCausalLM(config).to(dtype)
+
+
+def _inputs(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def test_context_copy_task_answers_are_copied_from_the_passage():
+    for batch in make_context_copy_batches(TASK):
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch["context_mask"]
+        m = TASK.value_length
+        for row in range(ids.shape[0]):
+            seq = ids[row].tolist()
+            key, answer = seq[-m - 2], seq[-m:]
+            passage = seq[1 : 1 + TASK.num_pairs * (m + 1)]
+            spans = {passage[i]: passage[i + 1 : i + 1 + m] for i in range(0, len(passage), m + 1)}
+            assert spans[key] == answer
+            assert labels[row].tolist() == [-100] * (len(seq) - m) + answer
+            # context-dependent positions: those whose next token is an answer token
+            assert mask[row].nonzero().squeeze(-1).tolist() == list(range(len(seq) - m - 1, len(seq) - 1))
+            assert seq[-m - 1] == ANS
+
+
+def test_routing_frequency_matches_naive_float64_count():
+    model = _olmoe()
+    batches = make_context_copy_batches(TASK)
+    inputs = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.gate.register_forward_hook(lambda m, a, o, _i=i: inputs.__setitem__(_i, a[0].detach()))
+    counts = torch.zeros(2, 4, dtype=torch.float64)
+    total = 0
+    for batch in batches:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        mask = batch["context_mask"].reshape(-1)
+        for i, layer in enumerate(model.model.layers):
+            x = inputs[i].reshape(-1, 16)
+            for t in torch.nonzero(mask).squeeze(-1).tolist():
+                top = torch.topk(torch.softmax(layer.mlp.gate.weight @ x[t], -1), 2).indices
+                counts[i, top] += 1
+        total += int(mask.sum())
+    blocks, freq = routing_frequency(model, batches)
+    assert blocks == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    torch.testing.assert_close(freq, counts / total)
+    torch.testing.assert_close(freq.sum(1), torch.full((2,), 2.0, dtype=torch.float64))  # k experts per token
+
+
+def test_ranking_recovers_planted_context_sensitive_expert(tmp_path):
+    model = _olmoe()
+    batches = make_context_copy_batches(TASK)
+    blocks, base = routing_frequency(model, batches)
+    planted_layer = 1
+    planted = int(base[planted_layer].argmin())  # rarely routed before: its rise is what the lens must find
+    # Plant: the tuned router of layer 1 sends context-dependent tokens to `planted` (what router tuning does
+    # for a context-faithful expert); it is steered by the mean gate input of exactly those tokens.
+    gate_inputs = []
+    hook = model.model.layers[planted_layer].mlp.gate.register_forward_hook(lambda m, a, o: gate_inputs.append(a[0].detach()))
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hook.remove()
+    context_x = torch.cat([x.reshape(-1, 16)[b["context_mask"].reshape(-1)] for x, b in zip(gate_inputs, batches)])
+    direction = context_x.mean(0)
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        tuned.model.layers[planted_layer].mlp.gate.weight[planted] += 200.0 * direction / direction.square().sum()
+    _, after = routing_frequency(tuned, batches)
+    ranking = rank_experts(blocks, base, after)
+    top = ranking[0]
+    assert (top.layer, top.expert) == (planted_layer, planted)
+    assert top.rise == pytest.approx(float(after[1, planted] - base[1, planted])) and top.rise > 0.5
+    assert [r.rise for r in ranking] == sorted((r.rise for r in ranking), reverse=True)
+    assert select_context_experts(ranking, 1)["model.layers.1.mlp"] == [planted]
+    # the written table reads back in the same order; the heat map and load map exist
+    result = RouterLensResult(blocks, base, after, ranking, [1.0, 0.5])
+    paths = write_router_lens_outputs(result, tmp_path)
+    assert [(r.layer, r.expert) for r in load_ranking_csv(paths["csv"])] == [(r.layer, r.expert) for r in ranking]
+    assert paths["markdown"].read_text().count("\n") == len(ranking) + 2
+    assert paths["heatmap"].stat().st_size > 0 and paths["tuned_load"].stat().st_size > 0
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_router_tuning_end_to_end_recovers_planted_context_faithful_expert(seed):
+    """A layer-1 expert is planted to help the context task: router tuning must route more to it.
+
+    Every other expert outputs zero; the planted expert writes +u into the residual stream (its SwiGLU
+    intermediate silu(z) * z >= 0, gate = up) and the LM head scores the answer vocabulary along u, so the
+    answer tokens gain probability with the planted expert's routing weight. Only the task loss drives it.
+    """
+    task = ContextTaskConfig(vocab_size=48, num_keys=40, num_pairs=3, value_length=4, batch_size=8, num_batches=4)
+    batches = make_context_copy_batches(task)  # answer vocabulary: ids 44..47
+    torch.manual_seed(seed)
+    config = OlmoeConfig(vocab_size=48, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=None, pad_token_id=0, experts_implementation="eager")
+    model = OlmoeForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.down_proj.zero_()
+    planted = int(routing_frequency(model, batches)[1][1].argmin())  # the least-routed expert of layer 1
+    u = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    with torch.no_grad():
+        experts = model.model.layers[1].mlp.experts
+        g = 0.3 * torch.randn(16, 32)
+        experts.gate_up_proj[planted] = torch.cat([g, g], 0)
+        experts.down_proj[planted] = 0.1 * u[:, None].expand(32, 16) / 16
+        model.lm_head.weight[44:] += 3.0 * u
+    result = run_router_lens(model, batches, steps=100, lr=5e-3)
+    top = result.ranking[0]
+    assert (top.layer, top.expert) == (1, planted)
+    assert top.rise > 0.3
+    assert sum(result.losses[-4:]) < sum(result.losses[:4]) - 1.0
+
+
+def test_router_tuning_trains_only_the_routers():
+    model = _olmoe(dtype=torch.float32)
+    batch = make_context_copy_batches(TASK)[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = router_tune(model, [batch], steps=20, lr=3e-2)
+    assert sum(losses[-3:]) / 3 < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"}
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_run_router_lens_restores_routers_and_ranks_every_expert():
+    model = _olmoe(dtype=torch.float32)
+    gates = [layer.mlp.gate.weight.detach().clone() for layer in model.model.layers]
+    result = run_router_lens(model, make_context_copy_batches(TASK), steps=3, lr=1e-2)
+    assert len(result.ranking) == 8 and len(result.losses) == 3
+    assert all(torch.equal(layer.mlp.gate.weight, g) for layer, g in zip(model.model.layers, gates))
+
+
+def test_ceft_tunes_only_the_selected_experts(tmp_path):
+    model = _olmoe(dtype=torch.float32)
+    original = copy.deepcopy(model)
+    batch = make_context_copy_batches(TASK)[0]
+    selection = {"model.layers.0.mlp": [1], "model.layers.1.mlp": [0, 3]}
+    setup = prepare_for_tuning(model, "ceft", selection=selection)
+    assert setup.trainable == ["model.layers.0.mlp.experts.tuned_gate_up_proj", "model.layers.0.mlp.experts.tuned_down_proj",
+                               "model.layers.1.mlp.experts.tuned_gate_up_proj", "model.layers.1.mlp.experts.tuned_down_proj"]
+    with torch.no_grad():  # unchanged function before training
+        torch.testing.assert_close(model(**_inputs(batch)).logits, original(**_inputs(batch)).logits)
+    out = model(**_inputs(batch))
+    out.loss.backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(setup.trainable)
+    model.zero_grad()
+    losses = train_steps(model, [_inputs(batch)], 20, 1e-2)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05
+    assert set(setup.state_dict()) == {f"{b}.experts.{k}" for b in selection for k in ("expert_ids", "tuned_gate_up_proj", "tuned_down_proj")}
+    merged = merge_ceft(model)
+    assert merged == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert not any(isinstance(m, CEFTExperts) for m in model.modules())
+    new, old = dict(model.named_parameters()), dict(original.named_parameters())
+    assert set(new) == set(old)  # original parameter names after merging
+    changed = {n for n in new if not torch.equal(new[n], old[n])}
+    assert changed == {f"{b}.experts.{p}" for b in selection for p in ("gate_up_proj", "down_proj")}
+    for block, ids in selection.items():
+        for p in ("gate_up_proj", "down_proj"):
+            frozen = [e for e in range(4) if e not in ids]
+            assert torch.equal(new[f"{block}.experts.{p}"][frozen], old[f"{block}.experts.{p}"][frozen])
+            assert not torch.equal(new[f"{block}.experts.{p}"][ids], old[f"{block}.experts.{p}"][ids])
+
+
+def test_command_writes_table_heatmap_and_ceft(tmp_path):
+    router_lens_main(["--out", str(tmp_path), "--steps", "2", "--batches", "2", "--batch-size", "2",
+                      "--ceft-top-n", "1", "--ceft-steps", "2"])
+    for name in ("router_lens_ranking.csv", "router_lens_ranking.md", "router_lens_rise.png", "router_lens_tuned_load.png", "ceft.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    setup = prepare_for_tuning(_tiny_olmoe(64, 0), "ceft", ranking_path=tmp_path / "router_lens_ranking.csv", top_n=2)
+    assert len(setup.trainable) == 4 * 2  # 4 layers x (gate_up, down) slices of their top-2 experts
+
+
+def test_bad_inputs_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="num_pairs"):
+        ContextTaskConfig(num_pairs=20, num_keys=4)
+    with pytest.raises(ValueError, match="ranking_path"):
+        prepare_for_tuning(_olmoe(), "ceft")
+    with pytest.raises(ValueError, match="not MoE blocks"):
+        prepare_ceft(_olmoe(), {"model.layers.9.mlp": [0]})
+    bad = tmp_path / "bad.csv"
+    bad.write_text("rank,block\n1,x\n")
+    with pytest.raises(ValueError, match="lacks columns"):
+        load_ranking_csv(bad)
