@@ -25,15 +25,13 @@ class MCQModel(Protocol):
 
 
 class ParrotMCQModel:
-    """:class:`MCQModel` over a saved Parrot checkpoint (``ParrotForCausalLM`` + ``ParrotProcessor``)."""
+    """:class:`MCQModel` over a saved Parrot checkpoint or training output (with its adapters, if any)."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                  max_new_tokens: int = 16):
-        from parrot.data.processor import ParrotProcessor
-        from parrot.model import ParrotForCausalLM
+        from parrot.train.export import load_trained
 
-        self.processor = ParrotProcessor.from_pretrained(model_dir)
-        model = ParrotForCausalLM.from_pretrained(model_dir)
+        model, self.processor = load_trained(model_dir)
         self.model = model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
         self.device = torch.device(device)
         self.max_new_tokens = max_new_tokens

@@ -5,12 +5,17 @@
 
 1. builds the tiny model of `configs/tiny.yaml` (random weights, tokenizer trained offline on the synthetic
    world's six languages) and writes the synthetic data: stage-1 captions, stage-2 short-answer QA plus
-   multiple-choice instructions in the MMMB prompt format (English-heavy mixes, as Parrot's data);
+   multiple-choice instructions in the MMMB prompt format (English-heavy language mix, as Parrot's data);
 2. stage 1: only the projector trains (vision tower + LLM frozen, MoE off);
 3. stage 2: projector + Parrot MoE + LLM train (full tuning), from the stage-1 output;
 4. evaluates on a held-out synthetic MMMB (the same items in en/zh/pt/ar/tr/ru, scenes never seen in training)
-   with `mmmb.evaluate` (option-letter likelihood, exact match) and prints the per-language accuracy table.
+   with `mmmb.evaluate` and prints the per-language accuracy table.
 
+Scale choices (a random 1M-parameter model has minutes of CPU): the benchmark and the MCQ training data use the
+categories of `--categories` (default: background colour, colour presence, counting); the MCQ target is the
+answer option's text (`--answer-format text`, scored by generation + `mmmb.extract`, which maps an option's text
+to its letter) -- one lookup step, where a letter target needs the model to also bind letters to options;
+`--answer-format letter` trains letters and scores option-letter likelihood.
 Chance is 25% (four options).
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +32,20 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .data.synthetic import LANGUAGES, default_language_weights, make_conversation_records, make_mcq_items
+from .data.synthetic import (
+    LANGUAGES,
+    MCQ_CATEGORIES,
+    default_language_weights,
+    make_conversation_records,
+    make_mcq_items,
+)
 from .model.builder import TINY_RECIPE, build_tiny, save_pretrained
 from .train import TrainConfig, train
 
 logger = logging.getLogger("parrot.quickstart")
 CHANCE = 25.0
-EVAL_SEED_OFFSET = 1_000_003  # the benchmark's scenes come from another seed than the training MCQs
+EVAL_SEED_OFFSET = 1_000_003
+ANSWER_FORMATS = ("text", "letter")  # the benchmark's scenes come from another seed than the training MCQs
 
 
 @dataclass
@@ -40,52 +53,80 @@ class QuickstartConfig:
     out: str = "runs/quickstart"
     recipe: str = str(TINY_RECIPE)
     seed: int = 0
-    n_caption: int = 2000
+    n_caption: int = 1280
     n_qa: int = 2000
-    n_mcq_train: int = 4000
-    n_eval: int = 150  # benchmark items per language
+    n_mcq_train: int = 2400  # in the benchmark categories
+    n_eval: int = 120  # benchmark items per language
     image_size: int = 64  # drawn size; the model's transform resizes to the recipe's image size
-    stage1_steps: int = 60
-    stage2_steps: int = 400
+    stage1_steps: int = 40
+    stage2_steps: int = 1000
     batch_size: int = 32
     stage1_lr: float = 1e-3
-    stage2_lr: float = 1e-3
-    eval_mode: str = "likelihood"
+    stage2_lr: float = 2e-3
+    categories: str = "background,colour_presence,count"  # benchmark + MCQ training categories (comma-separated)
+    answer_format: str = "text"  # MCQ target: "text" (generate + extraction) or "letter" (letter likelihood)
+
+    @property
+    def category_tuple(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.categories.split(",") if c.strip())
 
 
-def mcq_training_records(n: int, seed: int, image_dir: Path, image_size: int) -> list[dict]:
+def _mcq_items_in(categories: tuple[str, ...], n: int, seed: int, image_size: int) -> list:
+    """The first `n` synthetic MCQ items whose category is in `categories` (items cycle through all 15)."""
+    unknown = set(categories) - set(MCQ_CATEGORIES)
+    if unknown:
+        raise ValueError(f"unknown MCQ categories {sorted(unknown)}; choose from {MCQ_CATEGORIES}")
+    per_cycle = sum(c in categories for c in MCQ_CATEGORIES)
+    pool = make_mcq_items(math.ceil(n / per_cycle) * len(MCQ_CATEGORIES), seed=seed, image_size=image_size)
+    return [item for item in pool if item.category in categories][:n]
+
+
+def mcq_training_records(n: int, seed: int, image_dir: Path, image_size: int,
+                         categories: tuple[str, ...] = MCQ_CATEGORIES, answer_format: str = "letter") -> list[dict]:
     """Multiple-choice instructions in the MMMB prompt format (question, lettered options, the answer
-    instruction in the item's language) with the answer letter as the target; one language per item, drawn
-    with the English-heavy stage-2 weights."""
+    instruction in the item's language); one language per item, drawn with the English-heavy stage-2 weights.
+
+    answer_format "letter": the target is the answer letter (scored by option-letter likelihood);
+    "text": the target is the answer option's text (scored by generation + `mmmb.extract`, which maps an
+    option's text to its letter) -- a one-step lookup that a tiny model learns in minutes.
+    """
     from mmmb.prompts import format_question
     from mmmb.tsv import MCQRecord
 
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     weights = default_language_weights("qa")
     probs = np.array([weights[lang] for lang in LANGUAGES])
     rng = np.random.default_rng([seed, 77])
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    for item in make_mcq_items(n, seed=seed, image_size=image_size):
+    for item in _mcq_items_in(categories, n, seed, image_size):
         lang = str(LANGUAGES[int(rng.choice(len(LANGUAGES), p=probs / probs.sum()))])
         options = tuple(item.options[lang])
         record = MCQRecord(item.index, item.questions[lang], options, item.answer, item.category)
+        answer = item.answer if answer_format == "letter" else options[record.answer_position]
         record_id = f"synthetic-mcq-train-{seed}-{item.index:07d}"
         item.image.save(image_dir / f"{record_id}.png")
-        records.append({"id": record_id, "image": f"{record_id}.png", "lang": lang, "conversations": [
-            {"from": "human", "value": "<image>\n" + format_question(record, options, lang)},
-            {"from": "gpt", "value": item.answer},
-        ]})
+        records.append({"id": record_id, "image": f"{record_id}.png", "lang": lang, "category": item.category,
+                        "conversations": [
+                            {"from": "human", "value": "<image>\n" + format_question(record, options, lang)},
+                            {"from": "gpt", "value": answer},
+                        ]})
     return records
 
 
 def write_data(cfg: QuickstartConfig, data_dir: Path) -> Path:
     """Write the stage-1 / stage-2 sets and their registry; returns the registry path."""
     image_dir = data_dir / "images"
+    categories = cfg.category_tuple
+    qa = make_conversation_records(cfg.n_qa, cfg.seed, "qa", image_dir=image_dir, image_size=cfg.image_size)
     sets = {
         "caption": make_conversation_records(cfg.n_caption, cfg.seed, "caption", image_dir=image_dir,
                                              image_size=cfg.image_size),
-        "qa": make_conversation_records(cfg.n_qa, cfg.seed, "qa", image_dir=image_dir, image_size=cfg.image_size),
-        "mcq": mcq_training_records(cfg.n_mcq_train, cfg.seed, image_dir, cfg.image_size),
+        # short-answer questions of the kinds the benchmark asks about (all kinds when none match)
+        "qa": [r for r in qa if set(r["kinds"]) <= set(categories)] or qa,
+        "mcq": mcq_training_records(cfg.n_mcq_train, cfg.seed, image_dir, cfg.image_size, categories,
+                                    cfg.answer_format),
     }
     registry = {"root": ".", "datasets": {}}
     for name, records in sets.items():
@@ -97,11 +138,12 @@ def write_data(cfg: QuickstartConfig, data_dir: Path) -> Path:
     return registry_path
 
 
-def benchmark(n: int, seed: int, image_size: int) -> dict[str, list]:
-    """The held-out synthetic MMMB: {language: [MCQRecord]} with the same items in every language."""
+def benchmark(n: int, seed: int, image_size: int, categories: tuple[str, ...] = MCQ_CATEGORIES) -> dict[str, list]:
+    """The held-out synthetic MMMB: {language: [MCQRecord]} with the same items in every language, drawn from
+    another seed than the training MCQs (so no benchmark scene is a training scene)."""
     from mmmb.tsv import MCQRecord, encode_image
 
-    items = make_mcq_items(n, seed=seed + EVAL_SEED_OFFSET, image_size=image_size)
+    items = _mcq_items_in(categories, n, seed + EVAL_SEED_OFFSET, image_size)
     data = {}
     for lang in LANGUAGES:
         data[lang] = [MCQRecord(item.index, item.questions[lang], tuple(item.options[lang]), item.answer,
@@ -113,10 +155,10 @@ def evaluate(model_dir: Path, cfg: QuickstartConfig, out_dir: Path):
     from mmmb.evaluate import EvalConfig, evaluate_mmmb
     from mmmb.models import ParrotMCQModel
 
-    data = benchmark(cfg.n_eval, cfg.seed, cfg.image_size)
-    model = ParrotMCQModel(model_dir)
-    return evaluate_mmmb(model, data, out_dir, EvalConfig(model_name="parrot-tiny", mode=cfg.eval_mode,
-                                                          batch_size=32))
+    data = benchmark(cfg.n_eval, cfg.seed, cfg.image_size, cfg.category_tuple)
+    model = ParrotMCQModel(model_dir, max_new_tokens=8)
+    mode = "likelihood" if cfg.answer_format == "letter" else "generate"
+    return evaluate_mmmb(model, data, out_dir, EvalConfig(model_name="parrot-tiny", mode=mode, batch_size=32))
 
 
 def accuracy_lines(table) -> list[str]:

@@ -24,6 +24,17 @@ def test_mcq_training_records_use_the_mmmb_prompt(tmp_path):
         assert (tmp_path / record["image"]).is_file()
 
 
+def test_text_answers_are_the_answer_option(tmp_path):
+    records = quickstart.mcq_training_records(20, seed=3, image_dir=tmp_path, image_size=32,
+                                              categories=("background", "count"), answer_format="text")
+    letters = quickstart.mcq_training_records(20, seed=3, image_dir=tmp_path, image_size=32,
+                                              categories=("background", "count"))
+    assert {r["category"] for r in records} == {"background", "count"}
+    for text, letter in zip(records, letters):
+        prompt, answer = text["conversations"][0]["value"], text["conversations"][1]["value"]
+        assert f"\n{letter['conversations'][1]['value']}. {answer}\n" in prompt
+
+
 def test_benchmark_is_held_out_and_aligned():
     train_items = quickstart.make_mcq_items(30, seed=0, image_size=32)
     bench = quickstart.benchmark(30, seed=0, image_size=32)
@@ -42,6 +53,7 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     summary = quickstart.main([
         "--out", str(tmp_path / "qs"), "--n-caption", "48", "--n-qa", "48", "--n-mcq-train", "48", "--n-eval", "8",
         "--stage1-steps", "2", "--stage2-steps", "3", "--batch-size", "8", "--image-size", "32",
+        "--categories", "background,count",
     ])
     printed = capsys.readouterr().out
     assert "| accuracy (%) |" in printed and all(f" {lang} " in printed for lang in LANGUAGES)

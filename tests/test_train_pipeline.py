@@ -15,7 +15,7 @@ from parrot.data.synthetic import make_conversation_records
 from parrot.model.builder import TINY_RECIPE, build_tiny, save_pretrained
 from parrot.train import NonFiniteLossError, TrainConfig, load_trained, train
 from parrot.train import checkpoints
-from parrot.train.config import TrainConfig as _Cfg, build_parser, load_yaml_defaults, parse_args
+from parrot.train.config import build_parser, load_yaml_defaults, parse_args
 from parrot.train.export import fold_lora
 from parrot.train.trainer import ParrotTrainer
 
@@ -172,7 +172,6 @@ class CrashAtStep(TrainerCallback):
             raise _Crash(f"simulated crash at step {self.step}")
 
 
-@pytest.mark.slow
 def test_resume_continues_exactly(ws, stage1, tmp_path):
     # Stage 2 with MoLE dropout: the resumed run must restore the data order *and* the RNG stream.
     common = dict(stage=2, model=str(stage1), data="qa", tuning="mole", router="topk", lora_dropout=0.2,
@@ -281,7 +280,7 @@ def test_help_documents_every_setting():
     text = build_parser().format_help()
     import dataclasses
 
-    for f in dataclasses.fields(_Cfg):
+    for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
 
 

@@ -289,29 +289,43 @@ def load_mole_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
                 tensor.copy_(state[f"{name}.{key}"].to(device=tensor.device, dtype=tensor.dtype))
 
 
-def save_mole(model: nn.Module, config: MoLEConfig, directory: str | Path) -> Path:
-    """Write the adapter weights (safetensors) and the MoLEConfig (JSON) to `directory`."""
+def write_adapter_files(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+                        weights_name: str, config_name: str) -> Path:
+    """Adapter weights as safetensors plus their config as JSON, in `directory` (shared by MoLE and PERFT)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in mole_state_dict(model).items()}, str(directory / ADAPTER_WEIGHTS_NAME))
-    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / weights_name))
+    (directory / config_name).write_text(json.dumps(config, indent=2))
     return directory
+
+
+def read_adapter_files(directory: str | Path, weights_name: str, config_name: str,
+                       what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, tensors) written by `write_adapter_files`; a missing config names the path and `what`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path = directory / config_name
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {what} config at {config_path}")
+    return json.loads(config_path.read_text()), load_file(str(directory / weights_name))
+
+
+def save_mole(model: nn.Module, config: MoLEConfig, directory: str | Path) -> Path:
+    """Write the adapter weights (safetensors) and the MoLEConfig (JSON) to `directory`."""
+    return write_adapter_files(directory, mole_state_dict(model), config.to_dict(), ADAPTER_WEIGHTS_NAME,
+                               ADAPTER_CONFIG_NAME)
 
 
 def load_mole(model: nn.Module, directory: str | Path) -> MoLEConfig:
     """Inject MoLE layers from the saved config if the model has none yet, then load the saved weights."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config_path = directory / ADAPTER_CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no MoLE adapter config at {config_path}")
-    config = MoLEConfig(**json.loads(config_path.read_text()))
+    raw, tensors = read_adapter_files(directory, ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, "MoLE adapter")
+    config = MoLEConfig(**raw)
     if not _mole_modules(model):
         inject_mole(model, config)
-    load_mole_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS_NAME)))
+    load_mole_state_dict(model, tensors)
     return config
 
 

@@ -23,7 +23,8 @@ from PIL import Image
 from transformers import TextIteratorStreamer
 
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
-from ..model.builder import build_tiny, load_pretrained
+from ..model.builder import build_tiny
+from ..train.export import load_trained
 from ..model.modeling import ParrotForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -189,11 +190,11 @@ def load_model(model_dir: str | Path | None) -> tuple[ParrotForCausalLM, ParrotP
     to show; its answers are noise until trained (`python -m parrot.quickstart`).
     """
     if model_dir is not None:
-        model, processor = load_pretrained(model_dir)
+        model, processor = load_trained(model_dir)
         return model, processor, f"model from {model_dir}"
     if (DEFAULT_MODEL_DIR / "config.json").is_file():
         logger.info("loading the quickstart model from %s", DEFAULT_MODEL_DIR)
-        model, processor = load_pretrained(DEFAULT_MODEL_DIR)
+        model, processor = load_trained(DEFAULT_MODEL_DIR)
         return model, processor, f"quickstart model ({DEFAULT_MODEL_DIR})"
     logger.info("no trained model at %s; building an untrained tiny model", DEFAULT_MODEL_DIR)
     model, processor = build_tiny(use_moe=True)

@@ -39,7 +39,6 @@ Trainer-facing API:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..experts import LoRAExperts
-from ..mole import install_mask_hooks, mole_aux_loss
+from ..mole import install_mask_hooks, mole_aux_loss, read_adapter_files, write_adapter_files
 from ..routers import RouterConfig, RouterOutput, build_router, lazy_routing_stats
 from .moe_blocks import find_moe_blocks
 
@@ -243,25 +242,15 @@ def load_perft_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> N
 
 def save_perft(model: nn.Module, config: PerftConfig, directory: str | Path) -> Path:
     """Write the PERFT weights (safetensors) and config (JSON) to `directory`."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in perft_state_dict(model).items()}, str(directory / PERFT_WEIGHTS_NAME))
-    (directory / PERFT_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
-    return directory
+    return write_adapter_files(directory, perft_state_dict(model), config.to_dict(), PERFT_WEIGHTS_NAME,
+                               PERFT_CONFIG_NAME)
 
 
 def load_perft(model: nn.Module, directory: str | Path) -> PerftConfig:
     """Inject PERFT adapters from the saved config if the model has none, then load the saved weights."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config_path = directory / PERFT_CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no PERFT config at {config_path}")
-    config = PerftConfig(**json.loads(config_path.read_text()))
+    raw, tensors = read_adapter_files(directory, PERFT_WEIGHTS_NAME, PERFT_CONFIG_NAME, "PERFT")
+    config = PerftConfig(**raw)
     if not perft_adapters(model):
         inject_perft(model, config)
-    load_perft_state_dict(model, load_file(str(directory / PERFT_WEIGHTS_NAME)))
+    load_perft_state_dict(model, tensors)
     return config
