@@ -303,3 +303,22 @@ def test_unknown_yaml_key_is_named(tmp_path):
 def test_global_batch_must_divide(ws, tmp_path):
     with pytest.raises(ValueError, match="not a multiple"):
         train(config(ws, tmp_path / "run", global_batch_size=6, per_device_batch_size=4))
+
+
+@pytest.mark.parametrize("router", ["topk", "dynmole", "gwmoe", "mor"])
+def test_stage2_mole_each_router_trains_and_writes_diagnostics(ws, stage1, tmp_path, router):
+    """A tiny stage-2 MoLE run per router: the loss falls and the router diagnostics + heat map are written."""
+    out = tmp_path / router
+    result = train(config(ws, out, stage=2, model=str(stage1), data="qa", tuning="mole", router=router,
+                          lora_targets="q_proj,v_proj", mole_experts=3, max_steps=12, per_device_batch_size=8,
+                          global_batch_size=8, learning_rate=5e-3, logging_steps=3))
+    losses = [loss for _, loss in result.losses]
+    assert losses[-1] < losses[0], losses
+    stats = json.loads((out / "router_stats.json").read_text())
+    layers = {record["layer"] for record in stats["records"]}
+    assert layers == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    steps = sorted({record["step"] for record in stats["records"]})
+    assert steps == [1, 3, 6, 9, 12]
+    for record in stats["records"]:
+        assert abs(sum(record["load"]) - record["mean_active"]) < 1e-4  # load: share of tokens per expert
+    assert (out / "expert_load.png").stat().st_size > 1000

@@ -103,3 +103,47 @@ class LossCurveCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._write(state)
+
+
+ROUTER_STATS_JSON = "router_stats.json"
+EXPERT_LOAD_PNG = "expert_load.png"
+
+
+class RouterDiagnosticsCallback(TrainerCallback):
+    """Router diagnostics of MoLE / PERFT / FactorLLM runs (issue 4, item 3).
+
+    At every logging step (and step 1) it reads the routing of the step's last forward pass (`routing_fn`, e.g.
+    `collect_router_outputs(model.language_model)`), records per-layer statistics in a `RouterStatsTracker`
+    (entropy mean + histogram, expert load, soft-routed / broadcast fraction, aux losses), adds the scalar
+    summary to the logs, and at the end writes `router_stats.json` and the layer x expert load heat map
+    `expert_load.png` into the output directory. Steps in between read nothing (router stats are lazy).
+    """
+
+    def __init__(self, output_dir: str | Path, routing_fn):
+        from ..moe import RouterStatsTracker
+
+        self.output_dir = Path(output_dir)
+        self.routing_fn = routing_fn
+        self.tracker = RouterStatsTracker()
+        self._last_step: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step == 1 or (args.logging_steps and step % args.logging_steps == 0):
+            routing = self.routing_fn()
+            if routing:
+                self.tracker.update(step, routing)
+                self._last_step = step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self._last_step == state.global_step:
+            logs.update(self.tracker.scalars(state.global_step))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        from ..moe import plot_expert_load
+
+        if not state.is_world_process_zero or self._last_step is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker.write_json(self.output_dir / ROUTER_STATS_JSON)
+        plot_expert_load(self.tracker, self.output_dir / EXPERT_LOAD_PNG, title="Expert load (mean over logged steps)")

@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-TUNING_MODES = ("full", "lora", "mole")
+# full / lora / mole: the dense-LLM modes of `stages`; the rest: MoE tuning methods of `parrot.moe.methods`
+MOE_METHOD_TUNINGS = ("perft-r", "perft-e", "perft-d", "perft-s", "factorllm", "ceft")
+TUNING_MODES = ("full", "lora", "mole", *MOE_METHOD_TUNINGS)
 ROUTER_KINDS = ("topk", "dynmole", "gwmoe", "mor")
 BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -40,8 +42,10 @@ class TrainConfig:
     llm: str | None = _opt(None, "stage 1 with a real recipe: local causal-LM checkpoint directory")
     vision: str | None = _opt(None, "stage 1 with a real recipe: local CLIP checkpoint directory")
     output_dir: str = _opt("runs/stage1", "where the final model, checkpoints, loss curve and reports go")
-    tuning: str = _opt("full", "stage 2: how the LLM trains: full fine-tuning, LoRA (peft), or MoLE "
-                               "(LoRA experts + router from parrot.moe)", TUNING_MODES)
+    tuning: str = _opt("full", "stage 2: how the LLM trains: full fine-tuning, LoRA (peft), MoLE "
+                               "(LoRA experts + router from parrot.moe), or an MoE method of "
+                               "parrot.moe.methods: PERFT variants perft-r|perft-e|perft-d|perft-s (MoE LLM), "
+                               "factorllm (dense SwiGLU LLM), ceft (MoE LLM, needs --ceft-ranking)", TUNING_MODES)
     # --- LoRA / MoLE ---------------------------------------------------------------------------------------
     lora_rank: int = _opt(8, "LoRA / MoLE expert rank r")
     lora_alpha: float = _opt(16.0, "LoRA / MoLE scaling numerator alpha (scale alpha / r)")
@@ -54,6 +58,20 @@ class TrainConfig:
     gw_quantile: float = _opt(0.8, "GW-MoE: broadcast threshold = this quantile of the router entropies measured "
                                    "on --gw-calibration-batches batches before training")
     gw_calibration_batches: int = _opt(8, "GW-MoE: batches for the threshold calibration")
+    # --- MoE tuning methods (parrot.moe.methods) ---------------------------------------------------------
+    perft_experts: int = _opt(4, "PERFT-R / PERFT-D: PEFT experts per MoE block (PERFT-E uses the block's expert "
+                                 "count, PERFT-S one)")
+    perft_rank: int = _opt(8, "PERFT: bottleneck rank r of each PEFT expert")
+    perft_alpha: float = _opt(16.0, "PERFT: output scale numerator alpha (scale alpha / r)")
+    perft_top_k: int = _opt(2, "PERFT-R: PEFT experts kept per token by its top-k router")
+    factorllm_experts: int = _opt(4, "FactorLLM: experts each dense MLP is split into (must divide the "
+                                     "intermediate size)")
+    factorllm_top_k: int = _opt(2, "FactorLLM: experts kept per token")
+    ceft_ranking: str | None = _opt(None, "CEFT: Router Lens ranking CSV (python -m parrot.moe.methods.router_lens "
+                                          "writes router_lens_ranking.csv; block names of the language model)")
+    ceft_top_n: int = _opt(8, "CEFT: experts tuned per layer (official ceft-8), or overall with "
+                              "--no-ceft-per-layer")
+    ceft_per_layer: bool = _opt(True, "CEFT: take the top --ceft-top-n experts of every layer (else overall)")
     # --- data ------------------------------------------------------------------------------------------------
     data: str = _opt("synthetic-caption", "datasets to mix, by registry name: 'a|b' or 'a:0.5|b' (ratio after ':')")
     data_registry: str | None = _opt(None, "dataset registry YAML (default: configs/datasets.yaml)")
@@ -94,9 +112,13 @@ class TrainConfig:
             raise ValueError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
         if self.on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}")
-        for name in ("global_batch_size", "per_device_batch_size", "logging_steps", "lora_rank", "mole_experts"):
+        for name in ("global_batch_size", "per_device_batch_size", "logging_steps", "lora_rank", "mole_experts",
+                     "perft_experts", "perft_rank", "perft_top_k", "factorllm_experts", "factorllm_top_k",
+                     "ceft_top_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tuning == "ceft" and not self.ceft_ranking:
+            raise ValueError("--tuning ceft needs --ceft-ranking (a Router Lens ranking CSV)")
         if self.save_steps < 0 or self.keep_last < 0:
             raise ValueError("save_steps and keep_last must be >= 0")
 

@@ -8,12 +8,24 @@
 - MoLE (`--tuning mole`): routed experts cannot be folded (the mixture depends on the token); the base weights
   go to the Parrot model files and the experts + routers to `mole_adapter.safetensors` + `mole_config.json`
   (the `parrot.moe.save_mole` format, names relative to the language model). `load_trained` restores both.
+- MoE tuning methods (`--tuning perft-*|factorllm|ceft`, `parrot.moe.methods`):
+  - PERFT: the routed PEFT experts cannot be folded either; the base weights go to the Parrot model files, the
+    adapters to `perft_adapter.safetensors` + `perft_config.json` (the `parrot.moe.methods.save_perft` format,
+    names relative to the language model); `load_trained` re-injects and loads them (`load_perft`).
+  - CEFT: the tuned expert slices are written back into the stacked expert tensors (as `merge_ceft`), so the
+    output is a plain Parrot model.
+  - FactorLLM: the experts (trained or not) are concatenated back into the dense `gate/up/down_proj` (the
+    inverse of the contiguous split: with all experts active it is the same FFN); the routers and the
+    `FactorLLMConfig` go to `factorllm_adapter.safetensors` + `factorllm_config.json`. `load_trained`
+    re-splits the dense MLPs contiguously (giving back exactly the trained experts) and loads the routers.
+    `load_pretrained` alone gives the dense model (FactorLLM with k = E).
 """
 
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,9 +36,16 @@ from safetensors.torch import save_file
 from ..data.processor import ParrotProcessor
 from ..model import ParrotConfig, ParrotForCausalLM
 from ..moe import MoLEConfig, load_mole
-from ..moe.mole import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from ..moe.methods import PERFT_VARIANTS, FactorLLMConfig, PerftConfig, inject_factorllm, load_perft
+from ..moe.methods.factorllm import FactorizedMLP
+from ..moe.methods.perft import PERFT_CONFIG_NAME, PERFT_WEIGHTS_NAME
+from ..moe.methods.router_lens import CEFTExperts
+from ..moe.mole import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_files, write_adapter_files
 
 TRAINING_INFO = "parrot_training.json"
+FACTORLLM_WEIGHTS_NAME = "factorllm_adapter.safetensors"
+FACTORLLM_CONFIG_NAME = "factorllm_config.json"
+LM_PREFIX = "language_model."
 
 
 def is_main_process() -> bool:
@@ -98,6 +117,58 @@ def split_mole(state: dict[str, torch.Tensor], mole_modules: list[str]) -> tuple
     return base, adapter
 
 
+def split_perft(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(base state, PERFT adapter state named relative to the language model)."""
+    base, adapter = {}, {}
+    for key, value in state.items():
+        if key.startswith(LM_PREFIX) and ".perft." in key:
+            adapter[key[len(LM_PREFIX):]] = value
+        else:
+            base[key] = value
+    return base, adapter
+
+
+def fold_ceft(state: dict[str, torch.Tensor], ceft_modules: list[str]) -> dict[str, torch.Tensor]:
+    """`x.base.<p>` with rows `x.expert_ids` replaced by `x.tuned_<p>` -> `x.<p>` (CEFTExperts unwrapped)."""
+    prefixes = tuple(f"{name}." for name in ceft_modules)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        owner = next((p for p in prefixes if key.startswith(p)), None)
+        if owner is None:
+            out[key] = value
+        elif key.startswith(owner + "base."):
+            out[owner + key[len(owner) + len("base."):]] = value
+    for owner in prefixes:
+        ids = state[owner + "expert_ids"]
+        for key in state:
+            if key.startswith(owner + "tuned_"):
+                name = owner + key[len(owner) + len("tuned_"):]
+                out[name] = out[name].index_copy(0, ids, state[key].to(out[name].dtype))
+    return out
+
+
+def split_factorllm(state: dict[str, torch.Tensor], factorized: list[str]) -> tuple[dict, dict]:
+    """(base state with each FactorizedMLP folded back to dense `gate/up/down_proj.weight`, router state named
+    relative to the language model). Experts e own neurons [e I/E, (e+1) I/E) of the dense FFN."""
+    prefixes = tuple(f"{name}." for name in factorized)
+    base, adapter = {}, {}
+    for key, value in state.items():
+        owner = next((p for p in prefixes if key.startswith(p)), None)
+        if owner is None:
+            base[key] = value
+        elif key.startswith(owner + "router."):
+            adapter[key[len(LM_PREFIX):]] = value
+        elif not key.startswith(owner + "experts."):
+            raise KeyError(f"FactorLLM export: unexpected tensor {key}")
+    for owner in prefixes:
+        gate, up, down = (state[f"{owner}experts.{n}"] for n in ("gate_proj", "up_proj", "down_proj"))
+        E, D, I_e = gate.shape  # (E, D, I/E)
+        base[f"{owner}gate_proj.weight"] = gate.transpose(1, 2).reshape(E * I_e, D).contiguous()  # (I, D)
+        base[f"{owner}up_proj.weight"] = up.transpose(1, 2).reshape(E * I_e, D).contiguous()  # (I, D)
+        base[f"{owner}down_proj.weight"] = down.reshape(E * I_e, D).t().contiguous()  # (D, I)
+    return base, adapter
+
+
 def save_final_model(
     model: ParrotForCausalLM,
     processor: ParrotProcessor,
@@ -105,9 +176,14 @@ def save_final_model(
     lora_scaling: float | None = None,
     mole_config: MoLEConfig | None = None,
     training_info: dict | None = None,
+    tuning_method: str | None = None,
+    method_settings: dict | None = None,
 ) -> Path | None:
     """Gather, fold/split adapters and write a directory `load_trained` (and, without MoLE, `load_pretrained`)
-    reads. Collective under ZeRO-3 (call on every rank); only the main process writes."""
+    reads. Collective under ZeRO-3 (call on every rank); only the main process writes.
+
+    `tuning_method` / `method_settings`: an MoE tuning method of the run and its `prepare_for_tuning`
+    keywords (see the module docstring for what each method writes)."""
     from ..moe.mole import MoLELinear
 
     state = gather_full_state_dict(model)
@@ -122,6 +198,20 @@ def save_final_model(
         state, adapter = split_mole(state, mole_names)
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(output_dir / ADAPTER_WEIGHTS_NAME))
         (output_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(mole_config.to_dict(), indent=2) + "\n")
+    settings = dict(method_settings or {})
+    if tuning_method in PERFT_VARIANTS:
+        state, adapter = split_perft(state)
+        write_adapter_files(output_dir, adapter, PerftConfig(variant=tuning_method, **settings).to_dict(),
+                            PERFT_WEIGHTS_NAME, PERFT_CONFIG_NAME)
+    elif tuning_method == "ceft":
+        state = fold_ceft(state, [name for name, m in model.named_modules() if isinstance(m, CEFTExperts)])
+    elif tuning_method == "factorllm":
+        settings.pop("permutations", None)  # folded away: the saved dense MLPs are already in expert order
+        state, adapter = split_factorllm(state, [n for n, m in model.named_modules() if isinstance(m, FactorizedMLP)])
+        write_adapter_files(output_dir, adapter, asdict(FactorLLMConfig(**settings)), FACTORLLM_WEIGHTS_NAME,
+                            FACTORLLM_CONFIG_NAME)
+    elif tuning_method is not None:
+        raise ValueError(f"save_final_model: unknown tuning method {tuning_method!r}")
     # A fresh model (no adapters) receives the weights: strict loading proves every key has a home.
     config = ParrotConfig.from_dict(model.config.to_dict())
     with _outside_hf_zero3():
@@ -138,12 +228,30 @@ def save_final_model(
 
 
 def load_trained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotProcessor]:
-    """A run's output directory -> (model in eval mode, processor), with its MoLE adapter if it has one."""
+    """A run's output directory -> (model in eval mode, processor), with its MoLE, PERFT or FactorLLM adapter
+    if it has one."""
     from ..model.builder import load_pretrained
 
     directory = Path(directory)
     model, processor = load_pretrained(directory)
     if (directory / ADAPTER_CONFIG_NAME).is_file():
         load_mole(model.language_model, directory)
-        model.eval()
-    return model, processor
+    if (directory / PERFT_CONFIG_NAME).is_file():
+        load_perft(model.language_model, directory)
+    if (directory / FACTORLLM_CONFIG_NAME).is_file():
+        _load_factorllm(model.language_model, directory)
+    return model.eval(), processor
+
+
+def _load_factorllm(language_model: nn.Module, directory: Path) -> FactorLLMConfig:
+    """Split the saved dense MLPs contiguously into experts (= the trained experts) and load the routers."""
+    raw, tensors = read_adapter_files(directory, FACTORLLM_WEIGHTS_NAME, FACTORLLM_CONFIG_NAME, "FactorLLM")
+    config = FactorLLMConfig(**raw)
+    inject_factorllm(language_model, config)
+    expected = {n for n, _ in language_model.state_dict().items() if ".router." in n}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise KeyError(f"{directory / FACTORLLM_WEIGHTS_NAME}: router mismatch: missing={missing[:5]}, "
+                       f"unexpected={unexpected[:5]}")
+    language_model.load_state_dict(tensors, strict=False)
+    return config

@@ -5,7 +5,8 @@
     result = train(TrainConfig(stage=2, model="runs/s1", data="synthetic-qa", tuning="mole", router="dynmole",
                                learning_rate=2e-5, global_batch_size=128, output_dir="runs/s2"))
 
-Output directory: the final model (`load_trained(dir)`; plain `load_pretrained(dir)` unless MoLE), the processor,
+Output directory: the final model (`load_trained(dir)`; plain `load_pretrained(dir)` unless MoLE / PERFT /
+FactorLLM, whose adapter files `load_trained` adds -- see `parrot.train.export`), the processor,
 `train_config.json`, `parrot_training.json`, `loss_curve.png`, `loss_history.json`, `bad_data_report.json`, and
 `checkpoint-<step>/` folders (HF Trainer format, DeepSpeed shards included) for `--resume`.
 """
@@ -27,9 +28,9 @@ from ..data.datasets import DEFAULT_REGISTRY, DataCollator, DataConfig, build_da
 from ..data.processor import ParrotProcessor
 from ..model import ParrotForCausalLM
 from ..model.builder import build_from_local, build_tiny, load_pretrained, load_recipe
-from ..moe import calibrate_gwmoe
+from ..moe import calibrate_gwmoe, collect_router_outputs
 from . import checkpoints
-from .callbacks import LossCurveCallback, ProgressLogCallback
+from .callbacks import LossCurveCallback, ProgressLogCallback, RouterDiagnosticsCallback
 from .config import TrainConfig
 from .export import TRAINING_INFO, save_final_model
 from .stages import StagePlan, apply_stage, describe_trainable
@@ -38,6 +39,7 @@ from .trainer import ParrotTrainer
 logger = logging.getLogger("parrot.train")
 BAD_DATA_REPORT = "bad_data_report.json"
 TRAIN_CONFIG = "train_config.json"
+ROUTED_TUNINGS = ("mole", "perft-r", "perft-e", "ceft")
 
 
 @dataclass
@@ -132,8 +134,9 @@ def training_arguments(cfg: TrainConfig, processes: int) -> TrainingArguments:
         remove_unused_columns=False,
         use_cpu=use_cpu,
         average_tokens_across_devices=False,
-        # top-k MoLE leaves some experts without tokens in a step; DDP must tolerate their missing gradients
-        ddp_find_unused_parameters=cfg.stage == 2 and cfg.tuning == "mole",
+        # top-k routing (MoLE, PERFT-R/E) leaves some experts without tokens in a step, CEFT experts may get
+        # none; DDP must tolerate their missing gradients
+        ddp_find_unused_parameters=cfg.stage == 2 and cfg.tuning in ROUTED_TUNINGS,
     )
 
 
@@ -155,6 +158,15 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("transformers", "DeepSpeed", "deepspeed", "torch"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _routing_source(model, plan: StagePlan):
+    """What the router diagnostics read after a step: MoLE layers, or the tuning method's routers; else None."""
+    if plan.tuning_setup is not None:
+        return plan.tuning_setup.routing
+    if plan.mole_config is not None:
+        return lambda: collect_router_outputs(model.language_model)
+    return None
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
@@ -191,13 +203,16 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     processes = world_size()
     args = training_arguments(cfg, processes)
     trainer = ParrotTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                            keep_last=cfg.keep_last)
+                            keep_last=cfg.keep_last, tuning_setup=plan.tuning_setup)
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_QuietProgressCallback)
     title = f"Parrot stage {cfg.stage}" + (f" ({cfg.tuning})" if cfg.stage == 2 else "")
     trainer.add_callback(ProgressLogCallback())
     trainer.add_callback(LossCurveCallback(output_dir, title))
+    routing_fn = _routing_source(model, plan)
+    if routing_fn is not None:
+        trainer.add_callback(RouterDiagnosticsCallback(output_dir, routing_fn))
     for callback in callbacks or ():
         trainer.add_callback(callback)
     if main:
@@ -209,9 +224,12 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     info = {"stage": cfg.stage, "tuning": plan.tuning, "trained_parts": list(plan.trained_parts),
             "router": plan.mole_config.router.kind if plan.mole_config else None,
+            "method_settings": plan.method_settings or None,
             "global_step": trainer.state.global_step, "data": cfg.data, "train_loss": output.training_loss}
     save_final_model(trainer.model, processor, output_dir, lora_scaling=plan.lora_scaling,
-                     mole_config=plan.mole_config, training_info=info)
+                     mole_config=plan.mole_config, training_info=info,
+                     tuning_method=plan.tuning if plan.tuning_setup is not None else None,
+                     method_settings=plan.method_settings)
     if main:  # the bad-data report again, at the end of the run
         bad_data.write(output_dir / BAD_DATA_REPORT)
     trainer.accelerator.wait_for_everyone()

@@ -6,18 +6,22 @@ Parrot (Sun et al., 2024, sec. 3.3 / 4.1), following LLaVA's two stages:
   `mm_projector` trains on image-caption pairs;
 - stage 2 (instruction tuning): the MoE is switched on; `mm_projector`, the MoE (router + experts) and the LLM
   train. The LLM trains fully (`full`, as the paper), through LoRA adapters (`lora`, peft) or through Mixture of
-  LoRA Experts layers with a router (`mole`, `parrot.moe.mole`). The vision tower stays frozen.
+  LoRA Experts layers with a router (`mole`, `parrot.moe.mole`), or through an MoE tuning method of
+  `parrot.moe.methods` (`perft-r|e|d|s`, `factorllm`, `ceft`; `prepare_for_tuning` on the language model).
+  The vision tower stays frozen.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch.nn as nn
 
 from ..model import ParrotForCausalLM
 from ..moe import MoLEConfig, RouterConfig, inject_mole
-from .config import TrainConfig
+from ..moe.methods import PERFT_VARIANTS, TuningSetup, prepare_for_tuning
+from .config import MOE_METHOD_TUNINGS, TrainConfig
 
 PARTS = ("vision_tower", "mm_projector", "moe", "language_model")
 
@@ -31,6 +35,8 @@ class StagePlan:
     trained_parts: tuple[str, ...]
     mole_config: MoLEConfig | None = None
     lora_scaling: float | None = None  # alpha / r of the LoRA adapters (tuning "lora")
+    tuning_setup: TuningSetup | None = None  # MoE tuning methods (perft-*, factorllm, ceft)
+    method_settings: dict[str, Any] = field(default_factory=dict)  # the prepare_for_tuning keywords
 
 
 def _set_trainable(module: nn.Module, trainable: bool) -> None:
@@ -46,6 +52,18 @@ def mole_config_from(cfg: TrainConfig) -> MoLEConfig:
     )
     return MoLEConfig(target_modules=cfg.targets, num_experts=cfg.mole_experts, rank=cfg.lora_rank,
                       alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, router=router)
+
+
+def method_settings_from(cfg: TrainConfig) -> dict[str, Any]:
+    """The `prepare_for_tuning` keywords of `cfg.tuning` (JSON-serialisable: they are saved with the model)."""
+    if cfg.tuning in PERFT_VARIANTS:
+        return {"num_experts": cfg.perft_experts, "rank": cfg.perft_rank, "alpha": cfg.perft_alpha,
+                "router": {"kind": "topk", "top_k": cfg.perft_top_k}}
+    if cfg.tuning == "factorllm":
+        return {"num_experts": cfg.factorllm_experts, "top_k": cfg.factorllm_top_k}
+    if cfg.tuning == "ceft":
+        return {"ranking_path": cfg.ceft_ranking, "top_n": cfg.ceft_top_n, "per_layer": cfg.ceft_per_layer}
+    raise ValueError(f"--tuning {cfg.tuning!r} is not an MoE tuning method ({MOE_METHOD_TUNINGS})")
 
 
 def _inject_lora(model: ParrotForCausalLM, cfg: TrainConfig) -> None:
@@ -72,19 +90,25 @@ def apply_stage(model: ParrotForCausalLM, cfg: TrainConfig) -> StagePlan:
 
     model.config.use_moe = True
     model.config.check_model_settings()
-    mole_config = lora_scaling = None
+    mole_config = lora_scaling = tuning_setup = None
+    settings: dict[str, Any] = {}
     if cfg.tuning == "full":
         _set_trainable(model.language_model, True)
     elif cfg.tuning == "lora":
         _inject_lora(model, cfg)
         lora_scaling = cfg.lora_alpha / cfg.lora_rank
+    elif cfg.tuning in MOE_METHOD_TUNINGS:
+        settings = method_settings_from(cfg)
+        # freezes the LLM; only the method's parameters train
+        tuning_setup = prepare_for_tuning(model.language_model, cfg.tuning, **settings)
     else:
         mole_config = mole_config_from(cfg)
         inject_mole(model.language_model, mole_config)  # freezes the LLM, MoLE experts + routers train
     _set_trainable(model.mm_projector, True)
     _set_trainable(model.moe, True)
     return StagePlan(stage=2, tuning=cfg.tuning, trained_parts=("mm_projector", "moe", "language_model"),
-                     mole_config=mole_config, lora_scaling=lora_scaling)
+                     mole_config=mole_config, lora_scaling=lora_scaling, tuning_setup=tuning_setup,
+                     method_settings=settings)
 
 
 def parameter_table(model: nn.Module) -> list[tuple[str, int, int]]:
@@ -113,6 +137,8 @@ def describe_trainable(model: nn.Module, plan: StagePlan) -> str:
     header = f"stage {plan.stage}" + (f" (LLM tuning: {plan.tuning})" if plan.tuning else "")
     if plan.mole_config is not None:
         header += f", router {plan.mole_config.router.kind}, {plan.mole_config.num_experts} experts/layer"
+    if plan.tuning_setup is not None:
+        header += f", {len(plan.tuning_setup.modules)} LLM modules tuned, settings {plan.method_settings}"
     lines = [header, f"{'part':<16} {'trainable':>14} {'total':>14} {'share':>7}"]
     for part, trainable, total in parameter_table(model):
         share = 100.0 * trainable / total if total else 0.0

@@ -1,6 +1,8 @@
 """`ParrotTrainer`: the HF `Trainer` plus what Parrot runs need.
 
-- the MoLE routers' auxiliary losses join the LM loss (`parrot.moe.mole_aux_loss`);
+- the MoLE routers' auxiliary losses join the LM loss (`parrot.moe.mole_aux_loss`), or, with an MoE tuning
+  method (`tuning_setup`, from `parrot.moe.methods.prepare_for_tuning`), that method's aux losses
+  (PERFT-R router balance / z losses, FactorLLM Prior-Approximate loss; CEFT has none);
 - a non-finite loss stops the run before the optimizer step, naming the step and the first router (Parrot MoE
   projector router, then MoLE layers in forward order) whose outputs are non-finite;
 - tokens/s (text + visual tokens, all processes) in every log;
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from transformers import Trainer
 
 from ..moe import collect_router_outputs, mole_aux_loss
+from ..moe.methods import TuningSetup
 from . import checkpoints
 
 
@@ -25,20 +28,21 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/inf; the message names the step and, when routers exist, the layer."""
 
 
-def _first_nonfinite_router(outputs, mole_routing: dict) -> str | None:
+def _first_nonfinite_router(outputs, mole_routing: dict, kind: str = "MoLE") -> str | None:
     probs = getattr(outputs, "router_probs", None)
     if probs is not None and not bool(torch.isfinite(probs).all()):
         return "moe.router (the Parrot MoE projector router)"
     for name, routing in mole_routing.items():
         if not (bool(torch.isfinite(routing.logits).all()) and bool(torch.isfinite(routing.weights).all())):
-            return f"language_model.{name} (MoLE router)"
+            return f"language_model.{name} ({kind} router)"
     return None
 
 
 class ParrotTrainer(Trainer):
-    def __init__(self, *args, keep_last: int = 0, **kwargs):
+    def __init__(self, *args, keep_last: int = 0, tuning_setup: TuningSetup | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.keep_last = keep_last
+        self.tuning_setup = tuning_setup
         # The loss is a per-micro-batch mean (as LLaVA); the aux losses are per micro-batch too, so the Trainer
         # must divide by the accumulation steps itself rather than hand num_items_in_batch to the model.
         self.model_accepts_loss_kwargs = False
@@ -49,9 +53,13 @@ class ParrotTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         loss = outputs.loss
-        routing = collect_router_outputs(self.model.language_model)
-        if routing:
-            loss = loss + mole_aux_loss(routing)
+        if self.tuning_setup is not None:
+            routing = self.tuning_setup.routing()
+            loss = loss + self.tuning_setup.aux_loss()
+        else:
+            routing = collect_router_outputs(self.model.language_model)
+            if routing:
+                loss = loss + mole_aux_loss(routing)
         mask = outputs.attention_mask if outputs.attention_mask is not None else inputs["attention_mask"]
         self._tokens_since_log += int(mask.sum())
         self._stop_if_nonfinite(loss, outputs, routing)
@@ -71,7 +79,8 @@ class ParrotTrainer(Trainer):
         message = f"non-finite training loss ({loss.item()}) at optimizer step {step} (epoch {self.state.epoch:.3f})"
         has_routers = getattr(outputs, "router_probs", None) is not None or bool(routing)
         if has_routers:
-            culprit = _first_nonfinite_router(outputs, routing)
+            kind = self.tuning_setup.method if self.tuning_setup is not None else "MoLE"
+            culprit = _first_nonfinite_router(outputs, routing, kind)
             message += (f"; first router with non-finite outputs: {culprit}" if culprit
                         else "; every router output is finite (the LM head / loss overflowed)")
         message += ". Stopping before the optimizer step; lower --learning-rate or check the data of this step."
