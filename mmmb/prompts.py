@@ -13,13 +13,19 @@ from mmmb.languages import ANSWER_INSTRUCTION
 from mmmb.tsv import OPTION_LETTERS, MCQRecord
 
 
-def format_question(record: MCQRecord, options: Sequence[str], language: str) -> str:
-    """Prompt text for ``record`` with ``options`` (possibly rotated) labelled A, B, ... in order."""
-    lines = [record.hint] if record.hint else []
-    lines.append(record.question)
-    lines.extend(f"{letter}. {text}" for letter, text in zip(OPTION_LETTERS, options))
+def mcq_prompt_text(question: str, labelled_options: Sequence[tuple[str, str]], language: str,
+                    hint: str | None = None) -> str:
+    """``[hint\n]question\nA. ...\n<instruction in language>`` from (letter, text) pairs."""
+    lines = [hint] if hint else []
+    lines.append(question)
+    lines.extend(f"{letter}. {text}" for letter, text in labelled_options)
     lines.append(ANSWER_INSTRUCTION[language])
     return "\n".join(lines)
+
+
+def format_question(record: MCQRecord, options: Sequence[str], language: str) -> str:
+    """Prompt text for ``record`` with ``options`` (possibly rotated) labelled A, B, ... in order."""
+    return mcq_prompt_text(record.question, list(zip(OPTION_LETTERS, options)), language, record.hint)
 
 
 def rotate_options(record: MCQRecord, rotation: int) -> tuple[tuple[str, ...], str]:

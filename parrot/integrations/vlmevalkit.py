@@ -125,17 +125,18 @@ class ParrotVLMEval:
 
     def build_prompt(self, line, dataset: str | None = None) -> list[dict]:
         """A multiple-choice TSV row -> message: its image(s), then hint, question, options and instruction."""
-        from mmmb.languages import ANSWER_INSTRUCTION
+        from mmmb.prompts import mcq_prompt_text
 
         question = str(line["question"])
-        if "hint" in line and _present(line["hint"]):
-            question = f"{line['hint']}\n{question}"
+        hint = str(line["hint"]) if "hint" in line and _present(line["hint"]) else None
         options = [(letter, line[letter]) for letter in string.ascii_uppercase
                    if letter in line and _present(line[letter])]
-        lines = [question] + [f"{letter}. {text}" for letter, text in options]
-        lines.append(ANSWER_INSTRUCTION[dataset_language(dataset)] if options else OPEN_ANSWER_INSTRUCTION)
+        if options:
+            text = mcq_prompt_text(question, options, dataset_language(dataset), hint)
+        else:
+            text = "\n".join([*([hint] if hint else []), question, OPEN_ANSWER_INSTRUCTION])
         images = [{"type": "image", "value": path} for path in self.dump_image(line, dataset)]
-        return images + [{"type": "text", "value": "\n".join(lines)}]
+        return images + [{"type": "text", "value": text}]
 
     # --- generation -------------------------------------------------------------------------------------------
     def prompt_and_images(self, message) -> tuple[str, list[str]]:
