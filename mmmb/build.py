@@ -175,7 +175,12 @@ def records_from_synthetic(n: int, seed: int, languages: Sequence[str] = LANGUAG
     from parrot.data.synthetic import make_mcq_items
 
     languages = [canonical_language(code) for code in languages]
-    items = make_mcq_items(n, seed, languages)
+    return records_from_items(make_mcq_items(n, seed, languages), languages, image_format)
+
+
+def records_from_items(items: Sequence, languages: Sequence[str] = LANGUAGES,
+                       image_format: str = "PNG") -> dict[str, list[MCQRecord]]:
+    """Synthetic ``MCQItem``s -> {language: [MCQRecord]}, aligned by index across languages."""
     sets: dict[str, list[MCQRecord]] = {language: [] for language in languages}
     for item in tqdm(items, desc="encoding synthetic MMMB", unit="item"):
         b64 = encode_image(item.image, image_format)  # one encoding shared by the six languages

@@ -141,14 +141,9 @@ def write_data(cfg: QuickstartConfig, data_dir: Path) -> Path:
 def benchmark(n: int, seed: int, image_size: int, categories: tuple[str, ...] = MCQ_CATEGORIES) -> dict[str, list]:
     """The held-out synthetic MMMB: {language: [MCQRecord]} with the same items in every language, drawn from
     another seed than the training MCQs (so no benchmark scene is a training scene)."""
-    from mmmb.tsv import MCQRecord, encode_image
+    from mmmb.build import records_from_items
 
-    items = _mcq_items_in(categories, n, seed + EVAL_SEED_OFFSET, image_size)
-    data = {}
-    for lang in LANGUAGES:
-        data[lang] = [MCQRecord(item.index, item.questions[lang], tuple(item.options[lang]), item.answer,
-                                item.category, image_b64=encode_image(item.image)) for item in items]
-    return data
+    return records_from_items(_mcq_items_in(categories, n, seed + EVAL_SEED_OFFSET, image_size), LANGUAGES)
 
 
 def evaluate(model_dir: Path, cfg: QuickstartConfig, out_dir: Path):
