@@ -40,6 +40,7 @@ class BenchSettings:
     profile: bool
     quick: bool
     seed: int
+    cuda_graphs: bool = False
 
 
 def add_common_args(parser: argparse.ArgumentParser, warmup: tuple[int, int] = (1, 3),
@@ -56,6 +57,9 @@ def add_common_args(parser: argparse.ArgumentParser, warmup: tuple[int, int] = (
     parser.add_argument("--profile", action="store_true", help="also write a torch.profiler table per case")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="CUDA only: also time capturable cases as CUDA-graph replays (GPU work without launch "
+                             "overhead), for benchmarks that support it")
     parser.set_defaults(_default_warmup=warmup, _default_repeats=repeats)
 
 
@@ -75,12 +79,43 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         raise SystemExit(f"--warmup must be >= 0 and --repeats >= 1 (got {warmup}, {repeats})")
     torch.manual_seed(args.seed)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return BenchSettings(device, DTYPES[args.dtype], warmup, repeats, args.out, args.profile, args.quick, args.seed)
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit("--cuda-graphs needs --device cuda")
+    return BenchSettings(device, DTYPES[args.dtype], warmup, repeats, args.out, args.profile, args.quick, args.seed,
+                         args.cuda_graphs)
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cuda_graphed(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """Capture one call of `fn` (forward and backward) in a CUDA graph; returns its replay.
+
+    Timing the replay measures the GPU work of `fn` without the host's per-kernel launch cost, on both sides
+    of a comparison alike. `fn` must not synchronise with the host (no `.item()`, `nonzero`, `.tolist()`).
+    Call it inside `on_side_stream()`: the tensors `fn` uses must come from the capturing stream, since autograd
+    makes a leaf's stream wait for its gradient and the legacy default stream may not wait on a capture.
+    """
+    stream = torch.cuda.current_stream()
+    if stream == torch.cuda.default_stream():
+        raise RuntimeError("cuda_graphed must run inside on_side_stream() (capture needs a non-default stream)")
+    for _ in range(warmup):  # allocator and autograd caches settle before capture
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph.replay
+
+
+def on_side_stream(device: torch.device):
+    """Context running everything (tensor creation, warm-up, capture, timing) on one non-default CUDA stream."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream(device))
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:

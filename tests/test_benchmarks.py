@@ -32,8 +32,9 @@ def test_parrot_moe_reference_matches_and_json(tmp_path):
 def test_mole_references_match_for_every_router(tmp_path):
     result = bench_mole.main(["--tokens", "64", "--hidden", "32", "--rank", "4", "--experts", "4", "--dtype", "float64",
                               "--router-scale", "4", "--out", str(tmp_path), *FAST])
-    # adapter: ours + candidate; layer: ours -> 3 checks per router, all against the naive loop.
-    assert len(result.checks) == 3 * 4 and all(c.max_rel_err < 1e-10 for c in result.checks)
+    # adapter: ours + masked loop + grouped; layer: ours + masked loop -> 5 checks per router, all against the
+    # dense loop (every expert on every token).
+    assert len(result.checks) == 5 * 4 and all(c.max_rel_err < 1e-10 for c in result.checks)
     assert set(result.extra["routing"]) == {"topk", "dynmole", "gwmoe", "mor"}
     assert result.extra["routing"]["topk"]["mean_active_experts"] == pytest.approx(2.0)
     assert (tmp_path / "mole.json").is_file()
@@ -54,7 +55,25 @@ def test_naive_mole_loop_is_an_independent_reference():
     weights = layer.router(flat).weights
     by_hand = sum(weights[:, e : e + 1] * (flat @ layer.experts.lora_A[e].t() @ layer.experts.lora_B[e].t())
                   * layer.experts.scaling for e in range(3))
-    torch.testing.assert_close(bench_mole.naive_delta(layer, x), by_hand)
+    torch.testing.assert_close(bench_mole.dense_loop_delta(layer, x), by_hand)
+
+
+def test_masked_mole_loop_matches_a_per_token_sum():
+    """The masked loop (issue 8's reference b) against a per-token Python sum over each token's selected experts."""
+    torch.manual_seed(1)
+    sizes = dict(tokens=12, hidden=8, experts=4, top_k=2, rank=2)
+    x = torch.randn(1, 12, 8, dtype=torch.float64)
+    for kind in ("topk", "dynmole"):
+        layer = bench_mole.make_layer(kind, sizes, x.float(), 3.0, 0.9).double()
+        flat = x.reshape(-1, 8)
+        routing = layer.router(flat)
+        ex = layer.experts
+        rows = []
+        for t in range(12):
+            selected = [int(e) for e in routing.indices[t] if e >= 0]
+            rows.append(sum(routing.weights[t, e] * ex.scaling * (ex.lora_B[e] @ (ex.lora_A[e] @ flat[t]))
+                            for e in selected))
+        torch.testing.assert_close(bench_mole.masked_loop_delta(layer, x), torch.stack(rows))
 
 
 def test_check_same_rejects_a_wrong_result():

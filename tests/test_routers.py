@@ -422,3 +422,32 @@ def test_dynmole_indices_match_indices_from_selection():
     selected = out.weights > 0
     assert len(set(selected.sum(-1).tolist())) > 1  # variable number of active experts
     assert torch.equal(out.indices, indices_from_selection(out.probs, selected))
+
+
+@pytest.mark.parametrize("kind", ["topk2", "topk_dense", "gwmoe_train", "gwmoe_eval", "mor"])
+def test_balance_loss_without_mask_matches_reference(kind):
+    """No mask: the balance loss takes the count path (counts, sums, the known k) -- same value and gradient as
+    the per-token reference over all tokens."""
+    x, _, _ = _inputs(5)
+    if kind.startswith("topk"):
+        router = TopKRouter(D, E, top_k=2 if kind == "topk2" else None, balance_coef=0.01).double()
+    elif kind.startswith("gwmoe"):
+        router = GWMoERouter(D, E, top_k=2, threshold=0.0, balance_coef=0.01).double()
+        router.train(kind == "gwmoe_train")
+    else:
+        router = MixtureOfRoutersRouter(D, E, num_routers=3, top_k=2, balance_coef=0.01).double()
+    _randomize(router, 17, 0.5)
+    out = router(x)
+    probs = list(out.probs)
+    chosen = [[int(e) for e in row if e >= 0] for row in out.indices]
+    if kind == "gwmoe_train":
+        router.threshold.fill_(sorted(router.uncertainty(out.probs).tolist())[T // 2])  # half the tokens broadcast
+        out = router(x)
+        probs, chosen = list(out.probs), [[int(e) for e in row if e >= 0] for row in out.indices]
+        assert 0 < sum(len(c) == E for c in chosen) < T
+    expected = 0.01 * switch_balance(probs, chosen, list(range(T)))
+    torch.testing.assert_close(out.aux_losses["balance"], expected, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(out.aux_losses["balance"], list(router.parameters()), retain_graph=True)
+    ref_grads = torch.autograd.grad(expected, list(router.parameters()))
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-12)

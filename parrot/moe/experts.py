@@ -102,7 +102,7 @@ class LoRAExperts(nn.Module):
         self.execution = execution
         # sigma between A and B: identity for LoRA; a nonlinearity turns the experts into bottleneck
         # adapters (Houlsby et al., 2019), as PERFT uses them.
-        self.act = activation if activation is not None else nn.Identity()
+        self.act = activation  # None: plain LoRA (no module call on the hot path)
         self.num_experts = num_experts
         self.in_features = in_features
         self.out_features = out_features
@@ -127,7 +127,9 @@ class LoRAExperts(nn.Module):
         experts instead of E zero-filled (E, r, D) gradients).
         """
         lora_a, lora_b = (self.lora_A[expert], self.lora_B[expert]) if lora is None else lora
-        h = self.act(x @ lora_a.t())  # (n, r)
+        h = x @ lora_a.t()  # (n, r)
+        if self.act is not None:
+            h = self.act(h)
         if row_scale is None:
             return h @ lora_b.t() * self.scaling
         return (h * row_scale[:, None]) @ lora_b.t()
@@ -152,7 +154,9 @@ class LoRAExperts(nn.Module):
 
     def _stacked(self, x: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         E, r = self.num_experts, self.rank
-        h = self.act(x @ self.lora_A.reshape(E * r, self.in_features).t())  # (T, E*r)
+        h = x @ self.lora_A.reshape(E * r, self.in_features).t()  # (T, E*r)
+        if self.act is not None:
+            h = self.act(h)
         # alpha / r folds into the (T, E) weights, so the (T, D_out) output is never rescaled.
         scale = (weights * self.scaling).to(h.dtype)  # (T, E)
         h = (h.view(-1, E, r) * scale[:, :, None]).view(-1, E * r)

@@ -131,11 +131,24 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return token_mean(values, token_weights(mask, values.dtype))
 
 
-def _switch_balance(probs: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
-    # E * sum_e f_e P_e with f = a / sum(a): the normalisation of f is applied once to the dot product.
-    assignments = token_mean((weights > 0).to(probs.dtype), tokens)  # (E,), no gradient
-    p = token_mean(probs, tokens)  # (E,)
-    return probs.shape[-1] * (assignments @ p) / assignments.sum().clamp_min(torch.finfo(probs.dtype).tiny)
+def _switch_balance(probs: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor | None, coef: float = 1.0,
+                    per_token: int | None = None) -> torch.Tensor:
+    # coef * E * sum_e f_e P_e with f = a / sum(a), a_e = share of tokens that selected e. `per_token` = the
+    # number of experts every token selects (plain top-k): then sum(a) = per_token is known and the
+    # normalisation is a constant. Without a mask, sums replace means and 1 / T goes into the one scalar.
+    # Fewer kernels matter here: this runs in every routed layer's forward (launch-bound on GPUs).
+    num_experts, num_tokens = probs.shape[-1], max(probs.shape[0], 1)
+    if tokens is None:
+        assignments = torch.count_nonzero(weights, dim=0).to(probs.dtype)  # (E,) counts, no gradient
+        prob_mass = probs.sum(0)  # (E,) = T * P
+        scale = coef * num_experts / num_tokens  # f uses counts / sum(counts): no 1 / T there
+    else:
+        assignments = token_mean((weights > 0).to(probs.dtype), tokens)  # (E,)
+        prob_mass = token_mean(probs, tokens)  # (E,) = P
+        scale = coef * num_experts
+    if per_token is not None:  # sum(counts) = k * T (sum of shares = k with a mask)
+        return (assignments @ prob_mass) * (scale / (per_token * (num_tokens if tokens is None else 1)))
+    return scale * (assignments @ prob_mass) / assignments.sum().clamp_min(torch.finfo(probs.dtype).tiny)
 
 
 def load_balance_loss(probs: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -323,7 +336,8 @@ class TopKRouter(nn.Module):
         tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
         if self.balance_coef:
-            aux["balance"] = self.balance_coef * _switch_balance(probs, weights, tokens)
+            fixed_k = self.top_k if self.top_k is not None and self.top_k < self.num_experts else None
+            aux["balance"] = _switch_balance(probs, weights, tokens, self.balance_coef, fixed_k)
         if self.z_loss_coef:
             aux["z"] = self.z_loss_coef * token_mean(torch.logsumexp(logits, dim=-1).square(), tokens)
         return RouterOutput(weights, indices, probs, logits, aux, lazy_routing_stats(probs, indices, mask))
@@ -522,8 +536,9 @@ class GWMoERouter(nn.Module):
             stats = RoutingStats(lambda: routing_stats(probs_now, indices, mask_now, uncertainty=self.uncertainty(probs_now)))
         tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
-        if self.balance_coef:
-            aux["balance"] = self.balance_coef * _switch_balance(probs, weights, tokens)
+        if self.balance_coef:  # broadcast tokens select every expert: the count per token varies in training
+            fixed_k = None if self.training else self.top_k
+            aux["balance"] = _switch_balance(probs, weights, tokens, self.balance_coef, fixed_k)
         if self.z_loss_coef:
             aux["z"] = self.z_loss_coef * token_mean(torch.logsumexp(logits, dim=-1).square(), tokens)
         return RouterOutput(weights, indices, probs, logits, aux, stats)
@@ -579,7 +594,7 @@ class MixtureOfRoutersRouter(nn.Module):
         tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
         if self.balance_coef:
-            aux["balance"] = self.balance_coef * _switch_balance(probs, weights, tokens)
+            aux["balance"] = _switch_balance(probs, weights, tokens, self.balance_coef, self.top_k)
         if self.z_loss_coef:
             z_per_token = torch.logsumexp(sub_logits, dim=-1).square().mean(-1)  # (T,)
             aux["z"] = self.z_loss_coef * token_mean(z_per_token, tokens)
