@@ -118,6 +118,24 @@ def test_perft_r_on_moe_backbone_trains_only_adapters_and_reloads(ws, tmp_path):
     check_reload(cfg, snap)
 
 
+@pytest.mark.parametrize("variant", ["perft-e", "perft-d", "perft-s"])
+def test_other_perft_variants_train_end_to_end_and_reload(ws, tmp_path, variant):
+    """PERFT-E (the block's own frozen router), -D (dense, no router), -S (one shared adapter) through the trainer."""
+    cfg, result, snap = run_stage2(ws, ws["moe_init"], tmp_path / variant, tuning=variant, perft_experts=3,
+                                   perft_rank=4, perft_top_k=2)
+    blocks = [n for n, _ in find_moe_blocks(snap.model.language_model)]
+    intended = {n for n in snap.before if n.startswith("language_model.") and ".perft." in n}
+    # no router of their own (only PERFT-R has one): just the adapter experts train
+    assert intended == {f"language_model.{b}.perft.{p}" for b in blocks for p in ("experts.lora_A", "experts.lora_B")}
+    expected_experts = {"perft-e": TINY_MOE_TEXT["num_experts"], "perft-d": 3, "perft-s": 1}[variant]
+    assert all(snap.before[f"language_model.{b}.perft.experts.lora_A"].shape[0] == expected_experts for b in blocks)
+    check_common(snap, result, intended)
+    adapter = load_file(str(tmp_path / variant / "perft_adapter.safetensors"))
+    assert {f"language_model.{k}" for k in adapter} == intended
+    assert json.loads((tmp_path / variant / "perft_config.json").read_text())["variant"] == variant
+    check_reload(cfg, snap)
+
+
 # --- FactorLLM on the dense tiny Qwen2 -------------------------------------------------------------------------
 def test_factorllm_on_dense_backbone_trains_experts_and_routers_and_reloads(ws, tmp_path):
     cfg, result, snap = run_stage2(ws, ws["init"], tmp_path / "factor", tuning="factorllm", factorllm_experts=4,
