@@ -25,6 +25,7 @@ base's input gradient in every case.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -83,16 +84,14 @@ def grouped_candidate_delta(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
     return layer.experts._grouped(flat, routing.weights, routing.indices)
 
 
-def dense_mole_forward(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
-    """W x + the dense all-expert loop: the whole layer as the official DynMoLE code computes it."""
-    out = layer.base(x)
-    return out + dense_loop_delta(layer, x).view_as(out).to(out.dtype)
+def plus_base(delta: Callable[[MoLELinear, torch.Tensor], torch.Tensor]):
+    """W x + delta(layer, x): the whole layer as a reference loop computes it (frozen base, then the loop)."""
 
+    def forward(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
+        out = layer.base(x)
+        return out + delta(layer, x).view_as(out).to(out.dtype)
 
-def masked_mole_forward(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
-    """W x + the per-expert masked loop: the whole layer as MixLoRA / HF Mixtral code computes it."""
-    out = layer.base(x)
-    return out + masked_loop_delta(layer, x).view_as(out).to(out.dtype)
+    return forward
 
 
 class _Holder(nn.Module):
@@ -168,8 +167,8 @@ def run(args: argparse.Namespace, settings: BenchSettings):
         implementations = {
             "adapter": {"ours": step(mole_delta, grad_delta), "masked": step(masked_loop_delta, grad_delta),
                         "dense": step(dense_loop_delta, grad_delta)},
-            "layer": {"ours": step(lambda m, v: m(v), grad_out), "masked": step(masked_mole_forward, grad_out),
-                      "dense": step(dense_mole_forward, grad_out)},
+            "layer": {"ours": step(lambda m, v: m(v), grad_out), "masked": step(plus_base(masked_loop_delta), grad_out),
+                      "dense": step(plus_base(dense_loop_delta), grad_out)},
         }
         if args.candidate:
             implementations["adapter"]["grouped"] = step(grouped_candidate_delta, grad_delta)

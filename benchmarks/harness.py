@@ -10,6 +10,7 @@ Results are medians with the inter-quartile range.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -111,8 +112,6 @@ def cuda_graphed(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None
 
 def on_side_stream(device: torch.device):
     """Context running everything (tensor creation, warm-up, capture, timing) on one non-default CUDA stream."""
-    import contextlib
-
     if device.type != "cuda":
         return contextlib.nullcontext()
     return torch.cuda.stream(torch.cuda.Stream(device))

@@ -117,6 +117,11 @@ class LoRAExperts(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def _down(self, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+        """sigma(x A^T): x (n, D_in), A (k, D_in) -> (n, k); no activation module call for plain LoRA."""
+        h = x @ lora_a.t()
+        return h if self.act is None else self.act(h)
+
     def run_expert(self, expert: int, x: torch.Tensor, row_scale: torch.Tensor | None = None,
                    lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """delta_e on a group of rows x (n, D_in) -> (n, D_out).
@@ -127,9 +132,7 @@ class LoRAExperts(nn.Module):
         experts instead of E zero-filled (E, r, D) gradients).
         """
         lora_a, lora_b = (self.lora_A[expert], self.lora_B[expert]) if lora is None else lora
-        h = x @ lora_a.t()  # (n, r)
-        if self.act is not None:
-            h = self.act(h)
+        h = self._down(x, lora_a)  # (n, r)
         if row_scale is None:
             return h @ lora_b.t() * self.scaling
         return (h * row_scale[:, None]) @ lora_b.t()
@@ -154,9 +157,7 @@ class LoRAExperts(nn.Module):
 
     def _stacked(self, x: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         E, r = self.num_experts, self.rank
-        h = x @ self.lora_A.reshape(E * r, self.in_features).t()  # (T, E*r)
-        if self.act is not None:
-            h = self.act(h)
+        h = self._down(x, self.lora_A.reshape(E * r, self.in_features))  # (T, E*r)
         # alpha / r folds into the (T, E) weights, so the (T, D_out) output is never rescaled.
         scale = (weights * self.scaling).to(h.dtype)  # (T, E)
         h = (h.view(-1, E, r) * scale[:, :, None]).view(-1, E * r)
