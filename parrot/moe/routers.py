@@ -590,7 +590,8 @@ class MixtureOfRoutersRouter(nn.Module):
         router_weights = _softmax(self.main_gate(hidden), hidden.dtype)  # (T, M)
         probs = torch.einsum("tm,tme->te", router_weights, sub_probs)  # (T, E)
         logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-        weights, indices = topk_weights(probs, self.top_k, self.renormalize)
+        # log p as the logits: the softmax of the top-k log-probabilities is the renormalised top-k p.
+        weights, indices = topk_weights(probs, self.top_k, self.renormalize, logits)
         tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
         if self.balance_coef:
