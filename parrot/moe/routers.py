@@ -430,6 +430,10 @@ class DynMoLERouter(nn.Module):
         return RouterOutput(weights, indices, probs, logits, aux, stats)
 
 
+_UNSET_THRESHOLD = ("GWMoERouter threshold is unset: give RouterConfig.gw_threshold, or run "
+                     "parrot.moe.mole.calibrate_gwmoe / router.calibrate(entropies, quantile) before training")
+
+
 class GWMoERouter(nn.Module):
     """GW-MoE: broadcast uncertain tokens to all experts during fine-tuning (Wu et al., 2024, arXiv 2406.12375).
 
@@ -502,16 +506,16 @@ class GWMoERouter(nn.Module):
         return value
 
     def _require_threshold(self) -> None:
+        if torch.compiler.is_compiling():  # no host read inside a compiled graph: a device-side assert instead
+            torch._assert_async(~torch.isnan(self.threshold), _UNSET_THRESHOLD)
+            return
         current = self.threshold
         if self._threshold_checked is not None:
             checked, version = self._threshold_checked
             if checked() is current and version == current._version:
                 return
         if torch.isnan(current):
-            raise RuntimeError(
-                "GWMoERouter threshold is unset: give RouterConfig.gw_threshold, or run "
-                "parrot.moe.mole.calibrate_gwmoe / router.calibrate(entropies, quantile) before training"
-            )
+            raise RuntimeError(_UNSET_THRESHOLD)
         self._threshold_checked = (weakref.ref(current), current._version)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
