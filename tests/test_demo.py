@@ -227,6 +227,15 @@ def run_chat(handlers, image, message, session, max_new_tokens=6):
     return last  # (chatbot messages, textbox, session, router plot, router note)
 
 
+def test_chat_handler_clears_the_textbox_only_when_the_answer_starts_and_ends(engine, image_file):
+    """Intermediate chunks leave the textbox alone (gr.skip), so typing during a streamed answer is kept."""
+    outputs = list(DemoHandlers(engine).chat(str(image_file), "What is this?", 0.0, 1.0, 12, None))
+    textboxes = [out[1] for out in outputs]
+    assert len(textboxes) >= 3, textboxes  # first chunk, more chunks, final
+    assert textboxes[0] == "" and textboxes[-1] == ""
+    assert all(t == {"__type__": "update"} for t in textboxes[1:-1]), textboxes
+
+
 def test_chat_handler_turns_bad_input_into_chat_messages(engine, image_file, tmp_path):
     handlers = DemoHandlers(engine)
     text_file = tmp_path / "x.txt"

@@ -291,6 +291,19 @@ class PipeBrowser:
             time.sleep(0.2)
         raise TimeoutError(f"still false after {timeout} s: {expression}")
 
+    def wait_until_stable(self, expression: str, quiet: float = 2.0, timeout: float = 60.0):
+        """Wait until `expression` is truthy and has not changed for `quiet` seconds (a finished stream)."""
+        deadline = time.monotonic() + timeout
+        last, since = None, time.monotonic()
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value != last:
+                last, since = value, time.monotonic()
+            elif value and time.monotonic() - since >= quiet:
+                return value
+            time.sleep(0.2)
+        raise TimeoutError(f"not stable for {quiet} s within {timeout} s: {expression}")
+
     def set_file_input(self, selector: str, path: Path) -> None:
         root = self.send("DOM.getDocument", {"depth": 1})["root"]["nodeId"]
         node = self.send("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
@@ -359,6 +372,8 @@ def test_browser_renders_the_chat_and_answers(server, demo_files, tmp_path):
             "document.querySelector('#parrot-chatbot [data-testid=user]')?.innerText", timeout=60)
         assert user_text.strip() == "Какого цвета фон?"
         browser.wait_for(f"({BOT_TEXT_JS}).trim().length > 0", timeout=60)
+        # The answer's last chunk clears the textbox: let the stream end before an example fills it.
+        browser.wait_until_stable(f"({BOT_TEXT_JS}).trim()")
 
         # The Russian example row fills image + question; a new image starts a new conversation.
         russian = write_examples(tmp_path / "examples")[5].prompt  # the server's examples (same default seed)

@@ -86,7 +86,11 @@ class DemoHandlers:
 
     def chat(self, image_payload, message, temperature, top_p, max_new_tokens,
              session: ChatSession | None) -> Iterator[tuple]:
-        """Yields (chatbot messages, textbox, session, router plot, router note) as the answer streams in."""
+        """Yields (chatbot messages, textbox, session, router plot, router note) as the answer streams in.
+
+        The textbox is cleared when the answer starts and once more when it ends (so an API caller sees ""),
+        not with every chunk: a stream of "" updates would wipe what the user types while the answer streams.
+        """
         session = session or ChatSession()
         message = message or ""
         try:
@@ -102,9 +106,11 @@ class DemoHandlers:
         message = message.strip()
         asked = session.show(_user(message))
         answer = ""
+        textbox = ""  # cleared with the first chunk, then left alone: the user may type the next question meanwhile
         try:
             for answer in self.engine.stream_reply(prepared, settings):
-                yield list(asked.messages) + [_assistant(answer)], "", asked, plot, note
+                yield list(asked.messages) + [_assistant(answer)], textbox, asked, plot, note
+                textbox = gr.skip()
         except Exception as err:  # a failed generation must not take the server down
             logger.exception("generation failed")
             failed = asked.show(_assistant(f"{WARNING}generation failed: {err}"))
