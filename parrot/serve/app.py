@@ -88,8 +88,9 @@ class DemoHandlers:
              session: ChatSession | None) -> Iterator[tuple]:
         """Yields (chatbot messages, textbox, session, router plot, router note) as the answer streams in.
 
-        The textbox is cleared when the answer starts and once more when it ends (so an API caller sees ""),
-        not with every chunk: a stream of "" updates would wipe what the user types while the answer streams.
+        The textbox is cleared once, with the first chunk; later yields leave it unchanged (`gr.skip()`, which an
+        API caller receives as {"__type__": "update"}), so a question typed while the answer streams is kept.
+        A refused or failed turn gives the message back to fix it.
         """
         session = session or ChatSession()
         message = message or ""
@@ -118,7 +119,7 @@ class DemoHandlers:
             return
         done = ChatSession(session.conversation.with_turn(message, answer),
                            asked.messages + (_assistant(answer or EMPTY_ANSWER),))
-        yield list(done.messages), "", done, plot, note
+        yield list(done.messages), textbox, done, plot, note  # "" only if nothing was streamed
 
     def route(self, image_payload, message, session: ChatSession | None) -> tuple[pd.DataFrame, str]:
         """The router panel alone, for the current image + message (+ this session's earlier turns)."""
