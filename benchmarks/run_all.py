@@ -6,7 +6,7 @@
 
 Results go to `--out` (default `results/benchmarks/<device>`), one subfolder per dtype. A benchmark that
 fails (a reference mismatch, an import error) is recorded in the summary and the others still run; the exit
-status is 1 if any failed. Budget at the issue's sizes: about 10 minutes on 2 CPU cores, under 4 on an H100.
+status is 1 if any failed. Time at the issue's sizes: about 2 minutes on 2 CPU cores, about 1 on an H100 (2026-11-26).
 """
 
 from __future__ import annotations
