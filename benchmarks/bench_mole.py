@@ -2,8 +2,11 @@
 
 For every router (topk, dynmole, gwmoe, mor) the same `MoLELinear` is timed four ways on T tokens:
 
-- ours: `MoLELinear.forward` (router, then `LoRAExperts` with its default `execution="auto"`, which picks
-  the stacked rank-E*r executor at these sizes; router statistics are lazy, so not computed);
+- ours: `MoLELinear.forward` as configured by default: on CUDA the fused path (`parrot.moe.fused`: one autograd
+  node, the routing of every router in one Triton kernel per direction); elsewhere the eager router, then
+  `LoRAExperts` with its default `execution="auto"` (the stacked rank-E*r executor at these sizes); router
+  statistics are lazy, so not computed;
+- eager (when ours is fused): the same layer with `fused="never"`, i.e. the eager modules;
 - masked: the issue's reference (b), a naive per-expert masked loop as the official MixLoRA executor
   (TUDB-Labs/MixLoRA, `mixlora/model.py`, `MixLoraSparseMoe.forward`, verified) and HF Mixtral's
   `MixtralSparseMoeBlock` write it: for each expert, `torch.where` finds its tokens, they are gathered, run
@@ -25,6 +28,7 @@ base's input gradient in every case.
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Callable
 
 import torch
@@ -32,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from parrot.moe import MoLELinear, RouterConfig
+from parrot.moe.fused import fused_applies
 from parrot.moe.routers import ROUTER_KINDS
 
 from .harness import (BenchSettings, Ratio, add_common_args, check_same, cuda_graphed, finish, grads_of,
@@ -48,9 +53,8 @@ def routed(layer: MoLELinear, x: torch.Tensor):
 
 
 def mole_delta(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
-    """The adapter part of `MoLELinear.forward` (router + `LoRAExperts`), without the frozen base (dropout is 0)."""
-    flat, routing = routed(layer, x)
-    return layer.experts(flat, routing.weights, routing.indices)  # (T, D)
+    """The adapter part of `MoLELinear.forward` (router + `LoRAExperts`, or the fused path), without the frozen base."""
+    return layer.adapter(x.reshape(-1, x.shape[-1]))  # (T, D)
 
 
 def dense_loop_delta(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
@@ -115,11 +119,12 @@ def peft_lora_floor(hidden: int, rank: int, device: torch.device, dtype: torch.d
     return holder.proj.to(device=device, dtype=dtype).train()
 
 
-def make_layer(kind: str, sizes: dict, x: torch.Tensor, router_scale: float, gw_quantile: float) -> MoLELinear:
+def make_layer(kind: str, sizes: dict, x: torch.Tensor, router_scale: float, gw_quantile: float,
+               fused: str = "auto") -> MoLELinear:
     D, E, k, r = sizes["hidden"], sizes["experts"], sizes["top_k"], sizes["rank"]
     base = nn.Linear(D, D, bias=False, device=x.device, dtype=x.dtype)
     router = RouterConfig(kind=kind, top_k=k, gw_quantile=gw_quantile if kind == "gwmoe" else None)
-    layer = MoLELinear(base, E, r, alpha=2 * r, dropout=0.0, router=router)
+    layer = MoLELinear(base, E, r, alpha=2 * r, dropout=0.0, router=router, fused=fused)
     with torch.no_grad():
         layer.experts.lora_B.normal_(std=0.02)  # zero-init B would make every delta (and the check) trivial
         for name, p in layer.router.named_parameters():
@@ -156,33 +161,57 @@ def run(args: argparse.Namespace, settings: BenchSettings):
     for scope in args.scopes:
         cases[floor_names[scope]] = floor_cases[scope]
     for kind in args.routers:
-        layer = make_layer(kind, sizes, x, args.router_scale, args.gw_quantile)
+        layer = make_layer(kind, sizes, x, args.router_scale, args.gw_quantile, args.fused)
         named = [(name, p) for name, p in layer.named_parameters() if not name.startswith("base.")]
         params = [p for _, p in named]
         labels = ["output", "grad x"] + [f"grad {name}" for name, _ in named]
 
+        is_fused = fused_applies(layer.fused, layer.router, layer.experts, x.view(T, D))
+        eager_layer = copy.deepcopy(layer)
+        eager_layer.fused = "never"
+        # Half precision: the checks run the same code on float32 copies (weights and input). The fused path routes
+        # in float32 while the eager routers round probabilities to bfloat16 first, so a near-tie may pick another
+        # expert for a token; tests/test_fused_mole.py checks bfloat16 on CUDA separately.
+        check_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        check_x = x.detach().to(check_dtype).requires_grad_(True)
+
         def step(fn, target, layer=layer, params=params):
             return lambda: grads_of(fn(layer, x), [x, *params], target)
 
-        implementations = {
-            "adapter": {"ours": step(mole_delta, grad_delta), "masked": step(masked_loop_delta, grad_delta),
-                        "dense": step(dense_loop_delta, grad_delta)},
-            "layer": {"ours": step(lambda m, v: m(v), grad_out), "masked": step(plus_base(masked_loop_delta), grad_out),
-                      "dense": step(plus_base(dense_loop_delta), grad_out)},
+        def checked(fn, target, layer=layer):
+            twin = copy.deepcopy(layer).to(check_dtype)
+            twin_params = [p for name, p in twin.named_parameters() if not name.startswith("base.")]
+            return grads_of(fn(twin, check_x), [check_x, *twin_params], target.to(check_dtype))
+
+        fns = {
+            "adapter": {"ours": mole_delta, "masked": masked_loop_delta, "dense": dense_loop_delta},
+            "layer": {"ours": lambda m, v: m(v), "masked": plus_base(masked_loop_delta), "dense": plus_base(dense_loop_delta)},
         }
         if args.candidate:
-            implementations["adapter"]["grouped"] = step(grouped_candidate_delta, grad_delta)
+            fns["adapter"]["grouped"] = grouped_candidate_delta
+        targets = {"adapter": grad_delta, "layer": grad_out}
+        eager_params = [p for name, p in eager_layer.named_parameters() if not name.startswith("base.")]
+        implementations = {scope: {v: step(fn, targets[scope]) for v, fn in fns[scope].items()} for scope in fns}
+        if is_fused:
+            for scope in fns:
+                implementations[scope]["eager"] = step(fns[scope]["ours"], targets[scope], eager_layer, eager_params)
         for scope in args.scopes:
             impl = implementations[scope]
-            reference = impl["dense"]()  # the simplest formula: every expert on every token
+            reference = checked(fns[scope]["dense"], targets[scope])  # the simplest formula: every expert on every token
             for variant in [v for v in impl if v != "dense"]:
-                checks.append(check_same(f"{scope} {variant} [{kind}] vs dense loop", impl[variant](), reference,
-                                         dtype, labels))
+                layer_of = eager_layer if variant == "eager" else layer
+                ours = checked(fns[scope]["ours" if variant == "eager" else variant], targets[scope], layer_of)
+                checks.append(check_same(f"{scope} {variant} [{kind}] vs dense loop", ours, reference, check_dtype,
+                                         labels))
             names = {variant: f"{scope} {variant}: {kind}" for variant in impl}
             for variant, fn in impl.items():
                 cases[names[variant]] = fn
             ratios.append(Ratio(f"{scope} {kind}: ours / floor", names["ours"], floor_names[scope], TARGET_VS_FLOOR,
                                 "at_most"))
+            if "eager" in names:
+                ratios.append(Ratio(f"{scope} {kind}: eager (unfused) / floor", names["eager"], floor_names[scope],
+                                    TARGET_VS_FLOOR, "at_most"))
+                ratios.append(Ratio(f"{scope} {kind}: fused speedup over eager", names["eager"], names["ours"], 1.0))
             ratios.append(Ratio(f"{scope} {kind}: speedup over masked loop", names["masked"], names["ours"],
                                 TARGET_VS_NAIVE))
             ratios.append(Ratio(f"{scope} {kind}: speedup over dense loop", names["dense"], names["ours"],
@@ -197,6 +226,7 @@ def run(args: argparse.Namespace, settings: BenchSettings):
         routing[kind] = {
             "mean_active_experts": round(stats["num_active"].float().mean().item(), 3),
             "broadcast_fraction": round(stats["broadcast"].float().mean().item(), 3),
+            "fused": is_fused,
         }
 
     if settings.cuda_graphs:  # the loops with host syncs (masked: torch.where; grouped: split sizes) cannot be captured
@@ -222,6 +252,8 @@ def run(args: argparse.Namespace, settings: BenchSettings):
         f"{args.gw_quantile} quantile of the input's token entropies, training mode (broadcast on)",
         "DynMoLE and GW-MoE activate more than top-k experts for uncertain tokens (extra.routing), so their floor "
         "ratio compares more active adapter parameters than the floor has",
+        "'eager' (CUDA) = the same layer with fused='never' (router and LoRAExperts modules, ~30-50 kernels); 'ours' "
+        "is then the fused path (parrot.moe.fused); in half precision the equality checks run on float32 copies",
         "'grouped' = LoRAExperts._grouped (only selected (token, expert) pairs), the executor auto picks when "
         "E*r > min(D_in, D_out) / 8; 'ours' uses the stacked one at these sizes",
     ]
@@ -245,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--router-scale", type=float, default=1.0,
                         help="multiply router weights after init (>1 = sharper, more trained-like routing)")
     parser.add_argument("--gw-quantile", type=float, default=0.9, help="GW-MoE threshold quantile")
+    parser.add_argument("--fused", default="auto", choices=["auto", "always", "never"],
+                        help="MoLELinear.fused for 'ours' (auto: the fused Triton path on CUDA)")
     parser.add_argument("--scopes", nargs="+", default=["adapter", "layer"], choices=["adapter", "layer"])
     parser.add_argument("--no-candidate", dest="candidate", action="store_false",
                         help="skip timing the grouped executor (adapter scope)")

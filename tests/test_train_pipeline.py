@@ -140,7 +140,7 @@ def test_fold_lora_matches_peft_merge():
 def test_stage2_mole_keeps_llm_base_and_saves_adapter(ws, stage1, tmp_path):
     out = tmp_path / "s2"
     train(config(ws, out, stage=2, model=str(stage1), data="qa", tuning="mole", router="dynmole",
-                 lora_targets="q_proj,o_proj", mole_experts=3))
+                 lora_targets="q_proj,o_proj", mole_experts=3, mole_fused="never"))
     before, after = weights(stage1), weights(out)
     changes = changed_parts(before, after)
     assert changes["language_model"][0] == 0 and changes["vision_tower"][0] == 0
@@ -150,7 +150,9 @@ def test_stage2_mole_keeps_llm_base_and_saves_adapter(ws, stage1, tmp_path):
     model, processor = load_trained(out)
     from parrot.moe import MoLELinear
 
-    assert sum(isinstance(m, MoLELinear) for m in model.modules()) == 2 * 2  # 2 layers x (q_proj, o_proj)
+    layers = [m for m in model.modules() if isinstance(m, MoLELinear)]
+    assert len(layers) == 2 * 2  # 2 layers x (q_proj, o_proj)
+    assert {m.fused for m in layers} == {"never"}  # --mole-fused travels with the saved adapter config
     state = {f"language_model.{k}": v for k, v in adapter.items()}
     for key, value in state.items():
         torch.testing.assert_close(model.state_dict()[key], value)
@@ -298,6 +300,11 @@ def test_unknown_yaml_key_is_named(tmp_path):
     bad.write_text("stage: 1\nlearning_rat: 0.1\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: unknown training setting 'learning_rat'"):
         load_yaml_defaults(bad)
+
+
+def test_mole_fused_setting_is_checked():
+    with pytest.raises(ValueError, match="mole_fused"):
+        TrainConfig(stage=2, tuning="mole", mole_fused="always")
 
 
 def test_global_batch_must_divide(ws, tmp_path):

@@ -5,6 +5,8 @@
 - `experts`: `SwiGLUExperts` (Parrot projector), `LoRAExperts` (MoLE).
 - `mole`: `MoLEConfig`, `MoLELinear`, `inject_mole`, `collect_router_outputs`, `mole_aux_loss`,
   `mole_state_dict`, `load_mole_state_dict`, `save_mole`, `load_mole`, `calibrate_gwmoe`.
+- `fused` (+ `kernels`, Triton): a MoLE layer's router + stacked experts as one autograd node on CUDA
+  (`MoLEConfig.fused`); `MoLELinear` picks it by itself.
 - `diagnostics`: `RouterStatsTracker`, `plot_expert_load`.
 """
 

@@ -148,11 +148,16 @@ class LoRAExperts(nn.Module):
             return self._stacked(x, weights, base)
         return self._grouped(x, weights, indices, base)
 
-    def _use_stacked(self, indices: torch.Tensor) -> bool:
+    def always_stacked(self) -> bool:
+        """Whether every call runs the stacked executor, whatever the routing (by setting or by size)."""
         if self.execution != "auto":
             return self.execution == "stacked"
-        if self.num_experts * self.rank * 8 <= min(self.in_features, self.out_features):
-            return True
+        return self.num_experts * self.rank * 8 <= min(self.in_features, self.out_features)
+
+    def _use_stacked(self, indices: torch.Tensor) -> bool:
+        if self.always_stacked() or self.execution == "grouped":
+            return self.execution != "grouped"
+        # auto, too large to stack unconditionally: still stacked when every token selected every expert
         return indices.shape[1] == self.num_experts and bool((indices >= 0).all())
 
     def _stacked(self, x: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:

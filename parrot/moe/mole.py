@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from .experts import LoRAExperts
+from .fused import FUSED_MODES, fused_mole, fused_spec
 from .routers import RouterConfig, RouterOutput, build_router
 
 ADAPTER_WEIGHTS_NAME = "mole_adapter.safetensors"
@@ -65,6 +66,9 @@ class MoLEConfig:
     expert_execution: "auto" | "stacked" | "grouped", how `LoRAExperts` computes (see its docstring):
         "grouped" runs only the selected (token, expert) pairs; "stacked" runs one rank-E*r product
         with zero weights for unselected experts (faster when E*r is small); "auto" picks by size.
+    fused: "auto" | "always" | "never", the fused router + experts path (`parrot.moe.fused`: one autograd
+        node, Triton routing kernels): "auto" uses it on CUDA where it applies, "always" also on CPU through
+        Triton's interpreter (slow; for tests), "never" keeps the eager modules.
     """
 
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -76,6 +80,7 @@ class MoLEConfig:
     exclude_modules: tuple[str, ...] = ("vision_tower", "mm_projector", "lm_head")
     freeze_base: bool = True
     expert_execution: str = "auto"
+    fused: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):  # from JSON
@@ -91,6 +96,8 @@ class MoLEConfig:
             raise ValueError(f"MoLEConfig.rank={self.rank} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MoLEConfig.dropout={self.dropout} must be in [0, 1)")
+        if self.fused not in FUSED_MODES:
+            raise ValueError(f"MoLEConfig.fused={self.fused!r} must be one of {FUSED_MODES}")
 
     def experts_for(self, module_name: str) -> int:
         if isinstance(self.num_experts, int):
@@ -117,8 +124,11 @@ class MoLELinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: float, dropout: float, router: RouterConfig,
-                 expert_execution: str = "auto"):
+                 expert_execution: str = "auto", fused: str = "auto"):
         super().__init__()
+        if fused not in FUSED_MODES:
+            raise ValueError(f"MoLELinear fused={fused!r} must be one of {FUSED_MODES}")
+        self.fused = fused
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -133,6 +143,7 @@ class MoLELinear(nn.Module):
             self.router.to(dtype=weight.dtype)
         self.last_routing: RouterOutput | None = None
         self.token_mask: torch.Tensor | None = None  # (B, S_total) attention mask of the current model call
+        self._fused_specs: dict = {}  # fused_spec's per-mode memo
 
     @property
     def in_features(self) -> int:
@@ -160,11 +171,26 @@ class MoLELinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         flat = x.reshape(-1, x.shape[-1])  # (T, D_in)
-        routing = self.router(flat, self._mask_for(x))
-        self.last_routing = routing
-        # The experts add their delta into the base output inside their last GEMM / index_add.
-        out = self.experts(self.dropout(flat), routing.weights, routing.indices, base=out.reshape(-1, out.shape[-1]))
+        out = self.adapter(flat, self._mask_for(x), base=out.reshape(-1, out.shape[-1]))
         return out.view(*x.shape[:-1], -1)  # (..., D_out)
+
+    def adapter(self, flat: torch.Tensor, mask: torch.Tensor | None = None,
+                base: torch.Tensor | None = None) -> torch.Tensor:
+        """Router + experts on flat tokens (T, D_in) -> base + delta (T, D_out) (delta alone without `base`).
+
+        Sets `last_routing`. Runs the fused path (`parrot.moe.fused`) where it applies, else the eager modules;
+        the experts add their delta into `base` inside their last GEMM / index_add.
+        """
+        spec = fused_spec(self.fused, self.router, self.experts, flat, self._fused_specs)
+        if spec is not None:
+            dropped = self.dropout(flat) if self.training and isinstance(self.dropout, nn.Dropout) else None
+            out, routing = fused_mole(self.router, self.experts, flat, mask, base, dropped, spec)
+        else:
+            routing = self.router(flat, mask)
+            out = self.experts(self.dropout(flat), routing.weights, routing.indices, base=base)
+        # A plain attribute: skip nn.Module.__setattr__'s parameter/module bookkeeping on every forward.
+        object.__setattr__(self, "last_routing", routing)
+        return out
 
 
 def _mole_modules(model: nn.Module) -> list[tuple[str, MoLELinear]]:
@@ -235,7 +261,7 @@ def inject_mole(model: nn.Module, config: MoLEConfig) -> list[str]:
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         layer = MoLELinear(base, config.experts_for(name), config.rank, config.alpha, config.dropout, config.router,
-                           config.expert_execution)
+                           config.expert_execution, config.fused)
         setattr(parent, child, layer)
     install_mask_hooks(model, _mole_modules(model))
     return targets

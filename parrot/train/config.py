@@ -55,6 +55,8 @@ class TrainConfig:
     router: str = _opt("topk", "MoLE router kind (--tuning mole)", ROUTER_KINDS)
     mole_experts: int = _opt(4, "MoLE: LoRA experts per layer")
     mole_top_k: int = _opt(2, "MoLE: experts kept per token (topk / gwmoe / mor routers)")
+    mole_fused: str = _opt("auto", "MoLE: fused router + experts path (Triton kernels, parrot.moe.fused): auto = on "
+                                   "CUDA where it applies, never = the eager modules", ("auto", "never"))
     gw_quantile: float = _opt(0.8, "GW-MoE: broadcast threshold = this quantile of the router entropies measured "
                                    "on --gw-calibration-batches batches before training")
     gw_calibration_batches: int = _opt(8, "GW-MoE: batches for the threshold calibration")
@@ -110,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
         if self.router not in ROUTER_KINDS:
             raise ValueError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
+        if self.mole_fused not in ("auto", "never"):
+            raise ValueError(f"mole_fused must be 'auto' or 'never', got {self.mole_fused!r}")
         if self.on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}")
         for name in ("global_batch_size", "per_device_batch_size", "logging_steps", "lora_rank", "mole_experts",

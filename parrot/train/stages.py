@@ -51,7 +51,7 @@ def mole_config_from(cfg: TrainConfig) -> MoLEConfig:
         gw_quantile=cfg.gw_quantile if cfg.router == "gwmoe" else None,
     )
     return MoLEConfig(target_modules=cfg.targets, num_experts=cfg.mole_experts, rank=cfg.lora_rank,
-                      alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, router=router)
+                      alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, router=router, fused=cfg.mole_fused)
 
 
 def method_settings_from(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,0 +1,339 @@
+"""Fused MoLE layer path: router + stacked LoRA experts as one autograd node, ~5 kernels per direction.
+
+Why: at MoLE sizes (E*r ~ 64, thousands of tokens) a GPU runs the eager layer faster than the host can issue its
+kernels: the routers' softmax / top-k / scatter / balance-loss ops and their backward are ~20-40 tiny kernels,
+each costing a launch (see benchmarks/README.md). Here the whole adapter is
+
+    forward:  z = x [W_gate; A]^T                    one GEMM (gate logits and all experts' rank hidden)
+              hs, weights, probs, ... = route(z)       one Triton kernel per token block (kernels.py)
+              losses = finalize(partial sums)          one Triton kernel (aux losses, scalars)
+              out = base + hs B                        one GEMM (`addmm` into the frozen layer's output)
+    backward: dB = dout^T hs, dhs = dout B             two GEMMs
+              dz = [d gate | d h] = route_backward()   one Triton kernel (routing recomputed, not stored)
+              dx = dz [W_gate; A], dW = dz^T x         two GEMMs (both gradients side by side in dz)
+
+plus two small weight copies (the stacked B in GEMM layout, and the concatenated [W_gate; A]). The math is the
+eager routers' (`routers.py`) and `LoRAExperts._stacked`; the tests check values and gradients against them
+(on CPU through Triton's interpreter).
+
+When it runs (`MoLEConfig.fused`): "auto" (default) on CUDA tensors with Triton installed; "always" also on
+CPU when Triton runs in interpreter mode (`TRITON_INTERPRET=1` set before Triton is imported: slow, for the
+tests, whose conftest sets it); "never" keeps the eager path. Either way only where it
+applies: a supported router without gate bias (top-k, DynMoLE with q != 1, GW-MoE, MoR), plain LoRA
+experts with the stacked executor, no DeepSpeed ZeRO-3 partitioned weights, not inside `torch.compile`.
+With dropout the router still sees the clean input and the experts the dropped one (two GEMMs instead of one).
+
+Differences from the eager path (documented, tested): routing is computed in float32 whatever the input dtype
+(the eager routers cast probabilities to the input dtype before selecting: in bfloat16 near-ties may pick a
+different expert); the aux losses are float32 scalars; `RouterOutput.weights / probs / logits / indices` are
+returned detached (the aux losses carry the router's gradient, and the experts' output carries the routing
+weights' gradient, as in eager); indices are in descending score order (eager dense top-k: expert order).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .experts import LoRAExperts
+from .routers import (DynMoLERouter, GWMoERouter, MixtureOfRoutersRouter, RouterOutput, RoutingStats, TopKRouter,
+                      lazy_routing_stats, masked_mean, routing_stats, tsallis_entropy)
+
+try:
+    from . import kernels
+except ImportError:  # Triton is not installed (e.g. a CPU-only torch build): the eager path serves
+    kernels = None
+
+FUSED_MODES = ("auto", "always", "never")
+_MAX_TILE = 4096  # elements of the (BLOCK_T, E, r) hidden tile per program
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """What the kernels need to know about a router (all of it compile-time constants of the kernels)."""
+
+    kind: int
+    top_k: int  # experts per token for the fixed-k kinds (DynMoLE: unused)
+    keep_top_k: int = 1
+    index_width: int = 0  # columns of RouterOutput.indices
+    renormalize: bool = False
+    broadcast: bool = False  # GW-MoE training
+    uniform: bool = False  # GW-MoE broadcast_weights="uniform"
+    num_routers: int = 1  # MoR sub-routers
+    top_p: float = 1.0
+    dyn_threshold: float = 0.0
+    eps: float = 0.0
+    tsallis_scale: float = 0.0
+    q: float = 1.0
+    entropy_scale: float = 1.0
+    balance_coef: float = 0.0
+    dyn_coef: float = 0.0
+    z_coef: float = 0.0
+    aux_slots: tuple = ()  # (name, index in the kernels' loss vector) per enabled aux loss, in eager order
+
+    def __post_init__(self) -> None:
+        slots = (("tsallis", 1, self.dyn_coef if self.kind == kernels.DYNMOLE else 0.0), ("balance", 0, self.balance_coef),
+                 ("z", 2, self.z_coef))
+        object.__setattr__(self, "aux_slots", tuple((name, index) for name, index, coef in slots if coef))
+
+
+def routing_spec(router: nn.Module) -> RoutingSpec | None:
+    """The kernel description of `router`, or None if the fused path does not cover it."""
+    gates = [router.gate] + ([router.main_gate] if isinstance(router, MixtureOfRoutersRouter) else [])
+    if any(g.bias is not None for g in gates):
+        return None
+    E = router.num_experts
+    if type(router) is TopKRouter:
+        k = E if router.top_k is None else router.top_k
+        return RoutingSpec(kernels.TOPK, k, index_width=k, renormalize=router.renormalize and router.top_k is not None,
+                           balance_coef=router.balance_coef, z_coef=router.z_loss_coef)
+    if type(router) is GWMoERouter:
+        scale = 1.0 / math.log(E) if router.normalize_entropy and E > 1 else 1.0
+        return RoutingSpec(kernels.GWMOE, router.top_k, index_width=E if router.training else router.top_k,
+                           renormalize=router.renormalize, broadcast=router.training,
+                           uniform=router.broadcast_weights == "uniform", eps=router.entropy_eps, entropy_scale=scale,
+                           balance_coef=router.balance_coef, z_coef=router.z_loss_coef)
+    if type(router) is DynMoLERouter:
+        q = router.tsallis_q
+        if abs(q - 1.0) < 1e-12:  # the Shannon limit has another derivative: eager only
+            return None
+        max_entropy = (1.0 - E ** (1.0 - q)) / (q - 1.0)
+        if router.normalize_entropy:
+            scale = 0.0 if E == 1 else 1.0 / ((q - 1.0) * max_entropy)
+        else:
+            scale = 1.0 / (q - 1.0)
+        return RoutingSpec(kernels.DYNMOLE, E, keep_top_k=router.keep_top_k, index_width=E,
+                           renormalize=router.renormalize, top_p=router.top_p, dyn_threshold=router.entropy_threshold,
+                           eps=router.entropy_eps, tsallis_scale=scale, q=q, balance_coef=router.balance_coef,
+                           dyn_coef=router.dyn_loss_coef, z_coef=router.z_loss_coef)
+    if type(router) is MixtureOfRoutersRouter:
+        return RoutingSpec(kernels.MOR, router.top_k, index_width=router.top_k, renormalize=router.renormalize,
+                           num_routers=router.num_routers, balance_coef=router.balance_coef, z_coef=router.z_loss_coef)
+    return None
+
+
+def fused_applies(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tensor) -> bool:
+    """Whether `fused_mole` serves this call (see the module docstring for the conditions)."""
+    return fused_spec(mode, router, experts, x) is not None
+
+
+def fused_spec(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tensor,
+               cache: dict | None = None) -> RoutingSpec | None:
+    """The router's `RoutingSpec` if the fused path serves this call, else None.
+
+    `cache` (a dict the caller keeps per layer) memoises the per-module part by training mode: the layer's
+    configuration is fixed after construction, and this runs on every forward.
+    """
+    if mode == "never" or kernels is None or torch.compiler.is_compiling():
+        return None
+    if x.device.type != "cuda" and (mode == "auto" or not kernels.INTERPRETED):
+        return None  # off CUDA only Triton's interpreter can run the kernels
+    if x.device.type == "cpu" and (x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu")):
+        return None  # the interpreter computes in NumPy: no bfloat16
+    key = router.training
+    if cache is not None and key in cache:
+        return cache[key]
+    spec = None
+    if experts.act is None and experts.always_stacked() and not any(
+            hasattr(p, "ds_id") for p in (experts.lora_A, experts.lora_B, router.gate.weight)):
+        spec = routing_spec(router)  # (ZeRO-3 weights, ds_id, are gathered by module hooks this path does not call)
+    if cache is not None:
+        cache[key] = spec
+    return spec
+
+
+class _FusedMoLE(torch.autograd.Function):
+    """(x, x_experts, base, W_gate, W_main, A, B, mask, threshold) -> (out (T, D_out), losses (3,): balance,
+    tsallis, z, already scaled). W_main: MoR's main router (None otherwise). The routing tensors (not
+    differentiable) go to `sink`: [(weights, probs, logits) stacked as (2 or 3, T, E), indices, gate logits]."""
+
+    @staticmethod
+    def forward(ctx, x, x_experts, base, gate_weight, main_weight, lora_a, lora_b, mask, threshold,
+                launch: _Launch, sink: list):
+        T, D = x.shape
+        E, r, G, EP = launch.num_experts, launch.rank, launch.gate_width, launch.experts_pow2
+        a_flat = lora_a.view(E * r, D)
+        gates = (gate_weight,) if main_weight is None else (gate_weight, main_weight)
+        if x_experts is None:  # one GEMM for the router(s) and every expert's A
+            weight = torch.cat((*gates, a_flat))  # (G + E*r, D)
+            z = F.linear(x, weight)  # (T, G + E*r): gate logits, then the rank hidden
+            h, h_offset = z, G
+        else:
+            weight = torch.cat(gates) if main_weight is not None else gate_weight  # (G, D)
+            z, h, h_offset = F.linear(x, weight), F.linear(x_experts, a_flat), 0  # (T, G), (T, E*r)
+        grid = (T + launch.block - 1) // launch.block
+        hs = torch.empty(T, E * r, device=x.device, dtype=h.dtype)
+        routed = torch.empty(3 if launch.logits_out else 2, T, E, device=x.device, dtype=x.dtype)
+        indices = torch.empty(T, launch.index_width, device=x.device, dtype=torch.long)
+        # One float32 workspace: per-program partial sums (grid, 4, EP), the 3 losses, what the backward reads.
+        work = torch.empty(grid * 4 * EP + 3 + 2 * EP + 1, device=x.device, dtype=torch.float32)
+        mask_arg = x if mask is None else mask
+        thr_arg = x if threshold is None else threshold
+        kernels._mole_route_fwd[(grid,)](
+            z, z.stride(0), h, h.stride(0), mask_arg, thr_arg, hs, routed, indices, work, T, **launch.fwd_constexprs,
+            HAS_MASK=mask is not None, H_OFFSET=h_offset)
+        kernels._mole_route_finalize[(1,)](work, grid, **launch.finalize_constexprs,
+                                           BLOCK_NB=min(64, _next_pow2(grid)))
+        b_flat = lora_b.transpose(1, 2).reshape(E * r, lora_b.shape[1])  # (E*r, D_out), a copy
+        out = torch.mm(hs, b_flat) if base is None else torch.addmm(base, hs, b_flat)
+        sink.append((routed, indices, z))
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused loss vector
+        ctx.save_for_backward(x, x_experts, weight, a_flat, z, h, hs, b_flat, mask, threshold, work)
+        ctx.launch, ctx.has_base, ctx.grid, ctx.h_offset = launch, base is not None, grid, h_offset
+        return out, work[grid * 4 * EP: grid * 4 * EP + 3]
+
+    @staticmethod
+    def backward(ctx, d_out, d_losses):
+        x, x_experts, weight, a_flat, z, h, hs, b_flat, mask, threshold, work = ctx.saved_tensors
+        launch = ctx.launch
+        T, D = x.shape
+        E, r, G = launch.num_experts, launch.rank, launch.gate_width
+        need_x, need_xe, need_base, need_gate, need_main, need_a, need_b = ctx.needs_input_grad[:7]
+        if d_out is None:  # only the aux losses were used
+            d_out = hs.new_zeros(T, b_flat.shape[1])
+        d_b = torch.mm(d_out.t(), hs).view(-1, E, r).permute(1, 0, 2) if need_b else None  # (E, D_out, r)
+        d_hs = F.linear(d_out, b_flat)  # (T, E*r)
+        d_z = torch.empty(T, G + E * r, device=x.device, dtype=z.dtype)  # [d gate logits | d rank hidden]
+        kernels._mole_route_bwd[(ctx.grid,)](
+            z, z.stride(0), h, h.stride(0), d_hs, x if mask is None else mask, x if threshold is None else threshold,
+            work, ctx.grid, x if d_losses is None else d_losses, d_z, d_z.stride(0), d_z, d_z.stride(0), T,
+            **launch.bwd_constexprs, HAS_MASK=mask is not None, HAS_G_LOSSES=d_losses is not None,
+            H_OFFSET=ctx.h_offset, DH_OFFSET=G)
+        d_x = d_xe = d_gates = d_a = None
+        if x_experts is None:  # [gate | h] came from one GEMM with [W_gate; (W_main;) A]
+            if need_x:
+                d_x = torch.mm(d_z, weight)  # (T, D)
+            if need_gate or need_main or need_a:
+                d_weight = torch.mm(d_z.t(), x)  # (G + E*r, D)
+                d_gates, d_a = d_weight[:G], d_weight[G:].view(E, r, D)
+        else:
+            d_gate, d_h = d_z[:, :G], d_z[:, G:]
+            if need_x:
+                d_x = torch.mm(d_gate, weight)
+            if need_xe:
+                d_xe = torch.mm(d_h, a_flat)
+            if need_gate or need_main:
+                d_gates = torch.mm(d_gate.t(), x)  # (G, D)
+            if need_a:
+                d_a = torch.mm(d_h.t(), x_experts).view(E, r, D)
+        d_gate_w = d_main = None
+        if d_gates is not None:
+            d_gate_w = d_gates if launch.gate_rows == G else d_gates[: launch.gate_rows]
+            d_main = d_gates[launch.gate_rows:] if need_main else None
+        d_base = d_out if ctx.has_base and need_base else None
+        return d_x, d_xe, d_base, d_gate_w, d_main, d_a, d_b, None, None, None, None
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """Everything about the kernel launches that is fixed for a layer and router mode (built once, cached)."""
+
+    num_experts: int
+    rank: int
+    gate_width: int  # G: gate logit columns (MoR: M*E + M)
+    gate_rows: int  # rows of the (first) gate weight: E, or M*E for MoR
+    experts_pow2: int
+    block: int
+    index_width: int
+    logits_out: bool
+    fwd_constexprs: dict
+    bwd_constexprs: dict
+    finalize_constexprs: dict
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_for(spec: RoutingSpec, num_experts: int, rank: int, scaling: float) -> _Launch:
+    E, M = num_experts, spec.num_routers
+    EP, RP, MP = _next_pow2(E), _next_pow2(rank), _next_pow2(M)
+    block = max(1, min(64, _MAX_TILE // (EP * max(RP, MP))))
+    block = 1 << (block.bit_length() - 1)  # a power of two
+    mor = spec.kind == kernels.MOR
+    common = dict(scaling=scaling, top_p=spec.top_p, dyn_threshold=spec.dyn_threshold, eps=spec.eps,
+                  tsallis_scale=spec.tsallis_scale, q=spec.q, entropy_scale=spec.entropy_scale,
+                  KIND=spec.kind, E=E, EP=EP, R=rank, RP=RP, M=M, MP=MP, K=spec.top_k, KEEP=spec.keep_top_k,
+                  RENORM=spec.renormalize, BROADCAST=spec.broadcast, UNIFORM=spec.uniform, BLOCK_T=block)
+    return _Launch(
+        num_experts=E, rank=rank, gate_width=M * E + M if mor else E, gate_rows=M * E if mor else E,
+        experts_pow2=EP, block=block, index_width=spec.index_width, logits_out=mor,
+        fwd_constexprs=dict(common, KI=spec.index_width),
+        bwd_constexprs=dict(common, dyn_coef=spec.dyn_coef, z_coef=spec.z_coef),
+        finalize_constexprs=dict(KIND=spec.kind, E=E, EP=EP, balance_coef=spec.balance_coef, dyn_coef=spec.dyn_coef,
+                                 z_coef=spec.z_coef),
+    )
+
+
+def fused_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, mask: torch.Tensor | None,
+               base: torch.Tensor | None, x_experts: torch.Tensor | None = None,
+               spec: RoutingSpec | None = None) -> tuple[torch.Tensor, RouterOutput]:
+    """base + sum_e w_e(x) delta_e(x_experts) and the RouterOutput, fused (check `fused_spec` first).
+
+    x (T, D_in): the router's input; x_experts: the experts' input when it differs (dropout), else None;
+    base (T, D_out) or None; mask (T,) bool or None; spec: `fused_spec(...)` if already computed.
+    Returns (out (T, D_out), RouterOutput).
+    """
+    spec = routing_spec(router) if spec is None else spec
+    if spec.kind == kernels.GWMOE and spec.broadcast:
+        router._require_threshold()
+    gate_weight = router.gate.weight
+    main_weight = router.main_gate.weight if spec.kind == kernels.MOR else None
+    threshold = router.threshold if spec.kind == kernels.GWMOE else None
+    launch = _launch_for(spec, experts.num_experts, experts.rank, experts.scaling)
+    lora_a, lora_b = experts.lora_A, experts.lora_B
+    device_type = x.device.type
+    sink: list = []
+    if torch.is_autocast_enabled(device_type):  # cast as autocast does for the eager path's matmuls
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        x, x_experts, base, gate_weight, main_weight = map(cast, (x, x_experts, base, gate_weight, main_weight))
+        lora_a, lora_b = cast(lora_a), cast(lora_b)
+        with torch.autocast(device_type, enabled=False):
+            out, losses = _FusedMoLE.apply(x, x_experts, base, gate_weight, main_weight, lora_a, lora_b, mask,
+                                           threshold, launch, sink)
+    else:
+        out, losses = _FusedMoLE.apply(x, x_experts, base, gate_weight, main_weight, lora_a, lora_b, mask, threshold,
+                                       launch, sink)
+    routed, indices, z = sink[0]
+    if launch.logits_out:
+        weights, probs, logits = routed.unbind()
+    else:
+        (weights, probs), logits = routed.unbind(), z[:, : launch.gate_width]
+    aux = {name: losses[i] for name, i in spec.aux_slots}
+    main_logits = z.detach()[:, launch.gate_rows: launch.gate_width] if launch.logits_out else None  # MoR
+    stats = _stats(router, spec, probs, indices, mask, main_logits)
+    return out, RouterOutput(weights, indices, probs, logits, aux, stats)
+
+
+def _stats(router: nn.Module, spec: RoutingSpec, probs: torch.Tensor, indices: torch.Tensor,
+           mask: torch.Tensor | None, main_logits: torch.Tensor | None) -> RoutingStats:
+    """The eager router's lazy statistics, from the fused outputs (DynMoLE's / GW-MoE's uncertainty and broadcast
+    flags recomputed from p, MoR's main-router weights from its logits, on first read)."""
+    if spec.kind == kernels.TOPK:
+        return lazy_routing_stats(probs, indices, mask)
+    if spec.kind == kernels.MOR:
+        def compute_mor() -> dict[str, torch.Tensor]:
+            values = routing_stats(probs, indices, mask)
+            router_weights = torch.softmax(main_logits.float(), dim=-1).to(probs.dtype)  # (T, M)
+            values["router_weights"] = masked_mean(router_weights, mask)  # (M,)
+            return values
+        return RoutingStats(compute_mor)
+    if spec.kind == kernels.DYNMOLE:
+        def compute() -> dict[str, torch.Tensor]:
+            tsallis = tsallis_entropy(probs.float(), router.tsallis_q, router.entropy_eps, router.normalize_entropy)
+            return routing_stats(probs, indices, mask, broadcast=tsallis > router.entropy_threshold,
+                                 uncertainty=tsallis.to(probs.dtype))
+        return RoutingStats(compute)
+
+    def compute_gw() -> dict[str, torch.Tensor]:
+        uncertainty = router.uncertainty(probs.float())
+        broadcast = uncertainty >= router.threshold if spec.broadcast else None
+        return routing_stats(probs, indices, mask, broadcast=broadcast, uncertainty=uncertainty.to(probs.dtype))
+    return RoutingStats(compute_gw)

@@ -1,0 +1,236 @@
+"""Fused MoLE path (parrot.moe.fused, Triton kernels) vs the eager router + stacked executor, values and gradients.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); on a GPU machine
+`TRITON_INTERPRET=0 pytest tests/test_fused_mole.py` checks the compiled kernels on CUDA as well. The eager
+path is the reference (itself tested against per-token float64 loops in test_routers / test_mole); the fused
+kernels compute the routing in float32, hence the tolerances.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from parrot.moe import fused
+from parrot.moe.mole import MoLEConfig, MoLELinear, collect_router_outputs, inject_mole, mole_aux_loss
+from parrot.moe.routers import RouterConfig, selection_from_indices
+
+pytestmark = pytest.mark.skipif(fused.kernels is None, reason="Triton is not installed")
+INTERPRETED = fused.kernels is not None and fused.kernels.INTERPRETED
+on_cpu = pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1 (set by conftest)")
+
+D_IN, D_OUT, E, R, ALPHA = 24, 20, 6, 3, 6.0  # E and r not powers of two: padded lanes are exercised
+T = 150  # more than one token block (64): partial sums across programs
+
+CONFIGS = {
+    "topk": dict(kind="topk", top_k=2, z_loss_coef=0.01),
+    "topk-k1-no-renorm": dict(kind="topk", top_k=1, renormalize=False, balance_coef=0.01),
+    "topk-dense": dict(kind="topk", top_k=None, z_loss_coef=0.01),
+    "gwmoe": dict(kind="gwmoe", top_k=2, gw_threshold=1.2, balance_coef=0.01, z_loss_coef=0.01),
+    "gwmoe-uniform-normalized": dict(kind="gwmoe", top_k=2, gw_threshold=0.6, gw_broadcast_weights="uniform",
+                                     gw_normalize_entropy=True, renormalize=False),
+    "dynmole": dict(kind="dynmole", z_loss_coef=0.01),
+    "dynmole-renorm-raw-entropy": dict(kind="dynmole", renormalize=True, normalize_entropy=False, tsallis_q=1.5,
+                                       entropy_threshold=0.5, top_p=0.6, keep_top_k=1),
+    "mor": dict(kind="mor", top_k=2, num_routers=3, z_loss_coef=0.01),
+    "mor-no-renorm": dict(kind="mor", top_k=3, num_routers=2, renormalize=False, balance_coef=0.01),
+}
+
+DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _pair(config: dict, device: str, dtype=torch.float64, dropout: float = 0.0) -> tuple[MoLELinear, MoLELinear]:
+    """(eager, fused) layers with identical weights; routers sharpened so that routing is not uniform."""
+    torch.manual_seed(0)
+    base = nn.Linear(D_IN, D_OUT, bias=False)
+    eager = MoLELinear(base, E, R, ALPHA, dropout, RouterConfig(**config), expert_execution="stacked", fused="never")
+    eager.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        eager.experts.lora_B.normal_(0, 0.5)
+        for p in eager.router.parameters():
+            p.mul_(4.0)
+    twin = copy.deepcopy(eager)
+    twin.fused = "always"
+    return eager, twin
+
+
+def _run(layer: MoLELinear, x: torch.Tensor, mask, weight_out: torch.Tensor, aux: str = "with"):
+    """aux: "with" (output + aux losses), "only" (aux losses alone), "without" (the output alone)."""
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(123)  # the same dropout draw in both paths
+    out = layer.adapter(x, mask, base=layer.base(x))
+    routing = layer.last_routing
+    aux_loss = sum(routing.aux_losses.values()) if routing.aux_losses else out.new_zeros(())
+    loss = {"with": (out * weight_out).sum() + aux_loss, "only": aux_loss, "without": (out * weight_out).sum()}[aux]
+    params = [p for name, p in layer.named_parameters() if p.requires_grad and not name.startswith("base.")]
+    grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+    return out.detach(), routing, grads
+
+
+def _close(actual, expected, tol, what):
+    if expected is None:
+        assert actual is None or actual.abs().max() == 0, what
+        return
+    scale = expected.double().abs().max().clamp_min(1e-12)
+    err = (actual.double() - expected.double()).abs().max() / scale
+    assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def _check(eager, twin, device, dtype, masked, tol, aux="with"):
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(T, D_IN, generator=g) * torch.linspace(0.1, 2.0, T)[:, None]).to(device=device, dtype=dtype)
+    mask = (torch.rand(T, generator=g) > 0.25).to(device) if masked else None
+    weight_out = torch.randn(T, D_OUT, generator=g).to(device=device, dtype=dtype)
+    assert fused.fused_applies(twin.fused, twin.router, twin.experts, x)
+    assert not fused.fused_applies(eager.fused, eager.router, eager.experts, x)
+    out_e, route_e, grads_e = _run(eager, x, mask, weight_out, aux)
+    out_f, route_f, grads_f = _run(twin, x, mask, weight_out, aux)
+    names = ["x"] + [n for n, p in eager.named_parameters() if p.requires_grad and not n.startswith("base.")]
+    _close(out_f, out_e, tol, "output")
+    for name, ge, gf in zip(names, grads_e, grads_f):
+        _close(gf, ge, tol, f"grad {name}")
+    assert set(route_f.aux_losses) == set(route_e.aux_losses)
+    for key in route_e.aux_losses:
+        _close(route_f.aux_losses[key], route_e.aux_losses[key].detach(), tol, f"aux {key}")
+    _close(route_f.weights, route_e.weights.detach(), tol, "weights")
+    _close(route_f.probs, route_e.probs.detach(), tol, "probs")
+    _close(route_f.logits, route_e.logits.detach(), tol, "logits")
+    assert torch.equal(selection_from_indices(route_f.indices, E), selection_from_indices(route_e.indices, E))
+    return route_e, route_f
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_matches_eager(name, masked, device):
+    eager, twin = _pair(CONFIGS[name], device)
+    route_e, route_f = _check(eager, twin, device, torch.float64, masked, 2e-6)
+    stats_e, stats_f = route_e.stats, route_f.stats
+    assert set(stats_f) == set(stats_e)
+    for key in stats_e:
+        if key != "mask":
+            _close(stats_f[key], stats_e[key], 2e-6, f"stats {key}")
+    if CONFIGS[name]["kind"] in ("gwmoe", "dynmole"):  # both branches of the hybrid routing are exercised
+        assert 0.05 < stats_e["broadcast"].mean() < 0.95, stats_e["broadcast"].mean()
+
+
+@on_cpu
+@pytest.mark.parametrize("name", ["topk", "gwmoe", "dynmole", "mor"])
+def test_fused_aux_loss_gradients(name):
+    """The aux losses' gradients alone (they are 1e-3 of the output's, so check them separately)."""
+    eager, twin = _pair(dict(CONFIGS[name], balance_coef=1.0, z_loss_coef=0.1), "cpu")
+    _check(eager, twin, "cpu", torch.float64, True, 2e-6, aux="only")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["topk", "dynmole", "mor"])
+def test_fused_output_only_gradients(name, device):
+    """A loss without the aux losses: the kernels get no loss gradient (a separately compiled branch)."""
+    eager, twin = _pair(CONFIGS[name], device)
+    _check(eager, twin, device, torch.float64, True, 2e-6, aux="without")
+
+
+@on_cpu
+@pytest.mark.parametrize("name", ["topk", "dynmole"])
+def test_fused_dropout_and_eval(name):
+    """With dropout the experts see the dropped input (two GEMMs), the router the clean one; eval mode too."""
+    eager, twin = _pair(CONFIGS[name], "cpu", dropout=0.3)
+    eager.train(), twin.train()
+    _check(eager, twin, "cpu", torch.float64, True, 2e-6)
+    eager.eval(), twin.eval()
+    _check(eager, twin, "cpu", torch.float64, False, 2e-6)
+
+
+@on_cpu
+def test_gwmoe_eval_is_plain_topk_and_float32():
+    eager, twin = _pair(CONFIGS["gwmoe"], "cpu", dtype=torch.float32)
+    eager.eval(), twin.eval()
+    route_e, route_f = _check(eager, twin, "cpu", torch.float32, True, 1e-5)
+    assert route_f.indices.shape[1] == 2 and bool((route_f.indices >= 0).all())
+
+
+@on_cpu
+def test_fused_unset_gwmoe_threshold_raises():
+    _, twin = _pair(dict(kind="gwmoe", top_k=2, gw_quantile=0.5), "cpu")
+    with pytest.raises(RuntimeError, match="threshold is unset"):
+        twin.adapter(torch.randn(4, D_IN, dtype=torch.float64))
+
+
+@on_cpu
+def test_fused_applies_only_where_it_can():
+    layer = MoLELinear(nn.Linear(D_IN, D_OUT, bias=False), E, R, ALPHA, 0.0, RouterConfig(kind="topk"),
+                       expert_execution="stacked", fused="always")
+    x = torch.randn(3, D_IN)
+    assert fused.fused_applies("always", layer.router, layer.experts, x)
+    assert not fused.fused_applies("auto", layer.router, layer.experts, x)  # auto: CUDA only
+    assert not fused.fused_applies("never", layer.router, layer.experts, x)
+    grouped = MoLELinear(nn.Linear(D_IN, D_OUT), E, R, ALPHA, 0.0, RouterConfig(kind="topk"),
+                           expert_execution="grouped", fused="always")
+    assert not fused.fused_applies("always", grouped.router, grouped.experts, x)
+    biased = MoLELinear(nn.Linear(D_IN, D_OUT), E, R, ALPHA, 0.0, RouterConfig(kind="topk", bias=True),
+                        expert_execution="stacked", fused="always")
+    assert not fused.fused_applies("always", biased.router, biased.experts, x)
+    shannon = MoLELinear(nn.Linear(D_IN, D_OUT), E, R, ALPHA, 0.0, RouterConfig(kind="dynmole", tsallis_q=1.0),
+                         expert_execution="stacked", fused="always")
+    assert not fused.fused_applies("always", shannon.router, shannon.experts, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused.fused_applies("always", layer.router, layer.experts, x)
+    with pytest.raises(ValueError, match="fused"):
+        MoLEConfig(fused="sometimes")
+
+
+@on_cpu
+def test_fused_inside_a_model_matches_eager():
+    """inject_mole(fused="always") on a tiny LM: loss, aux loss and every gradient as with fused="never"."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).double()
+    inject_mole(model, MoLEConfig(num_experts=3, rank=2, dropout=0.0, expert_execution="stacked", fused="never",
+                                  router=RouterConfig(kind="dynmole")))
+    for layer in [mod for mod in model.modules() if isinstance(mod, MoLELinear)]:
+        with torch.no_grad():
+            layer.experts.lora_B.normal_(0, 0.3)
+    ids = torch.randint(0, 50, (2, 9))
+    attention = torch.ones(2, 9, dtype=torch.long)
+    attention[1, :3] = 0  # left padding: the routers' masks exclude it from the aux losses
+    results = []
+    for mode in ("never", "always"):
+        m = copy.deepcopy(model)
+        layers = [mod for mod in m.modules() if isinstance(mod, MoLELinear)]
+        for layer in layers:
+            layer.fused = mode
+        assert fused.fused_applies(mode, layers[0].router, layers[0].experts, torch.zeros(1, 32, dtype=torch.float64)) \
+            == (mode == "always")
+        out = m(input_ids=ids, attention_mask=attention, labels=ids)
+        loss = out.loss + mole_aux_loss(collect_router_outputs(m))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (loss_e, grads_e), (loss_f, grads_f) = results
+    _close(loss_f, loss_e, 1e-6, "loss")
+    assert set(grads_f) == set(grads_e) and grads_e
+    for name in grads_e:
+        _close(grads_f[name], grads_e[name], 1e-5, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["topk", "gwmoe", "dynmole", "mor"])
+def test_fused_bfloat16_on_cuda(name):
+    """bfloat16 on the GPU: the fused routing (float32 inside) agrees with the eager float32 layer's output
+    wherever both picked the same experts (bfloat16 near-ties may flip a selection)."""
+    eager, twin = _pair(CONFIGS[name], "cuda", dtype=torch.float32)
+    twin.to(torch.bfloat16)
+    x = torch.randn(4096, D_IN, device="cuda")
+    out_e = eager.adapter(x, None, base=eager.base(x))
+    sel_e = selection_from_indices(eager.last_routing.indices, E)
+    out_f = twin.adapter(x.bfloat16(), None, base=twin.base(x.bfloat16())).float()
+    sel_f = selection_from_indices(twin.last_routing.indices, E)
+    same = (sel_e == sel_f).all(-1)
+    assert same.float().mean() > 0.95
+    err = (out_f[same] - out_e[same]).abs().max() / out_e.abs().max()
+    assert err < 3e-2, err
