@@ -29,6 +29,7 @@ logger = logging.getLogger("benchmarks")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest relative error (max |ours - ref| / max |ref|) accepted when checking ours against a reference.
 CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+TF32_CHECK_TOLERANCE = 1e-2
 
 
 @dataclass
@@ -42,6 +43,7 @@ class BenchSettings:
     quick: bool
     seed: int
     cuda_graphs: bool = False
+    tf32: bool = False
 
 
 def add_common_args(parser: argparse.ArgumentParser, warmup: tuple[int, int] = (1, 3),
@@ -61,6 +63,9 @@ def add_common_args(parser: argparse.ArgumentParser, warmup: tuple[int, int] = (
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="CUDA only: also time capturable cases as CUDA-graph replays (GPU work without launch "
                              "overhead), for benchmarks that support it")
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA float32 runs: allow TF32 tensor-core matmuls on both sides (what HF Trainer's "
+                             "--tf32 sets); the equality checks then use a 1e-2 tolerance")
     parser.set_defaults(_default_warmup=warmup, _default_repeats=repeats)
 
 
@@ -82,8 +87,12 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cuda_graphs and device.type != "cuda":
         raise SystemExit("--cuda-graphs needs --device cuda")
+    if args.tf32:
+        if device.type != "cuda":
+            raise SystemExit("--tf32 needs --device cuda")
+        torch.backends.cuda.matmul.allow_tf32 = True  # process-wide: the benchmark owns its process
     return BenchSettings(device, DTYPES[args.dtype], warmup, repeats, args.out, args.profile, args.quick, args.seed,
-                         args.cuda_graphs)
+                         args.cuda_graphs, args.tf32)
 
 
 def synchronize(device: torch.device) -> None:
@@ -220,6 +229,8 @@ def check_same(name: str, ours: Sequence[torch.Tensor], ref: Sequence[torch.Tens
     labels = list(labels) if labels is not None else [str(i) for i in range(len(ours))]
     errors = {label: relative_error(a, b) for label, a, b in zip(labels, ours, ref)}
     tolerance = CHECK_TOLERANCE[dtype]
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:  # --tf32: 10-bit mantissa products
+        tolerance = TF32_CHECK_TOLERANCE
     worst = max(errors, key=errors.get)
     check = Check(name, errors[worst], tolerance)
     if not check.ok:
@@ -242,6 +253,7 @@ def environment(settings: BenchSettings) -> dict:
         "warmup": settings.warmup,
         "repeats": settings.repeats,
         "quick": settings.quick,
+        "tf32": settings.tf32,
     }
     if settings.device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(settings.device)

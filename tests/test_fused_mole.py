@@ -234,3 +234,26 @@ def test_fused_bfloat16_on_cuda(name):
     assert same.float().mean() > 0.95
     err = (out_f[same] - out_e[same]).abs().max() / out_e.abs().max()
     assert err < 3e-2, err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["topk", "mor"])
+def test_fused_under_autocast_on_cuda(name):
+    """float32 weights under bfloat16 autocast (HF Trainer without DeepSpeed): the fused path casts as autocast
+    does for the eager matmuls; gradients reach the float32 parameters."""
+    eager, twin = _pair(CONFIGS[name], "cuda", dtype=torch.float32)
+    x = torch.randn(2048, D_IN, device="cuda")
+    results = []
+    for layer in (eager, twin):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer.adapter(xx, None, base=layer.base(xx))
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        sel = selection_from_indices(layer.last_routing.indices, E)
+        results.append((out.float(), sel, layer.experts.lora_A.grad, xx.grad))
+    (out_e, sel_e, ga_e, gx_e), (out_f, sel_f, ga_f, gx_f) = results
+    assert ga_f is not None and ga_f.dtype == torch.float32 and gx_f.dtype == torch.float32
+    same = (sel_e == sel_f).all(-1)
+    assert same.float().mean() > 0.95
+    assert (out_f[same] - out_e[same]).abs().max() / out_e.abs().max() < 3e-2
