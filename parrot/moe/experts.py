@@ -155,8 +155,8 @@ class LoRAExperts(nn.Module):
         return self.num_experts * self.rank * 8 <= min(self.in_features, self.out_features)
 
     def _use_stacked(self, indices: torch.Tensor) -> bool:
-        if self.always_stacked() or self.execution == "grouped":
-            return self.execution != "grouped"
+        if self.execution != "auto" or self.always_stacked():
+            return self.always_stacked()
         # auto, too large to stack unconditionally: still stacked when every token selected every expert
         return indices.shape[1] == self.num_experts and bool((indices >= 0).all())
 

@@ -32,7 +32,6 @@ weights' gradient, as in eager); indices are in descending score order (eager de
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -123,12 +122,12 @@ def routing_spec(router: nn.Module) -> RoutingSpec | None:
 
 def fused_applies(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tensor) -> bool:
     """Whether `fused_mole` serves this call (see the module docstring for the conditions)."""
-    return fused_spec(mode, router, experts, x) is not None
+    return fused_plan(mode, router, experts, x) is not None
 
 
-def fused_spec(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tensor,
-               cache: dict | None = None) -> RoutingSpec | None:
-    """The router's `RoutingSpec` if the fused path serves this call, else None.
+def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tensor,
+               cache: dict | None = None) -> FusedPlan | None:
+    """The layer's `FusedPlan` if the fused path serves this call, else None.
 
     `cache` (a dict the caller keeps per layer) memoises the per-module part by training mode: the layer's
     configuration is fixed after construction, and this runs on every forward.
@@ -142,13 +141,14 @@ def fused_spec(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
     key = router.training
     if cache is not None and key in cache:
         return cache[key]
-    spec = None
+    plan = None
     if experts.act is None and experts.always_stacked() and not any(
             hasattr(p, "ds_id") for p in (experts.lora_A, experts.lora_B, router.gate.weight)):
         spec = routing_spec(router)  # (ZeRO-3 weights, ds_id, are gathered by module hooks this path does not call)
+        plan = None if spec is None else _plan_for(spec, experts.num_experts, experts.rank, experts.scaling)
     if cache is not None:
-        cache[key] = spec
-    return spec
+        cache[key] = plan
+    return plan
 
 
 class _FusedMoLE(torch.autograd.Function):
@@ -158,9 +158,9 @@ class _FusedMoLE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_experts, base, gate_weight, main_weight, lora_a, lora_b, mask, threshold,
-                launch: _Launch, sink: list):
+                plan: FusedPlan, sink: list):
         T, D = x.shape
-        E, r, G, EP = launch.num_experts, launch.rank, launch.gate_width, launch.experts_pow2
+        E, r, G, EP = plan.num_experts, plan.rank, plan.gate_width, plan.experts_pow2
         a_flat = lora_a.view(E * r, D)
         gates = (gate_weight,) if main_weight is None else (gate_weight, main_weight)
         if x_experts is None:  # one GEMM for the router(s) and every expert's A
@@ -170,33 +170,33 @@ class _FusedMoLE(torch.autograd.Function):
         else:
             weight = torch.cat(gates) if main_weight is not None else gate_weight  # (G, D)
             z, h, h_offset = F.linear(x, weight), F.linear(x_experts, a_flat), 0  # (T, G), (T, E*r)
-        grid = (T + launch.block - 1) // launch.block
+        grid = (T + plan.block - 1) // plan.block
         hs = torch.empty(T, E * r, device=x.device, dtype=h.dtype)
-        routed = torch.empty(3 if launch.logits_out else 2, T, E, device=x.device, dtype=x.dtype)
-        indices = torch.empty(T, launch.index_width, device=x.device, dtype=torch.long)
+        routed = torch.empty(3 if plan.logits_out else 2, T, E, device=x.device, dtype=x.dtype)
+        indices = torch.empty(T, plan.index_width, device=x.device, dtype=torch.long)
         # One float32 workspace: per-program partial sums (grid, 4, EP), the 3 losses, what the backward reads.
         work = torch.empty(grid * 4 * EP + 3 + 2 * EP + 1, device=x.device, dtype=torch.float32)
         mask_arg = x if mask is None else mask
         thr_arg = x if threshold is None else threshold
         kernels._mole_route_fwd[(grid,)](
-            z, z.stride(0), h, h.stride(0), mask_arg, thr_arg, hs, routed, indices, work, T, **launch.fwd_constexprs,
+            z, z.stride(0), h, h.stride(0), mask_arg, thr_arg, hs, routed, indices, work, T, **plan.fwd_constexprs,
             HAS_MASK=mask is not None, H_OFFSET=h_offset)
-        kernels._mole_route_finalize[(1,)](work, grid, **launch.finalize_constexprs,
+        kernels._mole_route_finalize[(1,)](work, grid, **plan.finalize_constexprs,
                                            BLOCK_NB=min(64, _next_pow2(grid)))
         b_flat = lora_b.transpose(1, 2).reshape(E * r, lora_b.shape[1])  # (E*r, D_out), a copy
         out = torch.mm(hs, b_flat) if base is None else torch.addmm(base, hs, b_flat)
         sink.append((routed, indices, z))
         ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused loss vector
         ctx.save_for_backward(x, x_experts, weight, a_flat, z, h, hs, b_flat, mask, threshold, work)
-        ctx.launch, ctx.has_base, ctx.grid, ctx.h_offset = launch, base is not None, grid, h_offset
+        ctx.plan, ctx.has_base, ctx.grid, ctx.h_offset = plan, base is not None, grid, h_offset
         return out, work[grid * 4 * EP: grid * 4 * EP + 3]
 
     @staticmethod
     def backward(ctx, d_out, d_losses):
         x, x_experts, weight, a_flat, z, h, hs, b_flat, mask, threshold, work = ctx.saved_tensors
-        launch = ctx.launch
+        plan = ctx.plan
         T, D = x.shape
-        E, r, G = launch.num_experts, launch.rank, launch.gate_width
+        E, r, G = plan.num_experts, plan.rank, plan.gate_width
         need_x, need_xe, need_base, need_gate, need_main, need_a, need_b = ctx.needs_input_grad[:7]
         if d_out is None:  # only the aux losses were used
             d_out = hs.new_zeros(T, b_flat.shape[1])
@@ -206,7 +206,7 @@ class _FusedMoLE(torch.autograd.Function):
         kernels._mole_route_bwd[(ctx.grid,)](
             z, z.stride(0), h, h.stride(0), d_hs, x if mask is None else mask, x if threshold is None else threshold,
             work, ctx.grid, x if d_losses is None else d_losses, d_z, d_z.stride(0), d_z, d_z.stride(0), T,
-            **launch.bwd_constexprs, HAS_MASK=mask is not None, HAS_G_LOSSES=d_losses is not None,
+            **plan.bwd_constexprs, HAS_MASK=mask is not None, HAS_G_LOSSES=d_losses is not None,
             H_OFFSET=ctx.h_offset, DH_OFFSET=G)
         d_x = d_xe = d_gates = d_a = None
         if x_experts is None:  # [gate | h] came from one GEMM with [W_gate; (W_main;) A]
@@ -227,16 +227,18 @@ class _FusedMoLE(torch.autograd.Function):
                 d_a = torch.mm(d_h.t(), x_experts).view(E, r, D)
         d_gate_w = d_main = None
         if d_gates is not None:
-            d_gate_w = d_gates if launch.gate_rows == G else d_gates[: launch.gate_rows]
-            d_main = d_gates[launch.gate_rows:] if need_main else None
+            d_gate_w = d_gates if plan.gate_rows == G else d_gates[: plan.gate_rows]
+            d_main = d_gates[plan.gate_rows:] if need_main else None
         d_base = d_out if ctx.has_base and need_base else None
         return d_x, d_xe, d_base, d_gate_w, d_main, d_a, d_b, None, None, None, None
 
 
 @dataclass(frozen=True)
-class _Launch:
-    """Everything about the kernel launches that is fixed for a layer and router mode (built once, cached)."""
+class FusedPlan:
+    """Everything about the fused path that is fixed for a layer and router mode (built once per layer and mode):
+    the router's spec, the sizes and the kernels' compile-time arguments."""
 
+    spec: RoutingSpec
     num_experts: int
     rank: int
     gate_width: int  # G: gate logit columns (MoR: M*E + M)
@@ -250,8 +252,7 @@ class _Launch:
     finalize_constexprs: dict
 
 
-@functools.lru_cache(maxsize=256)
-def _launch_for(spec: RoutingSpec, num_experts: int, rank: int, scaling: float) -> _Launch:
+def _plan_for(spec: RoutingSpec, num_experts: int, rank: int, scaling: float) -> FusedPlan:
     E, M = num_experts, spec.num_routers
     EP, RP, MP = _next_pow2(E), _next_pow2(rank), _next_pow2(M)
     block = max(1, min(64, _MAX_TILE // (EP * max(RP, MP))))
@@ -261,8 +262,8 @@ def _launch_for(spec: RoutingSpec, num_experts: int, rank: int, scaling: float) 
                   tsallis_scale=spec.tsallis_scale, q=spec.q, entropy_scale=spec.entropy_scale,
                   KIND=spec.kind, E=E, EP=EP, R=rank, RP=RP, M=M, MP=MP, K=spec.top_k, KEEP=spec.keep_top_k,
                   RENORM=spec.renormalize, BROADCAST=spec.broadcast, UNIFORM=spec.uniform, BLOCK_T=block)
-    return _Launch(
-        num_experts=E, rank=rank, gate_width=M * E + M if mor else E, gate_rows=M * E if mor else E,
+    return FusedPlan(
+        spec=spec, num_experts=E, rank=rank, gate_width=M * E + M if mor else E, gate_rows=M * E if mor else E,
         experts_pow2=EP, block=block, index_width=spec.index_width, logits_out=mor,
         fwd_constexprs=dict(common, KI=spec.index_width),
         bwd_constexprs=dict(common, dyn_coef=spec.dyn_coef, z_coef=spec.z_coef),
@@ -273,20 +274,21 @@ def _launch_for(spec: RoutingSpec, num_experts: int, rank: int, scaling: float) 
 
 def fused_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, mask: torch.Tensor | None,
                base: torch.Tensor | None, x_experts: torch.Tensor | None = None,
-               spec: RoutingSpec | None = None) -> tuple[torch.Tensor, RouterOutput]:
-    """base + sum_e w_e(x) delta_e(x_experts) and the RouterOutput, fused (check `fused_spec` first).
+               plan: FusedPlan | None = None) -> tuple[torch.Tensor, RouterOutput]:
+    """base + sum_e w_e(x) delta_e(x_experts) and the RouterOutput, fused (check `fused_plan` first).
 
     x (T, D_in): the router's input; x_experts: the experts' input when it differs (dropout), else None;
-    base (T, D_out) or None; mask (T,) bool or None; spec: `fused_spec(...)` if already computed.
+    base (T, D_out) or None; mask (T,) bool or None; plan: `fused_plan(...)` if already computed.
     Returns (out (T, D_out), RouterOutput).
     """
-    spec = routing_spec(router) if spec is None else spec
+    if plan is None:
+        plan = _plan_for(routing_spec(router), experts.num_experts, experts.rank, experts.scaling)
+    spec = plan.spec
     if spec.kind == kernels.GWMOE and spec.broadcast:
         router._require_threshold()
     gate_weight = router.gate.weight
     main_weight = router.main_gate.weight if spec.kind == kernels.MOR else None
     threshold = router.threshold if spec.kind == kernels.GWMOE else None
-    launch = _launch_for(spec, experts.num_experts, experts.rank, experts.scaling)
     lora_a, lora_b = experts.lora_A, experts.lora_B
     device_type = x.device.type
     sink: list = []
@@ -297,17 +299,17 @@ def fused_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, mask: t
         lora_a, lora_b = cast(lora_a), cast(lora_b)
         with torch.autocast(device_type, enabled=False):
             out, losses = _FusedMoLE.apply(x, x_experts, base, gate_weight, main_weight, lora_a, lora_b, mask,
-                                           threshold, launch, sink)
+                                           threshold, plan, sink)
     else:
         out, losses = _FusedMoLE.apply(x, x_experts, base, gate_weight, main_weight, lora_a, lora_b, mask, threshold,
-                                       launch, sink)
+                                       plan, sink)
     routed, indices, z = sink[0]
-    if launch.logits_out:
+    if plan.logits_out:
         weights, probs, logits = routed.unbind()
     else:
-        (weights, probs), logits = routed.unbind(), z[:, : launch.gate_width]
+        (weights, probs), logits = routed.unbind(), z[:, : plan.gate_width]
     aux = {name: losses[i] for name, i in spec.aux_slots}
-    main_logits = z.detach()[:, launch.gate_rows: launch.gate_width] if launch.logits_out else None  # MoR
+    main_logits = z.detach()[:, plan.gate_rows: plan.gate_width] if plan.logits_out else None  # MoR
     stats = _stats(router, spec, probs, indices, mask, main_logits)
     return out, RouterOutput(weights, indices, probs, logits, aux, stats)
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from .experts import LoRAExperts
-from .fused import FUSED_MODES, fused_mole, fused_spec
+from .fused import FUSED_MODES, fused_mole, fused_plan
 from .routers import RouterConfig, RouterOutput, build_router
 
 ADAPTER_WEIGHTS_NAME = "mole_adapter.safetensors"
@@ -67,8 +67,8 @@ class MoLEConfig:
         "grouped" runs only the selected (token, expert) pairs; "stacked" runs one rank-E*r product
         with zero weights for unselected experts (faster when E*r is small); "auto" picks by size.
     fused: "auto" | "always" | "never", the fused router + experts path (`parrot.moe.fused`: one autograd
-        node, Triton routing kernels): "auto" uses it on CUDA where it applies, "always" also on CPU through
-        Triton's interpreter (slow; for tests), "never" keeps the eager modules.
+        node, Triton routing kernels): "auto" uses it on CUDA where it applies, "always" also on CPU when
+        Triton runs in interpreter mode (TRITON_INTERPRET=1; slow, for tests), "never" keeps the eager modules.
     """
 
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -143,7 +143,7 @@ class MoLELinear(nn.Module):
             self.router.to(dtype=weight.dtype)
         self.last_routing: RouterOutput | None = None
         self.token_mask: torch.Tensor | None = None  # (B, S_total) attention mask of the current model call
-        self._fused_specs: dict = {}  # fused_spec's per-mode memo
+        self._fused_plans: dict = {}  # fused_plan's memo, by training mode
 
     @property
     def in_features(self) -> int:
@@ -181,10 +181,10 @@ class MoLELinear(nn.Module):
         Sets `last_routing`. Runs the fused path (`parrot.moe.fused`) where it applies, else the eager modules;
         the experts add their delta into `base` inside their last GEMM / index_add.
         """
-        spec = fused_spec(self.fused, self.router, self.experts, flat, self._fused_specs)
-        if spec is not None:
+        plan = fused_plan(self.fused, self.router, self.experts, flat, self._fused_plans)
+        if plan is not None:
             dropped = self.dropout(flat) if self.training and isinstance(self.dropout, nn.Dropout) else None
-            out, routing = fused_mole(self.router, self.experts, flat, mask, base, dropped, spec)
+            out, routing = fused_mole(self.router, self.experts, flat, mask, base, dropped, plan)
         else:
             routing = self.router(flat, mask)
             out = self.experts(self.dropout(flat), routing.weights, routing.indices, base=base)
