@@ -257,3 +257,25 @@ def test_fused_under_autocast_on_cuda(name):
     same = (sel_e == sel_f).all(-1)
     assert same.float().mean() > 0.95
     assert (out_f[same] - out_e[same]).abs().max() / out_e.abs().max() < 3e-2
+
+
+@on_cpu
+def test_fused_under_activation_checkpointing():
+    """HF gradient checkpointing recomputes the forward during backward: same gradients as without it."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, twin = _pair(CONFIGS["dynmole"], "cpu")
+    x = torch.randn(T, D_IN, dtype=torch.float64)
+    params = [p for name, p in twin.named_parameters() if p.requires_grad and not name.startswith("base.")]
+    grads = []
+    for use_checkpoint in (False, True):
+        xx = x.clone().requires_grad_(True)
+
+        def run(inp):
+            out = twin.adapter(inp, None, base=twin.base(inp))
+            return out, twin.last_routing.aux_loss
+
+        out, aux = checkpoint(run, xx, use_reentrant=False) if use_checkpoint else run(xx)
+        grads.append(torch.autograd.grad(out.square().sum() + aux, [xx, *params]))
+    for plain, recomputed in zip(*grads):
+        _close(recomputed, plain, 1e-12, "checkpointed gradient")
