@@ -279,3 +279,21 @@ def test_fused_under_activation_checkpointing():
         grads.append(torch.autograd.grad(out.square().sum() + aux, [xx, *params]))
     for plain, recomputed in zip(*grads):
         _close(recomputed, plain, 1e-12, "checkpointed gradient")
+
+
+@pytest.mark.slow  # ~35 s: 48 kernel compilations
+def test_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter runs the kernels' math on CPU; this compiles them with Triton's real compiler for sm_90
+    (every router kind, the option branches alternated, float32 and bfloat16; non-power-of-two E and r)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compile_fused_kernels.py"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, str(script), "--arch", "90", "--experts", "6", "--rank", "3"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled = [line for line in result.stdout.splitlines() if line.startswith("sm_90 ")]
+    assert len(compiled) == 16, result.stdout

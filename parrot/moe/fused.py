@@ -339,3 +339,44 @@ def _stats(router: nn.Module, spec: RoutingSpec, probs: torch.Tensor, indices: t
         broadcast = uncertainty >= router.threshold if spec.broadcast else None
         return routing_stats(probs, indices, mask, broadcast=broadcast, uncertainty=uncertainty.to(probs.dtype))
     return RoutingStats(compute_gw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (no GPU needed): python scripts/compile_fused_kernels.py --arch 90
+# ----------------------------------------------------------------------------------------------------
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def compile_kernels(plan: FusedPlan, dtype: torch.dtype = torch.float32, arch: int = 90, masked: bool = True,
+                    loss_grads: bool = True) -> list[str]:
+    """Compile the forward, aux-loss and backward kernels of `plan` for CUDA compute capability `arch` (e.g. 90 =
+    H100) with Triton's bundled compiler, without a GPU; returns the kernel names. Raises what Triton raises.
+
+    Needs Triton's compiler, not its interpreter (TRITON_INTERPRET unset or 0 when Triton was imported).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if kernels.INTERPRETED:
+        raise RuntimeError("compile_kernels needs TRITON_INTERPRET unset (the interpreter compiles nothing)")
+    data = "*" + _TRITON_DTYPES[dtype]
+    G = plan.gate_width
+    shared = dict(gate_ptr=data, stride_gate="i32", h_ptr=data, stride_h="i32")
+    launches = [
+        (kernels._mole_route_fwd,
+         dict(shared, mask_ptr="*i1", thr_ptr="*fp32", hs_ptr=data, routed_ptr=data, idx_ptr="*i64", work_ptr="*fp32",
+              T="i32"),
+         dict(plan.fwd_constexprs, HAS_MASK=masked, H_OFFSET=G)),
+        (kernels._mole_route_finalize, dict(work_ptr="*fp32", NB="i32"), dict(plan.finalize_constexprs, BLOCK_NB=64)),
+        (kernels._mole_route_bwd,
+         dict(shared, dhs_ptr=data, mask_ptr="*i1", thr_ptr="*fp32", work_ptr="*fp32", NB="i32", g_losses_ptr="*fp32",
+              dgate_ptr=data, stride_dgate="i32", dh_ptr=data, stride_dh="i32", T="i32"),
+         dict(plan.bwd_constexprs, HAS_MASK=masked, HAS_G_LOSSES=loss_grads, H_OFFSET=G, DH_OFFSET=G)),
+    ]
+    target = GPUTarget("cuda", arch, 32)
+    for fn, signature, constexprs in launches:
+        signature = dict(signature, **{name: "constexpr" for name in constexprs})
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
+    return [fn.fn.__name__ for fn, _, _ in launches]

@@ -135,18 +135,12 @@ def _weights(p, selected, broadcast, KIND: tl.constexpr, E: tl.constexpr, RENORM
 
 
 @triton.jit
-def _mole_route_fwd(
-    gate_ptr, stride_gate, h_ptr, stride_h, mask_ptr, thr_ptr, hs_ptr, routed_ptr, idx_ptr, work_ptr, T,
-    scaling: tl.constexpr, top_p: tl.constexpr, dyn_threshold: tl.constexpr, eps: tl.constexpr,
-    tsallis_scale: tl.constexpr, q: tl.constexpr, entropy_scale: tl.constexpr,
-    KIND: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-    M: tl.constexpr, MP: tl.constexpr, K: tl.constexpr, KEEP: tl.constexpr, KI: tl.constexpr,
-    RENORM: tl.constexpr, BROADCAST: tl.constexpr, UNIFORM: tl.constexpr, HAS_MASK: tl.constexpr,
-    H_OFFSET: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """routed = [weights; probs; (MoR) log p] (2 or 3, T, E); work starts with the (NB, 4, EP) partial sums.
-    The experts' hidden of token t is at h_ptr + t * stride_h + H_OFFSET (H_OFFSET = G when it shares the
-    gate logits' GEMM output)."""
+def _route_tile(gate_ptr, stride_gate, thr_ptr, T, top_p, dyn_threshold, eps, tsallis_scale, q, entropy_scale,
+                KIND: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+                K: tl.constexpr, KEEP: tl.constexpr, RENORM: tl.constexpr, BROADCAST: tl.constexpr,
+                UNIFORM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The routing of this program's block of tokens, from its gate logits. One function for the forward and the
+    backward kernel, so that the backward recomputes exactly the forward's selection and weights."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rows_ok = rows < T
@@ -159,6 +153,25 @@ def _mole_route_fwd(
                                                   BROADCAST, BLOCK_T)
     selected = selected & cols_ok[None, :]
     w = _weights(p, selected, broadcast, KIND, E, RENORM, BROADCAST, UNIFORM)
+    return pid, rows, rows_ok, rows64, cols, cols_ok, p, zsq, lse, sub, wm, selected, slots, broadcast, tsallis, w
+
+
+@triton.jit
+def _mole_route_fwd(
+    gate_ptr, stride_gate, h_ptr, stride_h, mask_ptr, thr_ptr, hs_ptr, routed_ptr, idx_ptr, work_ptr, T,
+    scaling: tl.constexpr, top_p: tl.constexpr, dyn_threshold: tl.constexpr, eps: tl.constexpr,
+    tsallis_scale: tl.constexpr, q: tl.constexpr, entropy_scale: tl.constexpr,
+    KIND: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+    M: tl.constexpr, MP: tl.constexpr, K: tl.constexpr, KEEP: tl.constexpr, KI: tl.constexpr,
+    RENORM: tl.constexpr, BROADCAST: tl.constexpr, UNIFORM: tl.constexpr, HAS_MASK: tl.constexpr,
+    H_OFFSET: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """routed = [weights; probs; (MoR) log p] (2 or 3, T, E); work starts with the (NB, 4, EP) partial sums.
+    The experts' hidden of token t is at h_ptr + t * stride_h + H_OFFSET (H_OFFSET = G when it shares the
+    gate logits' GEMM output)."""
+    pid, rows, rows_ok, rows64, cols, cols_ok, p, zsq, lse, sub, wm, selected, slots, broadcast, tsallis, w = _route_tile(
+        gate_ptr, stride_gate, thr_ptr, T, top_p, dyn_threshold, eps, tsallis_scale, q, entropy_scale, KIND, E, EP, M,
+        MP, K, KEEP, RENORM, BROADCAST, UNIFORM, BLOCK_T)
 
     # The experts' rank hidden times (routing weight * alpha / r), per rank block.
     js = tl.arange(0, RP)
@@ -249,18 +262,9 @@ def _mole_route_bwd(
     """d(gate logits) and d(rank hidden) from d(scaled hidden) and the losses' gradient (3,); the routing is
     recomputed (same code, same result). Offsets as in the forward kernel."""
     saved_ptr = work_ptr + NB * 4 * EP + 3
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    rows_ok = rows < T
-    rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, EP)
-    cols_ok = cols < E
-    p, score, zsq, lse, sub, wm = _distribution(gate_ptr + rows64 * stride_gate, rows_ok, cols, cols_ok, KIND, E, M, MP)
-    selected, slots, broadcast, tsallis = _select(p, score, cols, cols_ok, thr_ptr, top_p, dyn_threshold, eps,
-                                                  tsallis_scale, q, entropy_scale, KIND, E, EP, K, KEEP,
-                                                  BROADCAST, BLOCK_T)
-    selected = selected & cols_ok[None, :]
-    w = _weights(p, selected, broadcast, KIND, E, RENORM, BROADCAST, UNIFORM)
+    pid, rows, rows_ok, rows64, cols, cols_ok, p, zsq, lse, sub, wm, selected, slots, broadcast, tsallis, w = _route_tile(
+        gate_ptr, stride_gate, thr_ptr, T, top_p, dyn_threshold, eps, tsallis_scale, q, entropy_scale, KIND, E, EP, M,
+        MP, K, KEEP, RENORM, BROADCAST, UNIFORM, BLOCK_T)
 
     js = tl.arange(0, RP)
     hmask = rows_ok[:, None, None] & cols_ok[None, :, None] & (js < R)[None, None, :]
