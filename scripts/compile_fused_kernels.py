@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from parrot.moe.fused import _plan_for, compile_kernels, routing_spec
+from parrot.moe.experts import LoRAExperts
+from parrot.moe.fused import build_plan, compile_kernels
 from parrot.moe.routers import RouterConfig, build_router
 
 CONFIGS = [
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for dtype_name in args.dtypes:
         for i, config in enumerate(CONFIGS):
-            plan = _plan_for(routing_spec(build_router(config, 64, args.experts)), args.experts, args.rank, 2.0)
+            experts = LoRAExperts(args.experts, 64, 64, args.rank, alpha=2.0 * args.rank)
+            plan = build_plan(build_router(config, 64, args.experts), experts)
             start = time.perf_counter()
             names = compile_kernels(plan, getattr(torch, dtype_name), args.arch, masked=i % 2 == 0,
                                     loss_grads=i % 4 < 2)

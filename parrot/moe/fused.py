@@ -144,8 +144,7 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
     plan = None
     if experts.act is None and experts.always_stacked() and not any(
             hasattr(p, "ds_id") for p in (experts.lora_A, experts.lora_B, router.gate.weight)):
-        spec = routing_spec(router)  # (ZeRO-3 weights, ds_id, are gathered by module hooks this path does not call)
-        plan = None if spec is None else _plan_for(spec, experts.num_experts, experts.rank, experts.scaling)
+        plan = build_plan(router, experts)  # (ZeRO-3 weights, ds_id, are gathered by module hooks this path skips)
     if cache is not None:
         cache[key] = plan
     return plan
@@ -252,8 +251,13 @@ class FusedPlan:
     finalize_constexprs: dict
 
 
-def _plan_for(spec: RoutingSpec, num_experts: int, rank: int, scaling: float) -> FusedPlan:
-    E, M = num_experts, spec.num_routers
+def build_plan(router: nn.Module, experts: LoRAExperts) -> FusedPlan | None:
+    """The `FusedPlan` of a router and its experts in the router's current mode (None: router not covered);
+    `fused_plan` adds the conditions of one call."""
+    spec = routing_spec(router)
+    if spec is None:
+        return None
+    E, M, rank, scaling = experts.num_experts, spec.num_routers, experts.rank, experts.scaling
     EP, RP, MP = _next_pow2(E), _next_pow2(rank), _next_pow2(M)
     block = max(1, min(64, _MAX_TILE // (EP * max(RP, MP))))
     block = 1 << (block.bit_length() - 1)  # a power of two
@@ -282,7 +286,7 @@ def fused_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, mask: t
     Returns (out (T, D_out), RouterOutput).
     """
     if plan is None:
-        plan = _plan_for(routing_spec(router), experts.num_experts, experts.rank, experts.scaling)
+        plan = build_plan(router, experts)
     spec = plan.spec
     if spec.kind == kernels.GWMOE and spec.broadcast:
         router._require_threshold()
