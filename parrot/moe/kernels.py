@@ -9,10 +9,13 @@ Router kinds (constexpr KIND): 0 top-k softmax, 1 GW-MoE, 2 DynMoLE, 3 Mixture o
 the eager router's in `routers.py` (the tests check values and gradients against it); here everything is
 computed in float32. Shapes: T tokens, E experts (EP = next power of two), rank R (RP), MoR sub-routers M (MP).
 
-Layout: `gate` (T, G) holds the gate logits (G = E; MoR: M*E sub-router logits then M main-router logits) and
-`h` (T, E*R) the experts' rank hidden x A^T; both may be column slices of one (T, G + E*R) GEMM output.
-Partial sums per program go to `part` (NB, 4, EP): [sum m*sel, sum m*p, sum m*p*sel, (sum m*S, sum m*z^2, sum m)],
-m = token mask; `_mole_route_finalize` reduces them to the aux losses and the vectors the backward needs.
+Layout: the gate logits (G per token: E; MoR: M*E sub-router logits then M main-router logits) and the experts'
+rank hidden x A^T (E*R per token) are usually the two column ranges of one (T, G + E*R) GEMM output (the hidden at
+column H_OFFSET = G), or two tensors (H_OFFSET = 0) when LoRA dropout gives the experts another input. The float32
+`work` buffer starts with each program's partial sums (NB, 4, EP): [sum m*sel, sum m*p, sum m*p*sel, (sum m*S,
+sum m*z^2, sum m)], m = token mask; `_mole_route_finalize` reduces them to the three aux losses stored after them,
+then the vectors the backward reads. `_route_tile` is the routing of one token block, shared by the forward and
+backward kernels so that the backward recomputes exactly the forward's selection.
 """
 
 from __future__ import annotations
