@@ -297,3 +297,14 @@ def test_kernels_compile_for_h100_without_a_gpu():
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = [line for line in result.stdout.splitlines() if line.startswith("sm_90 ")]
     assert len(compiled) == 16, result.stdout
+
+
+@on_cpu
+def test_zero3_partitioning_after_a_fused_forward_turns_the_fused_path_off():
+    """The plan is memoised per mode, but ZeRO-3 can partition the weights after the first forward (e.g. GW-MoE
+    calibration before DeepSpeed starts): its marker is checked on every call."""
+    _, twin = _pair(CONFIGS["topk"], "cpu")
+    x = torch.randn(4, D_IN, dtype=torch.float64)
+    assert fused.fused_plan(twin.fused, twin.router, twin.experts, x, twin._fused_plans) is not None
+    twin.experts.lora_A.ds_id = 0  # what DeepSpeed ZeRO-3 sets on the parameters it partitions
+    assert fused.fused_plan(twin.fused, twin.router, twin.experts, x, twin._fused_plans) is None

@@ -129,8 +129,9 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
                cache: dict | None = None) -> FusedPlan | None:
     """The layer's `FusedPlan` if the fused path serves this call, else None.
 
-    `cache` (a dict the caller keeps per layer) memoises the per-module part by training mode: the layer's
-    configuration is fixed after construction, and this runs on every forward.
+    `cache` (a dict the caller keeps per layer) memoises the plan by training mode: the layer's configuration is
+    fixed after construction, and this runs on every forward. Device, dtype, compilation and ZeRO-3
+    partitioning (which may start after the first forward) are checked on every call.
     """
     if mode == "never" or kernels is None or torch.compiler.is_compiling():
         return None
@@ -138,13 +139,12 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
         return None  # off CUDA only Triton's interpreter can run the kernels
     if x.device.type == "cpu" and (x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu")):
         return None  # the interpreter computes in NumPy: no bfloat16
+    if any(hasattr(p, "ds_id") for p in (experts.lora_A, experts.lora_B, router.gate.weight)):
+        return None  # ZeRO-3 partitioned weights are gathered by module hooks that this path does not call
     key = router.training
     if cache is not None and key in cache:
         return cache[key]
-    plan = None
-    if experts.act is None and experts.always_stacked() and not any(
-            hasattr(p, "ds_id") for p in (experts.lora_A, experts.lora_B, router.gate.weight)):
-        plan = build_plan(router, experts)  # (ZeRO-3 weights, ds_id, are gathered by module hooks this path skips)
+    plan = build_plan(router, experts) if experts.act is None and experts.always_stacked() else None
     if cache is not None:
         cache[key] = plan
     return plan
