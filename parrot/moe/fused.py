@@ -365,18 +365,22 @@ def compile_kernels(plan: FusedPlan, dtype: torch.dtype = torch.float32, arch: i
 
     if kernels.INTERPRETED:
         raise RuntimeError("compile_kernels needs TRITON_INTERPRET unset (the interpreter compiles nothing)")
+    # Pointer types as `_FusedMoLE` passes them: an absent mask / threshold / loss gradient is replaced by x, and the
+    # routers' threshold buffer has the model's dtype.
     data = "*" + _TRITON_DTYPES[dtype]
+    mask = "*i1" if masked else data
     G = plan.gate_width
     shared = dict(gate_ptr=data, stride_gate="i32", h_ptr=data, stride_h="i32")
     launches = [
         (kernels._mole_route_fwd,
-         dict(shared, mask_ptr="*i1", thr_ptr="*fp32", hs_ptr=data, routed_ptr=data, idx_ptr="*i64", work_ptr="*fp32",
+         dict(shared, mask_ptr=mask, thr_ptr=data, hs_ptr=data, routed_ptr=data, idx_ptr="*i64", work_ptr="*fp32",
               T="i32"),
          dict(plan.fwd_constexprs, HAS_MASK=masked, H_OFFSET=G)),
         (kernels._mole_route_finalize, dict(work_ptr="*fp32", NB="i32"), dict(plan.finalize_constexprs, BLOCK_NB=64)),
         (kernels._mole_route_bwd,
-         dict(shared, dhs_ptr=data, mask_ptr="*i1", thr_ptr="*fp32", work_ptr="*fp32", NB="i32", g_losses_ptr="*fp32",
-              dgate_ptr=data, stride_dgate="i32", dh_ptr=data, stride_dh="i32", T="i32"),
+         dict(shared, dhs_ptr=data, mask_ptr=mask, thr_ptr=data, work_ptr="*fp32", NB="i32",
+              g_losses_ptr="*fp32" if loss_grads else data, dgate_ptr=data, stride_dgate="i32", dh_ptr=data,
+              stride_dh="i32", T="i32"),
          dict(plan.bwd_constexprs, HAS_MASK=masked, HAS_G_LOSSES=loss_grads, H_OFFSET=G, DH_OFFSET=G)),
     ]
     target = GPUTarget("cuda", arch, 32)
