@@ -28,7 +28,9 @@ base's input gradient in every case.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 from collections.abc import Callable
 
 import torch
@@ -119,6 +121,21 @@ def peft_lora_floor(hidden: int, rank: int, device: torch.device, dtype: torch.d
     return holder.proj.to(device=device, dtype=dtype).train()
 
 
+def compiled_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list[torch.Tensor],
+                  grad_output: torch.Tensor, mode: str, backend: str = "inductor") -> Callable[[], list[torch.Tensor]]:
+    """fwd+bwd of `torch.compile(forward, mode=mode)` on x, as `grads_of` computes it for the eager cases."""
+    compiled = torch.compile(forward, mode=mode, backend=backend) if backend == "inductor" else torch.compile(
+        forward, backend=backend)  # modes are Inductor's
+    graphs = "no-cudagraphs" not in mode and mode != "default"  # reduce-overhead / max-autotune replay CUDA graphs
+
+    def step() -> list[torch.Tensor]:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous step's outputs may be reused
+        return grads_of(compiled(x), [x, *params], grad_output)
+
+    return step
+
+
 def make_layer(kind: str, sizes: dict, x: torch.Tensor, router_scale: float, gw_quantile: float,
                fused: str = "auto") -> MoLELinear:
     D, E, k, r = sizes["hidden"], sizes["experts"], sizes["top_k"], sizes["rank"]
@@ -160,6 +177,13 @@ def run(args: argparse.Namespace, settings: BenchSettings):
     cases, ratios, checks, routing = {}, [], [], {}
     for scope in args.scopes:
         cases[floor_names[scope]] = floor_cases[scope]
+    if args.compile:
+        floor_fns = {"adapter": lambda v: lora_b(lora_a(v.view(T, D))) * floor_scale, "layer": floor}
+        floor_targets = {"adapter": grad_delta, "layer": grad_out}
+        for scope in args.scopes:
+            cases[f"{floor_names[scope]} [compiled]"] = compiled_step(floor_fns[scope], x, floor_params,
+                                                                      floor_targets[scope], args.compile,
+                                                                      args.compile_backend)
     for kind in args.routers:
         layer = make_layer(kind, sizes, x, args.router_scale, args.gw_quantile, args.fused)
         named = [(name, p) for name, p in layer.named_parameters() if not name.startswith("base.")]
@@ -216,6 +240,17 @@ def run(args: argparse.Namespace, settings: BenchSettings):
                                 TARGET_VS_NAIVE))
             ratios.append(Ratio(f"{scope} {kind}: speedup over dense loop", names["dense"], names["ours"],
                                 TARGET_VS_NAIVE))
+            if args.compile:
+                compiled = compiled_step(functools.partial(fns[scope]["ours"], layer), x, params, targets[scope],
+                                         args.compile, args.compile_backend)
+                got = [t.detach().clone() for t in compiled()]  # cloned: CUDA-graph outputs are overwritten
+                checks.append(check_same(f"{scope} ours compiled [{kind}] vs ours", got, impl["ours"](), dtype, labels))
+                object.__setattr__(layer, "last_routing", None)  # holds graph tensors, which deepcopy refuses
+                cases[f"{names['ours']} [compiled]"] = compiled
+                ratios.append(Ratio(f"{scope} {kind}: ours / floor [both compiled]", f"{names['ours']} [compiled]",
+                                    f"{floor_names[scope]} [compiled]", TARGET_VS_FLOOR, "at_most"))
+                ratios.append(Ratio(f"{scope} {kind}: ours compiled / floor eager", f"{names['ours']} [compiled]",
+                                    floor_names[scope], TARGET_VS_FLOOR, "at_most"))
             if "grouped" in names:
                 ratios.append(Ratio(f"{scope} {kind}: grouped / floor", names["grouped"],
                                     floor_names[scope], TARGET_VS_FLOOR, "at_most"))
@@ -257,6 +292,10 @@ def run(args: argparse.Namespace, settings: BenchSettings):
         "'grouped' = LoRAExperts._grouped (only selected (token, expert) pairs), the executor auto picks when "
         "E*r > min(D_in, D_out) / 8; 'ours' uses the stacked one at these sizes",
     ]
+    if args.compile:
+        notes.append(f"'[compiled]' cases run torch.compile(mode={args.compile!r}) of the forward (ours: the whole "
+                     "adapter / layer; with the fused path the routing kernels are the parrot::mole_route ops) and "
+                     "its compiled backward; checked equal to the uncompiled ours in the run's dtype")
     if settings.cuda_graphs:
         notes.append("'[graph]' cases replay a CUDA graph of the whole fwd+bwd: GPU work only, no per-kernel launch "
                      "cost (what a captured training step would pay); the masked and grouped loops sync with the "
@@ -279,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gw-quantile", type=float, default=0.9, help="GW-MoE threshold quantile")
     parser.add_argument("--fused", default="auto", choices=["auto", "always", "never"],
                         help="MoLELinear.fused for 'ours' (auto: the fused Triton path on CUDA)")
+    parser.add_argument("--compile", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="also time ours and the floor under torch.compile(mode=...) ('[compiled]' cases)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend for --compile (aot_eager: tracing only, for tests)")
     parser.add_argument("--scopes", nargs="+", default=["adapter", "layer"], choices=["adapter", "layer"])
     parser.add_argument("--no-candidate", dest="candidate", action="store_false",
                         help="skip timing the grouped executor (adapter scope)")
@@ -289,10 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
-    if settings.cuda_graphs:  # every tensor on the capturing stream (see harness.cuda_graphed)
-        with on_side_stream(settings.device):
-            return run(args, settings)
-    return run(args, settings)
+    # --compile: one compiled function per router and scope, all from the same code, so allow the recompiles, and
+    # never time a silent fallback to eager.
+    dynamo_config = torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True) \
+        if args.compile else contextlib.nullcontext()
+    stream = on_side_stream(settings.device) if settings.cuda_graphs else contextlib.nullcontext()
+    with dynamo_config, stream:  # CUDA graphs: every tensor on the capturing stream (see harness.cuda_graphed)
+        return run(args, settings)
 
 
 if __name__ == "__main__":

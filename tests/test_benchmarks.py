@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from benchmarks import bench_merge, bench_mole, bench_parrot_moe, harness
+from parrot.moe import fused
 
 FAST = ["--warmup", "0", "--repeats", "2"]
+INTERPRETED = fused.kernels is not None and fused.kernels.INTERPRETED
 
 
 def test_parrot_moe_reference_matches_and_json(tmp_path):
@@ -38,6 +40,20 @@ def test_mole_references_match_for_every_router(tmp_path):
     assert set(result.extra["routing"]) == {"topk", "dynmole", "gwmoe", "mor"}
     assert result.extra["routing"]["topk"]["mean_active_experts"] == pytest.approx(2.0)
     assert (tmp_path / "mole.json").is_file()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the fused path on CPU needs TRITON_INTERPRET=1 (set by conftest)")
+def test_mole_compiled_cases_time_the_fused_ops(tmp_path):
+    """--compile: ours (the fused path, here through Triton's interpreter) and the floor under torch.compile, checked
+    equal to uncompiled ours first; backend aot_eager keeps this test free of C++ compilation."""
+    result = bench_mole.main(["--tokens", "64", "--hidden", "32", "--rank", "4", "--experts", "4", "--dtype", "float64",
+                              "--routers", "dynmole", "--scopes", "adapter", "--fused", "always", "--no-candidate",
+                              "--compile", "default", "--compile-backend", "aot_eager", "--out", str(tmp_path), *FAST])
+    compiled_checks = [c for c in result.checks if "compiled" in c.name]
+    assert len(compiled_checks) == 1 and compiled_checks[0].max_rel_err < 1e-10
+    saved = json.loads((tmp_path / "mole.json").read_text())
+    assert {"adapter floor: peft LoRA r=8 [compiled]", "adapter ours: dynmole [compiled]"} <= set(saved["timings"])
+    assert any(r["name"] == "adapter dynmole: ours / floor [both compiled]" for r in saved["ratios"])
 
 
 def test_merge_reference_matches_exactly():

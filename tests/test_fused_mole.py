@@ -308,3 +308,141 @@ def test_zero3_partitioning_after_a_fused_forward_turns_the_fused_path_off():
     assert fused.fused_plan(twin.fused, twin.router, twin.experts, x, twin._fused_plans) is not None
     twin.experts.lora_A.ds_id = 0  # what DeepSpeed ZeRO-3 sets on the parameters it partitions
     assert fused.fused_plan(twin.fused, twin.router, twin.experts, x, twin._fused_plans) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Under torch.compile: the kernels as the parrot::mole_route ops (registration, tracing, values, gradients)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_plan_survives_the_op_encoding(name):
+    """The compiled path passes the plan to the ops as two lists: decoding them gives the same plan."""
+    _, twin = _pair(CONFIGS[name], "cpu")
+    for training in (True, False):
+        twin.train(training)
+        plan = fused.build_plan(twin.router, twin.experts)
+        assert fused.plan_from_op_args(plan.op_ints, plan.op_floats) == plan
+
+
+@on_cpu
+@pytest.mark.parametrize("name", ["topk", "gwmoe", "dynmole-renorm-raw-entropy", "mor"])
+def test_route_ops_pass_torch_opcheck(name):
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT dispatch with
+    dynamic shapes for the forward op; schema and fake implementation for the backward op."""
+    _, twin = _pair(CONFIGS[name], "cpu")
+    plan = fused.build_plan(twin.router, twin.experts)
+    G = plan.gate_width
+    z = torch.randn(T, G + E * R, dtype=torch.float64)
+    mask = torch.rand(T) > 0.3
+    threshold = twin.router.threshold if CONFIGS[name]["kind"] == "gwmoe" else None
+    op_args = [list(plan.op_ints), list(plan.op_floats)]
+    gate, h = z[:, :G].clone().requires_grad_(True), z[:, G:].clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.parrot.mole_route.default, (gate, h, mask, threshold, *op_args))
+    hs, routed, indices, work = torch.ops.parrot.mole_route(gate, h, mask, threshold, *op_args)
+    d_work = torch.zeros_like(work)
+    d_work[-(3 + 2 * plan.experts_pow2 + 1):][:3] = torch.tensor([1.0, 0.5, 2.0])
+    # The backward op has no autograd formula of its own (no double backward): schema and fake implementation.
+    torch.library.opcheck(torch.ops.parrot.mole_route_backward.default,
+                          (gate.detach(), h.detach(), torch.randn_like(hs), mask, threshold, work, d_work, *op_args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def _compiled_run(layer: MoLELinear, backend):
+    def run(x, mask):
+        out = layer.adapter(x, mask, base=layer.base(x))
+        routing = layer.last_routing
+        return out, routing.aux_losses, routing.weights, routing.probs, routing.logits, routing.indices
+    return torch.compile(run, fullgraph=True, backend=backend)
+
+
+def _check_compiled(name: str, backend: str, masked: bool = True):
+    """The compiled fused layer (one graph, with the parrot ops) against the eager modules: output, gradients
+    of x and every trainable parameter, aux losses, routing tensors."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    eager, twin = _pair(CONFIGS[name], "cpu")
+    counter = CompileCounterWithBackend(backend)
+    compiled = _compiled_run(twin, counter)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, D_IN, generator=g, dtype=torch.float64)
+    mask = (torch.rand(T, generator=g) > 0.25) if masked else None
+    weight_out = torch.randn(T, D_OUT, generator=g, dtype=torch.float64)
+    params = {n: p for n, p in eager.named_parameters() if p.requires_grad}
+    results = []
+    for layer, fn in ((eager, None), (twin, compiled)):
+        xx = x.clone().requires_grad_(True)
+        if fn is None:
+            out = layer.adapter(xx, mask, base=layer.base(xx))
+            r = layer.last_routing
+            aux, weights, probs, logits, indices = r.aux_losses, r.weights, r.probs, r.logits, r.indices
+        else:
+            out, aux, weights, probs, logits, indices = fn(xx, mask)
+        loss = (out * weight_out).sum() + sum(aux.values())
+        layer_params = [dict(layer.named_parameters())[n] for n in params]
+        grads = torch.autograd.grad(loss, [xx, *layer_params])
+        results.append((out.detach(), aux, weights.detach(), probs.detach(), logits.detach(), indices, grads))
+    (out_e, aux_e, w_e, p_e, l_e, i_e, g_e), (out_c, aux_c, w_c, p_c, l_c, i_c, g_c) = results
+    _close(out_c, out_e, 2e-6, "output")
+    for what, ge, gc in zip(["x", *params], g_e, g_c):
+        _close(gc, ge, 2e-6, f"grad {what}")
+    assert set(aux_c) == set(aux_e)
+    for key in aux_e:
+        _close(aux_c[key].detach(), aux_e[key].detach(), 2e-6, f"aux {key}")
+    for what, a, b in (("weights", w_c, w_e), ("probs", p_c, p_e), ("logits", l_c, l_e)):
+        _close(a, b, 2e-6, what)
+    assert torch.equal(selection_from_indices(i_c, E), selection_from_indices(i_e, E))
+    # fullgraph=True: one graph or an error (Dynamo may restart its analysis once, hence the last graph); it holds
+    # the fused op, not the eager routers.
+    targets = [node.target for node in counter.graphs[-1].graph.nodes]
+    assert torch.ops.parrot.mole_route in targets or torch.ops.parrot.mole_route.default in targets
+    torch._dynamo.reset()
+
+
+@on_cpu
+@pytest.mark.parametrize("name", ["topk", "gwmoe", "dynmole", "mor"])
+def test_compiled_fused_layer_matches_eager(name):
+    """torch.compile (fullgraph; aot_eager: AOTAutograd with the ops' fake implementations and autograd
+    formulas, no C++ compiler) keeps the fused path, with the eager modules' values and gradients."""
+    _check_compiled(name, "aot_eager")
+
+
+@on_cpu
+@pytest.mark.slow  # ~10 s of Inductor C++ compilation
+def test_compiled_fused_layer_matches_eager_with_inductor():
+    _check_compiled("mor", "inductor", masked=True)
+    _check_compiled("dynmole", "inductor", masked=False)
+
+
+@on_cpu
+@pytest.mark.parametrize("dropout", [False, True], ids=["one-gemm", "dropout-two-gemms"])
+def test_traced_path_matches_the_autograd_function(dropout):
+    """`_traced_mole` (what compilation sees) against `_FusedMoLE` (eager), incl. the experts' separate input
+    that LoRA dropout gives, and a loss gradient on every aux loss."""
+    _, twin = _pair(dict(CONFIGS["mor"], balance_coef=0.5), "cpu")
+    plan = fused.build_plan(twin.router, twin.experts)
+    g = torch.Generator().manual_seed(3)
+    leaves = [torch.randn(T, D_IN, generator=g, dtype=torch.float64),
+              torch.randn(T, D_IN, generator=g, dtype=torch.float64) if dropout else None,
+              torch.randn(T, D_OUT, generator=g, dtype=torch.float64), twin.router.gate.weight.detach(),
+              twin.router.main_gate.weight.detach(), twin.experts.lora_A.detach(), twin.experts.lora_B.detach()]
+    mask = torch.rand(T, generator=g) > 0.2
+    results = []
+    for traced in (False, True):
+        inputs = [None if t is None else t.clone().requires_grad_(True) for t in leaves]
+        if traced:
+            out, losses, routed, indices, _ = torch.compile(fused._traced_mole, fullgraph=True, backend="aot_eager")(
+                *inputs, mask, None, plan)
+        else:
+            sink: list = []
+            out, losses = fused._FusedMoLE.apply(*inputs, mask, None, plan, sink)
+            routed, indices, _ = sink[0]
+        loss = (out * torch.linspace(-1, 1, D_OUT, dtype=torch.float64)).sum() + losses.double() @ torch.tensor(
+            [1.0, 2.0, 3.0], dtype=torch.float64)
+        grads = torch.autograd.grad(loss, [t for t in inputs if t is not None])
+        results.append((out.detach(), losses.detach(), routed, indices, grads))
+    for a, b in zip(results[0][:4], results[1][:4]):
+        _close(b, a, 1e-12, "forward")
+    for a, b in zip(results[0][4], results[1][4]):
+        _close(b, a, 1e-12, "gradient")
+    torch._dynamo.reset()

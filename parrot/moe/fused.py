@@ -20,8 +20,14 @@ When it runs (`MoLEConfig.fused`): "auto" (default) on CUDA tensors with Triton 
 CPU when Triton runs in interpreter mode (`TRITON_INTERPRET=1` set before Triton is imported: slow, for the
 tests, whose conftest sets it); "never" keeps the eager path. Either way only where it
 applies: a supported router without gate bias (top-k, DynMoLE with q != 1, GW-MoE, MoR), plain LoRA
-experts with the stacked executor, no DeepSpeed ZeRO-3 partitioned weights, not inside `torch.compile`.
+experts with the stacked executor, no DeepSpeed ZeRO-3 partitioned weights.
 With dropout the router still sees the clean input and the experts the dropped one (two GEMMs instead of one).
+
+Under `torch.compile` the layer traces as one graph (fullgraph) with the same GEMMs as torch ops and the routing
+kernels as two registered ops, `parrot::mole_route` and its backward `parrot::mole_route_backward` (fake
+implementations for tracing, an autograd formula, `torch.library.opcheck`-tested), so that compiled training,
+including `mode="reduce-overhead"` CUDA graphs of a whole step, keeps the fused kernels. Eager calls skip the
+op dispatcher (`_FusedMoLE`).
 
 Differences from the eager path (documented, tested): routing is computed in float32 whatever the input dtype
 (the eager routers cast probabilities to the input dtype before selecting: in bfloat16 near-ties may pick a
@@ -32,6 +38,8 @@ weights' gradient, as in eager); indices are in descending score order (eager de
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -133,7 +141,7 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
     fixed after construction, and this runs on every forward. Device, dtype, compilation and ZeRO-3
     partitioning (which may start after the first forward) are checked on every call.
     """
-    if mode == "never" or kernels is None or torch.compiler.is_compiling():
+    if mode == "never" or kernels is None:
         return None
     if x.device.type != "cuda" and (mode == "auto" or not kernels.INTERPRETED):
         return None  # off CUDA only Triton's interpreter can run the kernels
@@ -150,16 +158,57 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
     return plan
 
 
+def _route_forward(plan: FusedPlan, gate: torch.Tensor, h: torch.Tensor, h_offset: int, mask: torch.Tensor | None,
+                   threshold: torch.Tensor | None, routed_dtype: torch.dtype):
+    """Launch the routing kernels. gate (T, >=G) rows of gate logits; h: the experts' rank hidden, at column
+    `h_offset` of its rows (h may be the gate's own GEMM output). -> hs (T, E*r) the hidden scaled by the routing
+    weights, routed (2 or 3, T, E), indices (T, KI) int64, work (float32: partial sums | 3 losses | saved)."""
+    T = gate.shape[0]
+    E, r, EP = plan.num_experts, plan.rank, plan.experts_pow2
+    grid = (T + plan.block - 1) // plan.block
+    hs = torch.empty(T, E * r, device=gate.device, dtype=h.dtype)
+    routed = torch.empty(3 if plan.logits_out else 2, T, E, device=gate.device, dtype=routed_dtype)
+    indices = torch.empty(T, plan.index_width, device=gate.device, dtype=torch.long)
+    work = torch.empty(grid * 4 * EP + 3 + 2 * EP + 1, device=gate.device, dtype=torch.float32)
+    kernels._mole_route_fwd[(grid,)](
+        gate, gate.stride(0), h, h.stride(0), gate if mask is None else mask, gate if threshold is None else threshold,
+        hs, routed, indices, work, T, **plan.fwd_constexprs, HAS_MASK=mask is not None, H_OFFSET=h_offset)
+    kernels._mole_route_finalize[(1,)](work, grid, **plan.finalize_constexprs, BLOCK_NB=min(64, _next_pow2(grid)))
+    return hs, routed, indices, work
+
+
+def _route_backward(plan: FusedPlan, gate: torch.Tensor, h: torch.Tensor, h_offset: int, d_hs: torch.Tensor,
+                    mask: torch.Tensor | None, threshold: torch.Tensor | None, work: torch.Tensor,
+                    d_losses: torch.Tensor | None, d_gate: torch.Tensor, d_h: torch.Tensor, dh_offset: int) -> None:
+    """Launch the routing backward kernel: writes d(gate logits) into d_gate (T, G) and d(rank hidden) into d_h at
+    column `dh_offset` (d_h may be d_gate's own buffer). d_losses: the 3 losses' gradient (None: not used)."""
+    grid = (gate.shape[0] + plan.block - 1) // plan.block
+    kernels._mole_route_bwd[(grid,)](
+        gate, gate.stride(0), h, h.stride(0), d_hs, gate if mask is None else mask,
+        gate if threshold is None else threshold, work, grid, gate if d_losses is None else d_losses,
+        d_gate, d_gate.stride(0), d_h, d_h.stride(0), gate.shape[0], **plan.bwd_constexprs, HAS_MASK=mask is not None,
+        HAS_G_LOSSES=d_losses is not None, H_OFFSET=h_offset, DH_OFFSET=dh_offset)
+
+
+def _losses_of(plan: FusedPlan, work: torch.Tensor) -> torch.Tensor:
+    """The (3,) aux losses (balance, tsallis, z; already scaled) inside the kernels' work buffer."""
+    start = work.shape[0] - (3 + 2 * plan.experts_pow2 + 1)
+    return work[start: start + 3]
+
+
 class _FusedMoLE(torch.autograd.Function):
     """(x, x_experts, base, W_gate, W_main, A, B, mask, threshold) -> (out (T, D_out), losses (3,): balance,
     tsallis, z, already scaled). W_main: MoR's main router (None otherwise). The routing tensors (not
-    differentiable) go to `sink`: [(weights, probs, logits) stacked as (2 or 3, T, E), indices, gate logits]."""
+    differentiable) go to `sink`: [(weights, probs, logits) stacked as (2 or 3, T, E), indices, gate logits].
+
+    The eager-mode path: one autograd node for the whole layer, so that the host issues as few calls as possible.
+    Under `torch.compile` the same kernels run as the `parrot::mole_route` op instead (`_traced_mole`)."""
 
     @staticmethod
     def forward(ctx, x, x_experts, base, gate_weight, main_weight, lora_a, lora_b, mask, threshold,
                 plan: FusedPlan, sink: list):
         T, D = x.shape
-        E, r, G, EP = plan.num_experts, plan.rank, plan.gate_width, plan.experts_pow2
+        E, r, G = plan.num_experts, plan.rank, plan.gate_width
         a_flat = lora_a.view(E * r, D)
         gates = (gate_weight,) if main_weight is None else (gate_weight, main_weight)
         if x_experts is None:  # one GEMM for the router(s) and every expert's A
@@ -169,26 +218,14 @@ class _FusedMoLE(torch.autograd.Function):
         else:
             weight = torch.cat(gates) if main_weight is not None else gate_weight  # (G, D)
             z, h, h_offset = F.linear(x, weight), F.linear(x_experts, a_flat), 0  # (T, G), (T, E*r)
-        grid = (T + plan.block - 1) // plan.block
-        hs = torch.empty(T, E * r, device=x.device, dtype=h.dtype)
-        routed = torch.empty(3 if plan.logits_out else 2, T, E, device=x.device, dtype=x.dtype)
-        indices = torch.empty(T, plan.index_width, device=x.device, dtype=torch.long)
-        # One float32 workspace: per-program partial sums (grid, 4, EP), the 3 losses, what the backward reads.
-        work = torch.empty(grid * 4 * EP + 3 + 2 * EP + 1, device=x.device, dtype=torch.float32)
-        mask_arg = x if mask is None else mask
-        thr_arg = x if threshold is None else threshold
-        kernels._mole_route_fwd[(grid,)](
-            z, z.stride(0), h, h.stride(0), mask_arg, thr_arg, hs, routed, indices, work, T, **plan.fwd_constexprs,
-            HAS_MASK=mask is not None, H_OFFSET=h_offset)
-        kernels._mole_route_finalize[(1,)](work, grid, **plan.finalize_constexprs,
-                                           BLOCK_NB=min(64, _next_pow2(grid)))
+        hs, routed, indices, work = _route_forward(plan, z, h, h_offset, mask, threshold, x.dtype)
         b_flat = lora_b.transpose(1, 2).reshape(E * r, lora_b.shape[1])  # (E*r, D_out), a copy
         out = torch.mm(hs, b_flat) if base is None else torch.addmm(base, hs, b_flat)
-        sink.append((routed, indices, z))
+        sink.append((routed, indices, z[:, :G]))
         ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused loss vector
         ctx.save_for_backward(x, x_experts, weight, a_flat, z, h, hs, b_flat, mask, threshold, work)
-        ctx.plan, ctx.has_base, ctx.grid, ctx.h_offset = plan, base is not None, grid, h_offset
-        return out, work[grid * 4 * EP: grid * 4 * EP + 3]
+        ctx.plan, ctx.has_base, ctx.h_offset = plan, base is not None, h_offset
+        return out, _losses_of(plan, work)
 
     @staticmethod
     def backward(ctx, d_out, d_losses):
@@ -202,11 +239,7 @@ class _FusedMoLE(torch.autograd.Function):
         d_b = torch.mm(d_out.t(), hs).view(-1, E, r).permute(1, 0, 2) if need_b else None  # (E, D_out, r)
         d_hs = F.linear(d_out, b_flat)  # (T, E*r)
         d_z = torch.empty(T, G + E * r, device=x.device, dtype=z.dtype)  # [d gate logits | d rank hidden]
-        kernels._mole_route_bwd[(ctx.grid,)](
-            z, z.stride(0), h, h.stride(0), d_hs, x if mask is None else mask, x if threshold is None else threshold,
-            work, ctx.grid, x if d_losses is None else d_losses, d_z, d_z.stride(0), d_z, d_z.stride(0), T,
-            **plan.bwd_constexprs, HAS_MASK=mask is not None, HAS_G_LOSSES=d_losses is not None,
-            H_OFFSET=ctx.h_offset, DH_OFFSET=G)
+        _route_backward(plan, z, h, ctx.h_offset, d_hs, mask, threshold, work, d_losses, d_z, d_z, G)
         d_x = d_xe = d_gates = d_a = None
         if x_experts is None:  # [gate | h] came from one GEMM with [W_gate; (W_main;) A]
             if need_x:
@@ -235,11 +268,13 @@ class _FusedMoLE(torch.autograd.Function):
 @dataclass(frozen=True)
 class FusedPlan:
     """Everything about the fused path that is fixed for a layer and router mode (built once per layer and mode):
-    the router's spec, the sizes and the kernels' compile-time arguments."""
+    the router's spec, the sizes and the kernels' compile-time arguments. `op_ints` / `op_floats` encode it for
+    the `parrot::mole_route` ops (`plan_from_op_args` decodes them)."""
 
     spec: RoutingSpec
     num_experts: int
     rank: int
+    scaling: float
     gate_width: int  # G: gate logit columns (MoR: M*E + M)
     gate_rows: int  # rows of the (first) gate weight: E, or M*E for MoR
     experts_pow2: int
@@ -249,6 +284,8 @@ class FusedPlan:
     fwd_constexprs: dict
     bwd_constexprs: dict
     finalize_constexprs: dict
+    op_ints: tuple
+    op_floats: tuple
 
 
 def build_plan(router: nn.Module, experts: LoRAExperts) -> FusedPlan | None:
@@ -257,7 +294,18 @@ def build_plan(router: nn.Module, experts: LoRAExperts) -> FusedPlan | None:
     spec = routing_spec(router)
     if spec is None:
         return None
-    E, M, rank, scaling = experts.num_experts, spec.num_routers, experts.rank, experts.scaling
+    return make_plan(spec, experts.num_experts, experts.rank, experts.scaling)
+
+
+_SPEC_INTS = ("kind", "top_k", "keep_top_k", "index_width", "num_routers")
+_SPEC_BOOLS = ("renormalize", "broadcast", "uniform")
+_SPEC_FLOATS = ("top_p", "dyn_threshold", "eps", "tsallis_scale", "q", "entropy_scale", "balance_coef", "dyn_coef",
+                "z_coef")
+
+
+def make_plan(spec: RoutingSpec, num_experts: int, rank: int, scaling: float) -> FusedPlan:
+    """The `FusedPlan` of a routing spec with E experts of rank r scaled by alpha / r."""
+    E, M = num_experts, spec.num_routers
     EP, RP, MP = _next_pow2(E), _next_pow2(rank), _next_pow2(M)
     block = max(1, min(64, _MAX_TILE // (EP * max(RP, MP))))
     block = 1 << (block.bit_length() - 1)  # a power of two
@@ -266,14 +314,110 @@ def build_plan(router: nn.Module, experts: LoRAExperts) -> FusedPlan | None:
                   tsallis_scale=spec.tsallis_scale, q=spec.q, entropy_scale=spec.entropy_scale,
                   KIND=spec.kind, E=E, EP=EP, R=rank, RP=RP, M=M, MP=MP, K=spec.top_k, KEEP=spec.keep_top_k,
                   RENORM=spec.renormalize, BROADCAST=spec.broadcast, UNIFORM=spec.uniform, BLOCK_T=block)
+    op_ints = (*(getattr(spec, f) for f in _SPEC_INTS), *(int(getattr(spec, f)) for f in _SPEC_BOOLS), E, rank)
+    op_floats = (*(float(getattr(spec, f)) for f in _SPEC_FLOATS), float(scaling))
     return FusedPlan(
-        spec=spec, num_experts=E, rank=rank, gate_width=M * E + M if mor else E, gate_rows=M * E if mor else E,
-        experts_pow2=EP, block=block, index_width=spec.index_width, logits_out=mor,
+        spec=spec, num_experts=E, rank=rank, scaling=scaling, gate_width=M * E + M if mor else E,
+        gate_rows=M * E if mor else E, experts_pow2=EP, block=block, index_width=spec.index_width, logits_out=mor,
         fwd_constexprs=dict(common, KI=spec.index_width),
         bwd_constexprs=dict(common, dyn_coef=spec.dyn_coef, z_coef=spec.z_coef),
         finalize_constexprs=dict(KIND=spec.kind, E=E, EP=EP, balance_coef=spec.balance_coef, dyn_coef=spec.dyn_coef,
                                  z_coef=spec.z_coef),
+        op_ints=op_ints, op_floats=op_floats,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def plan_from_op_args(op_ints: tuple, op_floats: tuple) -> FusedPlan:
+    """Inverse of `FusedPlan.op_ints / op_floats` (memoised: the ops call it on every launch)."""
+    n, b = len(_SPEC_INTS), len(_SPEC_BOOLS)
+    values = dict(zip(_SPEC_INTS, op_ints[:n]))
+    values.update((name, bool(v)) for name, v in zip(_SPEC_BOOLS, op_ints[n: n + b]))
+    values.update(zip(_SPEC_FLOATS, op_floats[:-1]))
+    num_experts, rank = op_ints[n + b:]
+    return make_plan(RoutingSpec(**values), num_experts, rank, op_floats[-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The routing kernels as torch.library ops: what `torch.compile` sees of the fused path
+# ----------------------------------------------------------------------------------------------------
+# Dynamo cannot trace into `_FusedMoLE`'s kernel launches on every device (and not in the interpreter), so under
+# compilation the layer is written with torch ops around one opaque op per direction: the GEMMs and weight copies
+# stay visible to the compiler, and the whole step can be captured as a CUDA graph (mode="reduce-overhead").
+# The eager path keeps `_FusedMoLE`: a custom op's dispatch costs ~20 us of host time per call.
+
+
+def _contiguous_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()  # the kernels take a row stride, columns must be dense
+
+
+if kernels is not None:
+    @torch.library.custom_op("parrot::mole_route", mutates_args=())
+    def _mole_route_op(gate: torch.Tensor, h: torch.Tensor, mask: torch.Tensor | None, threshold: torch.Tensor | None,
+                       op_ints: list[int], op_floats: list[float]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gate (T, G) logits, h (T, E*r) rank hidden -> hs (T, E*r), routed (2|3, T, E), indices, work."""
+        plan = plan_from_op_args(tuple(op_ints), tuple(op_floats))
+        return _route_forward(plan, _contiguous_rows(gate), _contiguous_rows(h), 0, mask, threshold, gate.dtype)
+
+    @_mole_route_op.register_fake
+    def _(gate, h, mask, threshold, op_ints, op_floats):
+        plan = plan_from_op_args(tuple(op_ints), tuple(op_floats))
+        T, E, EP = gate.shape[0], plan.num_experts, plan.experts_pow2
+        grid = (T + plan.block - 1) // plan.block
+        return (h.new_empty(T, E * plan.rank), gate.new_empty(3 if plan.logits_out else 2, T, E),
+                gate.new_empty(T, plan.index_width, dtype=torch.long),
+                gate.new_empty(grid * 4 * EP + 3 + 2 * EP + 1, dtype=torch.float32))
+
+    @torch.library.custom_op("parrot::mole_route_backward", mutates_args=())
+    def _mole_route_backward_op(gate: torch.Tensor, h: torch.Tensor, d_hs: torch.Tensor, mask: torch.Tensor | None,
+                                threshold: torch.Tensor | None, work: torch.Tensor, d_work: torch.Tensor | None,
+                                op_ints: list[int], op_floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> d gate (T, G), d h (T, E*r). d_work: the gradient of `work` (only its loss slots are read)."""
+        plan = plan_from_op_args(tuple(op_ints), tuple(op_floats))
+        gate, h = _contiguous_rows(gate), _contiguous_rows(h)
+        d_gate, d_h = torch.empty_like(gate, memory_format=torch.contiguous_format), torch.empty_like(h)
+        d_losses = None if d_work is None else _losses_of(plan, d_work.contiguous())
+        _route_backward(plan, gate, h, 0, d_hs.contiguous(), mask, threshold, work, d_losses, d_gate, d_h, 0)
+        return d_gate, d_h
+
+    @_mole_route_backward_op.register_fake
+    def _(gate, h, d_hs, mask, threshold, work, d_work, op_ints, op_floats):
+        return torch.empty_like(gate, memory_format=torch.contiguous_format), torch.empty_like(h)
+
+    def _mole_route_setup(ctx, inputs, output):
+        gate, h, mask, threshold, op_ints, op_floats = inputs
+        ctx.mark_non_differentiable(output[1], output[2])  # routed, indices: reported, not differentiated
+        ctx.save_for_backward(gate, h, mask, threshold, output[3])
+        ctx.op_args = (op_ints, op_floats)
+
+    def _mole_route_grad(ctx, d_hs, d_routed, d_indices, d_work):
+        gate, h, mask, threshold, work = ctx.saved_tensors
+        if d_hs is None:
+            d_hs = torch.zeros_like(h)
+        d_gate, d_h = torch.ops.parrot.mole_route_backward(gate, h, d_hs, mask, threshold, work, d_work, *ctx.op_args)
+        return d_gate, d_h, None, None, None, None
+
+    _mole_route_op.register_autograd(_mole_route_grad, setup_context=_mole_route_setup)
+
+
+def _traced_mole(x, x_experts, base, gate_weight, main_weight, lora_a, lora_b, mask, threshold, plan: FusedPlan):
+    """`_FusedMoLE` written for `torch.compile`: the same math as torch ops around `parrot::mole_route`.
+    -> out (T, D_out), losses (3,), routed, indices, gate logits (T, G)."""
+    T, D = x.shape
+    E, r, G = plan.num_experts, plan.rank, plan.gate_width
+    a_flat = lora_a.reshape(E * r, D)
+    gates = (gate_weight,) if main_weight is None else (gate_weight, main_weight)
+    if x_experts is None:
+        z = F.linear(x, torch.cat((*gates, a_flat)))  # (T, G + E*r)
+        gate, h = z[:, :G], z[:, G:]
+    else:
+        gate, h = F.linear(x, torch.cat(gates)), F.linear(x_experts, a_flat)  # (T, G), (T, E*r)
+    hs, routed, indices, work = torch.ops.parrot.mole_route(gate, h, mask, threshold, list(plan.op_ints),
+                                                            list(plan.op_floats))
+    b_flat = lora_b.transpose(1, 2).reshape(E * r, lora_b.shape[1])  # (E*r, D_out)
+    out = torch.mm(hs, b_flat) if base is None else torch.addmm(base, hs, b_flat)
+    return out, _losses_of(plan, work), routed, indices, gate.detach()
 
 
 def fused_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, mask: torch.Tensor | None,
@@ -295,25 +439,24 @@ def fused_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, mask: t
     threshold = router.threshold if spec.kind == kernels.GWMOE else None
     lora_a, lora_b = experts.lora_A, experts.lora_B
     device_type = x.device.type
-    sink: list = []
-    if torch.is_autocast_enabled(device_type):  # cast as autocast does for the eager path's matmuls
+    args = [x, x_experts, base, gate_weight, main_weight, lora_a, lora_b, mask, threshold, plan]
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:  # cast as autocast does for the eager path's matmuls
         dtype = torch.get_autocast_dtype(device_type)
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        x, x_experts, base, gate_weight, main_weight = map(cast, (x, x_experts, base, gate_weight, main_weight))
-        lora_a, lora_b = cast(lora_a), cast(lora_b)
-        with torch.autocast(device_type, enabled=False):
-            out, losses = _FusedMoLE.apply(x, x_experts, base, gate_weight, main_weight, lora_a, lora_b, mask,
-                                           threshold, plan, sink)
-    else:
-        out, losses = _FusedMoLE.apply(x, x_experts, base, gate_weight, main_weight, lora_a, lora_b, mask, threshold,
-                                       plan, sink)
-    routed, indices, z = sink[0]
+        args[:7] = [None if t is None else t.to(dtype) for t in args[:7]]
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if torch.compiler.is_compiling():
+            out, losses, routed, indices, gate_logits = _traced_mole(*args)
+        else:
+            sink: list = []
+            out, losses = _FusedMoLE.apply(*args, sink)
+            routed, indices, gate_logits = sink[0]
     if plan.logits_out:
         weights, probs, logits = routed.unbind()
     else:
-        (weights, probs), logits = routed.unbind(), z[:, : plan.gate_width]
+        (weights, probs), logits = routed.unbind(), gate_logits
     aux = {name: losses[i] for name, i in spec.aux_slots}
-    main_logits = z.detach()[:, plan.gate_rows: plan.gate_width] if plan.logits_out else None  # MoR
+    main_logits = gate_logits[:, plan.gate_rows:] if plan.logits_out else None  # MoR
     stats = _stats(router, spec, probs, indices, mask, main_logits)
     return out, RouterOutput(weights, indices, probs, logits, aux, stats)
 
