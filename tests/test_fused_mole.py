@@ -356,18 +356,25 @@ def _compiled_run(layer: MoLELinear, backend):
     return torch.compile(run, fullgraph=True, backend=backend)
 
 
-def _check_compiled(name: str, backend: str, masked: bool = True):
+def _check_compiled(name: str, backend, masked: bool = True, device: str = "cpu", cuda_graphs: bool = False):
     """The compiled fused layer (one graph, with the parrot ops) against the eager modules: output, gradients
-    of x and every trainable parameter, aux losses, routing tensors."""
+    of x and every trainable parameter, aux losses, routing tensors. backend: a torch.compile backend name, or
+    "inductor" with `cuda_graphs` for what mode="reduce-overhead" does."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    eager, twin = _pair(CONFIGS[name], "cpu")
+    if cuda_graphs:
+        from torch._inductor.compile_fx import compile_fx
+
+        def backend(gm, example_inputs):  # noqa: F811 - mode="reduce-overhead" as a backend callable
+            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True})
+
+    eager, twin = _pair(CONFIGS[name], device)
     counter = CompileCounterWithBackend(backend)
     compiled = _compiled_run(twin, counter)
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(T, D_IN, generator=g, dtype=torch.float64)
-    mask = (torch.rand(T, generator=g) > 0.25) if masked else None
-    weight_out = torch.randn(T, D_OUT, generator=g, dtype=torch.float64)
+    x = torch.randn(T, D_IN, generator=g, dtype=torch.float64).to(device)
+    mask = (torch.rand(T, generator=g) > 0.25).to(device) if masked else None
+    weight_out = torch.randn(T, D_OUT, generator=g, dtype=torch.float64).to(device)
     params = {n: p for n, p in eager.named_parameters() if p.requires_grad}
     results = []
     for layer, fn in ((eager, None), (twin, compiled)):
@@ -377,18 +384,21 @@ def _check_compiled(name: str, backend: str, masked: bool = True):
             r = layer.last_routing
             aux, weights, probs, logits, indices = r.aux_losses, r.weights, r.probs, r.logits, r.indices
         else:
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             out, aux, weights, probs, logits, indices = fn(xx, mask)
         loss = (out * weight_out).sum() + sum(aux.values())
         layer_params = [dict(layer.named_parameters())[n] for n in params]
         grads = torch.autograd.grad(loss, [xx, *layer_params])
-        results.append((out.detach(), aux, weights.detach(), probs.detach(), logits.detach(), indices, grads))
+        results.append((out.detach().clone(), {k: v.detach().clone() for k, v in aux.items()}, weights.clone(),
+                        probs.clone(), logits.clone(), indices.clone(), [g.clone() for g in grads]))
     (out_e, aux_e, w_e, p_e, l_e, i_e, g_e), (out_c, aux_c, w_c, p_c, l_c, i_c, g_c) = results
     _close(out_c, out_e, 2e-6, "output")
     for what, ge, gc in zip(["x", *params], g_e, g_c):
         _close(gc, ge, 2e-6, f"grad {what}")
     assert set(aux_c) == set(aux_e)
     for key in aux_e:
-        _close(aux_c[key].detach(), aux_e[key].detach(), 2e-6, f"aux {key}")
+        _close(aux_c[key], aux_e[key], 2e-6, f"aux {key}")
     for what, a, b in (("weights", w_c, w_e), ("probs", p_c, p_e), ("logits", l_c, l_e)):
         _close(a, b, 2e-6, what)
     assert torch.equal(selection_from_indices(i_c, E), selection_from_indices(i_e, E))
@@ -412,6 +422,14 @@ def test_compiled_fused_layer_matches_eager(name):
 def test_compiled_fused_layer_matches_eager_with_inductor():
     _check_compiled("mor", "inductor", masked=True)
     _check_compiled("dynmole", "inductor", masked=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["topk", "gwmoe", "dynmole", "mor"])
+def test_compiled_fused_layer_on_cuda_with_cuda_graphs(name):
+    """Inductor with CUDA graphs (what mode="reduce-overhead" compiles): the fused ops are captured and replayed
+    with the eager values and gradients."""
+    _check_compiled(name, "inductor", masked=name != "topk", device="cuda", cuda_graphs=True)
 
 
 @on_cpu
