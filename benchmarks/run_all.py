@@ -4,7 +4,8 @@
     python -m benchmarks.run_all --device cuda                    # GPU: float32 and bfloat16
     python -m benchmarks.run_all --quick --out results/bench-quick   # small sizes, a smoke run
 
-Results go to `--out` (default `results/benchmarks/<device>`), one subfolder per dtype. A benchmark that
+Results go to `--out` (default `results/benchmarks/<device>`), one subfolder per dtype; `summary.png` draws every
+targeted ratio against its target. A benchmark that
 fails (a reference mismatch, an import error) is recorded in the summary and the others still run; the exit
 status is 1 if any failed. Time at the issue's sizes: about 2 minutes on 2 CPU cores, about 1 on an H100 (2026-11-26).
 """
@@ -31,7 +32,35 @@ def summary_rows(result) -> list[dict]:
     return [{"benchmark": result.benchmark, "ratio": r.name, "value": round(r.value, 3),
              "value_of_minimums": round(r.value_of_minimums, 3),
              "target": None if r.target is None else (">= " if r.direction == "at_least" else "<= ") + f"{r.target:g}",
-             "met": r.met} for r in result.ratios]
+             "target_value": r.target, "met": r.met} for r in result.ratios]
+
+
+def plot_summary(rows: list[dict], path: Path) -> Path | None:
+    """Every ratio that has a target, as a dot at its value joined to its target (log scale): green met, red
+    missed. Returns the image path (None: no targeted ratio)."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    targeted = [row for row in rows if row["target_value"] is not None]
+    if not targeted:
+        return None
+    fig = Figure(figsize=(11, 1.5 + 0.22 * len(targeted)))
+    ax = fig.add_subplot()
+    y = list(range(len(targeted)))
+    values, targets = [row["value"] for row in targeted], [row["target_value"] for row in targeted]
+    colors = ["tab:green" if row["met"] else "tab:red" for row in targeted]
+    ax.hlines(y, targets, values, colors=colors, linewidth=2)
+    ax.scatter(values, y, c=colors, s=25, zorder=3, label="measured (ratio of medians)")
+    ax.scatter(targets, y, marker="|", s=120, color="black", zorder=3, label="target")
+    ax.set_yticks(y, [f"{row['dtype']} {row['benchmark']}: {row['ratio']} ({row['target']})" for row in targeted],
+                  fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("ratio (speedups: target >= ; cost relative to a floor: target <=)")
+    ax.legend(loc="lower right", fontsize=7)
+    ax.grid(axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def to_markdown(rows: list[dict], failures: dict[str, str], header: str) -> str:
@@ -90,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "failures": failures}, indent=2))
     markdown = to_markdown(rows, failures, header)
     (out / "summary.md").write_text(markdown)
+    plot_summary(rows, out / "summary.png")
     print("\n" + markdown)
     print(f"results in {out}")
     return 1 if failures else 0

@@ -106,3 +106,15 @@ def test_timing_summary_and_ratio_direction():
     assert speedup.value == pytest.approx(10.0) and speedup.met
     overhead = harness.Ratio("overhead", "slow", "fast", 1.5, "at_most").evaluate(timings)
     assert not overhead.met
+
+
+def test_run_all_writes_a_summary_plot_of_the_targeted_ratios(tmp_path):
+    from benchmarks import run_all
+
+    assert run_all.main(["--quick", "--only", "merge", "--out", str(tmp_path), "--threads", "1"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (row,) = summary["ratios"]
+    assert row["target_value"] == 5.0 and row["target"] == ">= 5"
+    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    untargeted = [dict(row, target=None, target_value=None)]
+    assert run_all.plot_summary(untargeted, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
