@@ -348,12 +348,12 @@ def test_route_ops_pass_torch_opcheck(name):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def _compiled_run(layer: MoLELinear, backend):
+def _compiled_run(layer: MoLELinear, backend, **options):
     def run(x, mask):
         out = layer.adapter(x, mask, base=layer.base(x))
         routing = layer.last_routing
         return out, routing.aux_losses, routing.weights, routing.probs, routing.logits, routing.indices
-    return torch.compile(run, fullgraph=True, backend=backend)
+    return torch.compile(run, fullgraph=True, backend=backend, **options)
 
 
 def _check_compiled(name: str, backend, masked: bool = True, device: str = "cpu", cuda_graphs: bool = False):
@@ -463,4 +463,27 @@ def test_traced_path_matches_the_autograd_function(dropout):
         _close(b, a, 1e-12, "forward")
     for a, b in zip(results[0][4], results[1][4]):
         _close(b, a, 1e-12, "gradient")
+    torch._dynamo.reset()
+
+
+@on_cpu
+def test_compiled_fused_layer_with_dynamic_token_count():
+    """Sequence lengths change between batches: with dynamic shapes one compiled graph serves every token count
+    (the ops' fake implementations size their outputs symbolically), each matching the eager modules."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    eager, twin = _pair(CONFIGS["dynmole"], "cpu")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = _compiled_run(twin, counter, dynamic=True)
+    compiles = None
+    for tokens in (T, 97, 130):
+        x = torch.randn(tokens, D_IN, dtype=torch.float64)
+        mask = torch.rand(tokens) > 0.2
+        out_c, aux_c, *_ = compiled(x, mask)
+        out_e = eager.adapter(x, mask, base=eager.base(x))
+        _close(out_c.detach(), out_e.detach(), 2e-6, f"output, {tokens} tokens")
+        for key, value in eager.last_routing.aux_losses.items():
+            _close(aux_c[key].detach(), value.detach(), 2e-6, f"aux {key}, {tokens} tokens")
+        compiles = compiles or counter.frame_count
+        assert counter.frame_count == compiles, "recompiled for a new token count"
     torch._dynamo.reset()

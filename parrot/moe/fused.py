@@ -138,8 +138,9 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
     """The layer's `FusedPlan` if the fused path serves this call, else None.
 
     `cache` (a dict the caller keeps per layer) memoises the plan by training mode: the layer's configuration is
-    fixed after construction, and this runs on every forward. Device, dtype, compilation and ZeRO-3
-    partitioning (which may start after the first forward) are checked on every call.
+    fixed after construction, and this runs on every forward. Device, dtype and ZeRO-3 partitioning (which may
+    start after the first forward) are checked on every call. While `torch.compile` traces, the cache is read but
+    not written: a write would fail the guard on its contents at the next call and recompile the whole model once.
     """
     if mode == "never" or kernels is None:
         return None
@@ -153,7 +154,7 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
     if cache is not None and key in cache:
         return cache[key]
     plan = build_plan(router, experts) if experts.act is None and experts.always_stacked() else None
-    if cache is not None:
+    if cache is not None and not torch.compiler.is_compiling():
         cache[key] = plan
     return plan
 
