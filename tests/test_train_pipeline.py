@@ -329,3 +329,24 @@ def test_stage2_mole_each_router_trains_and_writes_diagnostics(ws, stage1, tmp_p
     for record in stats["records"]:
         assert abs(sum(record["load"]) - record["mean_active"]) < 1e-4  # load: share of tokens per expert
     assert (out / "expert_load.png").stat().st_size > 1000
+
+
+def test_stage2_mole_trains_under_torch_compile(ws, stage1, tmp_path):
+    """--torch-compile (HF Trainer's torch_compile): the compiled model trains with the uncompiled run's losses.
+    Backend aot_eager traces through AOTAutograd without code generation (Inductor's modes are for GPUs)."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    counters.clear()
+    for compiled in (False, True):
+        extra = dict(torch_compile="default", torch_compile_backend="aot_eager") if compiled else {}
+        runs[compiled] = train(config(ws, tmp_path / f"compiled-{compiled}", stage=2, model=str(stage1), data="qa",
+                                      tuning="mole", router="topk", lora_targets="q_proj,v_proj", mole_experts=3,
+                                      max_steps=3, **extra))
+    assert counters["stats"]["unique_graphs"] > 0  # the model did run compiled
+    plain, compiled = ([loss for _, loss in runs[c].losses] for c in (False, True))
+    assert len(plain) == len(compiled) == 3
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(plain), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="torch_compile"):
+        TrainConfig(torch_compile="fast")
+    torch._dynamo.reset()

@@ -22,6 +22,7 @@ MOE_METHOD_TUNINGS = ("perft-r", "perft-e", "perft-d", "perft-s", "factorllm", "
 TUNING_MODES = ("full", "lora", "mole", *MOE_METHOD_TUNINGS)
 ROUTER_KINDS = ("topk", "dynmole", "gwmoe", "mor")
 BAD_IMAGE_POLICIES = ("error", "skip")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -98,6 +99,12 @@ class TrainConfig:
     dataloader_workers: int = _opt(0, "DataLoader worker processes")
     deepspeed: str | None = _opt(None, "DeepSpeed config JSON (configs/deepspeed/zero2.json, zero3.json, "
                                        "zero3_offload.json)")
+    torch_compile: str | None = _opt(None, "compile the model with torch.compile in this mode (HF Trainer's "
+                                           "torch_compile); reduce-overhead replays CUDA graphs, which removes the "
+                                           "per-kernel launch cost of small MoLE layers; fused MoLE layers keep their "
+                                           "kernels in the graph (ops parrot::mole_route)", COMPILE_MODES)
+    torch_compile_backend: str = _opt("inductor", "torch.compile backend of --torch-compile (aot_eager: trace only, "
+                                                  "no code generation)")
     # --- checkpoints and logging ---------------------------------------------------------------------------
     save_steps: int = _opt(0, "save a checkpoint every N optimizer steps (0: only the final model)")
     keep_last: int = _opt(2, "keep only the last K checkpoints (0: keep all)")
@@ -114,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
         if self.mole_fused not in ("auto", "never"):
             raise ValueError(f"mole_fused must be 'auto' or 'never', got {self.mole_fused!r}")
+        if self.torch_compile is not None and self.torch_compile not in COMPILE_MODES:
+            raise ValueError(f"torch_compile must be one of {COMPILE_MODES}, got {self.torch_compile!r}")
         if self.on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}")
         for name in ("global_batch_size", "per_device_batch_size", "logging_steps", "lora_rank", "mole_experts",

@@ -124,6 +124,9 @@ def training_arguments(cfg: TrainConfig, processes: int) -> TrainingArguments:
         gradient_checkpointing=cfg.gradient_checkpointing,
         dataloader_num_workers=cfg.dataloader_workers,
         deepspeed=cfg.deepspeed,
+        torch_compile=cfg.torch_compile is not None,
+        torch_compile_mode=cfg.torch_compile,
+        torch_compile_backend=cfg.torch_compile_backend if cfg.torch_compile is not None else None,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
         save_total_limit=None,  # ParrotTrainer rotates published checkpoints itself (keep_last)
