@@ -487,3 +487,27 @@ def test_compiled_fused_layer_with_dynamic_token_count():
         compiles = compiles or counter.frame_count
         assert counter.frame_count == compiles, "recompiled for a new token count"
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["topk", "dynmole"])
+def test_compiled_fused_layer_under_autocast_on_cuda(name):
+    """float32 weights under bfloat16 autocast, compiled with Inductor: the same output and gradients as the
+    uncompiled fused layer (both route in float32, so they pick the same experts)."""
+    _, twin = _pair(CONFIGS[name], "cuda", dtype=torch.float32)
+    compiled = torch.compile(lambda v: twin.adapter(v, None, base=twin.base(v)), fullgraph=True)
+    x = torch.randn(2048, D_IN, device="cuda")
+    results = []
+    for fn in (lambda v: twin.adapter(v, None, base=twin.base(v)), compiled):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(xx)
+        assert out.dtype == torch.bfloat16
+        grads = torch.autograd.grad(out.float().square().sum(), [xx, twin.experts.lora_A, twin.router.gate.weight])
+        results.append((out.float(), grads))
+    (out_e, grads_e), (out_c, grads_c) = results
+    _close(out_c, out_e, 2e-2, "output")
+    for what, ge, gc in zip(("x", "lora_A", "gate"), grads_e, grads_c):
+        assert gc.dtype == ge.dtype
+        _close(gc, ge, 5e-2, f"grad {what}")
+    torch._dynamo.reset()
