@@ -3,10 +3,10 @@
 For every router (topk, dynmole, gwmoe, mor) the same `MoLELinear` is timed four ways on T tokens:
 
 - ours: `MoLELinear.forward` as configured by default: on CUDA the fused path (`parrot.moe.fused`: one autograd
-  node, the routing of every router in one Triton kernel per direction); elsewhere the eager router, then
-  `LoRAExperts` with its default `execution="auto"` (the stacked rank-E*r executor at these sizes); router
-  statistics are lazy, so not computed;
-- eager (when ours is fused): the same layer with `fused="never"`, i.e. the eager modules;
+  node, the routing of every router in one Triton kernel per direction); elsewhere the eager path: `LoRAExperts`
+  with its default `execution="auto"` (the stacked rank-E*r executor at these sizes), the router's logits and the
+  experts' rank hidden from one GEMM (`shared_gemm_mole`); router statistics are lazy, so not computed;
+- eager (when ours is fused): the same layer with `fused="never"`, i.e. the eager path;
 - masked: the issue's reference (b), a naive per-expert masked loop as the official MixLoRA executor
   (TUDB-Labs/MixLoRA, `mixlora/model.py`, `MixLoraSparseMoe.forward`, verified) and HF Mixtral's
   `MixtralSparseMoeBlock` write it: for each expert, `torch.where` finds its tokens, they are gathered, run

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from parrot.moe import mole as mole_module
 from parrot.moe.experts import LoRAExperts
+from parrot.moe.fused import shared_gemm_applies, shared_gemm_mole
 from parrot.moe.mole import (
     MoLEConfig,
     MoLELinear,
@@ -337,6 +339,66 @@ def test_stacked_and_grouped_executions_agree(name):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     for g_grouped, g_stacked in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(g_grouped, g_stacked, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_shared_gemm_path_equals_router_then_experts(name, masked):
+    """A stacked layer computes the router's logits and the experts' rank hidden in one GEMM (`shared_gemm_mole`):
+    output, every gradient, aux losses, routing tensors and statistics as calling the router, then the experts."""
+    layer = _layer(ROUTERS[name], execution="stacked").train()
+    assert shared_gemm_applies(layer.router, layer.experts)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, D_IN, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, 40, dtype=torch.float64)[:, None]
+    mask = torch.rand(40, generator=g) > 0.3 if masked else None
+    params = [p for p in layer.parameters() if p.requires_grad]
+    results = []
+    for shared in (True, False):
+        xx = x.clone().requires_grad_(True)
+        base = layer.base(xx)
+        if shared:
+            out, routing = shared_gemm_mole(layer.router, layer.experts, xx, mask, base)
+        else:
+            routing = layer.router(xx, mask)
+            out = layer.experts(xx, routing.weights, routing.indices, base=base)
+        loss = out.square().sum() + sum(routing.aux_losses.values(), out.new_zeros(()))
+        results.append((out, routing, torch.autograd.grad(loss, [xx, *params])))
+    (out_s, r_s, g_s), (out_m, r_m, g_m) = results
+    torch.testing.assert_close(out_s, out_m, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_s, g_m):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert set(r_s.aux_losses) == set(r_m.aux_losses)
+    for key in r_m.aux_losses:
+        torch.testing.assert_close(r_s.aux_losses[key], r_m.aux_losses[key], rtol=1e-12, atol=1e-14)
+    for field in ("weights", "indices", "probs", "logits"):
+        torch.testing.assert_close(getattr(r_s, field), getattr(r_m, field), rtol=1e-12, atol=1e-14)
+    assert set(r_s.stats) == set(r_m.stats)
+    for key in r_m.stats:
+        torch.testing.assert_close(r_s.stats[key], r_m.stats[key])
+
+
+def test_shared_gemm_path_only_where_it_applies(monkeypatch):
+    """LoRA dropout in training (the experts see another input), gate bias, grouped or bottleneck experts and
+    ZeRO-3 partitioned weights keep the router and expert modules."""
+    stacked = _layer(ROUTERS["topk"], execution="stacked")
+    assert shared_gemm_applies(stacked.router, stacked.experts)
+    assert not shared_gemm_applies(_layer(ROUTERS["topk"], execution="grouped").router,
+                                   _layer(ROUTERS["topk"], execution="grouped").experts)
+    biased = _layer(RouterConfig(kind="mor", top_k=2, num_routers=2, bias=True), execution="stacked")
+    assert not shared_gemm_applies(biased.router, biased.experts)
+    bottleneck = LoRAExperts(E, D_IN, D_OUT, R, ALPHA, "stacked", activation=nn.ReLU())
+    assert not shared_gemm_applies(stacked.router, bottleneck)
+    stacked.experts.lora_A.ds_id = 3  # what DeepSpeed ZeRO-3 sets on the parameters it partitions
+    assert not shared_gemm_applies(stacked.router, stacked.experts)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("shared_gemm_mole used with LoRA dropout in training")
+    monkeypatch.setattr(mole_module, "shared_gemm_mole", refuse)
+    torch.manual_seed(0)
+    dropping = MoLELinear(nn.Linear(D_IN, D_OUT), E, R, ALPHA, 0.2, ROUTERS["topk"], "stacked").train()
+    dropping(torch.randn(6, D_IN))  # the modules, not the shared GEMM
+    with pytest.raises(AssertionError, match="dropout"):
+        dropping.eval()(torch.randn(6, D_IN))  # no dropout in eval mode: the shared GEMM serves it
 
 
 def test_auto_execution_picks_stacked_only_for_small_adapters():

@@ -161,8 +161,14 @@ class LoRAExperts(nn.Module):
         return indices.shape[1] == self.num_experts and bool((indices >= 0).all())
 
     def _stacked(self, x: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        h = self._down(x, self.lora_A.reshape(self.num_experts * self.rank, self.in_features))  # (T, E*r)
+        return self.stacked_from_hidden(h, weights, base)
+
+    def stacked_from_hidden(self, h: torch.Tensor, weights: torch.Tensor,
+                            base: torch.Tensor | None = None) -> torch.Tensor:
+        """The stacked executor from the rank hidden h = sigma(x A^T) (T, E*r) already computed (a MoLE layer
+        computes it in one GEMM with the router's logits) -> (base +) delta (T, D_out)."""
         E, r = self.num_experts, self.rank
-        h = self._down(x, self.lora_A.reshape(E * r, self.in_features))  # (T, E*r)
         # alpha / r folds into the (T, E) weights, so the (T, D_out) output is never rescaled.
         scale = (weights * self.scaling).to(h.dtype)  # (T, E)
         h = (h.view(-1, E, r) * scale[:, :, None]).view(-1, E * r)

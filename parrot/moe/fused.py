@@ -23,6 +23,10 @@ applies: a supported router without gate bias (top-k, DynMoLE with q != 1, GW-Mo
 experts with the stacked executor, no DeepSpeed ZeRO-3 partitioned weights.
 With dropout the router still sees the clean input and the experts the dropped one (two GEMMs instead of one).
 
+Where the kernels do not run (CPU, `fused="never"`, torch without Triton) but the layout applies, `shared_gemm_mole` is
+the same layout in torch ops: one GEMM with [W_gate; A], the router's own math on the logits (`router.route`), the
+stacked executor's second GEMM (`MoLELinear.adapter` picks it; ~20% faster than router + experts on CPU).
+
 Under `torch.compile` the layer traces as one graph (fullgraph) with the same GEMMs as torch ops and the routing
 kernels as two registered ops, `parrot::mole_route` and its backward `parrot::mole_route_backward` (fake
 implementations for tracing, an autograd formula, `torch.library.opcheck`-tested), so that compiled training,
@@ -49,7 +53,7 @@ import torch.nn.functional as F
 
 from .experts import LoRAExperts
 from .routers import (DynMoLERouter, GWMoERouter, MixtureOfRoutersRouter, RouterOutput, RoutingStats, TopKRouter,
-                      lazy_routing_stats, masked_mean, routing_stats, tsallis_entropy)
+                      check_router_inputs, lazy_routing_stats, masked_mean, routing_stats, tsallis_entropy)
 
 try:
     from . import kernels
@@ -157,6 +161,38 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
     if cache is not None and not torch.compiler.is_compiling():
         cache[key] = plan
     return plan
+
+
+def _gate_weights(router: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The router's gate weight(s), in the column order of its logits: (W_gate,) or MoR's (W_sub, W_main)."""
+    if isinstance(router, MixtureOfRoutersRouter):
+        return router.gate.weight, router.main_gate.weight
+    return (router.gate.weight,)
+
+
+def shared_gemm_applies(router: nn.Module, experts: LoRAExperts) -> bool:
+    """Whether `shared_gemm_mole` can serve this layer: plain LoRA experts that always run stacked, one of the four
+    MoLE routers without gate bias, no ZeRO-3 partitioned weights (their gathering hooks run on module calls)."""
+    gates = [router.gate] + ([router.main_gate] if isinstance(router, MixtureOfRoutersRouter) else [])
+    return (type(router) in (TopKRouter, DynMoLERouter, GWMoERouter, MixtureOfRoutersRouter)
+            and all(g.bias is None for g in gates) and experts.act is None and experts.always_stacked()
+            and not any(hasattr(p, "ds_id") for p in (experts.lora_A, experts.lora_B, *(g.weight for g in gates))))
+
+
+def shared_gemm_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, mask: torch.Tensor | None,
+                     base: torch.Tensor | None) -> tuple[torch.Tensor, RouterOutput]:
+    """The fused path's layout in torch ops, where the kernels do not run (CPU, `fused="never"`): the gate logits
+    and every expert's rank hidden from one GEMM with [W_gate; A], the router's own math on those logits
+    (`router.route`), then the stacked executor's second GEMM into `base`. Same values as router + experts; the
+    input is read once, and the backward's dx and d[W_gate; A] are one GEMM each instead of two (plus an add).
+    x (T, D_in), mask (T,) or None, base (T, D_out) or None -> (out (T, D_out), RouterOutput)."""
+    check_router_inputs(x, mask)
+    gates = _gate_weights(router)
+    G = sum(w.shape[0] for w in gates)
+    a_flat = experts.lora_A.reshape(-1, experts.in_features)  # (E*r, D_in)
+    logits, h = F.linear(x, torch.cat((*gates, a_flat))).split([G, a_flat.shape[0]], dim=-1)  # (T, G), (T, E*r)
+    routing = router.route(logits, mask, x.dtype)
+    return experts.stacked_from_hidden(h, routing.weights, base), routing
 
 
 def _route_forward(plan: FusedPlan, gate: torch.Tensor, h: torch.Tensor, h_offset: int, mask: torch.Tensor | None,

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from .experts import LoRAExperts
-from .fused import FUSED_MODES, fused_mole, fused_plan
+from .fused import FUSED_MODES, fused_mole, fused_plan, shared_gemm_applies, shared_gemm_mole
 from .routers import RouterConfig, RouterOutput, build_router
 
 ADAPTER_WEIGHTS_NAME = "mole_adapter.safetensors"
@@ -178,13 +178,18 @@ class MoLELinear(nn.Module):
                 base: torch.Tensor | None = None) -> torch.Tensor:
         """Router + experts on flat tokens (T, D_in) -> base + delta (T, D_out) (delta alone without `base`).
 
-        Sets `last_routing`. Runs the fused path (`parrot.moe.fused`) where it applies, else the eager modules;
-        the experts add their delta into `base` inside their last GEMM / index_add.
+        Sets `last_routing`. Runs the fused path (`parrot.moe.fused`: Triton kernels) where it applies, else its
+        torch-op form (`shared_gemm_mole`: one GEMM for the router's logits and the experts' rank hidden) where
+        that applies (stacked experts, no LoRA dropout in training), else the router and expert modules; the
+        experts add their delta into `base` inside their last GEMM / index_add.
         """
         plan = fused_plan(self.fused, self.router, self.experts, flat, self._fused_plans)
+        dropout = self.training and isinstance(self.dropout, nn.Dropout)  # the experts see another input
         if plan is not None:
-            dropped = self.dropout(flat) if self.training and isinstance(self.dropout, nn.Dropout) else None
+            dropped = self.dropout(flat) if dropout else None
             out, routing = fused_mole(self.router, self.experts, flat, mask, base, dropped, plan)
+        elif not dropout and shared_gemm_applies(self.router, self.experts):
+            out, routing = shared_gemm_mole(self.router, self.experts, flat, mask, base)
         else:
             routing = self.router(flat, mask)
             out = self.experts(self.dropout(flat), routing.weights, routing.indices, base=base)

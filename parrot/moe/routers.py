@@ -279,7 +279,7 @@ def lazy_routing_stats(
     return RoutingStats(partial(routing_stats, probs.detach(), indices, mask, detach(broadcast), detach(uncertainty)))
 
 
-def _check_inputs(hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
+def check_router_inputs(hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
     if hidden.dim() != 2:
         raise ValueError(f"router expects hidden states (T, D), got shape {tuple(hidden.shape)}")
     if mask is not None and mask.shape != hidden.shape[:1]:
@@ -329,9 +329,14 @@ class TopKRouter(nn.Module):
         self.gate = nn.Linear(hidden_size, num_experts, bias=bias)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
-        _check_inputs(hidden, mask)
-        logits = self.gate(hidden)  # (T, E)
-        probs = _softmax(logits, hidden.dtype)
+        check_router_inputs(hidden, mask)
+        return self.route(self.gate(hidden), mask, hidden.dtype)
+
+    def route(self, logits: torch.Tensor, mask: torch.Tensor | None = None,
+              dtype: torch.dtype | None = None) -> RouterOutput:
+        """The routing of gate logits (T, E) already computed (`forward` = route(gate(hidden))); dtype: of the
+        probabilities, the hidden states' (default: the logits')."""
+        probs = _softmax(logits, dtype or logits.dtype)
         weights, indices = topk_weights(probs, self.top_k, self.renormalize and self.top_k is not None, logits)
         tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
@@ -398,9 +403,13 @@ class DynMoLERouter(nn.Module):
         self.gate = nn.Linear(hidden_size, num_experts, bias=bias)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
-        _check_inputs(hidden, mask)
-        logits = self.gate(hidden)  # (T, E)
-        probs = _softmax(logits, hidden.dtype)
+        check_router_inputs(hidden, mask)
+        return self.route(self.gate(hidden), mask, hidden.dtype)
+
+    def route(self, logits: torch.Tensor, mask: torch.Tensor | None = None,
+              dtype: torch.dtype | None = None) -> RouterOutput:
+        """The routing of gate logits (T, E) already computed (see `TopKRouter.route`)."""
+        probs = _softmax(logits, dtype or logits.dtype)
         # Experts in descending probability; no gradient flows through the selection.
         sorted_p, order = probs.detach().sort(dim=-1, descending=True)  # (T, E)
         # Top-p keeps a prefix of each sorted row (cumulative sums of probabilities only grow), at least
@@ -519,9 +528,13 @@ class GWMoERouter(nn.Module):
         self._threshold_checked = (weakref.ref(current), current._version)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
-        _check_inputs(hidden, mask)
-        logits = self.gate(hidden)  # (T, E)
-        probs = _softmax(logits, hidden.dtype)
+        check_router_inputs(hidden, mask)
+        return self.route(self.gate(hidden), mask, hidden.dtype)
+
+    def route(self, logits: torch.Tensor, mask: torch.Tensor | None = None,
+              dtype: torch.dtype | None = None) -> RouterOutput:
+        """The routing of gate logits (T, E) already computed (see `TopKRouter.route`)."""
+        probs = _softmax(logits, dtype or logits.dtype)
         weights, indices = topk_weights(probs, self.top_k, self.renormalize, logits)
         if self.training:
             self._require_threshold()
@@ -531,7 +544,7 @@ class GWMoERouter(nn.Module):
             broadcast = uncertainty >= self.threshold
             full = probs if self.broadcast_weights == "softmax" else 1.0 / self.num_experts
             weights = torch.where(broadcast[:, None], full, weights)
-            all_experts = torch.arange(self.num_experts, device=hidden.device)  # (E,)
+            all_experts = torch.arange(self.num_experts, device=logits.device)  # (E,)
             padded = F.pad(indices, (0, self.num_experts - self.top_k), value=-1)  # (T, E)
             indices = torch.where(broadcast[:, None], all_experts, padded)  # (T, E)
             stats = lazy_routing_stats(probs, indices, mask, broadcast=broadcast, uncertainty=uncertainty)
@@ -587,11 +600,22 @@ class MixtureOfRoutersRouter(nn.Module):
         self.main_gate = nn.Linear(hidden_size, num_routers, bias=bias)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
-        _check_inputs(hidden, mask)
-        T = hidden.shape[0]
-        sub_logits = self.gate(hidden).view(T, self.num_routers, self.num_experts)  # (T, M, E)
-        sub_probs = _softmax(sub_logits, hidden.dtype)  # (T, M, E)
-        router_weights = _softmax(self.main_gate(hidden), hidden.dtype)  # (T, M)
+        check_router_inputs(hidden, mask)
+        return self._route(self.gate(hidden), self.main_gate(hidden), mask, hidden.dtype)
+
+    def route(self, logits: torch.Tensor, mask: torch.Tensor | None = None,
+              dtype: torch.dtype | None = None) -> RouterOutput:
+        """The routing of gate logits already computed: (T, M*E + M), the sub-routers' then the main router's
+        (see `TopKRouter.route`)."""
+        sub, main = logits.split([self.num_routers * self.num_experts, self.num_routers], dim=-1)
+        return self._route(sub, main, mask, dtype or logits.dtype)
+
+    def _route(self, sub_logits: torch.Tensor, main_logits: torch.Tensor, mask: torch.Tensor | None,
+               dtype: torch.dtype) -> RouterOutput:
+        T = sub_logits.shape[0]
+        sub_logits = sub_logits.reshape(T, self.num_routers, self.num_experts)  # (T, M, E)
+        sub_probs = _softmax(sub_logits, dtype)  # (T, M, E)
+        router_weights = _softmax(main_logits, dtype)  # (T, M)
         probs = torch.einsum("tm,tme->te", router_weights, sub_probs)  # (T, E)
         logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
         # log p as the logits: the softmax of the top-k log-probabilities is the renormalised top-k p.
