@@ -97,10 +97,20 @@ class RoutingSpec:
         object.__setattr__(self, "aux_slots", tuple((name, index) for name, index, coef in slots if coef))
 
 
+def _gates(router: nn.Module) -> tuple[nn.Linear, ...]:
+    """The router's gate linear(s), in the column order of its logits: (gate,) or MoR's (sub-routers, main)."""
+    return (router.gate, router.main_gate) if isinstance(router, MixtureOfRoutersRouter) else (router.gate,)
+
+
+def _zero3_partitioned(router: nn.Module, experts: LoRAExperts) -> bool:
+    """DeepSpeed ZeRO-3 partitions these weights: module hooks gather them, which a path that reads the weights of
+    several modules at once does not call (ZeRO-3 may start after the first forward: checked on every call)."""
+    return any(hasattr(p, "ds_id") for p in (experts.lora_A, experts.lora_B, *(g.weight for g in _gates(router))))
+
+
 def routing_spec(router: nn.Module) -> RoutingSpec | None:
     """The kernel description of `router`, or None if the fused path does not cover it."""
-    gates = [router.gate] + ([router.main_gate] if isinstance(router, MixtureOfRoutersRouter) else [])
-    if any(g.bias is not None for g in gates):
+    if any(g.bias is not None for g in _gates(router)):
         return None
     E = router.num_experts
     if type(router) is TopKRouter:
@@ -152,8 +162,8 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
         return None  # off CUDA only Triton's interpreter can run the kernels
     if x.device.type == "cpu" and (x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu")):
         return None  # the interpreter computes in NumPy: no bfloat16
-    if any(hasattr(p, "ds_id") for p in (experts.lora_A, experts.lora_B, router.gate.weight)):
-        return None  # ZeRO-3 partitioned weights are gathered by module hooks that this path does not call
+    if _zero3_partitioned(router, experts):
+        return None
     key = router.training
     if cache is not None and key in cache:
         return cache[key]
@@ -163,20 +173,12 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
     return plan
 
 
-def _gate_weights(router: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The router's gate weight(s), in the column order of its logits: (W_gate,) or MoR's (W_sub, W_main)."""
-    if isinstance(router, MixtureOfRoutersRouter):
-        return router.gate.weight, router.main_gate.weight
-    return (router.gate.weight,)
-
-
 def shared_gemm_applies(router: nn.Module, experts: LoRAExperts) -> bool:
     """Whether `shared_gemm_mole` can serve this layer: plain LoRA experts that always run stacked, one of the four
-    MoLE routers without gate bias, no ZeRO-3 partitioned weights (their gathering hooks run on module calls)."""
-    gates = [router.gate] + ([router.main_gate] if isinstance(router, MixtureOfRoutersRouter) else [])
+    MoLE routers without gate bias, no ZeRO-3 partitioned weights."""
     return (type(router) in (TopKRouter, DynMoLERouter, GWMoERouter, MixtureOfRoutersRouter)
-            and all(g.bias is None for g in gates) and experts.act is None and experts.always_stacked()
-            and not any(hasattr(p, "ds_id") for p in (experts.lora_A, experts.lora_B, *(g.weight for g in gates))))
+            and all(g.bias is None for g in _gates(router)) and experts.act is None and experts.always_stacked()
+            and not _zero3_partitioned(router, experts))
 
 
 def shared_gemm_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, mask: torch.Tensor | None,
@@ -187,7 +189,7 @@ def shared_gemm_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, m
     input is read once, and the backward's dx and d[W_gate; A] are one GEMM each instead of two (plus an add).
     x (T, D_in), mask (T,) or None, base (T, D_out) or None -> (out (T, D_out), RouterOutput)."""
     check_router_inputs(x, mask)
-    gates = _gate_weights(router)
+    gates = [g.weight for g in _gates(router)]
     G = sum(w.shape[0] for w in gates)
     a_flat = experts.lora_A.reshape(-1, experts.in_features)  # (E*r, D_in)
     logits, h = F.linear(x, torch.cat((*gates, a_flat))).split([G, a_flat.shape[0]], dim=-1)  # (T, G), (T, E*r)
