@@ -187,7 +187,9 @@ def shared_gemm_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, m
     and every expert's rank hidden from one GEMM with [W_gate; A], the router's own math on those logits
     (`router.route`), then the stacked executor's second GEMM into `base`. Same values as router + experts; the
     input is read once, and the backward's dx and d[W_gate; A] are one GEMM each instead of two (plus an add).
-    x (T, D_in), mask (T,) or None, base (T, D_out) or None -> (out (T, D_out), RouterOutput)."""
+    As on the fused path, the router's and gates' `forward` is not called (hooks on them do not fire); the layer's
+    `last_routing` holds the routing. x (T, D_in), mask (T,) or None, base (T, D_out) or None
+    -> (out (T, D_out), RouterOutput)."""
     check_router_inputs(x, mask)
     gates = [g.weight for g in _gates(router)]
     G = sum(w.shape[0] for w in gates)
