@@ -379,7 +379,8 @@ def test_shared_gemm_path_equals_router_then_experts(name, masked):
 
 def test_shared_gemm_path_only_where_it_applies(monkeypatch):
     """LoRA dropout in training (the experts see another input), gate bias, grouped or bottleneck experts and
-    ZeRO-3 partitioned weights keep the router and expert modules."""
+    weights that module hooks materialise (ZeRO-3 partitions, offloaded "meta" weights) keep the router and expert
+    modules."""
     stacked = _layer(ROUTERS["topk"], execution="stacked")
     assert shared_gemm_applies(stacked.router, stacked.experts)
     assert not shared_gemm_applies(_layer(ROUTERS["topk"], execution="grouped").router,
@@ -388,6 +389,9 @@ def test_shared_gemm_path_only_where_it_applies(monkeypatch):
     assert not shared_gemm_applies(biased.router, biased.experts)
     bottleneck = LoRAExperts(E, D_IN, D_OUT, R, ALPHA, "stacked", activation=nn.ReLU())
     assert not shared_gemm_applies(stacked.router, bottleneck)
+    offloaded = _layer(ROUTERS["mor"], execution="stacked")
+    offloaded.router.main_gate.to("meta")  # accelerate's offloading hooks load such weights at the module call
+    assert not shared_gemm_applies(offloaded.router, offloaded.experts)
     stacked.experts.lora_A.ds_id = 3  # what DeepSpeed ZeRO-3 sets on the parameters it partitions
     assert not shared_gemm_applies(stacked.router, stacked.experts)
 

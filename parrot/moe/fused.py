@@ -102,10 +102,12 @@ def _gates(router: nn.Module) -> tuple[nn.Linear, ...]:
     return (router.gate, router.main_gate) if isinstance(router, MixtureOfRoutersRouter) else (router.gate,)
 
 
-def _zero3_partitioned(router: nn.Module, experts: LoRAExperts) -> bool:
-    """DeepSpeed ZeRO-3 partitions these weights: module hooks gather them, which a path that reads the weights of
-    several modules at once does not call (ZeRO-3 may start after the first forward: checked on every call)."""
-    return any(hasattr(p, "ds_id") for p in (experts.lora_A, experts.lora_B, *(g.weight for g in _gates(router))))
+def _hook_managed(router: nn.Module, experts: LoRAExperts) -> bool:
+    """Whether module hooks materialise these weights at each module call (DeepSpeed ZeRO-3 partitions, accelerate
+    offloading leaves them on "meta"): a path that reads several modules' weights at once cannot use them. Checked
+    on every call (ZeRO-3 may start after the first forward)."""
+    weights = (experts.lora_A, experts.lora_B, *(g.weight for g in _gates(router)))
+    return any(hasattr(w, "ds_id") or w.is_meta for w in weights)
 
 
 def routing_spec(router: nn.Module) -> RoutingSpec | None:
@@ -162,7 +164,7 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
         return None  # off CUDA only Triton's interpreter can run the kernels
     if x.device.type == "cpu" and (x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu")):
         return None  # the interpreter computes in NumPy: no bfloat16
-    if _zero3_partitioned(router, experts):
+    if _hook_managed(router, experts):
         return None
     key = router.training
     if cache is not None and key in cache:
@@ -175,10 +177,10 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
 
 def shared_gemm_applies(router: nn.Module, experts: LoRAExperts) -> bool:
     """Whether `shared_gemm_mole` can serve this layer: plain LoRA experts that always run stacked, one of the four
-    MoLE routers without gate bias, no ZeRO-3 partitioned weights."""
+    MoLE routers without gate bias, no hook-managed weights (ZeRO-3, offloading)."""
     return (type(router) in (TopKRouter, DynMoLERouter, GWMoERouter, MixtureOfRoutersRouter)
             and all(g.bias is None for g in _gates(router)) and experts.act is None and experts.always_stacked()
-            and not _zero3_partitioned(router, experts))
+            and not _hook_managed(router, experts))
 
 
 def shared_gemm_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, mask: torch.Tensor | None,
