@@ -42,11 +42,13 @@ CONFIGS = {
 DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _pair(config: dict, device: str, dtype=torch.float64, dropout: float = 0.0) -> tuple[MoLELinear, MoLELinear]:
+def _pair(config: dict, device: str, dtype=torch.float64, dropout: float = 0.0,
+          num_experts: int = E) -> tuple[MoLELinear, MoLELinear]:
     """(eager, fused) layers with identical weights; routers sharpened so that routing is not uniform."""
     torch.manual_seed(0)
     base = nn.Linear(D_IN, D_OUT, bias=False)
-    eager = MoLELinear(base, E, R, ALPHA, dropout, RouterConfig(**config), expert_execution="stacked", fused="never")
+    eager = MoLELinear(base, num_experts, R, ALPHA, dropout, RouterConfig(**config), expert_execution="stacked",
+                       fused="never")
     eager.to(device=device, dtype=dtype)
     with torch.no_grad():
         eager.experts.lora_B.normal_(0, 0.5)
@@ -98,7 +100,9 @@ def _check(eager, twin, device, dtype, masked, tol, aux="with"):
     _close(route_f.weights, route_e.weights.detach(), tol, "weights")
     _close(route_f.probs, route_e.probs.detach(), tol, "probs")
     _close(route_f.logits, route_e.logits.detach(), tol, "logits")
-    assert torch.equal(selection_from_indices(route_f.indices, E), selection_from_indices(route_e.indices, E))
+    num_experts = eager.experts.num_experts
+    assert torch.equal(selection_from_indices(route_f.indices, num_experts),
+                       selection_from_indices(route_e.indices, num_experts))
     return route_e, route_f
 
 
@@ -123,6 +127,72 @@ def test_fused_aux_loss_gradients(name):
     """The aux losses' gradients alone (they are 1e-3 of the output's, so check them separately)."""
     eager, twin = _pair(dict(CONFIGS[name], balance_coef=1.0, z_loss_coef=0.1), "cpu")
     _check(eager, twin, "cpu", torch.float64, True, 2e-6, aux="only")
+
+
+@on_cpu
+@pytest.mark.parametrize("name, num_experts", [("topk", 1), ("gwmoe", 1), ("dynmole", 1), ("topk", 2), ("gwmoe", 2),
+                                               ("dynmole", 2), ("mor", 2)])
+def test_fused_one_or_two_experts(name, num_experts):
+    """E < 3: a partial-sum row of the kernels' work buffer is padded to 4 lanes, since it also carries three
+    per-block scalars (with 2 lanes the valid-token count was lost: aux losses and their gradients x T).
+    (MoR with one expert is left out: its p is 1 whatever the main router says, so its exact main-router gradient
+    and log p are 0, which the float32 kernels reproduce only to rounding.)"""
+    config = dict(CONFIGS[name], balance_coef=1.0, z_loss_coef=0.1)
+    if config.get("top_k"):
+        config["top_k"] = 1  # k < E where possible: with k = E the balance loss is a constant
+    eager, twin = _pair(config, "cpu", num_experts=num_experts)
+    tol = 5e-5 if name == "mor" else 2e-6  # MoR's main-router gradient at k=1 of 2 cancels down to ~1e-5
+    route_e, _ = _check(eager, twin, "cpu", torch.float64, True, tol)
+    assert route_e.aux_losses  # the losses are compared, not absent
+    _check(eager, twin, "cpu", torch.float64, True, tol, aux="only")
+
+
+@on_cpu
+@pytest.mark.parametrize("name", ["topk", "dynmole"])
+def test_fused_strided_mask(name):
+    """A mask that is a strided view (e.g. the last column of a (B, S) attention mask at a decoding step) reads
+    each token's own entry."""
+    eager, twin = _pair(dict(CONFIGS[name], balance_coef=1.0, z_loss_coef=0.1), "cpu")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, D_IN, generator=g, dtype=torch.float64)
+    mask = (torch.rand(T, 3, generator=g) > 0.4)[:, 1]  # stride 3
+    assert mask.stride(0) == 3 and not mask.is_contiguous()
+    weight_out = torch.randn(T, D_OUT, generator=g, dtype=torch.float64)
+    out_e, route_e, grads_e = _run(eager, x, mask, weight_out)
+    out_f, route_f, grads_f = _run(twin, x, mask, weight_out)
+    for key in route_e.aux_losses:
+        _close(route_f.aux_losses[key], route_e.aux_losses[key].detach(), 2e-6, f"aux {key}")
+    for i, (ge, gf) in enumerate(zip(grads_e, grads_f)):
+        _close(gf, ge, 2e-6, f"grad {i}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["topk", "dynmole", "mor"])
+def test_fused_empty_sequence(name, device):
+    """No tokens: the kernels launch no program, the aux losses are 0 (as on the eager path), backward runs."""
+    eager, twin = _pair(CONFIGS[name], device)
+    x = torch.zeros(2, 0, D_IN, device=device, dtype=torch.float64, requires_grad=True)
+    assert fused.fused_applies(twin.fused, twin.router, twin.experts, x.view(0, D_IN))
+    out = twin(x)
+    assert out.shape == (2, 0, D_OUT)
+    losses = twin.last_routing.aux_losses
+    assert losses and all(float(v.detach()) == 0.0 for v in losses.values()), losses
+    (out.sum() + sum(losses.values())).backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_dynmole_top_p_one_keeps_every_expert(device):
+    """top_p = 1: every expert of every token, as on the eager path, though float32 cumulative sums round past 1."""
+    eager, twin = _pair(dict(kind="dynmole", top_p=1.0, keep_top_k=1, entropy_threshold=1.0), device,
+                        dtype=torch.float32)
+    x = torch.randn(T, D_IN, generator=torch.Generator().manual_seed(5)).to(device) * 2.0
+    with torch.no_grad():
+        twin.adapter(x)
+    routing = twin.last_routing
+    assert torch.equal(routing.weights, routing.probs)
+    assert (routing.indices >= 0).all()
+    _check(eager, twin, device, torch.float32, True, 1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

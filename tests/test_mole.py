@@ -377,6 +377,21 @@ def test_shared_gemm_path_equals_router_then_experts(name, masked):
         torch.testing.assert_close(r_s.stats[key], r_m.stats[key])
 
 
+@pytest.mark.parametrize("execution", ["stacked", "grouped"])
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_empty_sequence_like_nn_linear(name, execution):
+    """No tokens (B, 0, D): nn.Linear's output shape, aux losses 0 as for a fully masked batch (not NaN), and a
+    backward that runs."""
+    layer = _layer(ROUTERS[name], execution=execution).train()
+    x = torch.zeros(2, 0, D_IN, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.shape == layer.base(x).shape == (2, 0, D_OUT)
+    losses = layer.last_routing.aux_losses
+    assert losses and all(float(v.detach()) == 0.0 for v in losses.values()), losses
+    (out.sum() + sum(losses.values())).backward()
+    assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
+
+
 def test_shared_gemm_path_only_where_it_applies(monkeypatch):
     """LoRA dropout in training (the experts see another input), gate bias, grouped or bottleneck experts and
     weights that module hooks materialise (ZeRO-3 partitions, offloaded "meta" weights) keep the router and expert

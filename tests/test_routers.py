@@ -424,6 +424,18 @@ def test_dynmole_indices_match_indices_from_selection():
     assert torch.equal(out.indices, indices_from_selection(out.probs, selected))
 
 
+def test_dynmole_top_p_one_keeps_every_expert():
+    """top_p = 1 keeps all experts of every token, also where the float32 cumulative sum rounds past 1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, D, generator=g) * 3.0
+    router = DynMoLERouter(D, E, top_p=1.0, keep_top_k=1, entropy_threshold=1.0)  # S <= 1: never soft-routed
+    probs = torch.softmax(router.gate(x).float(), -1)
+    assert (probs.sort(-1, descending=True).values.cumsum(-1) > 1.0).any()  # the rounding case occurs here
+    out = router(x)
+    assert torch.equal(out.weights, out.probs)
+    assert (out.indices >= 0).all()
+
+
 @pytest.mark.parametrize("kind", ["topk2", "topk_dense", "gwmoe_train", "gwmoe_eval", "mor"])
 def test_balance_loss_without_mask_matches_reference(kind):
     """No mask: the balance loss takes the count path (counts, sums, the known k) -- same value and gradient as

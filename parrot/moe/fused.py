@@ -209,6 +209,7 @@ def _route_forward(plan: FusedPlan, gate: torch.Tensor, h: torch.Tensor, h_offse
     T = gate.shape[0]
     E, r, EP = plan.num_experts, plan.rank, plan.experts_pow2
     grid = (T + plan.block - 1) // plan.block
+    mask = None if mask is None else mask.contiguous()  # the kernels index it by token (e.g. a 2-D mask's column)
     hs = torch.empty(T, E * r, device=gate.device, dtype=h.dtype)
     routed = torch.empty(3 if plan.logits_out else 2, T, E, device=gate.device, dtype=routed_dtype)
     indices = torch.empty(T, plan.index_width, device=gate.device, dtype=torch.long)
@@ -226,6 +227,7 @@ def _route_backward(plan: FusedPlan, gate: torch.Tensor, h: torch.Tensor, h_offs
     """Launch the routing backward kernel: writes d(gate logits) into d_gate (T, G) and d(rank hidden) into d_h at
     column `dh_offset` (d_h may be d_gate's own buffer). d_losses: the 3 losses' gradient (None: not used)."""
     grid = (gate.shape[0] + plan.block - 1) // plan.block
+    mask = None if mask is None else mask.contiguous()
     kernels._mole_route_bwd[(grid,)](
         gate, gate.stride(0), h, h.stride(0), d_hs, gate if mask is None else mask,
         gate if threshold is None else threshold, work, grid, gate if d_losses is None else d_losses,
@@ -349,7 +351,8 @@ _SPEC_FLOATS = ("top_p", "dyn_threshold", "eps", "tsallis_scale", "q", "entropy_
 def make_plan(spec: RoutingSpec, num_experts: int, rank: int, scaling: float) -> FusedPlan:
     """The `FusedPlan` of a routing spec with E experts of rank r scaled by alpha / r."""
     E, M = num_experts, spec.num_routers
-    EP, RP, MP = _next_pow2(E), _next_pow2(rank), _next_pow2(M)
+    # EP >= 4: a partial-sum row of the work buffer (EP wide) also carries three per-block scalars (kernels.py).
+    EP, RP, MP = max(_next_pow2(E), 4), _next_pow2(rank), _next_pow2(M)
     block = max(1, min(64, _MAX_TILE // (EP * max(RP, MP))))
     block = 1 << (block.bit_length() - 1)  # a power of two
     mor = spec.kind == kernels.MOR

@@ -7,7 +7,8 @@ scatter, scaling, balance-loss sums, and their backward) that the eager routers 
 
 Router kinds (constexpr KIND): 0 top-k softmax, 1 GW-MoE, 2 DynMoLE, 3 Mixture of Routers. The math of each is
 the eager router's in `routers.py` (the tests check values and gradients against it); here everything is
-computed in float32. Shapes: T tokens, E experts (EP = next power of two), rank R (RP), MoR sub-routers M (MP).
+computed in float32. Shapes: T tokens, E experts (EP = next power of two, at least 4), rank R (RP), MoR
+sub-routers M (MP).
 
 Layout: the gate logits (G per token: E; MoR: M*E sub-router logits then M main-router logits) and the experts'
 rank hidden x A^T (E*R per token) are usually the two column ranges of one (T, G + E*R) GEMM output (the hidden at
@@ -98,6 +99,8 @@ def _select(p, score, cols, cols_ok, thr_ptr, top_p, dyn_threshold, eps, tsallis
             hit = cols[None, :] == idx[:, None]
             cumulative += top
             if i < KEEP:
+                active = tl.full([BLOCK_T], 1, tl.int1)
+            elif top_p >= 1.0:  # every expert, as in routers.py (the cumulative sum may round past 1)
                 active = tl.full([BLOCK_T], 1, tl.int1)
             else:
                 active = (cumulative <= top_p) | broadcast
@@ -200,6 +203,7 @@ def _mole_route_fwd(
     else:
         m = rows_ok.to(tl.float32)
     sel_f = selected.to(tl.float32)
+    tl.static_assert(EP >= 3, "a partial-sum row holds three scalars: EP must be at least 3")
     part = work_ptr + pid * (4 * EP) + cols
     tl.store(part, tl.sum(m[:, None] * sel_f, 0))
     tl.store(part + EP, tl.sum(m[:, None] * p, 0))

@@ -172,7 +172,7 @@ class MoLELinear(nn.Module):
         out = self.base(x)
         flat = x.reshape(-1, x.shape[-1])  # (T, D_in)
         out = self.adapter(flat, self._mask_for(x), base=out.reshape(-1, out.shape[-1]))
-        return out.view(*x.shape[:-1], -1)  # (..., D_out)
+        return out.view(*x.shape[:-1], out.shape[-1])  # (..., D_out); -1 cannot be inferred with no tokens
 
     def adapter(self, flat: torch.Tensor, mask: torch.Tensor | None = None,
                 base: torch.Tensor | None = None) -> torch.Tensor:

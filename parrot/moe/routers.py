@@ -122,7 +122,8 @@ def token_weights(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 def token_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Mean over the first dim of `values` (T, ...) with `token_weights` (plain mean when None)."""
     if weights is None:
-        return values.mean(0)
+        # No tokens: 0 like a fully masked mean (mean(0) would be NaN and poison the aux losses).
+        return values.mean(0) if values.shape[0] else values.sum(0)
     return torch.tensordot(weights, values, dims=1)
 
 
@@ -354,7 +355,8 @@ class DynMoLERouter(nn.Module):
     Per token: p = softmax(W x); S = S_q(p) (normalised Tsallis entropy, see `tsallis_entropy`).
     - S > entropy_threshold  -> soft routing over all experts (router uncertain);
     - otherwise              -> top-p routing: experts sorted by p, keep those whose cumulative
-                                probability is <= top_p, and always at least `keep_top_k`.
+                                probability is <= top_p, and always at least `keep_top_k` (top_p = 1:
+                                every expert, though a cumulative sum may round past 1).
     Combine weights are the original probabilities of the active experts; the official code does not
     renormalise them (`renormalize=False` by default, flag to change it).
     Aux loss (official `_dynamic_load_balancing_loss_func`): c_dyn * mean_t S_q(p_t) + c_aux * L_lb with
@@ -414,7 +416,10 @@ class DynMoLERouter(nn.Module):
         sorted_p, order = probs.detach().sort(dim=-1, descending=True)  # (T, E)
         # Top-p keeps a prefix of each sorted row (cumulative sums of probabilities only grow), at least
         # keep_top_k long; soft routing keeps the whole row, so the active set stays a prefix.
-        active_sorted = sorted_p.cumsum(-1) <= self.top_p  # (T, E), sorted order
+        if self.top_p >= 1.0:  # every expert: cumulative sums may round past 1.0 and drop the last ones
+            active_sorted = torch.ones_like(sorted_p, dtype=torch.bool)  # (T, E)
+        else:
+            active_sorted = sorted_p.cumsum(-1) <= self.top_p  # (T, E), sorted order
         active_sorted[:, : self.keep_top_k] = True
         tsallis = tsallis_entropy(probs, self.tsallis_q, self.entropy_eps, self.normalize_entropy)  # (T,)
         soft = tsallis > self.entropy_threshold  # (T,)
