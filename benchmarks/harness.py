@@ -44,11 +44,25 @@ class BenchSettings:
     seed: int
     cuda_graphs: bool = False
     tf32: bool = False
+    args: dict = field(default_factory=dict)  # every parsed flag (JSON-ready): the run's full settings
+
+
+def _jsonable(value: object) -> object:
+    """An argparse value as JSON can hold it: Paths as strings, sequences as lists."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def add_common_args(parser: argparse.ArgumentParser, warmup: tuple[int, int] = (1, 3),
-                    repeats: tuple[int, int] = (5, 20)) -> None:
-    """Flags every benchmark shares. `warmup` / `repeats` defaults are (CPU, CUDA): CPU calls are slow."""
+                    repeats: tuple[int, int] = (5, 20), cuda_graphs: bool = False) -> None:
+    """Flags every benchmark shares. `warmup` / `repeats` defaults are (CPU, CUDA): CPU calls are slow.
+
+    `cuda_graphs`: whether the benchmark has CUDA-graph cases; where not, `--cuda-graphs` is still listed (the
+    flags stay the same for every script) but `settings_from_args` rejects it instead of silently ignoring it.
+    """
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--warmup", type=int, default=None,
@@ -62,14 +76,16 @@ def add_common_args(parser: argparse.ArgumentParser, warmup: tuple[int, int] = (
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="CUDA only: also time capturable cases as CUDA-graph replays (GPU work without launch "
-                             "overhead), for benchmarks that support it")
+                             "overhead)" + ("" if cuda_graphs else "; not supported by this benchmark (rejected)"))
     parser.add_argument("--tf32", action="store_true",
                         help="CUDA float32 runs: allow TF32 tensor-core matmuls on both sides (what HF Trainer's "
                              "--tf32 sets); the equality checks then use a 1e-2 tolerance")
-    parser.set_defaults(_default_warmup=warmup, _default_repeats=repeats)
+    parser.set_defaults(_default_warmup=warmup, _default_repeats=repeats, _supports_cuda_graphs=cuda_graphs)
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    if args.cuda_graphs and not args._supports_cuda_graphs:  # before any other check: the flag is the problem
+        raise SystemExit("--cuda-graphs: this benchmark has no CUDA-graph cases (only bench_mole times them)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build / machine")
@@ -91,8 +107,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         if device.type != "cuda":
             raise SystemExit("--tf32 needs --device cuda")
         torch.backends.cuda.matmul.allow_tf32 = True  # process-wide: the benchmark owns its process
+    flags = {name: _jsonable(value) for name, value in vars(args).items() if not name.startswith("_")}
     return BenchSettings(device, DTYPES[args.dtype], warmup, repeats, args.out, args.profile, args.quick, args.seed,
-                         args.cuda_graphs, args.tf32)
+                         args.cuda_graphs, args.tf32, flags)
 
 
 def synchronize(device: torch.device) -> None:
@@ -100,8 +117,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cuda_graphed(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
-    """Capture one call of `fn` (forward and backward) in a CUDA graph; returns its replay.
+def cuda_graphed(fn: Callable[[], object], warmup: int = 3) -> tuple[Callable[[], None], object]:
+    """Capture one call of `fn` (forward and backward) in a CUDA graph; returns (its replay, the captured call's
+    return value). The returned tensors live in the graph's memory: each replay overwrites them with its results,
+    so after a replay they can be checked against a plain call of `fn`.
 
     Timing the replay measures the GPU work of `fn` without the host's per-kernel launch cost, on both sides
     of a comparison alike. `fn` must not synchronise with the host (no `.item()`, `nonzero`, `.tolist()`).
@@ -115,8 +134,8 @@ def cuda_graphed(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None
         fn()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        fn()
-    return graph.replay
+        outputs = fn()
+    return graph.replay, outputs
 
 
 def on_side_stream(device: torch.device):
@@ -223,11 +242,29 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_same(name: str, ours: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], dtype: torch.dtype,
                labels: Sequence[str] | None = None) -> Check:
-    """Compare tensors pairwise (output, then gradients); raise if any differs beyond the dtype's tolerance."""
+    """Compare tensors pairwise (output, then gradients); raise if any differs beyond the dtype's tolerance.
+
+    Integer and bool tensors (attention masks, labels, indices) must be equal exactly: a float tolerance would let
+    a label or index be off by a lot (by 40 at bfloat16's 5e-2 on values around 1000).
+    """
     if len(ours) != len(ref):
         raise AssertionError(f"{name}: {len(ours)} tensors from ours vs {len(ref)} from the reference")
     labels = list(labels) if labels is not None else [str(i) for i in range(len(ours))]
-    errors = {label: relative_error(a, b) for label, a, b in zip(labels, ours, ref)}
+    errors = {}
+    for label, a, b in zip(labels, ours, ref):
+        if a.is_floating_point() and b.is_floating_point():
+            errors[label] = relative_error(a, b)
+            continue
+        if a.shape != b.shape:
+            raise AssertionError(f"{name}: shape mismatch on {label!r}: ours {tuple(a.shape)} vs reference "
+                                 f"{tuple(b.shape)}")
+        differ = (a.detach() != b.detach()).nonzero()
+        if len(differ):
+            at = tuple(differ[0].tolist())
+            raise AssertionError(
+                f"{name}: ours and the reference disagree on {label!r} (an integer / bool tensor, compared exactly): "
+                f"{len(differ)} of {a.numel()} elements differ, first at {at}: {a[at].item()} vs {b[at].item()}")
+        errors[label] = 0.0
     tolerance = CHECK_TOLERANCE[dtype]
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:  # --tf32: 10-bit mantissa products
         tolerance = TF32_CHECK_TOLERANCE
@@ -306,10 +343,12 @@ class BenchResult:
     checks: list[Check]
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    args: dict = field(default_factory=dict)  # the parsed flags (BenchSettings.args)
 
     def to_json(self) -> dict:
         return {
             "benchmark": self.benchmark,
+            "args": self.args,
             "sizes": self.sizes,
             "environment": self.environment,
             "timings": {k: asdict(v) for k, v in self.timings.items()},
@@ -322,7 +361,8 @@ class BenchResult:
 
 def finish(benchmark: str, sizes: dict, times: dict[str, list[float]], ratios: list[Ratio], checks: list[Check],
            settings: BenchSettings, baseline: str, notes: Sequence[str] = (), extra: dict | None = None) -> BenchResult:
-    """Turn raw times into medians and ratios, print the table, write `<out>/<benchmark>.json`."""
+    """Turn raw times into medians and ratios, print the table, write `<out>/<benchmark>.json` (with every parsed
+    flag under "args", so the JSON alone says how the run was made: seed, router settings, --compile, ...)."""
     timings = {name: Timing.of(t) for name, t in times.items()}
     ratios = [r.evaluate(timings) for r in ratios]
     env = environment(settings)
@@ -333,7 +373,7 @@ def finish(benchmark: str, sizes: dict, times: dict[str, list[float]], ratios: l
         print("  " + ratio.describe())
     for check in checks:
         print(f"  check {check.name}: max relative error {check.max_rel_err:.2e} (tol {check.tolerance:g})")
-    result = BenchResult(benchmark, sizes, env, timings, ratios, checks, list(notes), extra or {})
+    result = BenchResult(benchmark, sizes, env, timings, ratios, checks, list(notes), extra or {}, settings.args)
     if settings.out is not None:
         settings.out.mkdir(parents=True, exist_ok=True)
         path = settings.out / f"{benchmark}.json"
