@@ -112,6 +112,34 @@ def test_router_learns_only_from_the_pa_loss_and_base_stays_frozen():
     assert grads == set(setup.trainable)
 
 
+def test_padding_is_left_out_of_the_aux_losses():
+    """A right-padded batch: the prior-approximate and balance losses and the statistics of a layer equal those of
+    the same layer run on the real tokens alone (the model call's attention mask reaches the layers)."""
+    model = _llama()
+    setup = prepare_for_tuning(model, "factorllm", num_experts=4, top_k=2)
+    layer = model.model.layers[0].mlp
+    layer.router.balance_coef = 0.01
+    inputs = {}
+    layer.register_forward_hook(lambda module, args, out: inputs.__setitem__("x", args[0].detach()))
+    ids = torch.randint(0, 40, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=ids)
+    padded = setup.routing()["model.layers.0.mlp"]
+    assert torch.equal(layer.token_mask, mask.bool())
+    real_tokens = inputs["x"][mask.bool()][None]  # (1, 9, D): no padding, no mask
+    layer.token_mask = None
+    layer(real_tokens)
+    alone = layer.last_routing
+    assert set(padded.aux_losses) == set(alone.aux_losses) == {"prior_approx", "balance"}
+    for name in alone.aux_losses:
+        torch.testing.assert_close(padded.aux_losses[name], alone.aux_losses[name], rtol=1e-12, atol=0)
+    torch.testing.assert_close(padded.stats["load"], alone.stats["load"], rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="does not cover"):
+        layer.token_mask = mask[:1].bool()
+        layer(inputs["x"])
+
+
 def test_report_at_k_equal_e_matches_dense_and_tiny_training_lowers_loss(tmp_path):
     dense = _llama().float()
     factor = copy.deepcopy(dense)

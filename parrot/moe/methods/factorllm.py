@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..experts import SwiGLUExperts
-from ..mole import mole_aux_loss
+from ..mole import install_mask_hooks, mole_aux_loss
 from ..routers import RouterConfig, RouterOutput, build_router
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ class FactorizedMLP(nn.Module):
     """A dense SwiGLU MLP split into E experts plus a top-k router (see the module docstring).
 
     forward(x (B, S, D)) -> (B, S, D). `last_routing` holds the latest RouterOutput (weights are the hard
-    0/1 selection; aux_losses include "prior_approx" in training); `token_mask` may be set by a caller
-    (B, S) to exclude padding from the aux loss and statistics.
+    0/1 selection; aux_losses include "prior_approx" in training); `token_mask` (B, S), set from the model call's
+    2-D attention mask by the hooks `inject_factorllm` installs, excludes padding from the aux losses and statistics.
     """
 
     def __init__(self, dense: nn.Module, config: FactorLLMConfig, permutation: torch.Tensor | None = None):
@@ -168,9 +168,14 @@ class FactorizedMLP(nn.Module):
         return out
 
     def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.token_mask is None:
+        if self.token_mask is None or x.dim() != 3:
             return None
-        return self.token_mask[:, -x.shape[1] :].reshape(-1).to(device=x.device, dtype=torch.bool)
+        batch, seq = x.shape[:2]
+        mask = self.token_mask
+        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
+            raise ValueError(f"FactorLLM routing mask of shape {tuple(mask.shape)} does not cover hidden states "
+                             f"{(batch, seq)}")
+        return mask[:, -seq:].reshape(-1).to(device=x.device, dtype=torch.bool)  # (B*S,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -202,7 +207,8 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
 def inject_factorllm(model: nn.Module, config: FactorLLMConfig, permutations: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Replace every dense SwiGLU MLP named in `config.target_modules` by a FactorizedMLP; return the names.
 
-    Freezes the base model (`freeze_base`); routers train, experts train when `train_experts`.
+    Freezes the base model (`freeze_base`); routers train, experts train when `train_experts`. Installs the hooks
+    that hand each model call's 2-D attention mask to the layers, so padding stays out of the aux losses.
     """
     targets = [n for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1] in config.target_modules and _is_swiglu_mlp(m)]
     if not targets:
@@ -218,6 +224,7 @@ def inject_factorllm(model: nn.Module, config: FactorLLMConfig, permutations: di
         layer = FactorizedMLP(getattr(parent, child), config, permutations.get(name))
         layer.experts.requires_grad_(config.train_experts)
         setattr(parent, child, layer)
+    install_mask_hooks(model, factorized_layers(model))
     return targets
 
 
