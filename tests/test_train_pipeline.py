@@ -120,6 +120,33 @@ def test_stage2_lora_folds_adapters_into_targeted_linears_only(ws, stage1, tmp_p
     assert changed_parts(before, after)["vision_tower"][0] == 0
 
 
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_stage2_ddp_survives_a_text_only_batch(tuning, tmp_path):
+    """Plain DDP as the trainer configures it for stage 2: a batch without images leaves the projector and the MoE
+    without gradients; the next step must still run (DDP checks the previous step's reduction)."""
+    from tests.conftest import IMAGE_TOKEN_ID, tiny_parrot_config
+    from parrot.model import ParrotForCausalLM
+    from parrot.train.run import training_arguments
+    from parrot.train.stages import apply_stage
+
+    cfg = TrainConfig(stage=2, tuning=tuning, output_dir=str(tmp_path / "out"))
+    find_unused = training_arguments(cfg, 1).ddp_find_unused_parameters
+    torch.manual_seed(0)
+    model = ParrotForCausalLM(tiny_parrot_config()).train()
+    apply_stage(model, cfg)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
+        with_image = dict(input_ids=torch.tensor([[1, IMAGE_TOKEN_ID, 3, 4]]), labels=torch.tensor([[-100, -100, 3, 4]]),
+                          pixel_values=torch.randn(1, 3, 32, 32))
+        text_only = dict(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[-100, -100, 3, 4]]))
+        for batch in (with_image, text_only, with_image):
+            ddp(**batch).loss.backward()
+        assert next(model.mm_projector.parameters()).grad is not None  # the image steps reached it
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_fold_lora_matches_peft_merge():
     from peft import LoraConfig, get_peft_model
 

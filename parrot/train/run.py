@@ -39,7 +39,6 @@ from .trainer import ParrotTrainer
 logger = logging.getLogger("parrot.train")
 BAD_DATA_REPORT = "bad_data_report.json"
 TRAIN_CONFIG = "train_config.json"
-ROUTED_TUNINGS = ("mole", "perft-r", "perft-e", "ceft")
 
 
 @dataclass
@@ -137,9 +136,10 @@ def training_arguments(cfg: TrainConfig, processes: int) -> TrainingArguments:
         remove_unused_columns=False,
         use_cpu=use_cpu,
         average_tokens_across_devices=False,
-        # top-k routing (MoLE, PERFT-R/E) leaves some experts without tokens in a step, CEFT experts may get
-        # none; DDP must tolerate their missing gradients
-        ddp_find_unused_parameters=cfg.stage == 2 and cfg.tuning in ROUTED_TUNINGS,
+        # Stage 2 parameters can miss a step's gradient: a text-only batch (allowed, ~40k rows of LLaVA-665k) does
+        # not reach the projector and the MoE; top-k routing (MoLE, PERFT-R/E) leaves experts without tokens, and
+        # CEFT experts may get none. Plain DDP must tolerate that (DeepSpeed ignores the flag).
+        ddp_find_unused_parameters=cfg.stage == 2,
     )
 
 
