@@ -88,7 +88,26 @@ def build_queries(records: Sequence[MCQRecord], language: str, circular: bool) -
     return queries
 
 
-def _run_batch(model: MCQModel, batch: list[Query], mode: str, model_name: str) -> list[dict]:
+def _locate(error: ValueError, batch: list[Query], language: str) -> ValueError:
+    """``error`` raised by the model on ``batch``, reworded to name the language and the item(s): the model only
+    knows positions in the batch ("prompt 0 is 234 tokens long")."""
+    position = getattr(error, "position", None)
+    if isinstance(position, int) and 0 <= position < len(batch):
+        query = batch[position]
+        where = f"item index {query.record.index} (rotation {query.rotation}, key {query.key!r})"
+    else:
+        where = f"a batch of item indices {sorted({query.record.index for query in batch})}"
+    return ValueError(f"MMMB {language}, {where}: {error}")
+
+
+def _run_batch(model: MCQModel, batch: list[Query], mode: str, model_name: str, language: str) -> list[dict]:
+    try:
+        return _ask_model(model, batch, mode, model_name)
+    except ValueError as error:
+        raise _locate(error, batch, language) from error
+
+
+def _ask_model(model: MCQModel, batch: list[Query], mode: str, model_name: str) -> list[dict]:
     prompts = [query.prompt for query in batch]
     images = [query.record.load_image() for query in batch]
     base = [{"key": q.key, "index": q.record.index, "rotation": q.rotation, "prompt_sha1": prompt_hash(q.prompt),
@@ -123,7 +142,7 @@ def predict_language(model: MCQModel, queries: list[Query], cache: PredictionCac
         logger.info("%s: %d of %d prompts already cached", language, len(queries) - len(todo), len(queries))
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc=f"MMMB {language} ({mode})", unit="batch", disable=not batches):
-        cache.append(_run_batch(model, batch, mode, config.model_name))
+        cache.append(_run_batch(model, batch, mode, config.model_name, language))
     return {query.key: cache.get(query.key, query.prompt) for query in queries}
 
 
@@ -156,13 +175,27 @@ def _write_predictions(frame: pd.DataFrame, stem: Path) -> None:
     frame.to_csv(stem.with_suffix(".tsv"), sep="\t", index=False)
     # openpyxl rejects control characters that a model may emit; the .tsv keeps the raw text.
     printable = frame.replace(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "", regex=True)
-    printable.to_excel(stem.with_suffix(".xlsx"), index=False)
+    _write_excel(printable, stem.with_suffix(".xlsx"))
+
+
+def _write_excel(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` as .xlsx with every text cell stored as text: openpyxl turns a string starting with "="
+    (a model answering "=B", an option "=1+1") into a formula, which Excel would evaluate."""
+    with pd.ExcelWriter(path, engine="openpyxl") as writer:
+        frame.to_excel(writer, index=False)
+        for row in writer.sheets["Sheet1"].iter_rows():
+            for cell in row:
+                if cell.data_type == "f":
+                    cell.data_type = "s"
 
 
 def evaluate_mmmb(model: MCQModel, data: dict[str, list[MCQRecord]], out_dir: str | Path,
                   config: EvalConfig) -> EvalResult:
     """Evaluate ``model`` on the aligned per-language ``data`` and write all outputs to ``out_dir``."""
     check_alignment(data)
+    empty = [language for language, records in data.items() if not records]
+    if empty or not data:
+        raise ValueError(f"no MMMB items to evaluate for language(s) {empty or 'any'}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Categories come from one reference language so translated category names still share a table row.

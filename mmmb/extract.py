@@ -12,6 +12,10 @@ en/zh/pt/ar/tr/ru. Rules, applied in order; the first that decides wins:
    texts so "Vitamin C" is not read as letter C, and skipping article/pronoun use ("A red car", "I think");
 6. the text of exactly one option appears (nested matches such as "red" inside "dark red" count once).
 
+In rules 2, 4 and 5 a letter that is also a word (en/pt "A", en "I", tr "O", Russian "В"/"А"/"С") followed by
+a lower-case word is read as that word ("Answer: A blue square", "Ответ: В центре ..."); a second letter joined
+by "or"/","/"или"... counts only if it is a valid option and not such a word ("The answer is C, I think").
+
 Two different letters (or options) at the deciding rule → ambiguous → ``None`` (scored as wrong, reported as
 "no answer"). A letter that is not among the item's options also gives ``None``.
 """
@@ -23,11 +27,15 @@ from typing import Sequence
 
 from mmmb.tsv import OPTION_LETTERS
 
-# Characters that glue to a letter and make it part of a word (Latin incl. accents, Cyrillic, Arabic, digits).
-_WORD_CHARS = r"0-9A-Za-z\u00C0-\u024F\u0400-\u04FF\u0600-\u06FF"
+# Characters that glue to a letter and make it part of a word (Latin incl. accents, Cyrillic, Arabic letters,
+# marks and digits). The Arabic block also holds punctuation (، ؛ ؟ ۔ ٪ ...), left out so that "B،" is the
+# letter B followed by a comma, as "B," is.
+_WORD_CHARS = (r"0-9A-Za-z\u00C0-\u024F\u0400-\u04FF"
+               r"\u0610-\u061A\u0620-\u0669\u066E-\u06D3\u06D5-\u06DC\u06DF-\u06E8\u06EA-\u06FC\u06FF")
+_ARABIC_PUNCTUATION = "\u060C\u061B\u061F\u06D4"  # ، ؛ ؟ ۔
 # Look-alikes a model may write in Russian/Arabic: Cyrillic А В С Е, Arabic abjad option labels أ ب ج د.
 _HOMOGLYPHS: dict[str, str] = {"А": "A", "В": "B", "С": "C", "Е": "E", "أ": "A", "ب": "B", "ج": "C", "د": "D"}
-_WRAPPING = " \t\r\n.,:;!?。，、：；！？()（）[]【】「」<>*_\"'`“”‘’«»-—–=#"
+_WRAPPING = " \t\r\n.,:;!?。，、：；！？()（）[]【】「」<>*_\"'`“”‘’«»-—–=#" + _ARABIC_PUNCTUATION
 
 _STRONG_CUES = "|".join([
     # en
@@ -53,11 +61,14 @@ _FILLER = r"[\s:：\-—–=\"'“”«»„‘’`*_\(\[（【「]*"
 _FILLER_WORDS = (r"(?:(?:(?:the|an|a|o|la)\s+)?(?:option|choice|letter|选项|選項|opção|alternativa|letra|"
                  r"الخيار|الحرف|seçenek|şık|вариант|буква)" + _FILLER + r")?")
 # Upper-case Latin letter or a homoglyph; a lower-case one only when nothing word-like follows ("answer: b.").
-_LETTER = (r"(?P<letter>[A-Z]|[АВСЕ]|[أبجد]|[a-z](?=\s*(?:$|[.,;:!?)\]。，；：！？）])))"
+_LETTER = (rf"(?P<letter>[A-Z]|[АВСЕ]|[أبجد]|[a-z](?=\s*(?:$|[.,;:!?)\]。，；：！？）{_ARABIC_PUNCTUATION}])))"
            rf"(?![{_WORD_CHARS}])")
+# What may join a second letter to a cue's letter ("B or C", "B, C", "B/C", "B، C"): both count (ambiguous).
 _CONJUNCTION = re.compile(
-    rf"^\s*(?:,|/|(?i:or|and|или|и|veya|ya\s+da|ve|ou|e|أو|و)\s|或者?|和|与|及)\s*(?P<letter>[A-Z])(?![{_WORD_CHARS}])"
+    rf"\s*(?P<joiner>[,/\u060C]|(?i:or|and|или|и|veya|ya\s+da|ve|ou|e|أو|و)\s|或者?|和|与|及)"
+    rf"\s*(?P<letter>[A-Z]|[АВСЕ]|[أبجد])(?![{_WORD_CHARS}])"
 )
+_COMMAS = frozenset(",\u060C")
 
 
 def _cue_pattern(cues: str) -> re.Pattern[str]:
@@ -69,15 +80,21 @@ _CUE_TIERS: tuple[re.Pattern[str], ...] = (_cue_pattern(_STRONG_CUES), _cue_patt
 _LEADING_LABEL = re.compile(r"^[\s*_(\[（【]*(?P<letter>[A-Z])[*_]*(?:[.)\]:：）】]|\s*\n|\s*$)")
 _LINE_LABEL = re.compile(r"(?m)^[\s*_(\[（【]*(?P<letter>[A-Z])[*_]*[.)\]:：）】]")
 _STANDALONE = re.compile(rf"(?<![{_WORD_CHARS}])(?P<letter>[A-Z])(?![{_WORD_CHARS}])")
-# "A"/"E"/"I"/"O" are also words (en/pt article, pt "and", en "I", tr "O"): followed by a lower-case Latin word
-# they are read as words unless that word says the letter is the answer ("A is correct", "B şıkkı").
-_WORD_LETTERS = frozenset("AEIO")
-_FOLLOWING_WORD = re.compile(r"\s+([a-zà-ɏ]+)")
-_CONFIRMING_WORDS = frozenset({
-    "or", "and", "ou", "e", "veya", "ve", "ya",  # "A or B": letters joined by a conjunction
+# Letters that are also words: en/pt article "A", pt "E" (and), en "I", tr "O"; Russian "А" (but), "В" (in),
+# "С" (with), "Е". Followed by a lower-case word of their script they are read as words ("A blue square",
+# "I think", "В центре") unless that word says the letter is the answer ("A is correct", "B şıkkı").
+_LATIN_WORD_LETTERS = frozenset("AEIO")
+_CYRILLIC_WORD_LETTERS = frozenset("АВСЕ")
+_FOLLOWING_LATIN_WORD = re.compile(r"\s+([a-zà-ɏ]+)")
+_FOLLOWING_CYRILLIC_WORD = re.compile(r"\s+([а-яё]+)")
+# A word after a letter, any script: a lower-case one after "B, C" starts a new clause ("B, A is wrong").
+_FOLLOWING_ANY_WORD = re.compile(r"\s+([^\W\d_]+)")
+_CONJUNCTION_WORDS = frozenset({"or", "and", "ou", "e", "veya", "ve", "ya", "или", "и"})  # "A or B": letters
+_CONFIRMING_WORDS = _CONJUNCTION_WORDS | frozenset({
     "is", "was", "seems", "would", "should", "matches", "fits", "correct", "right",
     "é", "está", "parece", "seria", "correta", "certa",
     "şıkkı", "şıkkıdır", "seçeneği", "seçeneğidir", "doğru", "doğrudur", "olmalı",
+    "верно", "верный", "правильно", "правильный",
 })
 
 
@@ -112,13 +129,45 @@ def _leading_label(text: str) -> str | None:
     return match.group("letter")
 
 
-def _cue_letters(text: str, pattern: re.Pattern[str]) -> set[str]:
+def _reads_as_word(text: str, raw_letter: str, end: int) -> bool:
+    """Whether ``raw_letter`` (ending at ``end``) is a word rather than an option label: a letter that is
+    also a word, followed by a lower-case word of its script that does not confirm it ("A blue square")."""
+    if raw_letter in _LATIN_WORD_LETTERS:
+        following = _FOLLOWING_LATIN_WORD.match(text, end)
+    elif raw_letter in _CYRILLIC_WORD_LETTERS:
+        following = _FOLLOWING_CYRILLIC_WORD.match(text, end)
+    else:
+        return False
+    return following is not None and following.group(1) not in _CONFIRMING_WORDS
+
+
+def _alternative_letter(text: str, position: int, valid: str) -> str | None:
+    """A second letter joined to the cue's letter ending at ``position`` ("B or C"), if it is really one."""
+    match = _CONJUNCTION.match(text, position)
+    if match is None:
+        return None
+    raw, letter = match.group("letter"), _to_letter(match.group("letter"))
+    # Not an option ("B, I think" with four options), or a word ("B and I am sure"): no second answer.
+    if letter not in valid or _reads_as_word(text, raw, match.end()):
+        return None
+    # After a comma, a letter followed by a lower-case word opens a new clause ("B, A is wrong"), unless
+    # the word continues the list ("B, C or D").
+    following = _FOLLOWING_ANY_WORD.match(text, match.end())
+    if (match.group("joiner") in _COMMAS and following is not None and following.group(1).islower()
+            and following.group(1) not in _CONJUNCTION_WORDS):
+        return None
+    return letter
+
+
+def _cue_letters(text: str, pattern: re.Pattern[str], valid: str) -> set[str]:
     letters = set()
     for match in pattern.finditer(text):
+        if _reads_as_word(text, match.group("letter"), match.end()):
+            continue  # "Answer: A blue square": the article, not option A
         letters.add(_to_letter(match.group("letter")))
-        alternative = _CONJUNCTION.match(text[match.end():])
+        alternative = _alternative_letter(text, match.end(), valid)
         if alternative is not None:  # "the answer is B or C"
-            letters.add(alternative.group("letter"))
+            letters.add(alternative)
     return letters
 
 
@@ -160,8 +209,7 @@ def _standalone_letters(text: str, options: Sequence[str], valid: str) -> set[st
         letter = match.group("letter")
         if letter not in valid:
             continue
-        following = _FOLLOWING_WORD.match(masked_text, match.end())
-        if letter in _WORD_LETTERS and following is not None and following.group(1) not in _CONFIRMING_WORDS:
+        if _reads_as_word(masked_text, letter, match.end()):
             continue
         letters.add(letter)
     return letters
@@ -185,13 +233,13 @@ def extract_answer(text: str, options: Sequence[str]) -> str | None:
     if whole is not None:
         return whole if whole in valid else None
     strong, weak = _CUE_TIERS
-    decided, answer = _decide(_cue_letters(text, strong), valid)
+    decided, answer = _decide(_cue_letters(text, strong, valid), valid)
     if decided:
         return answer
     leading = _leading_label(text)
     if leading is not None:
         return leading if leading in valid else None
-    decided, answer = _decide(_cue_letters(text, weak), valid)
+    decided, answer = _decide(_cue_letters(text, weak, valid), valid)
     if decided:
         return answer
     decided, answer = _decide(_standalone_letters(text, options, valid), valid)

@@ -4,6 +4,9 @@ Layout (one file per language, ``mmmb_<lang>.tsv``; VLMEvalKit's ``ImageMCQDatas
 ``index, question, [hint], A, B, (C, D, ...), answer, category, [l2-category], image | image_path``
 where ``image`` is a base64-encoded JPEG/PNG. As in VLMEvalKit, an ``image`` cell of at most 64 characters
 that equals another row's index reuses that row's image (how the official files de-duplicate images).
+Cells holding a tab, newline or double quote are quoted with inner quotes doubled (pandas' ``to_csv`` default,
+which VLMEvalKit's ``read_csv`` undoes); the reader is strict about it, so a stray or unclosed quote is an error
+rather than rows merged into one cell. A header without data rows is an error too.
 
 Every problem is reported as :class:`MMMBFormatError` naming the file, the row (by its ``index`` and its
 1-based data-row number) and the column; nothing is skipped or repaired silently.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import csv
 import io
 import re
 import string
@@ -28,6 +32,9 @@ OPTION_LETTERS: str = string.ascii_uppercase
 REQUIRED_COLUMNS: tuple[str, ...] = ("index", "question", "A", "B", "answer", "category")
 _FILE_PATTERN = re.compile(r"^mmmb_([a-z]{2})\.tsv$", re.IGNORECASE)
 _IMAGE_REFERENCE_MAX_CHARS = 64  # VLMEvalKit: shorter "image" cells are references to another row's index
+_MAX_CELL_CHARS = 2**31 - 1  # a cell may hold a whole base64 image
+# Inside one cell, a line that starts with an integer and a tab: the start of a row of the file.
+_SWALLOWED_ROW = re.compile(r"[\r\n]-?\d+\t")
 
 
 class MMMBFormatError(ValueError):
@@ -107,14 +114,7 @@ def decode_image(b64: str) -> Image.Image:
 def read_tsv(path: str | Path, check_images: bool = True) -> list[MCQRecord]:
     """Read one MMMB/VLMEvalKit MCQ TSV; validate every row (see module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise MMMBFormatError(path, "file not found")
-    try:
-        # Everything as text: "None"/"NA" are legitimate option texts, an empty cell is a missing option.
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise MMMBFormatError(path, f"not a readable TSV ({error})") from None
-    columns = list(table.columns)
+    columns, rows = _read_table(path)
     for column in REQUIRED_COLUMNS:
         if column not in columns:
             raise MMMBFormatError(path, f"missing required column (found columns: {columns})", column=column)
@@ -126,7 +126,6 @@ def read_tsv(path: str | Path, check_images: bool = True) -> list[MCQRecord]:
         missing = next(letter for letter in OPTION_LETTERS if letter not in columns)
         raise MMMBFormatError(path, f"option columns must be contiguous from A; found {letters}", column=missing)
 
-    rows = table.to_dict(orient="records")
     indices = _parse_indices(path, rows)
     images_by_index = {idx: row.get("image", "") for idx, row in zip(indices, rows)}
     records = []
@@ -147,6 +146,76 @@ def read_tsv(path: str | Path, check_images: bool = True) -> list[MCQRecord]:
             image_b64=image_b64, image_path=image_path,
         ))
     return records
+
+
+def _read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and data rows (all cells as text) of a tab-separated file with CSV double-quote escaping.
+
+    That is the dialect pandas writes (``to_csv(sep="\\t")``: a cell holding a tab, newline or quote is quoted,
+    inner quotes doubled) and VLMEvalKit reads. Parsed strictly, unlike pandas' reader: a stray quote
+    (``"Big" or small?``) or a quote left open, which pandas would silently merge with the following rows, is an
+    error naming the line. Cells are kept as text: "None"/"NA" are legitimate option texts.
+    """
+    if not path.is_file():
+        raise MMMBFormatError(path, "file not found")
+    _allow_large_fields()
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            records = _strict_records(path, handle)
+    except UnicodeDecodeError as error:
+        raise MMMBFormatError(path, f"not a readable TSV (not UTF-8: {error})") from None
+    if not records:
+        raise MMMBFormatError(path, "empty file: no header line")
+    (_, header), body = records[0], records[1:]
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:
+        raise MMMBFormatError(path, "column name used twice in the header", column=duplicated[0])
+    if not body:
+        raise MMMBFormatError(path, "no data rows (only a header)")
+    rows = []
+    for data_row, (line, cells) in enumerate(body, start=1):
+        where = f"(data row {data_row}, line {line})"
+        if len(cells) != len(header):
+            raise MMMBFormatError(path, f"{len(cells)} cells but the header has {len(header)} columns "
+                                        "(a stray tab, or a double quote left open?)", row=where)
+        row = dict(zip(header, cells))
+        _check_no_swallowed_row(path, where, row)
+        rows.append(row)
+    return header, rows
+
+
+def _allow_large_fields() -> None:
+    # Base64 images are far longer than the csv module's default limit of 128 KiB per cell.
+    if csv.field_size_limit() < _MAX_CELL_CHARS:
+        csv.field_size_limit(_MAX_CELL_CHARS)
+
+
+def _strict_records(path: Path, handle: Iterable[str]) -> list[tuple[int, list[str]]]:
+    """(first line number, cells) of every non-blank record."""
+    reader = csv.reader(handle, delimiter="\t", quotechar='"', doublequote=True, strict=True)
+    records, next_line = [], 1
+    try:
+        for cells in reader:
+            if cells:  # pandas (and so VLMEvalKit) skips blank lines too
+                records.append((next_line, cells))
+            next_line = reader.line_num + 1
+    except csv.Error as error:
+        # The record began at next_line; a quote left open there is only noticed lines later.
+        raise MMMBFormatError(path, f"malformed TSV at line {reader.line_num} ({error}): a double quote not "
+                                    "escaped as \"\" inside a quoted cell, or a quote left open in this row",
+                              row=f"(line {next_line})") from None
+    return records
+
+
+def _check_no_swallowed_row(path: Path, where: str, row: dict[str, str]) -> None:
+    """A quote left open makes one cell run over the following rows; their "<index><tab>" starts give it away."""
+    for column, value in row.items():
+        swallowed = _SWALLOWED_ROW.search(value)
+        if swallowed is not None:
+            start = swallowed.group(0).strip()
+            raise MMMBFormatError(path, f"the cell spans several lines and one starts like a row ({start!r}...): "
+                                        "a double quote left open swallowed the rows after it", row=where,
+                                  column=column)
 
 
 def _parse_indices(path: Path, rows: list[dict]) -> list[int]:
@@ -183,7 +252,7 @@ def _parse_image(path: Path, where: str, row: dict, images_by_index: dict[int, s
                  check_images: bool) -> tuple[str | None, str | None]:
     image = row.get("image", "").strip()
     if image:
-        if len(image) <= _IMAGE_REFERENCE_MAX_CHARS and image.lstrip("-").isdigit():
+        if len(image) <= _IMAGE_REFERENCE_MAX_CHARS and image.lstrip("-").isdecimal():
             target = images_by_index.get(int(image), "")
             if not target or len(target) <= _IMAGE_REFERENCE_MAX_CHARS:
                 raise MMMBFormatError(path, f"image refers to index {image}, which has no base64 image",
@@ -232,6 +301,7 @@ def write_tsv(path: str | Path, records: Iterable[MCQRecord]) -> Path:
             row["image"] = record.image_b64
         else:
             row["image_path"] = record.image_path
+        _check_writable(path, row)
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.isna().any().any():
@@ -239,6 +309,16 @@ def write_tsv(path: str | Path, records: Iterable[MCQRecord]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, sep="\t", index=False, encoding="utf-8")
     return path
+
+
+def _check_writable(path: Path, row: dict[str, object]) -> None:
+    """Refuse text that :func:`read_tsv` would take for a row swallowed by an open quote (so every file we
+    write reads back)."""
+    for column, value in row.items():
+        if isinstance(value, str) and _SWALLOWED_ROW.search(value):
+            raise ValueError(f"{path}: item {row['index']}, column {column!r}: a line inside the text starts "
+                             "with a number and a tab, which read_tsv rejects as a swallowed row; "
+                             "replace that tab")
 
 
 def language_of_file(path: str | Path) -> str:

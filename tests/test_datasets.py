@@ -101,8 +101,18 @@ def test_missing_field_names_file_record_and_field(tmp_path, record, field):
 def test_placeholder_count_must_match_image(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps([{"id": "x", "image": "a.png",
-                                 "conversations": [{"from": "human", "value": "no placeholder"}]}]))
+                                 "conversations": [{"from": "human", "value": "no placeholder"},
+                                                   {"from": "gpt", "value": "a"}]}]))
     with pytest.raises(DataFormatError, match="record 0 \\(id 'x'\\): 0 '<image>' placeholders"):
+        load_records(path)
+
+
+def test_conversation_without_assistant_turn_is_rejected(tmp_path):
+    good = {"id": "ok", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good, {"id": "q-only", "conversations": [
+        {"from": "system", "value": "be brief"}, {"from": "human", "value": "What colour is it?"}]}]) + "\n")
+    with pytest.raises(DataFormatError, match=r"data\.jsonl: record 1 \(id 'q-only'\): .*no assistant turn"):
         load_records(path)
 
 
@@ -247,3 +257,22 @@ def test_report_counts_by_kind():
     report.add("c.png", "r3", "c.png: image file not found", "missing")
     assert report.counts == {"checked": 0, "skipped": 3, "missing": 2, "unreadable": 1}
     assert [e["kind"] for e in report.to_dict()["skipped"]] == ["missing", "unreadable", "missing"]
+
+
+def test_record_with_no_label_left_after_truncation_is_a_counted_skip(tokenizer, tmp_path):
+    def text_record(index, question):
+        record = {"id": f"r{index}", "conversations": [{"from": "human", "value": question},
+                                                       {"from": "gpt", "value": "Blue."}]}
+        return SourcedRecord(record, "train.json", index, None, "qa")
+
+    max_length = 64
+    long_question = "What colour is it? " * 40  # alone far past max_length: the answer is cut off entirely
+    records = [text_record(0, "What colour is it?"), text_record(1, long_question), text_record(2, "And this?")]
+    dataset = ConversationDataset(records, tokenizer, "chatml", max_length)
+    assert [r.record["id"] for r in dataset.records] == ["r0", "r2"]
+    assert dataset.report.counts == {"checked": 0, "skipped": 1, "no_supervised_tokens": 1}
+    (entry,) = dataset.report.to_dict()["skipped"]
+    assert entry["file"] == "train.json" and entry["id"] == "r1" and "record 1" in entry["reason"]
+    for item in (dataset[0], dataset[1]):  # what is kept still has its answer to learn
+        labelled = item["input_ids"][item["labels"] != IGNORE_INDEX].tolist()
+        assert tokenizer.decode(labelled) == "Blue.<|im_end|>"

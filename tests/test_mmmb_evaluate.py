@@ -213,3 +213,61 @@ def test_misaligned_data_is_refused_before_any_inference(tmp_path, setup):
     with pytest.raises(ValueError, match="not aligned|missing here"):
         evaluate_mmmb(model, {"en": data["en"], "tr": data["tr"][1:]}, tmp_path, EvalConfig("stub"))
     assert model.asked == []
+
+
+class FixedOutputs:
+    """Answers prompt k of every batch with ``outputs[k % len(outputs)]``."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    def generate(self, prompts, images):
+        return [self.outputs[k % len(self.outputs)] for k in range(len(prompts))]
+
+
+def test_xlsx_stores_formula_like_text_as_text(tmp_path):
+    from openpyxl import load_workbook
+
+    data = toy_mmmb(n_items=6, seed=1, languages=("en",))
+    records = data["en"]
+    records[1] = records[1].__class__(**{**records[1].__dict__, "options": ("=1+1", "-2") + records[1].options[2:]})
+    evaluate_mmmb(FixedOutputs(["=B", "=SUM(A1:A3)", "None", "+A"]), data, tmp_path, EvalConfig("m", batch_size=8))
+    stem = tmp_path / "m_MMMB_en"
+    sheet = load_workbook(stem.with_suffix(".xlsx")).active
+    header = [cell.value for cell in sheet[1]]
+    columns = {name: [row[header.index(name)].value for row in sheet.iter_rows(min_row=2)]
+               for name in ("prediction", "A")}
+    assert columns["prediction"][:2] == ["=B", "=SUM(A1:A3)"] and columns["A"][1] == "=1+1"
+    assert all(cell.data_type != "f" for row in sheet.iter_rows() for cell in row)
+    # the workbook holds the same text as the .tsv, cell for cell
+    as_text = dict(dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(pd.read_excel(stem.with_suffix(".xlsx"), **as_text),
+                                  pd.read_csv(stem.with_suffix(".tsv"), sep="\t", **as_text))
+
+
+class TooLongFor:
+    """Rejects the prompt of one question as the Parrot processor does: by its position in the batch."""
+
+    def __init__(self, question):
+        self.question = question
+
+    def generate(self, prompts, images):
+        from parrot.data.processor import PromptError
+
+        for position, prompt in enumerate(prompts):
+            if prompt.startswith(self.question):
+                raise PromptError(position, f"prompt {position} is 999 tokens long, over model_max_length=60")
+        return ["A"] * len(prompts)
+
+
+def test_model_error_names_the_language_and_item_not_the_batch_position(tmp_path):
+    data = toy_mmmb(n_items=5, seed=4, languages=("en", "pt"))
+    culprit = data["pt"][3]  # position 3 of the first batch
+    with pytest.raises(ValueError, match=rf"MMMB pt, item index {culprit.index} \(rotation 0, key '{culprit.index}:0'\)"
+                                         r": prompt 3 is 999 tokens long"):
+        evaluate_mmmb(TooLongFor(culprit.question), data, tmp_path, EvalConfig("m", batch_size=5))
+
+
+def test_a_language_without_items_is_refused_before_any_inference(tmp_path):
+    with pytest.raises(ValueError, match=r"no MMMB items to evaluate for language\(s\) \['en'\]"):
+        evaluate_mmmb(FixedOutputs(["A"]), {"en": []}, tmp_path, EvalConfig("m"))

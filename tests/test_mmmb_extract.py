@@ -64,3 +64,39 @@ def test_table_is_large_and_covers_all_languages():
 @pytest.mark.parametrize(("output", "options", "expected"), CASES, ids=[repr(c[0])[:40] for c in CASES])
 def test_extract_answer(output, options, expected):
     assert extract_answer(output, options) == expected
+
+
+# A letter that is also a word (article, pronoun, Russian preposition) after a cue or a conjunction is read as a
+# word; a letter joined by a conjunction that is not an option, or that opens a new clause, is no second answer.
+WORD_AFTER_CUE = [
+    ("Answer: A blue square.", EN, "B"), ("A resposta é: A cor azul", PT, "B"), ("Resposta: A cor é azul.", PT, "B"),
+    ("Ответ: В центре красный круг.", RU, "A"), ("Ответ: В центре синий квадрат.", RU, "B"),
+    ("Ответ: А это красный.", RU, "A"), ("Cevap: O mavi.", TR, "B"),
+    ("Answer: I think it's B", EN, "B"), ("Answer: I believe B.", EN, "B"),
+    ("The answer is C, I think.", EN, "C"), ("The answer is B and I am sure.", EN, "B"),
+    ("Answer: A, I believe", EN, "A"), ("The answer is B, A is wrong.", EN, "B"),
+    # still letters: a confirming word follows, or a real second option makes the answer ambiguous
+    ("Answer: A is correct", EN, "A"), ("Cevap: A şıkkı", TR, "A"), ("Ответ: В", RU, "B"),
+    ("The answer is B, C or D", EN, NO), ("The answer is B and C", EN, NO), ("Ответ: А или В", RU, NO),
+    ("Answer: B because it is blue", EN, "B"),
+]
+
+
+@pytest.mark.parametrize(("output", "options", "expected"), WORD_AFTER_CUE,
+                         ids=[repr(c[0])[:40] for c in WORD_AFTER_CUE])
+def test_word_letters_after_cues_and_conjunctions(output, options, expected):
+    assert extract_answer(output, options) == expected
+
+
+# Arabic comma, semicolon, question mark and full stop end a letter as their Latin twins do.
+ARABIC_PUNCTUATION = [
+    ("الإجابة هي C، وليس أحمر", AR, "C"), ("الإجابة هي B، لأن المربع ليس أحمر", AR, "B"),
+    ("الجواب: D؛ اللون الأصفر", AR, "D"), ("B،", AR, "B"), ("الخيار B؟", AR, "B"), ("الإجابة هي A۔", AR, "A"),
+    ("الإجابة هي B، C", AR, NO),
+]
+
+
+@pytest.mark.parametrize(("output", "options", "expected"), ARABIC_PUNCTUATION,
+                         ids=[repr(c[0])[:40] for c in ARABIC_PUNCTUATION])
+def test_arabic_punctuation_is_not_part_of_a_word(output, options, expected):
+    assert extract_answer(output, options) == expected

@@ -102,3 +102,74 @@ def test_bad_input_errors_name_file_row_and_column(tmp_path, rows, row, column, 
         read_tsv(path)
     assert error.value.file == str(path) and error.value.row == row and error.value.column == column
     assert str(path) in str(error.value) and repr(column) in str(error.value)
+
+
+_HEADER = "index\tquestion\tA\tB\tC\tanswer\tcategory\timage"
+
+
+def _write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _line(index, question="q", image=None):
+    return f"{index}\t{question}\tx\ty\tz\tA\tc\t{image or _png_b64()}"
+
+
+def test_quote_left_open_is_an_error_not_swallowed_rows(tmp_path):
+    # pandas' lenient reader turned these 4 rows into 2, row 1's question holding rows 2 and 3
+    path = _write_lines(tmp_path / "mmmb_en.tsv", [_HEADER, _line(1, '"Which one?'), _line(2), _line(3, 'says "hi"'),
+                                                   _line(4)])
+    with pytest.raises(MMMBFormatError, match="quote left open") as error:
+        read_tsv(path)
+    assert error.value.file == str(path) and error.value.row == "(line 2)"
+
+
+def test_quote_left_open_in_last_cell_is_caught_by_the_swallowed_row_check(tmp_path):
+    # The quote opens in the image cell of row 1 and closes at the end of row 2: the cell count stays right.
+    image = _png_b64()
+    path = _write_lines(tmp_path / "mmmb_en.tsv", [_HEADER, _line(1, image=f'"{image}'), _line(2, image=f'{image}"'),
+                                                   _line(3)])
+    with pytest.raises(MMMBFormatError, match="swallowed the rows") as error:
+        read_tsv(path)
+    assert error.value.row == "(data row 1, line 2)" and error.value.column == "image"
+
+
+def test_stray_quotes_in_an_unquoted_cell_are_an_error_not_dropped(tmp_path):
+    # pandas read this question as 'Big or small?' (quotes lost)
+    path = _write_lines(tmp_path / "mmmb_en.tsv", [_HEADER, _line(1), _line(2, '"Big" or small?')])
+    with pytest.raises(MMMBFormatError, match="malformed TSV at line 3") as error:
+        read_tsv(path)
+    assert error.value.row == "(line 3)"
+
+
+def test_quotes_tabs_and_newlines_round_trip_and_read_the_same_in_pandas(tmp_path, toy):
+    records = list(toy["en"])
+    records[0] = records[0].__class__(**{**records[0].__dict__, "question": '"Big" or small?\nsay "hi"\t(2 lines)',
+                                         "options": ('"x"', "a\tb") + records[0].options[2:]})
+    path = write_tsv(tmp_path / "mmmb_en.tsv", records)
+    assert read_tsv(path) == records
+    # VLMEvalKit reads the same file with pandas' default quoting
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    assert len(table) == len(records) and table.loc[0, "question"] == records[0].question
+    assert list(table.loc[0, ["A", "B"]]) == ['"x"', "a\tb"]
+
+
+def test_text_that_would_read_as_a_swallowed_row_is_refused_by_the_writer(tmp_path, toy):
+    bad = toy["en"][0].__class__(**{**toy["en"][0].__dict__, "question": "Table:\n12\tapples"})
+    with pytest.raises(ValueError, match=r"item \d+, column 'question'"):
+        write_tsv(tmp_path / "mmmb_en.tsv", [bad])
+
+
+@pytest.mark.parametrize(("lines", "row", "column", "message"), [
+    ([_HEADER], None, None, "no data rows"),
+    ([], None, None, "empty file"),
+    ([_HEADER, "1\tq\tx\ty"], "(data row 1, line 2)", None, "4 cells but the header has 8"),
+    ([_HEADER.replace("\tC\t", "\tB\t")], None, "B", "column name used twice"),
+])
+def test_structural_errors_name_the_file(tmp_path, lines, row, column, message):
+    path = tmp_path / "mmmb_en.tsv"
+    path.write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
+    with pytest.raises(MMMBFormatError, match=message) as error:
+        read_tsv(path)
+    assert error.value.file == str(path) and error.value.row == row and error.value.column == column

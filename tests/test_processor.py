@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from parrot.data.processor import ParrotProcessor, ProcessorSettings
+from parrot.data.processor import ParrotProcessor, ProcessorSettings, PromptError
 from parrot.data.tokenizer import build_tiny_tokenizer
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -63,3 +63,12 @@ def test_save_and_load_round_trip(processor, tmp_path):
 def test_missing_settings_file_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="parrot_processor.json"):
         ParrotProcessor.from_pretrained(tmp_path)
+
+
+def test_prompt_errors_carry_the_batch_position(processor):
+    # the MMMB evaluator maps the position back to the item (language, index) it sent there
+    image = Image.new("RGB", (8, 8))
+    long_question = " ".join(["circle"] * 60)
+    with pytest.raises(PromptError) as error:
+        processor([processor.build_prompt("x"), processor.build_prompt(long_question)], [image, image])
+    assert error.value.position == 1 and isinstance(error.value, ValueError)

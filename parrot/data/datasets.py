@@ -19,6 +19,10 @@ Bad images (missing/unreadable): `on_bad_image="error"` raises naming the file a
 record and counts it in a `BadDataReport` (written to JSON with `BadDataReport.write`). Images are checked
 (fully decoded) when the dataset is built, so a skip never happens silently mid-training.
 
+Nothing to learn from: a record without an assistant turn is a DataFormatError when files are loaded; a record
+whose answer lies wholly past `max_length` after truncation (an over-long first user turn) is skipped when the
+dataset is built and counted in the same report (kind "no_supervised_tokens").
+
 Why plain JSON instead of HF `datasets` here: LLaVA files mix records with and without "image" and with
 ragged conversations, which Arrow schemas reject or pad with nulls, and we need error messages that name the
 file line of a bad record. Records are small Python dicts, as in LLaVA's own LazySupervisedDataset.
@@ -42,12 +46,14 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .images import BadImageError, load_image
-from .templates import IGNORE_INDEX, IMAGE_TOKEN, ChatTemplate, get_template, llava_to_messages
+from .templates import IGNORE_INDEX, IMAGE_TOKEN, LLAVA_ROLES, ChatTemplate, get_template, llava_to_messages
 
 logger = logging.getLogger(__name__)
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 REQUIRED_FIELDS = ("id", "conversations")
+ASSISTANT_SOURCES = tuple(source for source, role in LLAVA_ROLES.items() if role == "assistant")  # "gpt", ...
+NO_SUPERVISED_TOKENS = "no_supervised_tokens"  # BadDataReport kind: every label ignored after truncation
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "configs" / "datasets.yaml"
 
 
@@ -74,6 +80,8 @@ def validate_record(record, source: str, index: int, image_token: str = IMAGE_TO
                 raise DataFormatError(f"{where}: missing required field 'conversations[{t}].{name}'")
     if "image" in record and not isinstance(record["image"], str):
         raise DataFormatError(f"{where}: field 'image' must be a string path")
+    if not any(turn["from"] in ASSISTANT_SOURCES for turn in conversations):
+        raise DataFormatError(f"{where}: 'conversations' has no assistant turn (from 'gpt'): nothing to train on")
     placeholders = sum(str(turn["value"]).count(image_token) for turn in conversations)
     expected = 1 if "image" in record else 0
     if placeholders != expected:
@@ -215,14 +223,16 @@ def mix_datasets(spec: str, registry: str | Path = DEFAULT_REGISTRY, data_root: 
 # ---------------------------------------------------------------------------------------- bad data
 @dataclass
 class BadDataReport:
-    """Counts and a list of (file, record id, reason) for records skipped because of bad images."""
+    """Counts and a list of (file, record id, reason) for skipped records: bad images, and records left with
+    no supervised token after truncation."""
 
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)  # parallel to `skipped`
     checked: int = 0
 
     def add(self, file: str, record_id: str, reason: str, kind: str) -> None:
-        """`kind` is "missing" (no such file) or "unreadable" (cannot be decoded)."""
+        """`kind` is "missing" (no such image file), "unreadable" (cannot be decoded) or
+        NO_SUPERVISED_TOKENS (`file` is then the data file)."""
         self.skipped.append((file, record_id, reason))
         self.kinds.append(kind)
 
@@ -269,7 +279,7 @@ class ConversationDataset(Dataset):
         self.system = system
         self.image_token = image_token
         self.report = report if report is not None else BadDataReport()
-        self.records = self._check_images(records, on_bad_image)
+        self.records = self._drop_unsupervised(self._check_images(records, on_bad_image))
 
     def _check_images(self, records: list[SourcedRecord], on_bad_image: str) -> list[SourcedRecord]:
         kept = []
@@ -294,15 +304,36 @@ class ConversationDataset(Dataset):
             logger.warning("skipped %d records with bad images (%s)", len(self.report.skipped), self.report.counts)
         return kept
 
+    def _drop_unsupervised(self, records: list[SourcedRecord]) -> list[SourcedRecord]:
+        """Skip, counted in the report, records whose labels are all ignored after truncation (a first user
+        turn longer than max_length, or no assistant turn): they teach nothing and give a NaN loss when a
+        whole batch is made of them."""
+        kept = []
+        for item in tqdm(records, desc="checking labels", disable=len(records) < 5000):
+            _, labels = self._tokenize(item)
+            if any(label != IGNORE_INDEX for label in labels):
+                kept.append(item)
+                continue
+            self.report.add(item.source, str(item.record["id"]),
+                            f"{item.where}: no assistant token within max_length={self.max_length} "
+                            "(first user turn too long, or no assistant turn)", NO_SUPERVISED_TOKENS)
+        skipped = len(records) - len(kept)
+        if skipped:
+            logger.warning("skipped %d records with no supervised token within max_length=%d (%s)",
+                           skipped, self.max_length, self.report.counts)
+        return kept
+
+    def _tokenize(self, item: SourcedRecord) -> tuple[list[int], list[int]]:
+        messages = llava_to_messages(item.record["conversations"], record_id=item.where)
+        return self.template.tokenize(messages, self.tokenizer, self.max_length, self.image_token,
+                                      system=self.system, record_id=item.where)
+
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         item = self.records[index]
-        record_id = str(item.record["id"])
-        messages = llava_to_messages(item.record["conversations"], record_id=item.where)
-        input_ids, labels = self.template.tokenize(messages, self.tokenizer, self.max_length, self.image_token,
-                                                   system=self.system, record_id=item.where)
+        input_ids, labels = self._tokenize(item)
         pixel_values = None
         if item.image_path is not None:
             try:

@@ -24,6 +24,15 @@ PROCESSOR_FILE = "parrot_processor.json"
 IMAGE_TOKEN = "<image>"
 
 
+class PromptError(ValueError):
+    """A prompt the processor cannot encode; ``position`` is its index in the batch, so that a caller who knows
+    what the prompts are (an evaluator's items) can name the culprit."""
+
+    def __init__(self, position: int, message: str):
+        self.position = position
+        super().__init__(message)
+
+
 @dataclass(frozen=True)
 class ProcessorSettings:
     image_size: int
@@ -86,13 +95,13 @@ class ParrotProcessor:
             placeholders = ids.count(self.image_token_id)
             expected = 0 if image is None else 1
             if placeholders != expected:
-                raise ValueError(
-                    f"prompt {i} has {placeholders} {IMAGE_TOKEN!r} placeholders but {expected} image(s) were given"
+                raise PromptError(
+                    i, f"prompt {i} has {placeholders} {IMAGE_TOKEN!r} placeholders but {expected} image(s) were given"
                 )
             length = len(ids) + placeholders * (self.settings.num_image_tokens - 1)
             if length > self.settings.model_max_length:
-                raise ValueError(
-                    f"prompt {i} is {length} tokens long (visual tokens included), over model_max_length="
+                raise PromptError(
+                    i, f"prompt {i} is {length} tokens long (visual tokens included), over model_max_length="
                     f"{self.settings.model_max_length}"
                 )
             if image is not None:
