@@ -27,6 +27,7 @@ import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from parrot.data.templates import IGNORE_INDEX
 from parrot.model.builder import load_pretrained, save_pretrained
 from parrot.serve.examples import write_examples
 
@@ -121,15 +122,21 @@ def text_of(message: dict) -> str:
 
 
 def greedy_answer(reference, image_path, question, history=(), max_new_tokens=12) -> str:
-    """The answer computed directly: hand-built history with the image in the first user turn, model.generate."""
+    """The answer computed directly: hand-built history with the image in the first user turn, tokenised and
+    labelled as training does (the MoE router skips earlier answers), model.generate."""
     model, processor = reference
     messages = []
     for i, (user, assistant) in enumerate(history):
         messages += [{"role": "user", "content": f"<image>\n{user}" if i == 0 else user},
                      {"role": "assistant", "content": assistant}]
-    prompt = processor.build_prompt(question, with_image=not history, history=messages)
-    batch = processor([prompt], [Image.open(image_path)], padding_side="left")
-    return processor.batch_decode(model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False))[0]
+    messages.append({"role": "user", "content": question if history else f"<image>\n{question}"})
+    ids, labels = processor.template.tokenize(messages, processor.tokenizer, max_length=100_000)
+    header = processor.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    ids, labels = torch.tensor([ids + header]), torch.tensor([labels + [IGNORE_INDEX] * len(header)])
+    pixel_values = processor.image_transform(Image.open(image_path).convert("RGB"))[None]
+    new_tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                                prompt_labels=labels, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(new_tokens)[0]
 
 
 # --- gradio_client ---------------------------------------------------------------------------------------------

@@ -190,9 +190,15 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        prompt_labels: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.LongTensor:
-        """Generate from a left-padded prompt batch; returns only the new tokens (B, n_new)."""
+        """Generate from a left-padded prompt batch; returns only the new tokens (B, n_new).
+
+        `prompt_labels` (B, T): the prompt's labels as training would have them (earlier assistant answers of a
+        multi-turn chat keep their ids, the rest is IGNORE_INDEX), so the MoE router skips those answers as it
+        does in training; None routes by the whole prompt.
+        """
         if input_ids is None:
             return super().generate(attention_mask=attention_mask, **kwargs)
         if attention_mask is None:
@@ -200,7 +206,7 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         if pixel_values is not None:
             if not bool(attention_mask[:, -1].all()):
                 raise ValueError("generate() needs left padding (set padding_side='left' in the processor)")
-            prep = self.prepare_multimodal_inputs(input_ids, attention_mask, pixel_values)
+            prep = self.prepare_multimodal_inputs(input_ids, attention_mask, pixel_values, prompt_labels)
             inputs_embeds, attention_mask = prep.inputs_embeds, prep.attention_mask
         else:
             inputs_embeds = self.get_input_embeddings()(input_ids)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 
 import gradio as gr
@@ -66,6 +67,27 @@ def router_note(engine: ChatEngine, weights: list[float] | None, has_image: bool
     return f"Routed mostly to **expert {top}** (weight {weights[top]:.3f}) of {len(weights)} experts."
 
 
+def _number(field: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ChatInputError(f"{field} must be a number, got {value!r}") from None
+
+
+def _whole_number(field: str, value) -> int:
+    number = _number(field, value)
+    if not number.is_integer():  # also NaN and infinity
+        raise ChatInputError(f"{field} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def generation_settings(temperature, top_p, max_new_tokens) -> GenerationSettings:
+    """The sampling controls as settings. API callers (preprocess=False) can send anything in place of a slider's
+    number, so a bad value is refused by name like any other bad input."""
+    return GenerationSettings(_whole_number("max new tokens", max_new_tokens), _number("temperature", temperature),
+                              _number("top-p", top_p))
+
+
 class DemoHandlers:
     """The event handlers, bound to one engine (read-only); every per-user value comes in as an argument."""
 
@@ -95,7 +117,7 @@ class DemoHandlers:
         session = session or ChatSession()
         message = message or ""
         try:
-            settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
+            settings = generation_settings(temperature, top_p, max_new_tokens)
             session, prepared = self._prepare(image_payload, session, message)
             plot, note = self._route(prepared)
         except (ChatInputError, BadImageError) as err:
@@ -109,9 +131,11 @@ class DemoHandlers:
         answer = ""
         textbox = ""  # cleared with the first chunk, then left alone: the user may type the next question meanwhile
         try:
-            for answer in self.engine.stream_reply(prepared, settings):
-                yield list(asked.messages) + [_assistant(answer)], textbox, asked, plot, note
-                textbox = gr.skip()
+            # closing(): when Gradio drops this handler mid-answer, the stream is closed and generation stops.
+            with closing(self.engine.stream_reply(prepared, settings)) as stream:
+                for answer in stream:
+                    yield list(asked.messages) + [_assistant(answer)], textbox, asked, plot, note
+                    textbox = gr.skip()
         except Exception as err:  # a failed generation must not take the server down
             logger.exception("generation failed")
             failed = asked.show(_assistant(f"{WARNING}generation failed: {err}"))

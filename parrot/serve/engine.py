@@ -8,6 +8,9 @@ only owns the read-only model and processor, so sessions cannot leak into each o
     for text_so_far in engine.stream_reply(prepared, GenerationSettings(max_new_tokens=32)):
         ...
     engine.routing_weights(prepared)  # (E,) Parrot MoE weights for this image + prompt, sums to 1
+
+User text is never read as chat scaffolding: a message containing the image placeholder or any of the
+tokenizer's special-token strings (e.g. `<|im_end|>`) is refused with a ChatInputError.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from ..data.images import BadImageError
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
+from ..data.templates import IGNORE_INDEX
 from ..model.builder import build_tiny
 from ..train.export import load_trained
 from ..model.modeling import ParrotForCausalLM
@@ -81,6 +86,25 @@ class PreparedPrompt:
     batch: dict[str, torch.Tensor]  # processor output: input_ids (1, T), attention_mask (1, T), pixel_values
     prompt_tokens: int  # T plus the image's visual tokens
     dropped_turns: int  # oldest turns left out to fit the context
+    # (1, T) the prompt's labels as training would have them: earlier assistant answers keep their ids, the rest
+    # is IGNORE_INDEX. The Parrot MoE leaves labelled tokens out of its text guidance, in training and here alike.
+    labels: torch.Tensor | None = None
+
+
+def reserved_strings(tokenizer) -> tuple[str, ...]:
+    """Texts the tokenizer turns into control tokens (chat scaffolding, end of text, the image placeholder)."""
+    special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    return tuple(sorted((special | set(tokenizer.all_special_tokens) | {IMAGE_TOKEN}) - {""}))
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generate() at its next token once `event` is set (the reader of the stream has gone away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ChatEngine:
@@ -92,6 +116,7 @@ class ChatEngine:
         self.stream_timeout_s = stream_timeout_s
         # Fast tokenizers may raise "Already borrowed" when two threads encode at once; encoding is cheap.
         self._encode_lock = threading.Lock()
+        self._reserved = reserved_strings(processor.tokenizer)
 
     @property
     def context_length(self) -> int:
@@ -102,22 +127,46 @@ class ChatEngine:
         return self.model.config.moe_num_experts if self.model.config.use_moe else None
 
     # --- prompts ------------------------------------------------------------------------------------------
-    def _render(self, turns: tuple[Turn, ...], message: str, with_image: bool) -> str:
-        """ChatML prompt with the image placeholder in the first user turn (LLaVA keeps it there all chat)."""
-        history = []
-        for i, turn in enumerate(turns):
-            user = f"{IMAGE_TOKEN}\n{turn.user}" if with_image and i == 0 else turn.user
-            history += [{"role": "user", "content": user}, {"role": "assistant", "content": turn.assistant}]
-        return self.processor.build_prompt(message, with_image=with_image and not turns, history=history)
+    def _refuse_reserved(self, conversation: Conversation, message: str) -> None:
+        """Typed text must stay text: a `<|im_end|>` in it would close the user turn and let it forge a system turn,
+        an `<image>` would add a placeholder without an image. Refusing is explicit where escaping would not be."""
+        self._refuse_in(message, "Your message", "please remove it")
+        for turn in conversation.turns:  # answers come from the model, which can spell out a reserved string
+            for text in (turn.user, turn.assistant):
+                self._refuse_in(text, "An earlier turn of this chat", "press Clear to start a new chat")
 
-    def _length(self, prompt: str, with_image: bool) -> int:
-        ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return len(ids) + (self.processor.settings.num_image_tokens - 1 if with_image else 0)
+    def _refuse_in(self, text: str, whose: str, advice: str) -> None:
+        found = next((token for token in self._reserved if token in text), None)
+        if found is not None:
+            raise ChatInputError(f"{whose} contains {found!r}, which this model reserves for its chat format "
+                                 f"(the image placeholder and control tokens cannot be typed); {advice}.")
+
+    @staticmethod
+    def _messages(turns: tuple[Turn, ...], message: str, with_image: bool) -> list[dict[str, str]]:
+        """The chat as messages, the image placeholder in the first user turn (LLaVA keeps it there all chat)."""
+        messages = []
+        for turn in turns + (Turn(message, ""),):
+            user = f"{IMAGE_TOKEN}\n{turn.user}" if with_image and not messages else turn.user
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": turn.assistant}]
+        return messages[:-1]  # the new message awaits its answer
+
+    def _encode(self, turns: tuple[Turn, ...], message: str, with_image: bool) -> tuple[str, list[int], list[bool]]:
+        """(prompt text, token ids, which ids belong to earlier answers), tokenised segment by segment exactly as
+        training's `ChatTemplate.tokenize` does, so the model (and its MoE router) sees the prompt training saw."""
+        template = self.processor.template
+        segments = template.segments(self._messages(turns, message, with_image), add_generation_prompt=True)
+        ids, answer = [], []
+        for segment in segments:
+            segment_ids = self.processor.tokenizer(segment.text, add_special_tokens=False)["input_ids"]
+            ids += segment_ids
+            answer += [segment.labelled] * len(segment_ids)
+        return "".join(segment.text for segment in segments), ids, answer
 
     def prepare(self, image: Image.Image | None, conversation: Conversation, message: str) -> PreparedPrompt:
         """Tokenise the chat so far plus `message`; drop the oldest turns when the context would overflow.
 
-        Raises ChatInputError for an empty message or one that does not fit even without history.
+        Raises ChatInputError for an empty message, one with reserved text, or one that does not fit even without
+        history; BadImageError when the image cannot be prepared.
         """
         message = message.strip()
         if not message:
@@ -126,12 +175,14 @@ class ChatEngine:
             raise ChatInputError(
                 f"Your message is {len(message)} characters long; the limit is {MAX_MESSAGE_CHARS} characters."
             )
+        self._refuse_reserved(conversation, message)
         with_image = image is not None
+        visual_extra = self.processor.settings.num_image_tokens - 1 if with_image else 0
         turns = conversation.turns
         with self._encode_lock:
             while True:
-                prompt = self._render(turns, message, with_image)
-                length = self._length(prompt, with_image)
+                prompt, ids, answer = self._encode(turns, message, with_image)
+                length = len(ids) + visual_extra
                 if length < self.context_length or not turns:
                     break
                 turns = turns[1:]
@@ -141,22 +192,46 @@ class ChatEngine:
                     f"Your message is too long: the prompt is {length} tokens{visual}, but this model's context "
                     f"is {self.context_length} tokens. Please shorten it."
                 )
-            batch = self.processor([prompt], [image], padding_side="left")
-        return PreparedPrompt(batch, length, len(conversation.turns) - len(turns))
+            batch = self._tensors(prompt, image)
+        # Training's segment-wise ids, not the processor's whole-string ones: they can differ where a piece of text
+        # would merge across a segment boundary, and the answer mask is only right for the segment-wise ids.
+        input_ids = torch.tensor([ids])
+        batch.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        labels = torch.where(torch.tensor([answer]), input_ids, IGNORE_INDEX)
+        return PreparedPrompt(batch, length, len(conversation.turns) - len(turns), labels)
+
+    def _tensors(self, prompt: str, image: Image.Image | None) -> dict[str, torch.Tensor]:
+        """The processor's batch; its refusals become messages for the user instead of server errors."""
+        try:
+            return self.processor([prompt], [image], padding_side="left")
+        except BadImageError:
+            raise
+        except MemoryError as err:  # e.g. padding an extreme aspect ratio to a square canvas
+            raise BadImageError("the image is too large to prepare (out of memory); please upload a smaller one") \
+                from err
+        except ValueError as err:  # placeholder count or length: what the checks above should already have caught
+            raise ChatInputError(f"This chat cannot be encoded for the model: {err}") from err
 
     # --- generation ---------------------------------------------------------------------------------------
     def stream_reply(self, prepared: PreparedPrompt, settings: GenerationSettings) -> Iterator[str]:
-        """Yield the answer so far after each decoded piece (generation runs in a worker thread)."""
+        """Yield the answer so far after each decoded piece (generation runs in a worker thread).
+
+        Closing the iterator early (the user left, Gradio cancelled the event) stops the worker at its next token
+        instead of letting it spend the whole token budget for nobody.
+        """
         max_new_tokens = min(settings.max_new_tokens, self.context_length - prepared.prompt_tokens)
         streamer = TextIteratorStreamer(
             self.processor.tokenizer, skip_prompt=True, timeout=self.stream_timeout_s, skip_special_tokens=True
         )
+        stop = threading.Event()
         failures: list[BaseException] = []
 
         def run() -> None:
             try:
                 self.model.generate(
-                    **prepared.batch, max_new_tokens=max_new_tokens, streamer=streamer, **settings.generate_kwargs()
+                    **prepared.batch, prompt_labels=prepared.labels, max_new_tokens=max_new_tokens,
+                    streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+                    **settings.generate_kwargs(),
                 )
             except BaseException as err:  # re-raised in the caller's thread below
                 failures.append(err)
@@ -165,21 +240,27 @@ class ChatEngine:
         worker = threading.Thread(target=run, name="parrot-generate", daemon=True)
         worker.start()
         text = ""
-        for piece in streamer:
-            text += piece
-            yield text
+        try:
+            for piece in streamer:
+                text += piece
+                yield text
+        finally:  # also on close() / garbage collection of an unfinished stream; no join: a token may take long
+            stop.set()
         worker.join()
         if failures:
             raise failures[0]
 
     @torch.inference_mode()
     def routing_weights(self, prepared: PreparedPrompt) -> list[float] | None:
-        """The Parrot MoE routing distribution (E,) for this image + prompt; None without MoE or image."""
+        """The Parrot MoE routing distribution (E,) for this image + prompt; None without MoE or image.
+
+        Earlier assistant answers are left out of the router's text guidance, as in training (`prepared.labels`).
+        """
         if not self.model.config.use_moe or "pixel_values" not in prepared.batch:
             return None
         batch = prepared.batch
         inputs = self.model.prepare_multimodal_inputs(batch["input_ids"], batch["attention_mask"],
-                                                      batch["pixel_values"])
+                                                      batch["pixel_values"], prepared.labels)
         return inputs.router_probs[0].double().tolist()  # (E,)
 
 

@@ -17,6 +17,11 @@ from ..data.images import BadImageError, load_image
 # The model sees a few hundred pixels a side; anything above ~40 megapixels (e.g. 10000x10000) is refused
 # before decoding, because decoding it costs hundreds of MB per request.
 MAX_UPLOAD_PIXELS = 40_000_000
+# The "pad" aspect mode pads to a square canvas of the longest side before resizing, so a thin image passes the
+# pixel limit and still costs side**2 pixels (40x1000000 -> 10^12). Refused before decoding: a longest side over
+# 8192 pixels (the canvas stays <= 67 megapixels, ~200 MB) or sides more than 20:1 apart (panoramas are ~4:1).
+MAX_UPLOAD_SIDE = 8192
+MAX_UPLOAD_ASPECT_RATIO = 20.0
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # also passed to Gradio as its upload limit
 
 
@@ -53,8 +58,23 @@ def open_upload(payload: Any, max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Imag
         raise BadImageError(f"{name}: not an image file Pillow can read ({type(err).__name__})") from err
     except OSError as err:
         raise BadImageError(f"{name}: cannot read the image ({err})") from err
+    check_size(name, width, height, max_pixels)
+    try:
+        return load_image(path, name=name)
+    except MemoryError as err:  # the limits above should prevent it; a server error must not be the answer
+        raise BadImageError(f"{name}: not enough memory to decode this {width}x{height} image; "
+                            "please upload a smaller one") from err
+
+
+def check_size(name: str, width: int, height: int, max_pixels: int = MAX_UPLOAD_PIXELS) -> None:
+    """BadImageError naming the limit when a `width` x `height` image is too large or too thin to prepare."""
     if width * height > max_pixels:
         raise BadImageError(
             f"{name}: image too large ({width}x{height} pixels; the limit is {max_pixels / 1e6:.0f} megapixels)"
         )
-    return load_image(path, name=name)
+    if max(width, height) > MAX_UPLOAD_SIDE:
+        raise BadImageError(f"{name}: image too large ({width}x{height} pixels; the longest side may be at most "
+                            f"{MAX_UPLOAD_SIDE} pixels)")
+    if max(width, height) > MAX_UPLOAD_ASPECT_RATIO * max(min(width, height), 1):
+        raise BadImageError(f"{name}: image too narrow ({width}x{height} pixels; the sides may be at most "
+                            f"{MAX_UPLOAD_ASPECT_RATIO:.0f}:1 apart)")
