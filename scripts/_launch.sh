@@ -35,6 +35,36 @@ USAGE
   esac
 done
 
+# The script's stage is passed as --stage and would override a YAML's `stage:`: refuse a config or a --stage flag
+# that asks for the other stage instead of silently training the wrong one.
+CONFIG=""
+for ((i = 0; i < ${#ARGS[@]}; i++)); do
+  case "${ARGS[$i]}" in
+    --config) CONFIG=${ARGS[$((i + 1))]:-} ;;
+    --config=*) CONFIG=${ARGS[$i]#*=} ;;
+    --stage|--stage=*)
+      echo "scripts/train_stage${STAGE}.sh: do not pass --stage (this script trains stage ${STAGE}; use scripts/train_stage{1,2}.sh)" >&2
+      exit 2 ;;
+  esac
+done
+if [[ -n "$CONFIG" && -f "$CONFIG" ]]; then
+  # a YAML that does not parse prints nothing here; parrot.train then reports it with the file name
+  CONFIG_STAGE=$("$PY" - "$CONFIG" <<'PYEOF' 2>/dev/null || true
+import sys, yaml
+data = yaml.safe_load(open(sys.argv[1]))
+print(data.get("stage", "") if isinstance(data, dict) else "")
+PYEOF
+)
+  if [[ -n "$CONFIG_STAGE" && "$CONFIG_STAGE" != "$STAGE" ]]; then
+    case "$CONFIG_STAGE" in
+      1|2) HINT="run it with scripts/train_stage${CONFIG_STAGE}.sh" ;;
+      *) HINT="stage must be 1 or 2" ;;
+    esac
+    echo "scripts/train_stage${STAGE}.sh: $CONFIG sets stage: ${CONFIG_STAGE}; ${HINT}" >&2
+    exit 2
+  fi
+fi
+
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [[ "$GPUS" -gt 0 ]]; then
   NPROC=${NPROC:-$GPUS}

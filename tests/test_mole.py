@@ -287,6 +287,10 @@ def test_save_load_roundtrip(tmp_path):
 def test_inject_errors():
     with pytest.raises(ValueError, match="no nn.Linear"):
         inject_mole(_tiny("qwen2"), MoLEConfig(target_modules=("query",)))
+    model = _tiny("qwen2")
+    with pytest.raises(ValueError, match=r"\['nonexistent_proj', 'lm_head'\] match no nn.Linear"):  # typo; excluded
+        inject_mole(model, MoLEConfig(target_modules=("q_proj", "nonexistent_proj", "lm_head")))
+    assert not any(isinstance(m, MoLELinear) for m in model.modules())  # refused before any layer was replaced
     with pytest.raises(ValueError, match="lists 1 layers"):
         inject_mole(_tiny("qwen2"), MoLEConfig(num_experts=[2]))
     with pytest.raises(ValueError, match="num_experts"):

@@ -322,7 +322,11 @@ def test_build_router_kinds_and_defaults():
     assert dyn.renormalize is False  # official DynMoLE does not renormalise
     assert (dyn.tsallis_q, dyn.entropy_threshold, dyn.top_p, dyn.keep_top_k) == (1.1, 0.9, 0.75, 2)
     assert build_router(RouterConfig(kind="topk"), D, E).renormalize is True
-    assert build_router(RouterConfig(kind="topk", top_k=8), D, 3).top_k == 3  # clamped per layer
+    for kind in ("topk", "gwmoe", "mor"):  # k above the expert count is refused, never silently capped
+        with pytest.raises(ValueError, match=r"top_k=8 exceeds num_experts=3"):
+            build_router(RouterConfig(kind=kind, top_k=8, gw_threshold=1.0), D, 3)
+    assert build_router(RouterConfig(kind="topk", top_k=3), D, 3).top_k == 3
+    assert build_router(RouterConfig(kind="dynmole", top_k=8), D, 3).top_k is None  # DynMoLE does not use top_k
     dense = build_router(RouterConfig(kind="topk", top_k=None), D, E)
     assert dense.top_k is None
 

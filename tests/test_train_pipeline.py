@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -377,3 +378,169 @@ def test_stage2_mole_trains_under_torch_compile(ws, stage1, tmp_path):
     with pytest.raises(ValueError, match="torch_compile"):
         TrainConfig(torch_compile="fast")
     torch._dynamo.reset()
+
+
+# --- output folders, resume settings, saved-model loading (review fixes) -----------------------------------------
+def test_fresh_run_refuses_a_folder_with_a_finished_model(ws, stage1, tmp_path):
+    """Training `full` over a finished run would leave that run's adapter files beside the new model."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(stage1, out)
+    with pytest.raises(FileExistsError, match=rf"{out} already holds a finished model \(parrot_training\.json"):
+        train(config(ws, out, stage=2, model=str(stage1), data="qa", tuning="full"))
+    assert torch.equal(weights(out)["mm_projector.0.weight"], weights(stage1)["mm_projector.0.weight"])  # untouched
+
+
+def _finished_copy(stage1: Path, out: Path, tuning) -> Path:
+    import shutil
+
+    shutil.copytree(stage1, out)
+    info = json.loads((out / "parrot_training.json").read_text())
+    (out / "parrot_training.json").write_text(json.dumps({**info, "tuning": tuning}))
+    return out
+
+
+def test_load_trained_applies_only_the_recorded_adapter(stage1, tmp_path):
+    from safetensors.torch import save_file
+
+    from parrot.moe import MoLELinear
+
+    stale = _finished_copy(stage1, tmp_path / "full", "full")  # a full run over an old MoLE run's files
+    (stale / "mole_config.json").write_text(json.dumps({"target_modules": ["q_proj"], "num_experts": 2}))
+    save_file({}, str(stale / "mole_adapter.safetensors"))
+    with pytest.raises(ValueError, match=r"records tuning 'full', but .* also holds \['mole_config\.json', "
+                                         r"'mole_adapter\.safetensors'\]"):
+        load_trained(stale)
+
+    lost = _finished_copy(stage1, tmp_path / "mole", "mole")  # the recorded adapter's files are gone
+    with pytest.raises(FileNotFoundError, match=r"records tuning 'mole', but its adapter file\(s\) "
+                                                r"\['mole_config\.json', 'mole_adapter\.safetensors'\] are missing"):
+        load_trained(lost)
+
+    model, _ = load_trained(_finished_copy(stage1, tmp_path / "lora", "lora"))  # folded: no adapter files
+    assert not any(isinstance(m, MoLELinear) for m in model.modules())
+
+
+def test_resume_refuses_changed_settings(ws, stage1, tmp_path):
+    out = tmp_path / "run"
+    saved = config(ws, out, stage=2, model=str(stage1), data="qa", tuning="mole", router="topk", lora_alpha=16.0,
+                   lora_targets="q_proj", mole_experts=3, max_steps=6, save_steps=3)
+    (out / "checkpoint-3").mkdir(parents=True)  # what an interrupted run leaves
+    saved.save(out / "train_config.json")
+    changed = dataclasses.replace(saved, resume=True, router="dynmole", lora_alpha=64.0, seed=7)
+    with pytest.raises(ValueError, match="differ") as err:
+        train(changed)
+    message = str(err.value)
+    for diff in ("router: 'topk' -> 'dynmole'", "lora_alpha: 16.0 -> 64.0", "seed: 0 -> 7"):
+        assert diff in message
+    assert json.loads((out / "train_config.json").read_text())["router"] == "topk"  # not overwritten
+
+    # logging, progress bar, save cadence, retention and the folder may change on resume; nothing else may
+    harmless = dataclasses.replace(saved, resume=True, logging_steps=5, progress_bar=True, save_steps=2, keep_last=0,
+                                   output_dir=str(tmp_path / "moved"))
+    assert harmless.resume_differences(saved.to_dict()) == []
+    assert dataclasses.replace(saved, max_steps=8).resume_differences(saved.to_dict()) == ["max_steps: 6 -> 8"]
+    (out / "train_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="train_config.json is missing"):
+        train(dataclasses.replace(saved, resume=True))
+
+
+def test_load_pretrained_refuses_missing_tensors(ws, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from parrot.model.builder import load_pretrained
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ws["init"], broken)
+    state = weights(broken)
+    state["mm_projector.9.weight"] = state.pop("mm_projector.0.weight")
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing keys: \['mm_projector\.0\.weight'\]; "
+                                         r"unexpected keys: \['mm_projector\.9\.weight'\]"):
+        load_pretrained(broken)
+    load_pretrained(ws["init"])  # a complete save (tied lm_head, rotary buffers) loads without complaint
+
+
+# --- settings checks (review fixes) ---------------------------------------------------------------------------
+def test_yaml_values_get_the_setting_types(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text('learning_rate: 2e-3\nlora_rank: "16"\nprogress_bar: "false"\nbf16: "YES"\nepochs: 1\n'
+                    "ceft_ranking: null\nstage: 2\nlora_alpha: 32\n")
+    values = load_yaml_defaults(good)
+    assert values == {"learning_rate": 2e-3, "lora_rank": 16, "progress_bar": False, "bf16": True, "epochs": 1.0,
+                      "ceft_ranking": None, "stage": 2, "lora_alpha": 32.0}
+    assert type(values["learning_rate"]) is float and type(values["epochs"]) is float
+    cfg = parse_args(["--config", str(good)])
+    assert (cfg.learning_rate, cfg.lora_rank, cfg.progress_bar) == (2e-3, 16, False)
+
+
+@pytest.mark.parametrize("line,expected", [
+    ("learning_rate: fast", r"learning_rate: expected float, got 'fast'"),
+    ("lora_rank: 16.5", r"lora_rank: expected int, got 16\.5"),
+    ("max_steps: '1e3'", r"max_steps: expected int, got '1e3'"),
+    ("progress_bar: maybe", r"progress_bar: expected bool \(true/false/yes/no/1/0\), got 'maybe'"),
+    ("bf16: 1", r"bf16: expected bool \(true/false/yes/no/1/0\), got 1"),
+    ("tuning: no", r"tuning: expected str, got False"),  # YAML 1.1 reads a bare `no` as false
+    ("lr_scheduler: null", r"lr_scheduler: expected str, got null"),
+    ("router: switch", r"router: expected one of \('topk', 'dynmole', 'gwmoe', 'mor'\), got 'switch'"),
+    ("stage: 3", r"stage: expected one of \(1, 2\), got 3"),
+])
+def test_yaml_value_of_the_wrong_type_is_named(tmp_path, line, expected):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(line + "\n")
+    with pytest.raises(ValueError, match=rf"bad\.yaml: {expected}"):
+        load_yaml_defaults(bad)
+
+
+def test_warmup_ratio_must_be_a_share_of_the_steps():
+    for ratio in (1.0, 2.0, -0.1):
+        with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\)"):
+            TrainConfig(warmup_ratio=ratio)
+    assert TrainConfig(warmup_ratio=0.5).warmup_ratio == 0.5
+
+
+@pytest.mark.parametrize("tuning", ["lora", "mole"])
+def test_every_lora_target_must_match_a_module(tuning, tmp_path):
+    from tests.conftest import tiny_parrot_config
+    from parrot.model import ParrotForCausalLM
+    from parrot.train.stages import apply_stage
+
+    cfg = TrainConfig(stage=2, tuning=tuning, lora_targets="q_proj,nonexistent_proj,v_prj", mole_fused="never",
+                      output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"\['nonexistent_proj', 'v_prj'\] match no"):
+        apply_stage(ParrotForCausalLM(tiny_parrot_config()), cfg)
+
+
+def test_mole_top_k_above_the_expert_count_is_refused(tmp_path):
+    from tests.conftest import tiny_parrot_config
+    from parrot.model import ParrotForCausalLM
+    from parrot.train.stages import apply_stage
+
+    cfg = TrainConfig(stage=2, tuning="mole", mole_experts=2, mole_top_k=5, mole_fused="never",
+                      output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"top_k=5 exceeds num_experts=2"):
+        apply_stage(ParrotForCausalLM(tiny_parrot_config()), cfg)
+
+
+@pytest.mark.parametrize("script,yaml_stage", [("train_stage1.sh", 2), ("train_stage2.sh", 1)])
+def test_stage_script_refuses_a_config_of_the_other_stage(tmp_path, script, yaml_stage):
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "other.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(f"stage: {yaml_stage}\noutput_dir: {out}\nmax_steps: 1\n")
+    env = {**os.environ, "PYTHON": sys.executable}
+    for flag in (["--config", str(cfg)], [f"--config={cfg}"]):
+        proc = subprocess.run(["bash", str(REPO / "scripts" / script), *flag], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2
+        assert f"{cfg} sets stage: {yaml_stage}; run it with scripts/train_stage{yaml_stage}.sh" in proc.stderr
+    proc = subprocess.run(["bash", str(REPO / "scripts" / script), "--stage", str(yaml_stage)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "do not pass --stage" in proc.stderr
+    assert not out.exists()  # nothing trained

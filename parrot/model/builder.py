@@ -131,8 +131,17 @@ def load_pretrained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotPro
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: no config.json, not a saved Parrot model")
-    model = ParrotForCausalLM.from_pretrained(directory).eval()
-    return model, ParrotProcessor.from_pretrained(directory)
+    # HF only warns about missing / unexpected tensors and randomly initialises the missing ones; a saved Parrot
+    # model must load completely. Tied weights (lm_head) and non-persistent buffers (rotary inv_freq) are not
+    # reported by HF, so any report is a real mismatch.
+    model, info = ParrotForCausalLM.from_pretrained(directory, output_loading_info=True)
+    problems = {what: sorted(str(k) for k in info.get(what) or ())
+                for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    problems = {what: keys for what, keys in problems.items() if keys}
+    if problems:
+        details = "; ".join(f"{what.replace('_', ' ')}: {keys}" for what, keys in problems.items())
+        raise ValueError(f"{directory}: the saved weights do not match the model of its config.json ({details})")
+    return model.eval(), ParrotProcessor.from_pretrained(directory)
 
 
 def save_pretrained(model: ParrotForCausalLM, processor: ParrotProcessor, directory: str | Path) -> None:

@@ -246,7 +246,7 @@ def install_mask_hooks(model: nn.Module, routed: list[tuple[str, nn.Module]]) ->
 def inject_mole(model: nn.Module, config: MoLEConfig) -> list[str]:
     """Replace every targeted nn.Linear of `model` by a MoLELinear; return the replaced module names.
 
-    Raises if nothing matches (a wrong target list should not silently train nothing).
+    Raises if any listed target matches no module (a misspelled target should not silently get no experts).
     """
     if _mole_modules(model):
         raise ValueError("inject_mole: model already has MoLE layers")
@@ -261,6 +261,12 @@ def inject_mole(model: nn.Module, config: MoLEConfig) -> list[str]:
     ]
     if not targets:
         raise ValueError(f"inject_mole: no nn.Linear named any of {config.target_modules} in {type(model).__name__}")
+    # A listed name that matches nothing (a typo, or only excluded modules) would silently get no experts.
+    found = {name.rsplit(".", 1)[-1] for name in targets}
+    unmatched = [t for t in config.target_modules if t not in found]
+    if unmatched:
+        raise ValueError(f"inject_mole: target_modules {unmatched} match no nn.Linear of {type(model).__name__} "
+                         f"(outside {config.exclude_modules}); targets given: {list(config.target_modules)}")
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

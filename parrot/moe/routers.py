@@ -707,8 +707,12 @@ class RouterConfig:
 
 
 def build_router(config: RouterConfig, hidden_size: int, num_experts: int) -> nn.Module:
-    """RouterConfig -> router module (clamping k to the number of experts of this layer)."""
-    k = None if config.top_k is None else min(config.top_k, num_experts)
+    """RouterConfig -> router module. A top_k above the layer's expert count raises (clamping it would silently
+    train another routing than the one asked for); DynMoLE ignores top_k (its keep_top_k is still clamped)."""
+    if config.kind != "dynmole" and config.top_k is not None and config.top_k > num_experts:
+        raise ValueError(f"RouterConfig.top_k={config.top_k} exceeds num_experts={num_experts} of this layer "
+                         f"(router kind {config.kind!r}): top_k must be <= num_experts")
+    k = config.top_k
     if config.kind == "topk":
         renorm = True if config.renormalize is None else config.renormalize
         return TopKRouter(hidden_size, num_experts, k, renorm, config.balance_coef, config.z_loss_coef, config.bias)

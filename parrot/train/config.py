@@ -3,7 +3,7 @@
 The command line is generated from the dataclass (one `--flag` per field, its help from the field's metadata),
 so `python -m parrot.train --help` and `scripts/train_stage{1,2}.sh --help` always document every argument.
 A YAML file (`--config configs/train/<name>.yaml`) sets defaults; flags given on the command line win.
-Unknown YAML keys raise a ValueError naming the file and the key.
+Unknown YAML keys, and values that are not of the setting's type, raise a ValueError naming the file and the key.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,9 @@ class TrainConfig:
             raise ValueError("--tuning ceft needs --ceft-ranking (a Router Lens ranking CSV)")
         if self.save_steps < 0 or self.keep_last < 0:
             raise ValueError("save_steps and keep_last must be >= 0")
+        # HF reads warmup_steps >= 1 as a step count, so a ratio of 1 or more would silently become a few steps
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1) (a share of the training steps), got {self.warmup_ratio}")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -143,7 +147,34 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        # written whole, then renamed: other processes of a resumed run read this file at the same time
+        path = Path(path)
+        staged = path.with_name(path.name + ".tmp")
+        staged.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(staged, path)
+
+    def resume_differences(self, saved: dict[str, Any]) -> list[str]:
+        """'field: saved -> now' for every setting that differs from the run's saved `train_config.json`,
+        except those in `RESUME_FREE_FIELDS` (a resumed run must train exactly what the first run started)."""
+        missing = object()
+        diffs = []
+        for name, value in self.to_dict().items():
+            if name in RESUME_FREE_FIELDS:
+                continue
+            before = saved.get(name, missing)
+            if before is missing:
+                diffs.append(f"{name}: (not saved) -> {value!r}")
+            elif before != value:
+                diffs.append(f"{name}: {before!r} -> {value!r}")
+        diffs += [f"{name}: {saved[name]!r} -> (unknown setting)" for name in saved if name not in self.to_dict()]
+        return diffs
+
+
+# Settings a `--resume` may change: they steer logging, progress display, checkpoint cadence / retention and where
+# the run lives, never the trained weights. Everything else (model, data, optimisation, adapter, router, seed,
+# steps, precision, DeepSpeed, compile) must match the saved train_config.json, or the resumed run would silently
+# mix two trainings. Note: logging_steps also sets the steps the router diagnostics sample.
+RESUME_FREE_FIELDS = frozenset({"resume", "output_dir", "logging_steps", "progress_bar", "save_steps", "keep_last"})
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -154,8 +185,54 @@ def _field_type(f: dataclasses.Field) -> type:
     return str
 
 
+_TRUE_WORDS = ("true", "yes", "1")
+_FALSE_WORDS = ("false", "no", "0")
+
+
+def _yaml_value(path: Path, key: str, f: dataclasses.Field, value: Any) -> Any:
+    """One YAML value -> the field's type. PyYAML reads `2e-3` as a string and quoted values stay strings, so
+    values are converted here; anything that does not convert exactly raises naming the file and the key."""
+    typ = _field_type(f)
+    if value is None:
+        if "None" in str(f.type):
+            return None
+        raise ValueError(f"{path}: {key}: expected {typ.__name__}, got null")
+    converted: Any = None
+    if typ is bool:
+        if isinstance(value, bool):
+            converted = value
+        elif isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+            converted = value.strip().lower() in _TRUE_WORDS
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            converted = value
+        elif isinstance(value, str):
+            try:
+                converted = int(value.strip())
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            converted = float(value)
+        elif isinstance(value, str):
+            try:
+                converted = float(value.strip())
+            except ValueError:
+                pass
+    elif isinstance(value, str):  # str settings: a YAML number or boolean here is a typo, not a name
+        converted = value
+    if converted is None:
+        expected = "bool (true/false/yes/no/1/0)" if typ is bool else typ.__name__
+        raise ValueError(f"{path}: {key}: expected {expected}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices is not None and converted not in choices:
+        raise ValueError(f"{path}: {key}: expected one of {choices}, got {value!r}")
+    return converted
+
+
 def load_yaml_defaults(path: str | Path) -> dict[str, Any]:
-    """A YAML training config -> {field: value}; unknown keys raise naming the file."""
+    """A YAML training config -> {field: value of the field's type}; unknown keys and values that do not convert
+    raise a ValueError naming the file and the key."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -163,13 +240,13 @@ def load_yaml_defaults(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: cannot read training config ({err})") from err
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of training settings")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values = {}
     for key, value in raw.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         if name not in known:
             raise ValueError(f"{path}: unknown training setting {key!r}")
-        values[name] = value
+        values[name] = _yaml_value(path, key, known[name], value)
     return values
 
 
@@ -201,9 +278,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m parrot.trai
     parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
     yaml_path = args.pop("config", None)
-    values = load_yaml_defaults(yaml_path) if yaml_path else {}
-    values.update(args)
     try:
+        values = load_yaml_defaults(yaml_path) if yaml_path else {}
+        values.update(args)
         return TrainConfig(**values)
     except (TypeError, ValueError) as err:
         parser.error(str(err))

@@ -46,6 +46,15 @@ TRAINING_INFO = "parrot_training.json"
 FACTORLLM_WEIGHTS_NAME = "factorllm_adapter.safetensors"
 FACTORLLM_CONFIG_NAME = "factorllm_config.json"
 LM_PREFIX = "language_model."
+# The files of each adapter kind `save_final_model` may write beside the model ((config, weights)).
+ADAPTER_FILES = {
+    "mole": (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME),
+    "perft": (PERFT_CONFIG_NAME, PERFT_WEIGHTS_NAME),
+    "factorllm": (FACTORLLM_CONFIG_NAME, FACTORLLM_WEIGHTS_NAME),
+}
+# Any of these in an output folder means a finished (or half-saved) model lives there; a fresh run refuses it.
+FINISHED_MODEL_FILES = (TRAINING_INFO, "config.json", "model.safetensors", "model.safetensors.index.json",
+                        *(name for files in ADAPTER_FILES.values() for name in files))
 
 
 def is_main_process() -> bool:
@@ -227,18 +236,65 @@ def save_final_model(
     return output_dir
 
 
+def adapter_kind_of(tuning: str | None) -> str | None:
+    """The `ADAPTER_FILES` kind a run with `--tuning tuning` saves beside its model (None: plain model files)."""
+    if tuning == "mole":
+        return "mole"
+    if tuning in PERFT_VARIANTS:
+        return "perft"
+    if tuning == "factorllm":
+        return "factorllm"
+    return None
+
+
+def saved_adapter_kind(directory: Path) -> str | None:
+    """The adapter kind the model in `directory` was trained with: the one its `parrot_training.json` records
+    (else the only kind whose files are there). Raises if that adapter's files are missing, or if adapter files of
+    another kind lie beside the model (left by an earlier run; applying them would change the model)."""
+    present = {kind: [n for n in names if (directory / n).exists()] for kind, names in ADAPTER_FILES.items()}
+    present = {kind: names for kind, names in present.items() if names}
+    info_path = directory / TRAINING_INFO
+    info = {}
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{info_path}: cannot read the training record ({err})") from err
+        if not isinstance(info, dict):
+            raise ValueError(f"{info_path}: expected a mapping (the training record), got {type(info).__name__}")
+    if "tuning" in info:
+        expected = adapter_kind_of(info["tuning"])
+        source = f"{info_path} records tuning {info['tuning']!r}"
+    elif len(present) > 1:
+        raise ValueError(f"{directory}: adapter files of several kinds ({sorted(present)}) and no tuning recorded in "
+                         f"{TRAINING_INFO}; cannot tell which adapter belongs to the model")
+    else:
+        expected = next(iter(present), None)
+        source = f"{directory} holds {expected} adapter files"
+    if expected is not None:
+        missing = [n for n in ADAPTER_FILES[expected] if not (directory / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{source}, but its adapter file(s) {missing} are missing in {directory}")
+    stray = [n for kind, names in present.items() if kind != expected for n in names]
+    if stray:
+        raise ValueError(f"{source}, but {directory} also holds {stray}, adapter files of another run; remove them "
+                         "(they do not belong to this model)")
+    return expected
+
+
 def load_trained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotProcessor]:
-    """A run's output directory -> (model in eval mode, processor), with its MoLE, PERFT or FactorLLM adapter
-    if it has one."""
+    """A run's output directory -> (model in eval mode, processor), with the MoLE, PERFT or FactorLLM adapter that
+    the run recorded in `parrot_training.json` (`saved_adapter_kind`)."""
     from ..model.builder import load_pretrained
 
     directory = Path(directory)
+    kind = saved_adapter_kind(directory)
     model, processor = load_pretrained(directory)
-    if (directory / ADAPTER_CONFIG_NAME).is_file():
+    if kind == "mole":
         load_mole(model.language_model, directory)
-    if (directory / PERFT_CONFIG_NAME).is_file():
+    elif kind == "perft":
         load_perft(model.language_model, directory)
-    if (directory / FACTORLLM_CONFIG_NAME).is_file():
+    elif kind == "factorllm":
         _load_factorllm(model.language_model, directory)
     return model.eval(), processor
 

@@ -31,8 +31,8 @@ from ..model.builder import build_from_local, build_tiny, load_pretrained, load_
 from ..moe import calibrate_gwmoe, collect_router_outputs
 from . import checkpoints
 from .callbacks import LossCurveCallback, ProgressLogCallback, RouterDiagnosticsCallback
-from .config import TrainConfig
-from .export import TRAINING_INFO, save_final_model
+from .config import RESUME_FREE_FIELDS, TrainConfig
+from .export import FINISHED_MODEL_FILES, TRAINING_INFO, save_final_model
 from .stages import StagePlan, apply_stage, describe_trainable
 from .trainer import ParrotTrainer
 
@@ -113,7 +113,7 @@ def training_arguments(cfg: TrainConfig, processes: int) -> TrainingArguments:
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a share of the total steps
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a share of the total steps (TrainConfig checks < 1)
         lr_scheduler_type=cfg.lr_scheduler,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
@@ -172,19 +172,51 @@ def _routing_source(model, plan: StagePlan):
     return None
 
 
+def check_output_dir(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run), after refusing output folders that would mix runs:
+    a fresh run never starts where checkpoints or a finished model lie (files the new run does not write, such as
+    another tuning's adapter, would survive next to its model), and a resumed run must have the saved settings."""
+    if cfg.resume:
+        resume_from = checkpoints.latest_checkpoint(output_dir)
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume: no published checkpoint-<step> folder in {output_dir}")
+        check_resume_settings(cfg, output_dir / TRAIN_CONFIG)
+        return resume_from
+    if checkpoints.list_checkpoints(output_dir):
+        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
+                              "choose another --output-dir")
+    finished = [name for name in FINISHED_MODEL_FILES if (output_dir / name).exists()]
+    if finished:
+        raise FileExistsError(f"{output_dir} already holds a finished model ({', '.join(finished)}); choose another "
+                              "--output-dir or delete that folder first (--resume only continues from a "
+                              "checkpoint-<step> folder)")
+    return None
+
+
+def check_resume_settings(cfg: TrainConfig, saved_path: Path) -> None:
+    """Raise unless `cfg` matches the interrupted run's saved settings (see `RESUME_FREE_FIELDS`)."""
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"--resume: {saved_path} is missing, so the settings of the run to continue are "
+                                "unknown")
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--resume: cannot read {saved_path} ({err})") from err
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {saved_path} does not hold a mapping of training settings")
+    diffs = cfg.resume_differences(saved)
+    if diffs:
+        raise ValueError(f"--resume: these settings differ from the interrupted run's {saved_path}: "
+                         + "; ".join(diffs) + f". Resume with the saved settings (only {sorted(RESUME_FREE_FIELDS)} "
+                         "may change) or start a new run in another --output-dir")
+
+
 def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """Run one stage; `callbacks`: extra `TrainerCallback`s (tests use them to interrupt or poison a run)."""
     _setup_logging()
     output_dir = Path(cfg.output_dir)
     main = is_rank_zero()
-    resume_from = None
-    if cfg.resume:
-        resume_from = checkpoints.latest_checkpoint(output_dir)
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume: no published checkpoint-<step> folder in {output_dir}")
-    elif checkpoints.list_checkpoints(output_dir):
-        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
-                              "choose another --output-dir")
+    resume_from = check_output_dir(cfg, output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoints.remove_stale_staging(output_dir)
