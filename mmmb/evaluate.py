@@ -45,6 +45,9 @@ class EvalConfig:
     mode: str = "generate"
     circular: bool = False
     batch_size: int = 8
+    # An identity of the weights (`ParrotMCQModel.weights_id`), recorded with every cached prediction: a cache made
+    # by other weights under the same name (a retrained model) is refused, not reused. "" = not tracked.
+    model_weights: str = ""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -100,18 +103,19 @@ def _locate(error: ValueError, batch: list[Query], language: str) -> ValueError:
     return ValueError(f"MMMB {language}, {where}: {error}")
 
 
-def _run_batch(model: MCQModel, batch: list[Query], mode: str, model_name: str, language: str) -> list[dict]:
+def _run_batch(model: MCQModel, batch: list[Query], config: EvalConfig, language: str) -> list[dict]:
     try:
-        return _ask_model(model, batch, mode, model_name)
+        return _ask_model(model, batch, config)
     except ValueError as error:
         raise _locate(error, batch, language) from error
 
 
-def _ask_model(model: MCQModel, batch: list[Query], mode: str, model_name: str) -> list[dict]:
+def _ask_model(model: MCQModel, batch: list[Query], config: EvalConfig) -> list[dict]:
+    mode = config.mode
     prompts = [query.prompt for query in batch]
     images = [query.record.load_image() for query in batch]
     base = [{"key": q.key, "index": q.record.index, "rotation": q.rotation, "prompt_sha1": prompt_hash(q.prompt),
-             "model": model_name} for q in batch]
+             "model": config.model_name, "weights": config.model_weights} for q in batch]
     if mode == "generate":
         texts = model.generate(prompts, images)
         if len(texts) != len(batch):
@@ -137,12 +141,17 @@ def predict_language(model: MCQModel, queries: list[Query], cache: PredictionCac
     if cached_models:
         raise ValueError(f"{cache.path} holds predictions of model(s) {sorted(map(str, cached_models))}, not "
                          f"{config.model_name!r}; use another --out (or --fresh to discard the cache)")
+    cached_weights = {entry.get("weights", "") for entry in cache.entries.values()} - {config.model_weights}
+    if cached_weights:
+        raise ValueError(f"{cache.path} holds predictions of other weights saved as {config.model_name!r} (weights "
+                         f"{sorted(cached_weights)}, now {config.model_weights!r}: retrained?); use another --out "
+                         "(or --fresh to discard the cache)")
     todo = [query for query in queries if cache.get(query.key, query.prompt) is None]
     if len(todo) < len(queries):
         logger.info("%s: %d of %d prompts already cached", language, len(queries) - len(todo), len(queries))
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc=f"MMMB {language} ({mode})", unit="batch", disable=not batches):
-        cache.append(_run_batch(model, batch, mode, config.model_name, language))
+        cache.append(_run_batch(model, batch, config, language))
     return {query.key: cache.get(query.key, query.prompt) for query in queries}
 
 
@@ -249,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
     data = read_mmmb(args.data, languages=args.languages)
     model = ParrotMCQModel(args.model, device=args.device, max_new_tokens=args.max_new_tokens,
                            dtype=getattr(torch, args.dtype) if args.dtype else None)
-    config = EvalConfig(model_name=model_name, mode=args.mode, circular=args.circular, batch_size=args.batch_size)
+    config = EvalConfig(model_name=model_name, mode=args.mode, circular=args.circular, batch_size=args.batch_size,
+                        model_weights=model.weights_id)
     # Default folder per (model, mode) so a likelihood or circular run never overwrites a generation run.
     suffix = ("" if args.mode == "generate" else f"_{args.mode}") + ("_circular" if args.circular else "")
     out_dir = Path(args.out or Path("results") / f"{model_name}{suffix}")

@@ -5,10 +5,12 @@ its own chat template and image placeholder.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
+import torch.nn as nn
 from PIL import Image
 
 
@@ -24,8 +26,25 @@ class MCQModel(Protocol):
         ...
 
 
+def weights_fingerprint(module: nn.Module, samples: int = 16) -> str:
+    """An identity of `module`'s weights: sha1 over every parameter's name, shape, dtype and `samples` evenly spaced
+    values. Equal weights give equal fingerprints; a training step changes (nearly) every value of what it trains,
+    so a retrained model saved under the same name gets another one. Reads a few values per tensor, not all."""
+    digest = hashlib.sha1()
+    for name, param in module.named_parameters():
+        flat = param.detach().reshape(-1)  # (numel,)
+        digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+        if flat.numel():
+            positions = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+            digest.update(flat[positions].double().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class ParrotMCQModel:
-    """:class:`MCQModel` over a saved Parrot checkpoint or training output (with its adapters, if any)."""
+    """:class:`MCQModel` over a saved Parrot checkpoint or training output (with its adapters, if any).
+
+    `weights_id` (see `weights_fingerprint`) goes into `EvalConfig.model_weights`, so that the evaluator never
+    reuses cached predictions of other weights saved under the same name."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                  max_new_tokens: int = 16):
@@ -35,6 +54,7 @@ class ParrotMCQModel:
         self.model = model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
         self.device = torch.device(device)
         self.max_new_tokens = max_new_tokens
+        self.weights_id = weights_fingerprint(self.model)
         self._letter_token_ids: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _batch(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:

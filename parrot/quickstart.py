@@ -16,7 +16,9 @@ categories of `--categories` (default: background colour, colour presence, count
 answer option's text (`--answer-format text`, scored by generation + `mmmb.extract`, which maps an option's text
 to its letter) -- one lookup step, where a letter target needs the model to also bind letters to options;
 `--answer-format letter` trains letters and scores option-letter likelihood.
-Chance is 25% (four options).
+Chance is 25% (four options). Running again into the same `--out` replaces the quickstart's own `stage1/`,
+`stage2/` and `eval/` folders (the trainer refuses a folder that holds a finished model, the evaluator a cache of
+other weights).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +156,8 @@ def evaluate(model_dir: Path, cfg: QuickstartConfig, out_dir: Path):
     data = benchmark(cfg.n_eval, cfg.seed, cfg.image_size, cfg.category_tuple)
     model = ParrotMCQModel(model_dir, max_new_tokens=8)
     mode = "likelihood" if cfg.answer_format == "letter" else "generate"
-    return evaluate_mmmb(model, data, out_dir, EvalConfig(model_name="parrot-tiny", mode=mode, batch_size=32))
+    return evaluate_mmmb(model, data, out_dir, EvalConfig(model_name="parrot-tiny", mode=mode, batch_size=32,
+                                                          model_weights=model.weights_id))
 
 
 def accuracy_lines(table) -> list[str]:
@@ -184,6 +188,10 @@ def run(cfg: QuickstartConfig) -> dict:
     common = dict(data_registry=str(registry), per_device_batch_size=cfg.batch_size,
                   global_batch_size=cfg.batch_size, seed=cfg.seed, logging_steps=20, warmup_ratio=0.03,
                   save_steps=0)
+    for previous in (out / "stage1", out / "stage2", out / "eval"):
+        if previous.exists():  # an earlier quickstart's output: the trainer and the evaluator's cache refuse it
+            logger.info("replacing the previous quickstart run in %s", previous)
+            shutil.rmtree(previous)
     t0 = time.perf_counter()
     train(TrainConfig(stage=1, model=str(init_dir), output_dir=str(out / "stage1"), data="quickstart-caption",
                       learning_rate=cfg.stage1_lr, max_steps=cfg.stage1_steps, **common))

@@ -188,6 +188,20 @@ def test_resume_after_crash_gives_the_same_scores(tmp_path, setup):
     assert idle.asked == []
 
 
+def test_cache_of_other_weights_under_the_same_name_is_refused(tmp_path, setup):
+    """A retrained model saved under the same name: its weights id differs, so the old predictions are not reused."""
+    data, behaviour, true_text = setup
+    data = {"en": data["en"]}
+    evaluate_mmmb(KnownAnswersStub(behaviour, true_text), data, tmp_path, EvalConfig("stub", model_weights="w1"))
+    same = KnownAnswersStub(behaviour, true_text)
+    evaluate_mmmb(same, data, tmp_path, EvalConfig("stub", model_weights="w1"))
+    assert same.asked == []  # the same weights: everything from the cache
+    retrained = KnownAnswersStub(behaviour, true_text)
+    with pytest.raises(ValueError, match=r"other weights saved as 'stub' .*'w1'.*now 'w2'.*--fresh"):
+        evaluate_mmmb(retrained, data, tmp_path, EvalConfig("stub", model_weights="w2"))
+    assert retrained.asked == []
+
+
 def test_cache_from_other_data_is_refused(tmp_path, setup):
     data, behaviour, true_text = setup
     evaluate_mmmb(KnownAnswersStub(behaviour, true_text), {"en": data["en"]}, tmp_path, EvalConfig("stub"))

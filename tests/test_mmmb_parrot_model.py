@@ -59,6 +59,17 @@ def test_batched_letter_logprobs_match_unbatched_reference(model_dir):
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
 
 
+def test_weights_id_follows_the_weights(model_dir):
+    """Equal for the same saved weights loaded twice; different once any parameter changes (a training step)."""
+    from mmmb.models import weights_fingerprint
+
+    first, second = ParrotMCQModel(model_dir), ParrotMCQModel(model_dir)
+    assert first.weights_id == second.weights_id == weights_fingerprint(second.model)
+    with torch.no_grad():
+        next(second.model.mm_projector.parameters()).add_(1e-3)
+    assert weights_fingerprint(second.model) != first.weights_id
+
+
 def test_evaluator_runs_on_the_parrot_adapter(model_dir, tmp_path):
     data = toy_mmmb(n_items=3, seed=5, languages=("zh", "ar"))
     result = evaluate_mmmb(ParrotMCQModel(model_dir), data, tmp_path,

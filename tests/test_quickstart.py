@@ -48,13 +48,13 @@ def test_benchmark_is_held_out_and_aligned():
     assert not train_scenes & bench_scenes
 
 
+QUICK_ARGS = ["--n-caption", "48", "--n-qa", "48", "--n-mcq-train", "48", "--n-eval", "8", "--batch-size", "8",
+              "--image-size", "32", "--categories", "background,count"]
+
+
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path, capsys):
-    summary = quickstart.main([
-        "--out", str(tmp_path / "qs"), "--n-caption", "48", "--n-qa", "48", "--n-mcq-train", "48", "--n-eval", "8",
-        "--stage1-steps", "2", "--stage2-steps", "3", "--batch-size", "8", "--image-size", "32",
-        "--categories", "background,count",
-    ])
+    summary = quickstart.main(["--out", str(tmp_path / "qs"), "--stage1-steps", "2", "--stage2-steps", "3", *QUICK_ARGS])
     printed = capsys.readouterr().out
     assert "| accuracy (%) |" in printed and all(f" {lang} " in printed for lang in LANGUAGES)
     assert set(summary["accuracy"]) == set(LANGUAGES)
@@ -66,3 +66,8 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     for stage in ("stage1", "stage2"):
         info = json.loads((tmp_path / "qs" / stage / "parrot_training.json").read_text())
         assert info["stage"] == int(stage[-1])
+    # Again into the same folder (the trainer refuses folders holding a finished model): the quickstart replaces
+    # its own stage outputs and evaluates the new model.
+    quickstart.main(["--out", str(tmp_path / "qs"), "--stage1-steps", "1", "--stage2-steps", "2", *QUICK_ARGS])
+    info = json.loads((tmp_path / "qs" / "stage2" / "parrot_training.json").read_text())
+    assert info["global_step"] == 2
