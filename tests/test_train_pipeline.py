@@ -464,6 +464,32 @@ def test_load_pretrained_refuses_missing_tensors(ws, tmp_path):
     load_pretrained(ws["init"])  # a complete save (tied lm_head, rotary buffers) loads without complaint
 
 
+def test_load_pretrained_refuses_a_processor_of_another_model(ws, tmp_path):
+    """A parrot_processor.json saved for another model (here: 5 visual tokens per image, the model makes more)
+    would under-count prompt lengths: refused, naming the field and both values."""
+    import shutil
+
+    from parrot.model.builder import load_pretrained
+
+    other = tmp_path / "other"
+    shutil.copytree(ws["init"], other)
+    settings = json.loads((other / "parrot_processor.json").read_text())
+    model_tokens = settings["num_image_tokens"]
+    settings.update(num_image_tokens=5, image_size=settings["image_size"] * 2)
+    (other / "parrot_processor.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=rf"do not match config.json .*image_size: .*num_image_tokens: 5 vs "
+                                         rf"{model_tokens}"):
+        load_pretrained(other)
+    # Unreadable files are a ValueError naming the folder too (what the demo and the evaluator report cleanly).
+    for name, damage in (("config.json", lambda path: path.write_text("{not json")),
+                         ("model.safetensors", lambda path: path.write_bytes(path.read_bytes()[:1000]))):
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(ws["init"], broken)
+        damage(broken / name)
+        with pytest.raises(ValueError, match=rf"{broken}: cannot load the saved model"):
+            load_pretrained(broken)
+
+
 # --- settings checks (review fixes) ---------------------------------------------------------------------------
 def test_yaml_values_get_the_setting_types(tmp_path):
     good = tmp_path / "good.yaml"

@@ -136,6 +136,20 @@ class ParrotProcessor:
             raise ValueError(f"{settings_path}: invalid processor settings ({err})") from err
         return cls(AutoTokenizer.from_pretrained(directory), settings)
 
+    def mismatches(self, config) -> list[str]:
+        """Where this processor disagrees with a `ParrotConfig` ("field: processor vs model"): a processor saved
+        for another model would count, size or normalise images differently from what the model was built for."""
+        s = self.settings
+        pairs = {
+            "image_size": (s.image_size, config.image_size),
+            "image_mean": (tuple(s.image_mean), tuple(config.image_mean)),
+            "image_std": (tuple(s.image_std), tuple(config.image_std)),
+            "image_mode": (s.image_mode, config.image_aspect_mode),
+            "num_image_tokens": (s.num_image_tokens, config.num_image_tokens),
+            "image_token_id": (self.image_token_id, config.image_token_id),
+        }
+        return [f"{name}: {ours!r} vs {model!r}" for name, (ours, model) in pairs.items() if ours != model]
+
     @classmethod
     def for_model(cls, tokenizer: PreTrainedTokenizerBase, config, template: str = "chatml",
                   model_max_length: int = 2048) -> "ParrotProcessor":

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
@@ -134,14 +136,22 @@ def load_pretrained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotPro
     # HF only warns about missing / unexpected tensors and randomly initialises the missing ones; a saved Parrot
     # model must load completely. Tied weights (lm_head) and non-persistent buffers (rotary inv_freq) are not
     # reported by HF, so any report is a real mismatch.
-    model, info = ParrotForCausalLM.from_pretrained(directory, output_loading_info=True)
+    try:
+        model, info = ParrotForCausalLM.from_pretrained(directory, output_loading_info=True)
+    except (OSError, json.JSONDecodeError, SafetensorError) as err:  # unreadable config.json or weights file
+        raise ValueError(f"{directory}: cannot load the saved model ({type(err).__name__}: {err})") from err
     problems = {what: sorted(str(k) for k in info.get(what) or ())
                 for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
     problems = {what: keys for what, keys in problems.items() if keys}
     if problems:
         details = "; ".join(f"{what.replace('_', ' ')}: {keys}" for what, keys in problems.items())
         raise ValueError(f"{directory}: the saved weights do not match the model of its config.json ({details})")
-    return model.eval(), ParrotProcessor.from_pretrained(directory)
+    processor = ParrotProcessor.from_pretrained(directory)
+    mismatches = processor.mismatches(model.config)
+    if mismatches:
+        raise ValueError(f"{directory}: parrot_processor.json / tokenizer do not match config.json (processor vs "
+                         f"model): {'; '.join(mismatches)}")
+    return model.eval(), processor
 
 
 def save_pretrained(model: ParrotForCausalLM, processor: ParrotProcessor, directory: str | Path) -> None:
