@@ -185,6 +185,16 @@ def test_ceft_tunes_only_the_selected_experts(tmp_path):
             assert not torch.equal(new[f"{block}.experts.{p}"][ids], old[f"{block}.experts.{p}"][ids])
 
 
+def test_ceft_expert_ids_live_on_the_experts_device():
+    """prepare_ceft on a model already on an accelerator: the expert ids index the experts' weights, so they must
+    be on the weights' device ("meta" stands in for a GPU here: any device other than the CPU)."""
+    experts = _olmoe().model.layers[0].mlp.experts.to("meta")
+    ceft = CEFTExperts(experts, [1, 3])
+    assert ceft.expert_ids.device.type == "meta"
+    merged = ceft.merged_parameters()  # index_copy with ids and weights on one device
+    assert all(t.device.type == "meta" for t in merged.values())
+
+
 def test_command_writes_table_heatmap_and_ceft(tmp_path):
     router_lens_main(["--out", str(tmp_path), "--steps", "2", "--batches", "2", "--batch-size", "2",
                       "--ceft-top-n", "1", "--ceft-steps", "2"])

@@ -363,11 +363,14 @@ class CEFTExperts(nn.Module):
         self.base = base
         self.num_experts = num_experts
         base.requires_grad_(False)
-        self.register_buffer("expert_ids", torch.tensor(sorted(expert_ids), dtype=torch.long), persistent=True)
+        # On the experts' device: `merged_parameters` indexes their weights with it (a model already on a GPU).
+        device = next(base.parameters()).device
+        self.register_buffer("expert_ids", torch.tensor(sorted(expert_ids), dtype=torch.long, device=device),
+                             persistent=True)
         self.stacked_names = [n for n, p in base.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == num_experts]
         if not self.stacked_names:
             raise ValueError(f"CEFTExperts: {type(base).__name__} has no stacked (E, ...) expert parameters")
-        ids = self.expert_ids.to(next(base.parameters()).device)
+        ids = self.expert_ids
         for n in self.stacked_names:
             self.register_parameter(f"tuned_{n}", nn.Parameter(getattr(base, n).detach()[ids].clone()))
 
