@@ -60,18 +60,25 @@ def _field(path: Path, item: dict, name: str, row: object, kind: type = str):
     return value
 
 
+def _is_file(candidate: Path) -> bool:
+    try:
+        return candidate.is_file()
+    except OSError:  # e.g. a short inline base64 image read as a path: a "file name too long"
+        return False
+
+
 def _image_b64(path: Path, value: str, row: object, decoded: dict[str, str]) -> str:
     """Base64 of the item's image (file bytes kept as they are), checked to decode; cached per source value."""
     if value not in decoded:
         candidate = path.parent / value if len(value) < 4096 else None
-        if candidate is not None and candidate.is_file():
+        if candidate is not None and _is_file(candidate):
             b64 = encode_image_bytes(candidate.read_bytes())
         else:
             b64 = value.split(",", 1)[1] if value.startswith("data:") else value
         try:
             decode_image(b64)
         except ValueError as error:
-            hint = "" if candidate is None or candidate.is_file() else f" (and no file {str(candidate)!r})"
+            hint = "" if candidate is None or _is_file(candidate) else f" (and no file {str(candidate)!r})"
             raise MMMBFormatError(path, f"image does not decode: {error}{hint}", row=row, column="image") from None
         decoded[value] = b64
     return decoded[value]
@@ -101,6 +108,23 @@ def _check_unique_indices(path: Path, items: list[dict]) -> None:
         seen.add(index)
 
 
+def _by_language(path: Path, row: object, column: str, values: dict) -> dict:
+    """{MMMB language: value} of one item field. Codes of other languages are left out (a source may hold more
+    languages than MMMB's six); two aliases of one language (`zh` and `cn`) are an error, not one overwriting the
+    other."""
+    by_language: dict[str, object] = {}
+    for code, value in values.items():
+        try:
+            language = canonical_language(str(code))
+        except ValueError:
+            continue
+        if language in by_language:
+            raise MMMBFormatError(path, f"two entries for language {language!r} (aliases, e.g. 'zh' and 'cn')",
+                                  row=row, column=f"{column}.{code}")
+        by_language[language] = value
+    return by_language
+
+
 def records_from_multilingual_file(path: Path, languages: Sequence[str]) -> dict[str, list[MCQRecord]]:
     items = _load_items(path)
     _check_unique_indices(path, items)
@@ -109,8 +133,8 @@ def records_from_multilingual_file(path: Path, languages: Sequence[str]) -> dict
     for item in tqdm(items, desc=f"reading {path.name}", unit="item"):
         row = item["index"]
         questions, options = _field(path, item, "question", row, dict), _field(path, item, "options", row, dict)
-        questions = {canonical_language(code): text for code, text in questions.items()}
-        options = {canonical_language(code): texts for code, texts in options.items()}
+        questions = _by_language(path, row, "question", questions)
+        options = _by_language(path, row, "options", options)
         b64 = _image_b64(path, _field(path, item, "image", row), row, decoded)
         for language in languages:
             if language not in questions or language not in options:

@@ -27,6 +27,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from mmmb.languages import LANGUAGES, canonical_language
+from parrot.data.images import to_rgb
 
 OPTION_LETTERS: str = string.ascii_uppercase
 REQUIRED_COLUMNS: tuple[str, ...] = ("index", "question", "A", "B", "answer", "category")
@@ -78,7 +79,7 @@ class MCQRecord:
             return decode_image(self.image_b64)
         if self.image_path is not None:
             with Image.open(self.image_path) as image:
-                return image.convert("RGB")
+                return to_rgb(image)
         raise ValueError(f"item {self.index} has neither an image nor an image_path")
 
 
@@ -106,7 +107,7 @@ def decode_image(b64: str) -> Image.Image:
         raise ValueError(f"not valid base64 ({error})") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"base64 payload is not a decodable image ({error})") from None
 

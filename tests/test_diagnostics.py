@@ -101,3 +101,22 @@ def test_tracker_computes_lazy_stats_only_on_recorded_steps_and_rejects_missing_
     bare = dataclasses.replace(routing["layers.1.q_proj"], stats={})
     with pytest.raises(ValueError, match=r"layers\.9\.v_proj.*without stats at step 6"):
         tracker.update(6, {"layers.9.v_proj": bare})
+
+
+def test_max_load_ratio_is_max_over_mean_load():
+    """A router that picks k experts per token has loads summing to k: max / mean, not max * E (1.0 = balanced)."""
+    router = TopKRouter(8, 4, top_k=2).double()
+    with torch.no_grad():
+        router.gate.weight.zero_()
+    # Four tokens, each pair of experts equally often: loads 0.5 each (sum 2), perfectly balanced.
+    logits = torch.tensor([[2.0, 1.0, 0, 0], [0, 0, 2.0, 1.0], [1.0, 0, 0, 2.0], [0, 2.0, 1.0, 0]], dtype=torch.float64)
+    routing = router.route(logits)
+    tracker = RouterStatsTracker(num_bins=4)
+    tracker.update(0, {"layer": routing})
+    assert tracker.records[0].load == pytest.approx([0.5] * 4)
+    assert tracker.scalars()["router/max_load_ratio"] == pytest.approx(1.0)
+    skewed = router.route(torch.tensor([[2.0, 1.0, 0, 0]] * 3 + [[0, 0, 2.0, 1.0]], dtype=torch.float64))
+    tracker.update(1, {"layer": skewed})
+    load = tracker.records[-1].load  # [0.75, 0.75, 0.25, 0.25]
+    assert tracker.scalars(1)["router/max_load_ratio"] == pytest.approx(max(load) / (sum(load) / len(load)))
+    assert tracker.scalars(1)["router/max_load_ratio"] == pytest.approx(1.5)

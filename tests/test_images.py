@@ -49,3 +49,29 @@ def test_bad_images_name_the_file(tmp_path):
     good = tmp_path / "good.png"
     Image.new("L", (3, 3), 7).save(good)
     assert load_image(good).mode == "RGB"
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG: 32768 is mid grey (128), 100 * 257 is 100 -- Pillow's convert("RGB") made both white."""
+    levels = np.array([[32768, 100 * 257], [0, 65535]], dtype=np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(levels).save(path)
+    assert Image.open(path).mode.startswith("I")
+    pixels = np.asarray(load_image(path))
+    assert pixels.shape == (2, 2, 3)
+    assert pixels[..., 0].tolist() == [[128, 100], [0, 255]] and (pixels == pixels[..., :1]).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A photo stored landscape with EXIF orientation 6 ("rotate 90 clockwise to display") loads as displayed."""
+    stored = Image.new("RGB", (40, 20), (200, 10, 10))
+    stored.paste((10, 10, 200), (0, 0, 10, 20))  # blue band on the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    stored.save(path, exif=exif, quality=95)
+    image = load_image(path)
+    assert image.size == (20, 40)
+    top_row = np.asarray(image)[2, 10]
+    assert top_row[2] > 150 and top_row[0] < 100  # the left band is now at the top
+    assert ImageTransform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(Image.open(path)).shape == (3, 16, 16)

@@ -126,3 +126,39 @@ def test_synthetic_mmmb_is_aligned_with_15_categories(tmp_path):
     again = tmp_path / "again"
     build_main(["--synthetic", "30", "--seed", "7", "--out", str(again)])
     assert read_tsv(again / "mmmb_ru.tsv") == sets["ru"]  # deterministic for a seed
+
+
+def test_other_languages_in_a_source_are_left_out_and_aliases_are_not_doubled(tmp_path):
+    """A source may carry more languages than MMMB's six: they are not read; 'zh' and 'cn' in one item is an
+    error naming the item, not one silently overwriting the other."""
+    source, items = _multilingual_source(tmp_path, n=3)
+    for item in items:
+        item["question"]["ja"], item["options"]["ja"] = "質問", ["あ", "い", "う"]
+    source.write_text(json.dumps(items, ensure_ascii=False))
+    sets = records_from_source(source, ["en", "zh"])
+    assert set(sets) == {"en", "zh"} and all(len(records) == 3 for records in sets.values())
+    items[1]["options"]["zh"] = items[1]["options"]["cn"]
+    source.write_text(json.dumps(items, ensure_ascii=False))
+    with pytest.raises(MMMBFormatError, match=r"two entries for language 'zh'"):
+        records_from_source(source, ["en", "zh"])
+
+
+def test_a_short_inline_base64_image_is_not_taken_for_a_file_name(tmp_path):
+    """An inline base64 PNG under 4096 characters is first tried as a path; when its first path component is over
+    255 characters the OS says "file name too long", which must not end the build."""
+    import base64
+    import io
+
+    def inline_png(seed: int) -> str:
+        buffer = io.BytesIO()
+        noise = np.random.default_rng(seed).integers(0, 255, (14, 14, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    inline = next(text for text in map(inline_png, range(100)) if "/" not in text[:256])
+    assert len(inline) < 4096
+    source, items = _multilingual_source(tmp_path, n=1)
+    items[0]["image"] = inline
+    source.write_text(json.dumps(items, ensure_ascii=False))
+    (record,) = records_from_source(source, ["en"])["en"]
+    assert record.load_image().size == (14, 14)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow refuses images above 2x this as decompression bombs; we downscale anything bigger than needed early.
 MAX_IMAGE_PIXELS = 200_000_000
@@ -17,8 +17,21 @@ class BadImageError(ValueError):
     """An image that cannot be used; the message names the file (or upload) and the reason."""
 
 
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey PNG / TIFF
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as the image is displayed: EXIF orientation applied (phone photos are stored sideways), 16-bit
+    grey scaled to 8 bits (Pillow's convert("RGB") clips it, so everything above 255 would turn white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _WIDE_GREY_MODES:
+        levels = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def load_image(source: str | Path | Image.Image, name: str | None = None) -> Image.Image:
-    """Open an image file (or take a PIL image) as RGB; raise BadImageError naming it on any failure."""
+    """Open an image file (or take a PIL image) as RGB (`to_rgb`); raise BadImageError naming it on any failure."""
     label = name or str(source)
     if isinstance(source, Image.Image):
         image = source
@@ -35,7 +48,7 @@ def load_image(source: str | Path | Image.Image, name: str | None = None) -> Ima
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as err:
             raise BadImageError(f"{label}: cannot decode image ({err})") from err
     try:
-        return image.convert("RGB")
+        return to_rgb(image)
     except (OSError, ValueError) as err:
         raise BadImageError(f"{label}: cannot convert image to RGB ({err})") from err
 
@@ -69,7 +82,7 @@ class ImageTransform:
             raise ValueError(f"image mode {self.mode!r}; use 'pad' or 'resize'")
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if self.mode == "pad":
             image = expand_to_square(image, tuple(int(round(255 * m)) for m in self.mean))
         image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)

@@ -116,8 +116,9 @@ class RouterStatsTracker:
             "router/entropy_mean": sum(r.entropy_mean for r in rows) / len(rows),
             "router/broadcast_fraction": sum(r.broadcast_fraction for r in rows) / len(rows),
             "router/mean_active": sum(r.mean_active for r in rows) / len(rows),
-            # max over layers of (max load / uniform load): 1.0 is perfectly balanced
-            "router/max_load_ratio": max(max(r.load) * len(r.load) for r in rows),
+            # max over layers of (max load / mean load): 1.0 is perfectly balanced (loads sum to the experts per
+            # token, k, not to 1)
+            "router/max_load_ratio": max(max(r.load) * len(r.load) / max(sum(r.load), 1e-12) for r in rows),
         }
         for name in sorted({k for r in rows for k in r.aux}):
             values = [r.aux[name] for r in rows if name in r.aux]
