@@ -428,6 +428,28 @@ def test_dynmole_indices_match_indices_from_selection():
     assert torch.equal(out.indices, indices_from_selection(out.probs, selected))
 
 
+@pytest.mark.parametrize("kind", ["topk", "gwmoe", "dynmole", "mor"])
+def test_z_loss_with_a_mask_under_bfloat16_autocast(kind):
+    """Autocast makes the gate's logits bfloat16 while the probabilities and token weights stay float32: the masked
+    z-loss runs and equals the float32 formula on those logits (valid tokens only)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, D, generator=g)
+    mask = torch.rand(T, generator=g) > 0.3
+    config = RouterConfig(kind=kind, top_k=2, z_loss_coef=0.01, gw_threshold=1.0, num_routers=2)
+    router = build_router(config, D, E)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = router(x, mask)
+        gate_logits = router.gate(x)  # (T, G): what the router saw
+    assert gate_logits.dtype == torch.bfloat16 and out.aux_losses["z"].dtype == torch.float32
+    logits = gate_logits.float()
+    if kind == "mor":  # the sub-routers' logits, z averaged over them
+        z = torch.logsumexp(logits[:, : 2 * E].reshape(T, 2, E), dim=-1).square().mean(-1)
+    else:
+        z = torch.logsumexp(logits, dim=-1).square()
+    expected = 0.01 * z[mask].mean()
+    torch.testing.assert_close(out.aux_losses["z"].detach(), expected, rtol=1e-5, atol=0)
+
+
 def test_dynmole_top_p_one_keeps_every_expert():
     """top_p = 1 keeps all experts of every token, also where the float32 cumulative sum rounds past 1."""
     g = torch.Generator().manual_seed(0)

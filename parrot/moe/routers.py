@@ -161,6 +161,12 @@ def load_balance_loss(probs: torch.Tensor, weights: torch.Tensor, mask: torch.Te
     return _switch_balance(probs, weights, token_weights(mask, probs.dtype))
 
 
+def _z_term(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(logsumexp_e z_te)^2 per token (..., E) -> (...), in the probabilities' dtype: under autocast the gate's
+    logits are bfloat16 while the probabilities (and the masked mean's token weights) keep the input's dtype."""
+    return torch.logsumexp(logits.to(dtype), dim=-1).square()
+
+
 def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """ST-MoE router z-loss (Zoph et al., 2022, eq. 5): mean_t (logsumexp_e z_te)^2."""
     return token_mean(torch.logsumexp(logits, dim=-1).square(), token_weights(mask, logits.dtype))
@@ -345,7 +351,7 @@ class TopKRouter(nn.Module):
             fixed_k = self.top_k if self.top_k is not None and self.top_k < self.num_experts else None
             aux["balance"] = _switch_balance(probs, weights, tokens, self.balance_coef, fixed_k)
         if self.z_loss_coef:
-            aux["z"] = self.z_loss_coef * token_mean(torch.logsumexp(logits, dim=-1).square(), tokens)
+            aux["z"] = self.z_loss_coef * token_mean(_z_term(logits, probs.dtype), tokens)
         return RouterOutput(weights, indices, probs, logits, aux, lazy_routing_stats(probs, indices, mask))
 
 
@@ -439,7 +445,7 @@ class DynMoLERouter(nn.Module):
             num_experts = probs.shape[-1]
             aux["balance"] = self.balance_coef * num_experts * (token_mean(masked, tokens) @ token_mean(probs, tokens))
         if self.z_loss_coef:
-            aux["z"] = self.z_loss_coef * token_mean(torch.logsumexp(logits, dim=-1).square(), tokens)
+            aux["z"] = self.z_loss_coef * token_mean(_z_term(logits, probs.dtype), tokens)
         stats = lazy_routing_stats(probs, indices, mask, broadcast=soft, uncertainty=tsallis)
         return RouterOutput(weights, indices, probs, logits, aux, stats)
 
@@ -562,7 +568,7 @@ class GWMoERouter(nn.Module):
             fixed_k = None if self.training else self.top_k
             aux["balance"] = _switch_balance(probs, weights, tokens, self.balance_coef, fixed_k)
         if self.z_loss_coef:
-            aux["z"] = self.z_loss_coef * token_mean(torch.logsumexp(logits, dim=-1).square(), tokens)
+            aux["z"] = self.z_loss_coef * token_mean(_z_term(logits, probs.dtype), tokens)
         return RouterOutput(weights, indices, probs, logits, aux, stats)
 
 
@@ -621,7 +627,8 @@ class MixtureOfRoutersRouter(nn.Module):
         sub_logits = sub_logits.reshape(T, self.num_routers, self.num_experts)  # (T, M, E)
         sub_probs = _softmax(sub_logits, dtype)  # (T, M, E)
         router_weights = _softmax(main_logits, dtype)  # (T, M)
-        probs = torch.einsum("tm,tme->te", router_weights, sub_probs)  # (T, E)
+        # A weighted sum, not einsum: autocast would run an einsum in bfloat16 (the other routers keep p in `dtype`)
+        probs = (router_weights[:, :, None] * sub_probs).sum(1)  # (T, E)
         logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
         # log p as the logits: the softmax of the top-k log-probabilities is the renormalised top-k p.
         weights, indices = topk_weights(probs, self.top_k, self.renormalize, logits)
@@ -630,7 +637,7 @@ class MixtureOfRoutersRouter(nn.Module):
         if self.balance_coef:
             aux["balance"] = _switch_balance(probs, weights, tokens, self.balance_coef, self.top_k)
         if self.z_loss_coef:
-            z_per_token = torch.logsumexp(sub_logits, dim=-1).square().mean(-1)  # (T,)
+            z_per_token = _z_term(sub_logits, probs.dtype).mean(-1)  # (T,)
             aux["z"] = self.z_loss_coef * token_mean(z_per_token, tokens)
         probs_now, router_weights_now = probs.detach(), router_weights.detach()
 
