@@ -148,6 +148,57 @@ def test_stage2_ddp_survives_a_text_only_batch(tuning, tmp_path):
         torch.distributed.destroy_process_group()
 
 
+def test_factorllm_routers_train_under_ddp(tmp_path):
+    """FactorLLM's routers learn from the Prior-Approximate loss alone. Added inside the model call (the trainer's
+    AuxLossHook), DDP with find_unused_parameters sees that path; added after the call, DDP marked the routers
+    unused and failed when their gradients arrived."""
+    from tests.conftest import IMAGE_TOKEN_ID, tiny_parrot_config
+    from parrot.model import ParrotForCausalLM
+    from parrot.train.run import training_arguments
+    from parrot.train.stages import apply_stage
+    from parrot.train.trainer import AuxLossHook
+
+    cfg = TrainConfig(stage=2, tuning="factorllm", factorllm_experts=2, factorllm_top_k=1,
+                      output_dir=str(tmp_path / "out"))
+    torch.manual_seed(0)
+    model = ParrotForCausalLM(tiny_parrot_config()).train()
+    plan = apply_stage(model, cfg)
+    model.register_forward_hook(AuxLossHook(plan.tuning_setup.aux_loss))
+    routers = [p for name, p in model.named_parameters() if ".router." in name and p.requires_grad]
+    assert routers
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=training_arguments(cfg, 1).ddp_find_unused_parameters)
+        batch = dict(input_ids=torch.tensor([[1, IMAGE_TOKEN_ID, 3, 4]]), labels=torch.tensor([[-100, -100, 3, 4]]),
+                     pixel_values=torch.randn(1, 3, 32, 32))
+        for _ in range(2):
+            model.zero_grad()
+            ddp(**batch).loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("records, per_device, processes", [(30, 4, 2), (32, 4, 2), (37, 3, 4)])
+def test_epoch_end_repeats_counts_what_accelerate_repeats(records, per_device, processes):
+    """The number the trainer warns about equals the records accelerate's sharded sampler (even_batches, HF
+    Trainer's default) hands out twice in one epoch."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from parrot.train.run import epoch_end_repeats
+
+    seen = []
+    for rank in range(processes):
+        batches = BatchSampler(SequentialSampler(range(records)), per_device, drop_last=False)
+        for batch in BatchSamplerShard(batches, num_processes=processes, process_index=rank, even_batches=True):
+            seen.extend(batch)
+    assert sorted(set(seen)) == list(range(records))  # nothing dropped
+    assert epoch_end_repeats(records, per_device, processes) == len(seen) - records
+    assert epoch_end_repeats(records, per_device, 1) == 0  # one process is not sharded: a shorter last batch
+
+
 def test_fold_lora_matches_peft_merge():
     from peft import LoraConfig, get_peft_model
 

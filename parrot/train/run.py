@@ -60,6 +60,15 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def epoch_end_repeats(num_records: int, per_device_batch_size: int, processes: int) -> int:
+    """Records repeated at the end of every epoch: with several processes accelerate's sharded sampler
+    (`even_batches`, HF Trainer's default) completes the last step's batches from the start of the epoch."""
+    if processes < 2:
+        return 0
+    per_step = per_device_batch_size * processes
+    return -num_records % per_step
+
+
 def load_model(cfg: TrainConfig) -> tuple[ParrotForCausalLM, ParrotProcessor]:
     """Stage 1: recipe YAML (tiny: random init; real: --llm/--vision) or an init dir. Stage 2: the stage-1 dir."""
     path = Path(cfg.model)
@@ -236,6 +245,12 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         _calibrate_gwmoe(model, dataset, collator, cfg)
 
     processes = world_size()
+    repeated = epoch_end_repeats(len(dataset), cfg.per_device_batch_size, processes)
+    if repeated and main:
+        logger.warning("%d records over %d processes x %d per device: accelerate fills each epoch's last step by "
+                       "repeating the first %d records of the epoch (so every process gets a full batch); choose "
+                       "sizes that divide the data to avoid it", len(dataset), processes,
+                       cfg.per_device_batch_size, repeated)
     args = training_arguments(cfg, processes)
     trainer = ParrotTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                             keep_last=cfg.keep_last, tuning_setup=plan.tuning_setup)

@@ -2,7 +2,8 @@
 
 - the MoLE routers' auxiliary losses join the LM loss (`parrot.moe.mole_aux_loss`), or, with an MoE tuning
   method (`tuning_setup`, from `parrot.moe.methods.prepare_for_tuning`), that method's aux losses
-  (PERFT-R router balance / z losses, FactorLLM Prior-Approximate loss; CEFT has none);
+  (PERFT-R router balance / z losses, FactorLLM Prior-Approximate loss; CEFT has none), inside the model call
+  (`AuxLossHook`), where a DDP wrapper sees them;
 - a non-finite loss stops the run before the optimizer step, naming the step and the first router (Parrot MoE
   projector router, then MoLE layers in forward order) whose outputs are non-finite;
 - tokens/s (text + visual tokens, all processes) in every log;
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,24 @@ def _first_nonfinite_router(outputs, mole_routing: dict, kind: str = "MoLE") -> 
     return None
 
 
+class AuxLossHook:
+    """Forward hook on the model: in training, adds the routers' aux losses to the output's loss inside the model
+    call. A DDP wrapper (plain multi-process training, `find_unused_parameters`) decides from the forward's outputs
+    which parameters take part: parameters reached only through aux losses computed after the call (FactorLLM's
+    routers, trained by the Prior-Approximate loss alone) would be marked unused, and DDP fails when their
+    gradients arrive anyway."""
+
+    def __init__(self, aux_loss: Callable[[], torch.Tensor | float | None]):
+        self.aux_loss = aux_loss
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output):
+        if module.training and getattr(output, "loss", None) is not None:
+            aux = self.aux_loss()
+            if aux is not None:
+                output.loss = output.loss + aux
+        return output
+
+
 class ParrotTrainer(Trainer):
     def __init__(self, *args, keep_last: int = 0, tuning_setup: TuningSetup | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -48,18 +68,26 @@ class ParrotTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
+        hooks = self.model._forward_hooks.values()
+        if not any(isinstance(hook, AuxLossHook) for hook in hooks):  # one per model, whatever the trainers
+            self.model.register_forward_hook(AuxLossHook(self._aux_loss))
+
+    def _routing(self) -> dict:
+        if self.tuning_setup is not None:
+            return self.tuning_setup.routing()
+        return collect_router_outputs(self.model.language_model)
+
+    def _aux_loss(self) -> torch.Tensor | float | None:
+        if self.tuning_setup is not None:
+            return self.tuning_setup.aux_loss()
+        routing = collect_router_outputs(self.model.language_model)
+        return mole_aux_loss(routing) if routing else None
 
     # --- loss -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
-        loss = outputs.loss
-        if self.tuning_setup is not None:
-            routing = self.tuning_setup.routing()
-            loss = loss + self.tuning_setup.aux_loss()
-        else:
-            routing = collect_router_outputs(self.model.language_model)
-            if routing:
-                loss = loss + mole_aux_loss(routing)
+        loss = outputs.loss  # with the aux losses in training (AuxLossHook)
+        routing = self._routing()
         mask = outputs.attention_mask if outputs.attention_mask is not None else inputs["attention_mask"]
         self._tokens_since_log += int(mask.sum())
         self._stop_if_nonfinite(loss, outputs, routing)
