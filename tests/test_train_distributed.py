@@ -57,8 +57,8 @@ def cli_args(ws: dict, out: Path, **overrides) -> list[str]:
              "logging_steps", "seed", "max_steps", "per_device_batch_size", "global_batch_size", *overrides]
     args = []
     for name in dict.fromkeys(names):
-        value = getattr(cfg, name)
-        args += ["--" + name.replace("_", "-"), str(value)]
+        value, flag = getattr(cfg, name), name.replace("_", "-")
+        args += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     return args + ["--no-progress-bar"]
 
 
@@ -105,3 +105,19 @@ def test_zero3_saves_full_weights_of_every_trained_part(ws, tmp_path):
                         load_file(str(out / "mole_adapter.safetensors")))
     # Checkpoints under DeepSpeed are published atomically and rotated like single-process ones.
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+
+
+def test_zero2_bf16_saves_the_float32_masters_in_the_loaded_dtype(ws, tmp_path):
+    """DeepSpeed's bf16 mode casts the module to bfloat16 and keeps float32 masters of what trains: the saved model
+    is float32 (the dtype the run loaded), the trained projector comes from the masters (not representable in
+    bfloat16), the frozen parts are saved as the run used them (bfloat16 values)."""
+    out = tmp_path / "zero2_bf16"
+    torchrun(cli_args(ws, out, max_steps=2, per_device_batch_size=4, global_batch_size=8, bf16=True,
+                      deepspeed=str(REPO / "configs/deepspeed/zero2.json")))
+    saved = weights(out)
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+    projector = [t for k, t in saved.items() if k.startswith("mm_projector.") and k.endswith("weight")]
+    frozen = [t for k, t in saved.items() if k.startswith("language_model.") and k.endswith("weight")]
+    assert projector and frozen
+    assert all(not torch.equal(t, t.bfloat16().float()) for t in projector)  # float32 masters
+    assert all(torch.equal(t, t.bfloat16().float()) for t in frozen)  # the bfloat16 copies the run computed with

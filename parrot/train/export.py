@@ -2,7 +2,10 @@
 
 - `gather_full_state_dict`: every parameter and buffer at full size on the main process. Under DeepSpeed
   ZeRO-3 each parameter is partitioned over the processes; it is all-gathered one at a time
-  (`deepspeed.zero.GatheredParameters`), so peak memory stays at one full parameter above the shards.
+  (`deepspeed.zero.GatheredParameters`), so peak memory stays at one full parameter above the shards. Trained
+  parameters come from DeepSpeed's float32 master copies where it keeps them (with `--bf16` the module holds a
+  bfloat16 working copy), and `save_final_model` writes every tensor in the dtype the run loaded the model in
+  (DeepSpeed's bf16 mode casts the whole module; frozen parts are saved as the run used them).
 - LoRA (`--tuning lora`): folded into the base weights, W' = W + (alpha / r) B A (Hu et al., 2021, eq. 3),
   so the output is a plain Parrot model.
 - MoLE (`--tuning mole`): routed experts cannot be folded (the mixture depends on the token); the base weights
@@ -61,12 +64,29 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _fp32_master(tensor: torch.Tensor) -> torch.Tensor | None:
+    """DeepSpeed's full float32 master copy of a trained parameter (None outside DeepSpeed or when frozen).
+    Collective under ZeRO (every rank must ask for the same parameters in the same order)."""
+    if not (isinstance(tensor, nn.Parameter) and tensor.requires_grad):
+        return None
+    if not (hasattr(tensor, "ds_id") or hasattr(tensor, "_hp_mapping")):  # not a DeepSpeed-managed parameter
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(tensor)
+
+
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name: full CPU tensor} on the main process ({} elsewhere). Collective under ZeRO-3: call on every rank."""
+    """{name: full CPU tensor} on the main process ({} elsewhere); trained parameters from DeepSpeed's float32
+    masters where it has them. Collective under DeepSpeed ZeRO: call on every rank."""
     main = is_main_process()
     state: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
+        master = _fp32_master(tensor)
+        if master is not None:
+            if main:
+                state[name] = master.detach().to("cpu", copy=True)
+        elif hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
@@ -187,17 +207,21 @@ def save_final_model(
     training_info: dict | None = None,
     tuning_method: str | None = None,
     method_settings: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path | None:
     """Gather, fold/split adapters and write a directory `load_trained` (and, without MoLE, `load_pretrained`)
     reads. Collective under ZeRO-3 (call on every rank); only the main process writes.
 
     `tuning_method` / `method_settings`: an MoE tuning method of the run and its `prepare_for_tuning`
-    keywords (see the module docstring for what each method writes)."""
+    keywords (see the module docstring for what each method writes). `dtype`: of every floating tensor written
+    (the dtype the run loaded the model in; None keeps the tensors' own)."""
     from ..moe.mole import MoLELinear
 
     state = gather_full_state_dict(model)
     if not is_main_process():
         return None
+    if dtype is not None:
+        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if lora_scaling is not None:

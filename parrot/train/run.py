@@ -235,6 +235,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     # The model is built before TrainingArguments: with a ZeRO-3 config the latter switches HF loading to
     # zero.Init, and the stage surgery below (LoRA/MoLE injection) must see whole, unpartitioned modules.
     model, processor = load_model(cfg)
+    load_dtype = model.dtype  # DeepSpeed's bf16 mode casts the module; the saved model keeps this dtype
     plan: StagePlan = apply_stage(model, cfg)
     if main:
         print(describe_trainable(model, plan), flush=True)
@@ -279,7 +280,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     save_final_model(trainer.model, processor, output_dir, lora_scaling=plan.lora_scaling,
                      mole_config=plan.mole_config, training_info=info,
                      tuning_method=plan.tuning if plan.tuning_setup is not None else None,
-                     method_settings=plan.method_settings)
+                     method_settings=plan.method_settings, dtype=load_dtype)
     if main:  # the bad-data report again, at the end of the run
         bad_data.write(output_dir / BAD_DATA_REPORT)
     trainer.accelerator.wait_for_everyone()
