@@ -285,3 +285,15 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m parrot.trai
     except (TypeError, ValueError) as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
+
+
+def read_json_mapping(path: Path, what: str) -> dict:
+    """The JSON object in `path` (a run's saved settings or training record); ValueError naming the file and
+    `what` it should hold when it cannot be read or is not a mapping."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read {what} ({err})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a mapping ({what}), got {type(value).__name__}")
+    return value

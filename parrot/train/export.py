@@ -44,6 +44,7 @@ from ..moe.methods.factorllm import FactorizedMLP
 from ..moe.methods.perft import PERFT_CONFIG_NAME, PERFT_WEIGHTS_NAME
 from ..moe.methods.router_lens import CEFTExperts
 from ..moe.mole import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_files, write_adapter_files
+from .config import read_json_mapping
 
 TRAINING_INFO = "parrot_training.json"
 FACTORLLM_WEIGHTS_NAME = "factorllm_adapter.safetensors"
@@ -278,14 +279,7 @@ def saved_adapter_kind(directory: Path) -> str | None:
     present = {kind: [n for n in names if (directory / n).exists()] for kind, names in ADAPTER_FILES.items()}
     present = {kind: names for kind, names in present.items() if names}
     info_path = directory / TRAINING_INFO
-    info = {}
-    if info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{info_path}: cannot read the training record ({err})") from err
-        if not isinstance(info, dict):
-            raise ValueError(f"{info_path}: expected a mapping (the training record), got {type(info).__name__}")
+    info = read_json_mapping(info_path, "the training record") if info_path.is_file() else {}
     if "tuning" in info:
         expected = adapter_kind_of(info["tuning"])
         source = f"{info_path} records tuning {info['tuning']!r}"

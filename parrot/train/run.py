@@ -31,7 +31,7 @@ from ..model.builder import build_from_local, build_tiny, load_pretrained, load_
 from ..moe import calibrate_gwmoe, collect_router_outputs
 from . import checkpoints
 from .callbacks import LossCurveCallback, ProgressLogCallback, RouterDiagnosticsCallback
-from .config import RESUME_FREE_FIELDS, TrainConfig
+from .config import RESUME_FREE_FIELDS, TrainConfig, read_json_mapping
 from .export import FINISHED_MODEL_FILES, TRAINING_INFO, save_final_model
 from .stages import StagePlan, apply_stage, describe_trainable
 from .trainer import ParrotTrainer
@@ -207,12 +207,7 @@ def check_resume_settings(cfg: TrainConfig, saved_path: Path) -> None:
     if not saved_path.is_file():
         raise FileNotFoundError(f"--resume: {saved_path} is missing, so the settings of the run to continue are "
                                 "unknown")
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"--resume: cannot read {saved_path} ({err})") from err
-    if not isinstance(saved, dict):
-        raise ValueError(f"--resume: {saved_path} does not hold a mapping of training settings")
+    saved = read_json_mapping(saved_path, "the interrupted run's training settings (--resume)")
     diffs = cfg.resume_differences(saved)
     if diffs:
         raise ValueError(f"--resume: these settings differ from the interrupted run's {saved_path}: "
