@@ -168,8 +168,8 @@ def _z_term(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """ST-MoE router z-loss (Zoph et al., 2022, eq. 5): mean_t (logsumexp_e z_te)^2."""
-    return token_mean(torch.logsumexp(logits, dim=-1).square(), token_weights(mask, logits.dtype))
+    """ST-MoE router z-loss (Zoph et al., 2022, eq. 5): mean_t (logsumexp_e z_te)^2 (the routers' own term)."""
+    return token_mean(_z_term(logits, logits.dtype), token_weights(mask, logits.dtype))
 
 
 def topk_weights(probs: torch.Tensor, top_k: int | None, renormalize: bool,

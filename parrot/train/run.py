@@ -13,7 +13,6 @@ FactorLLM, whose adapter files `load_trained` adds -- see `parrot.train.export`)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -77,8 +76,9 @@ def load_model(cfg: TrainConfig) -> tuple[ParrotForCausalLM, ParrotProcessor]:
             what = "the stage-1 output directory" if cfg.stage == 2 else "a recipe YAML or a saved model directory"
             raise FileNotFoundError(f"--model {path}: no config.json there; stage {cfg.stage} expects {what}")
         info_path = path / TRAINING_INFO
-        if cfg.stage == 2 and info_path.is_file() and json.loads(info_path.read_text()).get("stage") != 1:
-            logger.warning("%s was not produced by a stage-1 run (%s)", path, info_path)
+        if cfg.stage == 2 and info_path.is_file():
+            if read_json_mapping(info_path, "a training record").get("stage") != 1:
+                logger.warning("%s was not produced by a stage-1 run (%s)", path, info_path)
         model, processor = load_pretrained(path)
         return model.train(), processor
     recipe = load_recipe(path)

@@ -68,9 +68,10 @@ class ParrotTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
-        hooks = self.model._forward_hooks.values()
-        if not any(isinstance(hook, AuxLossHook) for hook in hooks):  # one per model, whatever the trainers
-            self.model.register_forward_hook(AuxLossHook(self._aux_loss))
+        for key, hook in list(self.model._forward_hooks.items()):  # one per model: this trainer's
+            if isinstance(hook, AuxLossHook):
+                del self.model._forward_hooks[key]
+        self.model.register_forward_hook(AuxLossHook(self._aux_loss))
 
     def _routing(self) -> dict:
         if self.tuning_setup is not None:
@@ -87,13 +88,12 @@ class ParrotTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         loss = outputs.loss  # with the aux losses in training (AuxLossHook)
-        routing = self._routing()
         mask = outputs.attention_mask if outputs.attention_mask is not None else inputs["attention_mask"]
         self._tokens_since_log += int(mask.sum())
-        self._stop_if_nonfinite(loss, outputs, routing)
+        self._stop_if_nonfinite(loss, outputs)
         return (loss, outputs) if return_outputs else loss
 
-    def _stop_if_nonfinite(self, loss: torch.Tensor, outputs, routing: dict) -> None:
+    def _stop_if_nonfinite(self, loss: torch.Tensor, outputs) -> None:
         local_bad = not bool(torch.isfinite(loss.detach()).all())
         flag = torch.tensor([1.0 if local_bad else 0.0], device=loss.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -105,6 +105,7 @@ class ParrotTrainer(Trainer):
             raise NonFiniteLossError(f"non-finite training loss at optimizer step {step} on another process; "
                                      "see its message")
         message = f"non-finite training loss ({loss.item()}) at optimizer step {step} (epoch {self.state.epoch:.3f})"
+        routing = self._routing()  # this forward's router outputs (only read here, on the way out)
         has_routers = getattr(outputs, "router_probs", None) is not None or bool(routing)
         if has_routers:
             kind = self.tuning_setup.method if self.tuning_setup is not None else "MoLE"
