@@ -242,3 +242,12 @@ def test_vision_config_resolution(tmp_path):
     (src / "config.json").write_text(json.dumps(dict(config, mm_patch_merge_type="spatial_unpad")))
     with pytest.raises(ConversionError, match="mm_patch_merge_type"):
         read_official_config(src)
+    # Not "pad": the official code then runs CLIP's shortest-side resize + centre crop, which no image mode here
+    # reproduces (it was mapped to a stretch); absent means the same in the official code.
+    for aspect in ("square", None):
+        (src / "config.json").write_text(json.dumps(dict(config, image_aspect_ratio=aspect)))
+        with pytest.raises(ConversionError, match="shortest-side resize \\+ centre crop"):
+            read_official_config(src)
+    (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "image_aspect_ratio"}))
+    with pytest.raises(ConversionError, match="image_aspect_ratio=None"):
+        read_official_config(src)

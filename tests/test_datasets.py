@@ -141,6 +141,20 @@ def test_mix_ratios_and_determinism(synthetic_sets):
         mix_datasets("nope", registry)
 
 
+def test_a_ratio_keeps_round_ratio_times_n_records():
+    """The documented count, round(r * N), also where the whole and fractional parts would round apart
+    (N=5, r=1.3: 6.5 -> 6; N=1, r=1.5 -> 2), with whole copies and no record more than once beyond them."""
+    from parrot.data.datasets import _sample_indices
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 7, 40):
+        for ratio in (0.1, 0.3, 0.5, 1.0, 1.3, 1.5, 2.5, 3.7):
+            picked = _sample_indices(n, ratio, rng)
+            assert len(picked) == round(ratio * n), (n, ratio)
+            counts = np.bincount(picked, minlength=n)
+            assert counts.max() - counts.min() <= 1 and set(picked.tolist()) <= set(range(n))
+
+
 def test_registry_ratio_is_the_default(tmp_path, synthetic_sets):
     _, caption, _ = synthetic_sets
     registry = write_registry(tmp_path, {"cap": {"path": "caption.json", "image_dir": "images", "ratio": 0.3}})

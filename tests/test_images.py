@@ -14,8 +14,9 @@ def test_pad_mode_pads_with_mean_colour_then_normalises():
     image = Image.new("RGB", (8, 4), (255, 0, 0))
     out = ImageTransform(8, MEAN, STD, "pad")(image)
     assert out.shape == (3, 8, 8)
-    # rows 0-1 and 6-7 are padding in the mean colour -> normalised to (round(255 m)/255 - m)/s, about 0
-    pad_value = (torch.tensor([round(255 * m) / 255 for m in MEAN]) - torch.tensor(MEAN)) / torch.tensor(STD)
+    # rows 0-1 and 6-7 are padding in the mean colour as LLaVA's process_images makes it, tuple(int(x * 255) for x
+    # in image_mean) -> normalised to (int(255 m)/255 - m)/s, about 0
+    pad_value = (torch.tensor([int(255 * m) / 255 for m in MEAN]) - torch.tensor(MEAN)) / torch.tensor(STD)
     torch.testing.assert_close(out[:, 0, 0], pad_value, atol=1e-6, rtol=0)
     torch.testing.assert_close(out[:, 4, 4], (torch.tensor([1.0, 0, 0]) - torch.tensor(MEAN)) / torch.tensor(STD))
 

@@ -168,6 +168,22 @@ def test_image_placeholder_errors():
         model(input_ids=ids, attention_mask=mask)
 
 
+def test_from_parts_with_a_half_precision_vision_checkpoint_is_one_dtype(tmp_path):
+    """CLIP towers are often saved in float16: loaded as float32 like the LLM and projector, so a forward runs."""
+    reference = tiny_parrot_config()
+    Qwen2ForCausalLM(Qwen2Config(**reference.text_config.to_dict())).save_pretrained(tmp_path / "llm")
+    tower = CLIPVisionModel(reference.vision_config).half()
+    tower.save_pretrained(tmp_path / "clip16")
+    model = ParrotForCausalLM.from_parts(str(tmp_path / "llm"), str(tmp_path / "clip16"),
+                                         image_token_id=IMAGE_TOKEN_ID, use_moe=True, moe_num_experts=2)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    for name, p in tower.state_dict().items():  # the float16 values, widened exactly
+        assert torch.equal(model.vision_tower.model.state_dict()[name], p.float()), name
+    size = reference.vision_config.image_size
+    out = model(input_ids=torch.tensor([[1, IMAGE_TOKEN_ID, 3]]), pixel_values=torch.randn(1, 3, size, size))
+    assert torch.isfinite(out.logits).all()
+
+
 def test_from_parts_loads_local_checkpoints(tmp_path):
     """Real-scale loading path (Qwen LLM + CLIP tower from local dirs), exercised on tiny saved checkpoints."""
     reference = tiny_parrot_config()

@@ -71,6 +71,7 @@ def test_chat_template_matches_chatml_template(tokenizer, generation):
         [{"role": "user", "content": "<image>\nWhat colour is the circle?"}, {"role": "assistant", "content": "Red"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\n图中有几个圆形？"},
          {"role": "assistant", "content": "两个"}, {"role": "user", "content": "背景是什么颜色？"}],
+        [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
     ]
     for messages in conversations:
         ours = get_template("chatml").render(messages, add_generation_prompt=generation)

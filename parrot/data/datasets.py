@@ -196,10 +196,11 @@ class SourcedRecord:
 
 
 def _sample_indices(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
-    whole, fraction = divmod(ratio, 1.0)
-    extra = int(round(fraction * n))
+    """round(ratio * n) indices: whole copies of the dataset, then a sample without replacement for the rest."""
+    total = round(ratio * n)
+    whole, extra = divmod(total, n) if n else (0, 0)
     picked = np.sort(rng.permutation(n)[:extra])
-    return np.concatenate([np.tile(np.arange(n), int(whole)), picked]).astype(np.int64)
+    return np.concatenate([np.tile(np.arange(n), whole), picked]).astype(np.int64)
 
 
 def mix_datasets(spec: str, registry: str | Path = DEFAULT_REGISTRY, data_root: str | Path | None = None,

@@ -84,7 +84,7 @@ class ImageTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = to_rgb(image)
         if self.mode == "pad":
-            image = expand_to_square(image, tuple(int(round(255 * m)) for m in self.mean))
+            image = expand_to_square(image, tuple(int(255 * m) for m in self.mean))  # LLaVA's truncation
         image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
         mean = torch.tensor(self.mean).view(3, 1, 1)

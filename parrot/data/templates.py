@@ -136,9 +136,8 @@ class ChatMLTemplate(ChatTemplate):
 
     def segments(self, messages, add_generation_prompt=False, system=None):
         system_text, rest = _split_system(messages, system, self.default_system)
-        segs = []
-        if system_text:
-            segs.append(Segment(f"<|im_start|>system\n{system_text}<|im_end|>\n", False, 0))
+        # Always a system block, also an empty one (as Qwen's and our tokenizer's chat template render it)
+        segs = [Segment(f"<|im_start|>system\n{system_text}<|im_end|>\n", False, 0)]
         turn = 0
         for i, m in enumerate(rest):
             if m["role"] == "user":

@@ -59,7 +59,7 @@ class VisionTower(nn.Module):
 def load_pretrained_vision_model(path: str, config: CLIPVisionConfig | OpenCLIPVisionConfig) -> nn.Module:
     """Weights of a real tower from a local path: an HF CLIP(-vision) checkpoint dir, or an open_clip state file."""
     if isinstance(config, CLIPVisionConfig):
-        return CLIPVisionModel.from_pretrained(path)
+        return CLIPVisionModel.from_pretrained(path, dtype=torch.float32)  # as the LLM and projector: one dtype
     visual = build_open_clip_visual(config)
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
