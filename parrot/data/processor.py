@@ -49,6 +49,10 @@ class ProcessorSettings:
         object.__setattr__(self, "image_std", tuple(self.image_std))
 
 
+# The settings that follow from the model's config (`settings_for`), compared by `mismatches`.
+_MODEL_SETTINGS = ("image_size", "image_mean", "image_std", "image_mode", "num_image_tokens")
+
+
 class ParrotProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, settings: ProcessorSettings):
         if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -139,22 +143,15 @@ class ParrotProcessor:
     def mismatches(self, config) -> list[str]:
         """Where this processor disagrees with a `ParrotConfig` ("field: processor vs model"): a processor saved
         for another model would count, size or normalise images differently from what the model was built for."""
-        s = self.settings
-        pairs = {
-            "image_size": (s.image_size, config.image_size),
-            "image_mean": (tuple(s.image_mean), tuple(config.image_mean)),
-            "image_std": (tuple(s.image_std), tuple(config.image_std)),
-            "image_mode": (s.image_mode, config.image_aspect_mode),
-            "num_image_tokens": (s.num_image_tokens, config.num_image_tokens),
-            "image_token_id": (self.image_token_id, config.image_token_id),
-        }
-        return [f"{name}: {ours!r} vs {model!r}" for name, (ours, model) in pairs.items() if ours != model]
+        ours, model = self.settings, self.settings_for(config, self.settings.template, self.settings.model_max_length)
+        pairs = {name: (getattr(ours, name), getattr(model, name)) for name in _MODEL_SETTINGS}
+        pairs["image_token_id"] = (self.image_token_id, config.image_token_id)
+        return [f"{name}: {mine!r} vs {theirs!r}" for name, (mine, theirs) in pairs.items() if mine != theirs]
 
-    @classmethod
-    def for_model(cls, tokenizer: PreTrainedTokenizerBase, config, template: str = "chatml",
-                  model_max_length: int = 2048) -> "ParrotProcessor":
-        """A processor matching a `ParrotConfig` (image size, normalisation, aspect mode, visual token count)."""
-        settings = ProcessorSettings(
+    @staticmethod
+    def settings_for(config, template: str = "chatml", model_max_length: int = 2048) -> ProcessorSettings:
+        """The settings a `ParrotConfig` implies (image size, normalisation, aspect mode, visual token count)."""
+        return ProcessorSettings(
             image_size=config.image_size,
             image_mean=tuple(config.image_mean),
             image_std=tuple(config.image_std),
@@ -163,4 +160,9 @@ class ParrotProcessor:
             num_image_tokens=config.num_image_tokens,
             model_max_length=model_max_length,
         )
-        return cls(tokenizer, settings)
+
+    @classmethod
+    def for_model(cls, tokenizer: PreTrainedTokenizerBase, config, template: str = "chatml",
+                  model_max_length: int = 2048) -> "ParrotProcessor":
+        """A processor matching a `ParrotConfig` (see `settings_for`)."""
+        return cls(tokenizer, cls.settings_for(config, template, model_max_length))
