@@ -242,12 +242,15 @@ def test_vision_config_resolution(tmp_path):
     (src / "config.json").write_text(json.dumps(dict(config, mm_patch_merge_type="spatial_unpad")))
     with pytest.raises(ConversionError, match="mm_patch_merge_type"):
         read_official_config(src)
-    # Not "pad": the official code then runs CLIP's shortest-side resize + centre crop, which no image mode here
-    # reproduces (it was mapped to a stretch); absent means the same in the official code.
+    # Not "pad" (absent and None included): the official code runs CLIP's shortest-side resize + centre crop,
+    # parrot's "crop" mode; LLaVA-NeXT's multi-crop grid has no equivalent and is refused.
     for aspect in ("square", None):
         (src / "config.json").write_text(json.dumps(dict(config, image_aspect_ratio=aspect)))
-        with pytest.raises(ConversionError, match="shortest-side resize \\+ centre crop"):
-            read_official_config(src)
+        assert read_official_config(src)[1].image_aspect_mode == "crop"
     (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "image_aspect_ratio"}))
-    with pytest.raises(ConversionError, match="image_aspect_ratio=None"):
+    assert read_official_config(src)[1].image_aspect_mode == "crop"
+    (src / "config.json").write_text(json.dumps(dict(config, image_aspect_ratio="pad")))
+    assert read_official_config(src)[1].image_aspect_mode == "pad"
+    (src / "config.json").write_text(json.dumps(dict(config, image_aspect_ratio="anyres_max_9")))
+    with pytest.raises(ConversionError, match="image_aspect_ratio='anyres_max_9'.*not supported"):
         read_official_config(src)

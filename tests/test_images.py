@@ -35,9 +35,34 @@ def test_expand_to_square_centres_the_image():
     assert (square[2:4] == 200).all() and (square[:2] == (1, 2, 3)).all() and (square[4:] == (1, 2, 3)).all()
 
 
+@pytest.mark.parametrize("width, height", [(640, 480), (480, 640), (37, 1000), (1000, 37), (335, 336), (2, 3),
+                                           (24, 24)])
+@pytest.mark.parametrize("size", [24, 33])
+def test_crop_mode_equals_the_clip_image_processor(width, height, size):
+    """"crop" is what the official code runs for image_aspect_ratio other than "pad": transformers'
+    CLIPImageProcessor (its PIL backend: shortest side to `size`, bicubic, centre crop), to the pixel level."""
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    image = Image.fromarray(np.random.default_rng(width * height + size).integers(0, 256, (height, width, 3),
+                                                                                   dtype=np.uint8))
+    reference = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                      image_mean=MEAN, image_std=STD)(image, return_tensors="pt")["pixel_values"][0]
+    out = ImageTransform(size, MEAN, STD, "crop")(image)
+    assert out.shape == (3, size, size)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)  # float32 normalisation order only
+
+
+def test_crop_mode_keeps_the_centre():
+    image = Image.new("RGB", (30, 10), (0, 0, 255))
+    image.paste((255, 0, 0), (10, 0, 20, 10))  # a red middle third: the centre square of a 3:1 image
+    out = ImageTransform(10, MEAN, STD, "crop")(image)
+    red = (torch.tensor([1.0, 0, 0]) - torch.tensor(MEAN)) / torch.tensor(STD)
+    torch.testing.assert_close(out[:, 5, 2:8], red[:, None].expand(3, 6), atol=0.05, rtol=0)
+
+
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="image mode"):
-        ImageTransform(8, MEAN, STD, "crop")
+        ImageTransform(8, MEAN, STD, "centre")
 
 
 def test_bad_images_name_the_file(tmp_path):

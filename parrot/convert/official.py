@@ -118,12 +118,12 @@ def read_official_config(src: Path) -> tuple[dict, OfficialSettings]:
         raise ConversionError(f"{path}: mm_use_im_start_end=true is not supported (the official code has no "
                               "image start/end tokens either)")
     aspect = raw.get("image_aspect_ratio")  # the official default (absent / None) is CLIP's own preprocessing
-    if aspect != "pad":
-        # The official code pads to a square for "pad" and otherwise runs the CLIP image processor: shortest side
-        # resized, then a centre crop. Our image modes are "pad" and "resize" (a stretch), neither of which is that.
-        raise ConversionError(f"{path}: image_aspect_ratio={aspect!r} means CLIP's shortest-side resize + centre "
-                              "crop in the official code, which parrot's image modes ('pad', 'resize') do not "
-                              "reproduce; only 'pad' checkpoints (Parrot's, LLaVA-1.5's) convert")
+    if isinstance(aspect, str) and aspect.startswith("anyres"):
+        raise ConversionError(f"{path}: image_aspect_ratio={aspect!r} (LLaVA-NeXT's multi-crop grid) is not "
+                              "supported; parrot feeds one image of image_size x image_size")
+    # The official code pads to a square for "pad" and otherwise runs the CLIP image processor: shortest side
+    # resized, then a centre crop (parrot's "crop" mode).
+    image_aspect_mode = "pad" if aspect == "pad" else "crop"
     has_moe = "moe_hidden_size" in raw
     if has_moe:
         for key in ("num_experts", "moe_intermediate_size"):
@@ -141,7 +141,7 @@ def read_official_config(src: Path) -> tuple[dict, OfficialSettings]:
         moe_intermediate_size=raw.get("moe_intermediate_size"),
         use_moe_residual=bool(raw.get("use_moe_residual", True)),
         moe_weight=float(raw.get("moe_weight", 1.0)),
-        image_aspect_mode="pad",
+        image_aspect_mode=image_aspect_mode,
         model_max_length=raw.get("tokenizer_model_max_length"),
     )
     if has_moe and settings.moe_hidden_size != raw.get("hidden_size"):

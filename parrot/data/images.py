@@ -1,4 +1,4 @@
-"""Image loading and the CLIP input transform (LLaVA's `pad` / `resize` aspect modes)."""
+"""Image loading and the CLIP input transform (LLaVA's `pad` mode, a plain `resize`, CLIP's own `crop`)."""
 
 from __future__ import annotations
 
@@ -64,12 +64,30 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
     return canvas
 
 
+def resize_shortest_side_and_centre_crop(image: Image.Image, size: int) -> Image.Image:
+    """The centre size x size of the image resized (bicubic) so that its shorter side is `size`, with
+    `CLIPImageProcessor`'s arithmetic (its PIL backend, which the official checkpoints were trained with): the longer
+    side becomes int(size * long / short), the crop starts at (resized - size) // 2. The whole image is resized
+    first, as there: resampling only the cropped region (PIL's `box`) moves a few pixels by one level."""
+    width, height = image.size
+    resized_long = int(size * max(width, height) / min(width, height))
+    resized_w, resized_h = (size, resized_long) if width <= height else (resized_long, size)
+    image = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
+    left, top = (resized_w - size) // 2, (resized_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+IMAGE_MODES = ("pad", "resize", "crop")
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """PIL image -> normalised tensor (3, S, S).
 
     mode "pad": pad to a square with the mean colour, then resize (keeps the whole image, as LLaVA-1.5/Parrot);
-    mode "resize": stretch to a square.
+    mode "resize": stretch to a square;
+    mode "crop": CLIP's own preprocessing (`CLIPImageProcessor`: shortest side resized to S, then the centre S x S;
+    what the official LLaVA/Parrot code runs for any `image_aspect_ratio` other than "pad").
     """
 
     image_size: int
@@ -78,14 +96,17 @@ class ImageTransform:
     mode: str = "pad"
 
     def __post_init__(self):
-        if self.mode not in ("pad", "resize"):
-            raise ValueError(f"image mode {self.mode!r}; use 'pad' or 'resize'")
+        if self.mode not in IMAGE_MODES:
+            raise ValueError(f"image mode {self.mode!r}; use one of {', '.join(map(repr, IMAGE_MODES))}")
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = to_rgb(image)
-        if self.mode == "pad":
-            image = expand_to_square(image, tuple(int(255 * m) for m in self.mean))  # LLaVA's truncation
-        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        if self.mode == "crop":
+            image = resize_shortest_side_and_centre_crop(image, self.image_size)
+        else:
+            if self.mode == "pad":
+                image = expand_to_square(image, tuple(int(255 * m) for m in self.mean))  # LLaVA's truncation
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)

@@ -104,7 +104,7 @@ class ParrotConfig(PreTrainedConfig):
     moe_weight: float = 0.1
     image_mean: list[float] | tuple[float, ...] = CLIP_MEAN
     image_std: list[float] | tuple[float, ...] = CLIP_STD
-    image_aspect_mode: Literal["pad", "resize"] = "pad"
+    image_aspect_mode: Literal["pad", "resize", "crop"] = "pad"  # see parrot.data.images.ImageTransform
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
