@@ -58,8 +58,9 @@ class ParrotMCQModel:
         self._letter_token_ids: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _batch(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        chat_prompts = [self.processor.build_prompt(prompt) for prompt in prompts]
-        batch = self.processor(chat_prompts, images, padding_side="left")
+        """Left-padded batch; each question becomes one user turn encoded segment-wise, as training encodes it."""
+        chats = [self.processor.build_messages(prompt) for prompt in prompts]
+        batch = self.processor(chats, images, padding_side="left")
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
 
     @torch.inference_mode()

@@ -311,8 +311,7 @@ class ConversationDataset(Dataset):
         whole batch is made of them."""
         kept = []
         for item in tqdm(records, desc="checking labels", disable=len(records) < 5000):
-            _, labels = self._tokenize(item)
-            if any(label != IGNORE_INDEX for label in labels):
+            if self._keeps_supervised_token(item):
                 kept.append(item)
                 continue
             self.report.add(item.source, str(item.record["id"]),
@@ -323,6 +322,13 @@ class ConversationDataset(Dataset):
             logger.warning("skipped %d records with no supervised token within max_length=%d (%s)",
                            skipped, self.max_length, self.report.counts)
         return kept
+
+    def _keeps_supervised_token(self, item: SourcedRecord) -> bool:
+        """`_tokenize(item)` keeps a labelled token; decided from a prefix of the conversation (usually up to the
+        first answer), as `__getitem__` tokenises the whole record again anyway. Raises what `_tokenize` raises."""
+        messages = llava_to_messages(item.record["conversations"], record_id=item.where)
+        return self.template.keeps_supervised_token(messages, self.tokenizer, self.max_length, self.image_token,
+                                                    system=self.system, record_id=item.where)
 
     def _tokenize(self, item: SourcedRecord) -> tuple[list[int], list[int]]:
         messages = llava_to_messages(item.record["conversations"], record_id=item.where)

@@ -1,10 +1,15 @@
 """`ParrotProcessor`: chat prompts + images -> the tensors `ParrotForCausalLM` takes.
 
     processor = ParrotProcessor.from_pretrained(model_dir)
-    prompt = processor.build_prompt("What colour is the circle?")      # chat-formatted, "<image>\n" prepended
-    batch = processor([prompt], [image], padding_side="left")          # input_ids, attention_mask, pixel_values
+    messages = processor.build_messages("What colour is the circle?")  # one user turn, "<image>\n" prepended
+    batch = processor([messages], [image], padding_side="left")        # input_ids, attention_mask, pixel_values
     new_tokens = model.generate(**batch, max_new_tokens=16)
     processor.batch_decode(new_tokens)
+
+Prompts given as messages are tokenised segment by segment by the chat template (`ChatTemplate.encode`), exactly
+as training tokenises conversations. Prompts given as already-formatted strings (`build_prompt`) are tokenised
+whole, which a byte-level BPE can merge differently across a segment boundary (e.g. an earlier answer starting
+with "\n"); prefer messages.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .images import ImageTransform, load_image
-from .templates import get_template
+from .templates import IGNORE_INDEX, get_template
 
 PROCESSOR_FILE = "parrot_processor.json"
 IMAGE_TOKEN = "<image>"
@@ -31,6 +36,14 @@ class PromptError(ValueError):
     def __init__(self, position: int, message: str):
         self.position = position
         super().__init__(message)
+
+
+def _pad_flags(flags: list[list[bool]], padding_side: str) -> torch.Tensor:
+    """Ragged per-prompt flags -> (B, T) bool, padded with False on `padding_side` as the ids are padded."""
+    width = max(map(len, flags), default=0)
+    rows = [[False] * (width - len(f)) + f if padding_side == "left" else f + [False] * (width - len(f))
+            for f in flags]
+    return torch.tensor(rows, dtype=torch.bool).reshape(len(flags), width)
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,21 @@ class ParrotProcessor:
         self.template = get_template(settings.template).with_special_tokens(tokenizer)
 
     # --- prompts -------------------------------------------------------------------------------------------
+    def build_messages(
+        self,
+        question: str,
+        with_image: bool = True,
+        system: str | None = None,
+        history: list[dict[str, str]] | None = None,
+    ) -> list[dict[str, str]]:
+        """Optional system message, earlier turns, then one user turn (image placeholder first, as in LLaVA)."""
+        content = f"{IMAGE_TOKEN}\n{question}" if with_image else question
+        head = [{"role": "system", "content": system}] if system is not None else []
+        history = list(history or [])
+        if system is not None and history and history[0]["role"] == "system":  # `system` overrides it
+            history = history[1:]
+        return head + history + [{"role": "user", "content": content}]
+
     def build_prompt(
         self,
         question: str,
@@ -73,27 +101,35 @@ class ParrotProcessor:
         system: str | None = None,
         history: list[dict[str, str]] | None = None,
     ) -> str:
-        """One user turn (image placeholder first, as in LLaVA) after optional earlier turns, ready to generate."""
-        content = f"{IMAGE_TOKEN}\n{question}" if with_image else question
-        messages = list(history or []) + [{"role": "user", "content": content}]
-        return self.template.render(messages, add_generation_prompt=True, system=system)
+        """`build_messages(...)` rendered as one string, ready to generate (for display; encode the messages)."""
+        messages = self.build_messages(question, with_image, system, history)
+        return self.template.render(messages, add_generation_prompt=True)
+
+    def encode(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+        """(input_ids, labelled) of a chat awaiting the assistant's answer, tokenised segment by segment as in
+        training; `labelled[i]` marks ids of earlier assistant answers (training's labelled tokens)."""
+        return self.template.encode(messages, self.tokenizer, add_generation_prompt=True)
 
     # --- tensors -------------------------------------------------------------------------------------------
     def __call__(
         self,
-        prompts: list[str],
+        prompts: list[list[dict[str, str]]] | list[str],
         images: list[Image.Image | str | None] | None = None,
         padding_side: str = "left",
+        return_labels: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Tokenise already-formatted prompts and transform their images (one image per `<image>` in order).
+        """Tokenise prompts and transform their images (one image per `<image>` in order).
 
-        `images[i]` belongs to prompt i (None for a text-only prompt). Raises ValueError naming the prompt when
-        its placeholder count does not match or it is longer than `model_max_length` with its visual tokens.
+        A prompt is a list of messages (encoded with `encode`, as training does) or an already-formatted string
+        (tokenised whole). `images[i]` belongs to prompt i (None for a text-only prompt). Raises ValueError naming
+        the prompt when its placeholder count does not match or it is longer than `model_max_length` with its
+        visual tokens. `return_labels` (message prompts only) adds "labels" (B, T): the ids of earlier answers,
+        IGNORE_INDEX elsewhere and on padding, as training labels the same tokens.
         """
         images = images if images is not None else [None] * len(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(images)} images entries (use None for no image)")
-        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        encoded, labelled = self._encode_prompts(prompts, return_labels)
         pixel_values = []
         for i, (ids, image) in enumerate(zip(encoded, images)):
             placeholders = ids.count(self.image_token_id)
@@ -113,9 +149,25 @@ class ParrotProcessor:
         self.tokenizer.padding_side = padding_side
         batch = self.tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt")
         out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if return_labels:
+            out["labels"] = torch.where(_pad_flags(labelled, padding_side), out["input_ids"], IGNORE_INDEX)  # (B, T)
         if pixel_values:
             out["pixel_values"] = torch.stack(pixel_values)  # (n_images, 3, S, S)
         return out
+
+    def _encode_prompts(self, prompts: list, with_labelled: bool) -> tuple[list[list[int]], list[list[bool]]]:
+        """Ids per prompt (messages segment-wise, strings whole) and, for message prompts, the labelled flags."""
+        encoded, labelled = [], []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if with_labelled:
+                    raise ValueError(f"prompt {i} is a string; labels need prompts given as messages")
+                ids, flags = self.tokenizer(prompt, add_special_tokens=False)["input_ids"], []
+            else:
+                ids, flags = self.encode(prompt)
+            encoded.append(ids)
+            labelled.append(flags)
+        return encoded, labelled
 
     def batch_decode(self, token_ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=skip_special_tokens)

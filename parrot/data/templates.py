@@ -18,7 +18,12 @@ Two templates:
 Truncation policy (`tokenize`): when the conversation is longer than `max_length`, whole trailing turns
 (user + assistant) are dropped first; if the first turn alone is still too long it is cut token-wise at
 `max_length`. Every `<image>` placeholder must survive, otherwise a ValueError names the record: a
-placeholder is never cut (its visual features would be orphaned).
+placeholder is never cut (its visual features would be orphaned). `keeps_supervised_token` tells whether a
+labelled token survives that truncation from a prefix of the conversation (the dataset's build-time check).
+
+Segments are always tokenised one by one (`segment_ids`), in training and at inference (`encode`) alike: a
+byte-level BPE (Qwen2's) tokenising the rendered string whole can merge across a segment boundary (an answer
+starting with "\n" after the assistant header) and give ids the model never saw in training.
 """
 
 from __future__ import annotations
@@ -69,6 +74,36 @@ def _split_system(messages: list[dict], system: str | None, default: str) -> tup
     return (own if own is not None else default), rest
 
 
+def segment_ids(segment: Segment, tokenizer) -> list[int]:
+    """The ids of one segment, tokenised on its own without special tokens added. Training (`tokenize`), its
+    build-time check (`keeps_supervised_token`) and inference (`encode`) all tokenise segments here, so they agree:
+    a byte-level BPE can merge text across a segment boundary when the rendered string is tokenised whole."""
+    return tokenizer(segment.text, add_special_tokens=False)["input_ids"]
+
+
+def _yields_tokens(text: str, tokenizer, probe_chars: int = 32) -> bool:
+    """Whether `text` tokenises to at least one id, judged from its head when that gives one (a tokenizer that
+    emits an id for a prefix emits one for the whole text): an answer's first token is all a check needs."""
+    return bool(tokenizer(text[:probe_chars], add_special_tokens=False)["input_ids"]) \
+        or bool(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _image_token_id(segments: list[Segment], tokenizer, image_token: str, name: str) -> int | None:
+    """The placeholder's id when a segment holds the placeholder, else None; an error naming `name` when the
+    tokenizer does not know it."""
+    if not any(image_token in s.text for s in segments):
+        return None
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    if image_id is None or image_id == tokenizer.unk_token_id:
+        raise ValueError(f"{name}: tokenizer has no {image_token!r} token; add it as a special token")
+    return image_id
+
+
+def _cut_placeholder_error(name: str, max_length: int, image_token: str) -> ValueError:
+    return ValueError(f"{name}: truncating to max_length={max_length} tokens would cut an {image_token!r} "
+                      f"placeholder; raise max_length or shorten the text before the image")
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """Base: subclasses build `Segment`s; rendering and tokenising are shared so they cannot disagree."""
@@ -88,26 +123,36 @@ class ChatTemplate:
         """The conversation as one string; `system` overrides any system message and the default prompt."""
         return "".join(s.text for s in self.segments(messages, add_generation_prompt, system))
 
+    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = False,
+               system: str | None = None) -> tuple[list[int], list[bool]]:
+        """(input_ids, labelled): the ids training would see for `messages` (no truncation), and per id whether it
+        is a labelled one (an assistant answer or its end-of-turn). Inference encodes prompts here, not by
+        tokenising `render(...)` as one string, which can merge text across a segment boundary differently."""
+        ids: list[int] = []
+        labelled: list[bool] = []
+        segments = self.with_special_tokens(tokenizer).segments(messages, add_generation_prompt, system)
+        for seg in segments:
+            seg_ids = segment_ids(seg, tokenizer)
+            ids += seg_ids
+            labelled += [seg.labelled] * len(seg_ids)
+        return ids, labelled
+
     def tokenize(self, messages: list[dict], tokenizer, max_length: int, image_token: str = IMAGE_TOKEN,
                  system: str | None = None, record_id: str | None = None) -> tuple[list[int], list[int]]:
         """(input_ids, labels) with labels = IGNORE_INDEX except on assistant answers and their end-of-turn.
 
-        Segments are tokenised separately (so labels align exactly) without adding special tokens.
+        Segments are tokenised separately (`segment_ids`, so labels align exactly) without adding special tokens.
         See the module docstring for the truncation policy; `record_id` names the record in errors.
         """
         name = record_id if record_id is not None else "<conversation>"
         segments = self.with_special_tokens(tokenizer).segments(messages, False, system)
-        image_id = None
-        if any(image_token in s.text for s in segments):
-            image_id = tokenizer.convert_tokens_to_ids(image_token)
-            if image_id is None or image_id == tokenizer.unk_token_id:
-                raise ValueError(f"{name}: tokenizer has no {image_token!r} token; add it as a special token")
+        image_id = _image_token_id(segments, tokenizer, image_token, name)
         ids: list[int] = []
         labels: list[int] = []
         turn_start: dict[int, int] = {}
         for seg in segments:
             turn_start.setdefault(seg.turn, len(ids))
-            seg_ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+            seg_ids = segment_ids(seg, tokenizer)
             ids.extend(seg_ids)
             labels.extend(seg_ids if seg.labelled else [IGNORE_INDEX] * len(seg_ids))
         if len(ids) <= max_length:
@@ -122,11 +167,54 @@ class ChatTemplate:
         end = min(end, max_length)
         ids, labels = ids[:end], labels[:end]
         if image_id is not None and ids.count(image_id) != n_images:
-            raise ValueError(
-                f"{name}: truncating to max_length={max_length} tokens would cut an {image_token!r} placeholder; "
-                f"raise max_length or shorten the text before the image"
-            )
+            raise _cut_placeholder_error(name, max_length, image_token)
         return ids, labels
+
+    def keeps_supervised_token(self, messages: list[dict], tokenizer, max_length: int,
+                               image_token: str = IMAGE_TOKEN, system: str | None = None,
+                               record_id: str | None = None) -> bool:
+        """Whether `tokenize(...)` with these arguments keeps at least one labelled token; raises the ValueErrors it
+        raises. Tokenises only the prefix that decides it (usually up to the first answer), not the conversation.
+
+        By `tokenize`'s truncation policy a token at position q of turn t survives iff q < max_length and, for
+        t >= 1, the whole turn t ends at or before max_length (trailing turns are dropped while they overflow,
+        turn 0 is only cut token-wise). So segments are tokenised in order until a surviving labelled token has
+        been seen and the fate of every placeholder is known, or the position passes max_length (nothing later
+        survives). Placeholder ids are assumed to come only from segments whose text holds the placeholder.
+        """
+        name = record_id if record_id is not None else "<conversation>"
+        segments = self.with_special_tokens(tokenizer).segments(messages, False, system)
+        image_id = _image_token_id(segments, tokenizer, image_token, name)
+        last_image = max((i for i, s in enumerate(segments) if image_id is not None and image_token in s.text),
+                         default=-1)
+        pos = 0  # tokens before segment i
+        supervised = False  # a labelled token is known to survive
+        waiting_labelled = waiting_image = False  # seen in the current turn t >= 1: survive iff it fits whole
+        for i, seg in enumerate(segments):
+            if seg.turn == 0 and seg.labelled and pos < max_length and i > last_image \
+                    and _yields_tokens(seg.text, tokenizer):
+                return True  # its first token survives, and every placeholder lies before it and survives
+            ids = segment_ids(seg, tokenizer)
+            cut = False
+            if seg.turn == 0:
+                supervised |= seg.labelled and bool(ids) and pos < max_length
+                cut = image_id in ids[max(0, max_length - pos):]
+            else:
+                waiting_labelled |= seg.labelled and bool(ids)
+                waiting_image |= image_id in ids
+            pos += len(ids)
+            if seg.turn > 0 and (i + 1 == len(segments) or segments[i + 1].turn != seg.turn):  # turn ends here
+                supervised |= waiting_labelled and pos <= max_length
+                cut |= waiting_image and pos > max_length
+                waiting_labelled = waiting_image = False
+            if pos > max_length:  # what waits in this turn and every later placeholder is lost
+                later = segments[i + 1:last_image + 1]
+                cut |= waiting_image or any(image_id in segment_ids(s, tokenizer) for s in later)
+            if cut:
+                raise _cut_placeholder_error(name, max_length, image_token)
+            if pos > max_length or (supervised and i >= last_image and not waiting_image):
+                return supervised
+        return supervised
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,13 @@ class ParrotVLMEval:
 
     # --- generation -------------------------------------------------------------------------------------------
     def prompt_and_images(self, message) -> tuple[str, list[str]]:
-        """The chat-formatted prompt and the image paths for a message (official Parrot placement of `<image>`)."""
+        """The chat-formatted prompt and the image paths for a message (official Parrot placement of `<image>`);
+        the prompt as text, for display: `generate` encodes `chat_and_images`' messages segment-wise instead."""
+        messages, images = self.chat_and_images(message)
+        return self.processor.template.render(messages, add_generation_prompt=True), images
+
+    def chat_and_images(self, message) -> tuple[list[dict[str, str]], list[str]]:
+        """The chat messages (one user turn) and the image paths for a message (official placement of `<image>`)."""
         items = normalise_message(message)
         images = [item["value"] for item in items if item["type"] == "image"]
         texts = [str(item["value"]) for item in items if item["type"] == "text"]
@@ -150,13 +156,13 @@ class ParrotVLMEval:
             content = f"{IMAGE_TOKEN}\n{texts[0]}"
         else:
             content = "".join(IMAGE_TOKEN if item["type"] == "image" else str(item["value"]) for item in items)
-        return self.processor.build_prompt(content, with_image=False), images
+        return self.processor.build_messages(content, with_image=False), images
 
     @torch.inference_mode()
     def generate(self, message, dataset: str | None = None) -> str:
         """Greedy answer to one VLMEvalKit message (`dataset` is accepted as VLMEvalKit passes it)."""
-        prompt, images = self.prompt_and_images(message)
-        batch = self.processor([prompt], [images[0] if images else None], padding_side="left")
+        messages, images = self.chat_and_images(message)  # encoded segment-wise, as training encodes chats
+        batch = self.processor([messages], [images[0] if images else None], padding_side="left")
         batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
         new_tokens = self.model.generate(**batch, **self.generation_kwargs)  # (1, n_new)
         return self.processor.batch_decode(new_tokens)[0].strip()

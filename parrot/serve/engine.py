@@ -27,7 +27,6 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from ..data.images import BadImageError
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
-from ..data.templates import IGNORE_INDEX
 from ..model.builder import build_tiny
 from ..train.export import load_trained
 from ..model.modeling import ParrotForCausalLM
@@ -150,18 +149,6 @@ class ChatEngine:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": turn.assistant}]
         return messages[:-1]  # the new message awaits its answer
 
-    def _encode(self, turns: tuple[Turn, ...], message: str, with_image: bool) -> tuple[str, list[int], list[bool]]:
-        """(prompt text, token ids, which ids belong to earlier answers), tokenised segment by segment exactly as
-        training's `ChatTemplate.tokenize` does, so the model (and its MoE router) sees the prompt training saw."""
-        template = self.processor.template
-        segments = template.segments(self._messages(turns, message, with_image), add_generation_prompt=True)
-        ids, answer = [], []
-        for segment in segments:
-            segment_ids = self.processor.tokenizer(segment.text, add_special_tokens=False)["input_ids"]
-            ids += segment_ids
-            answer += [segment.labelled] * len(segment_ids)
-        return "".join(segment.text for segment in segments), ids, answer
-
     def prepare(self, image: Image.Image | None, conversation: Conversation, message: str) -> PreparedPrompt:
         """Tokenise the chat so far plus `message`; drop the oldest turns when the context would overflow.
 
@@ -181,8 +168,9 @@ class ChatEngine:
         turns = conversation.turns
         with self._encode_lock:
             while True:
-                prompt, ids, answer = self._encode(turns, message, with_image)
-                length = len(ids) + visual_extra
+                # Segment-wise, as training tokenises: the model (and its MoE router) sees the ids training saw.
+                messages = self._messages(turns, message, with_image)
+                length = len(self.processor.encode(messages)[0]) + visual_extra
                 if length < self.context_length or not turns:
                     break
                 turns = turns[1:]
@@ -192,18 +180,14 @@ class ChatEngine:
                     f"Your message is too long: the prompt is {length} tokens{visual}, but this model's context "
                     f"is {self.context_length} tokens. Please shorten it."
                 )
-            batch = self._tensors(prompt, image)
-        # Training's segment-wise ids, not the processor's whole-string ones: they can differ where a piece of text
-        # would merge across a segment boundary, and the answer mask is only right for the segment-wise ids.
-        input_ids = torch.tensor([ids])
-        batch.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-        labels = torch.where(torch.tensor([answer]), input_ids, IGNORE_INDEX)
+            batch = self._tensors(messages, image)
+        labels = batch.pop("labels")  # earlier answers' ids: training leaves them out of the router's guidance
         return PreparedPrompt(batch, length, len(conversation.turns) - len(turns), labels)
 
-    def _tensors(self, prompt: str, image: Image.Image | None) -> dict[str, torch.Tensor]:
-        """The processor's batch; its refusals become messages for the user instead of server errors."""
+    def _tensors(self, messages: list[dict[str, str]], image: Image.Image | None) -> dict[str, torch.Tensor]:
+        """The processor's batch with labels; its refusals become messages for the user instead of server errors."""
         try:
-            return self.processor([prompt], [image], padding_side="left")
+            return self.processor([messages], [image], padding_side="left", return_labels=True)
         except BadImageError:
             raise
         except MemoryError as err:  # e.g. padding an extreme aspect ratio to a square canvas
