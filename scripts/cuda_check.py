@@ -22,7 +22,7 @@ def main() -> int:
     model, processor = build_tiny(use_moe=True)
     model.eval()
     images = [Image.new("RGB", (48, 32), (200, 40, 40)), Image.new("RGB", (32, 32), (20, 40, 220))]
-    prompts = [processor.build_prompt("What colour is the shape?"), processor.build_prompt("Какого цвета круг?")]
+    prompts = [processor.build_messages("What colour is the shape?"), processor.build_messages("Какого цвета круг?")]
     batch = processor(prompts, images, padding_side="left")
     with torch.no_grad():
         cpu = model(**batch).logits
