@@ -43,14 +43,17 @@ def test_save_load_round_trip_and_generate(tmp_path, vision, text):
 
 
 def greedy_without_cache(model, ids, mask, pixels, steps):
-    """Reference decoding: re-run the full forward pass for every new token (no KV cache)."""
+    """Reference decoding: re-run the full forward pass for every new token (no KV cache). The generated tokens are
+    passed as labels, so that the MoE router sees the prompt only, as `generate` routes (answers are labelled)."""
     new = []
+    labels = torch.full_like(ids, -100)
     for _ in range(steps):
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=False).logits
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels, use_cache=False).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         new.append(token)
         ids = torch.cat([ids, token], 1)
         mask = torch.cat([mask, torch.ones_like(token)], 1)
+        labels = torch.cat([labels, token], 1)
     return torch.cat(new, 1)
 
 

@@ -203,12 +203,16 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
             return super().generate(attention_mask=attention_mask, **kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        # The prompt goes to HF generation as embeddings, so its right-padding warning never fires: check here,
+        # with or without images (right padding would decode the short prompts after their padding).
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate() needs left padding (set padding_side='left' in the processor)")
         if pixel_values is not None:
-            if not bool(attention_mask[:, -1].all()):
-                raise ValueError("generate() needs left padding (set padding_side='left' in the processor)")
             prep = self.prepare_multimodal_inputs(input_ids, attention_mask, pixel_values, prompt_labels)
             inputs_embeds, attention_mask = prep.inputs_embeds, prep.attention_mask
         else:
+            if bool(((input_ids == self.config.image_token_id) & attention_mask.bool()).any()):
+                raise ValueError("input_ids contain '<image>' placeholders but no pixel_values were given")
             inputs_embeds = self.get_input_embeddings()(input_ids)
         return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
