@@ -143,3 +143,13 @@ def test_generate_text_only_needs_left_padding():
     new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     alone = model.generate(input_ids=torch.tensor([[3, 4]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert torch.equal(new[1], alone[0])
+
+
+def test_position_ids_with_images_are_refused_by_name():
+    # Positions numbered before the visual tokens are spliced in would not fit the merged sequence (an obscure
+    # shape error deep in the language model before).
+    model = ParrotForCausalLM(tiny_parrot_config()).eval()
+    ids = torch.tensor([[1, 2, IMAGE_TOKEN_ID, 3]])
+    pixels = torch.randn(1, 3, model.config.image_size, model.config.image_size)
+    with pytest.raises(ValueError, match="position_ids cannot be given with pixel_values"):
+        model(input_ids=ids, pixel_values=pixels, position_ids=torch.arange(4)[None])

@@ -157,6 +157,9 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         if pixel_values is not None:
             if input_ids is None:
                 raise ValueError("pixel_values need input_ids with '<image>' placeholders, not inputs_embeds")
+            if position_ids is not None:  # they would number the sequence before the visual tokens are spliced in
+                raise ValueError("position_ids cannot be given with pixel_values: each '<image>' becomes "
+                                 f"{self.config.num_image_tokens} positions; leave position_ids out")
             prep = self.prepare_multimodal_inputs(input_ids, attention_mask, pixel_values, labels)
             input_ids, inputs_embeds, labels = None, prep.inputs_embeds, prep.labels
             attention_mask = merged_mask = prep.attention_mask
