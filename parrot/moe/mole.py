@@ -55,8 +55,8 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 class MoLEConfig:
     """Where to put LoRA experts and how many.
 
-    target_modules: names of the nn.Linear leaves to wrap (matched on the last name component, as
-        peft's `target_modules`), e.g. q/k/v/o_proj, gate/up/down_proj.
+    target_modules: the nn.Linear layers to wrap, by peft's rule (`target_matches`: the full name or a dotted
+        suffix of it), e.g. q/k/v/o_proj, gate/up/down_proj, or "self_attn.q_proj".
     num_experts: one int for every layer, or a list with one entry per decoder layer (MoLA-style,
         Gao et al., 2024: more experts in higher layers); the layer comes from the `layers.<i>.` name part.
     rank, alpha, dropout: LoRA rank r, scaling numerator alpha (scale alpha / r), dropout on the input.
@@ -243,30 +243,49 @@ def install_mask_hooks(model: nn.Module, routed: list[tuple[str, nn.Module]]) ->
             module.register_forward_pre_hook(MaskCapture(below, is_root=False), with_kwargs=True)
 
 
+TARGET_RULE = 'a target matches a module whose full name equals it or ends with "." + target'
+
+
+def target_matches(module_name: str, target: str) -> bool:
+    """The one target rule of Parrot (MoLE, `--tuning lora`), peft's rule for a `target_modules` list (peft 0.21,
+    `peft.tuners.tuners_utils.check_target_module_exists`): `module_name` (relative to the model being injected)
+    equals `target` or ends with "." + target. So "q_proj" and "self_attn.q_proj" both match
+    "model.layers.0.self_attn.q_proj"; "proj" does not (whole name components only), and neither does
+    "layers.0.self_attn" for the q_proj below it (a target names the module itself, not a parent)."""
+    return module_name == target or module_name.endswith("." + target)
+
+
+def match_target_modules(names: Iterable[str], targets: Iterable[str], what: str, candidates: str) -> list[str]:
+    """The `names` (candidate module names, in order) that any of `targets` selects by `target_matches`.
+
+    Raises ValueError naming every target that selects none of them: peft silently skips such a target, so a
+    misspelled one would train without its adapters. The message reads "<what> [targets] match no <candidates>",
+    e.g. what="--lora-targets", candidates="module of the language model (Qwen2ForCausalLM)"."""
+    names, targets = list(names), list(targets)
+    unmatched = [t for t in targets if not any(target_matches(n, t) for n in names)]
+    if unmatched:
+        raise ValueError(f"{what} {unmatched} match no {candidates} ({TARGET_RULE}); targets given: {targets}")
+    return [n for n in names if any(target_matches(n, t) for t in targets)]
+
+
 def inject_mole(model: nn.Module, config: MoLEConfig) -> list[str]:
     """Replace every targeted nn.Linear of `model` by a MoLELinear; return the replaced module names.
 
-    Raises if any listed target matches no module (a misspelled target should not silently get no experts).
+    Targets follow `target_matches` (peft's rule); `config.exclude_modules` (name substrings) removes modules
+    first. Raises if any listed target matches no remaining nn.Linear (a misspelled target, or one that only names
+    excluded modules, should not silently get no experts), before any layer is replaced.
     """
     if _mole_modules(model):
         raise ValueError("inject_mole: model already has MoLE layers")
+    candidates = [
+        name for name, module in model.named_modules()
+        if name and isinstance(module, nn.Linear) and not any(part in name for part in config.exclude_modules)
+    ]
+    targets = match_target_modules(candidates, config.target_modules, "inject_mole: target_modules",
+                                   f"nn.Linear of {type(model).__name__} outside {config.exclude_modules}")
     if config.freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
-    targets = [
-        name for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and name.rsplit(".", 1)[-1] in config.target_modules
-        and not any(part in name for part in config.exclude_modules)
-    ]
-    if not targets:
-        raise ValueError(f"inject_mole: no nn.Linear named any of {config.target_modules} in {type(model).__name__}")
-    # A listed name that matches nothing (a typo, or only excluded modules) would silently get no experts.
-    found = {name.rsplit(".", 1)[-1] for name in targets}
-    unmatched = [t for t in config.target_modules if t not in found]
-    if unmatched:
-        raise ValueError(f"inject_mole: target_modules {unmatched} match no nn.Linear of {type(model).__name__} "
-                         f"(outside {config.exclude_modules}); targets given: {list(config.target_modules)}")
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..model import ParrotForCausalLM
 from ..moe import MoLEConfig, RouterConfig, inject_mole
+from ..moe.mole import match_target_modules
 from ..moe.methods import PERFT_VARIANTS, TuningSetup, prepare_for_tuning
 from .config import MOE_METHOD_TUNINGS, TrainConfig
 
@@ -71,13 +72,11 @@ def _inject_lora(model: ParrotForCausalLM, cfg: TrainConfig) -> None:
     Parrot model keeps its own forward; only the `lora_` parameters of the LLM train."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    # peft silently skips a listed target that matches nothing (a typo would train without that adapter):
-    # every target must name at least one module, by peft's rule (the full name or its dotted suffix).
-    names = [name for name, _ in model.language_model.named_modules()]
-    unmatched = [t for t in cfg.targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if unmatched:
-        raise ValueError(f"--lora-targets: {unmatched} match no module of the language model "
-                         f"({type(model.language_model).__name__}); targets given: {list(cfg.targets)}")
+    # peft silently skips a listed target that matches nothing (a typo would train without that adapter): every
+    # target must name at least one module, by the rule peft applies and MoLE shares (`target_matches`).
+    names = [name for name, _ in model.language_model.named_modules() if name]
+    match_target_modules(names, cfg.targets, "--lora-targets:",
+                         f"module of the language model ({type(model.language_model).__name__})")
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.targets), bias="none")
     inject_adapter_in_model(lora, model.language_model)

@@ -8,11 +8,15 @@
   projector router, then MoLE layers in forward order) whose outputs are non-finite;
 - tokens/s (text + visual tokens, all processes) in every log;
 - checkpoints are staged in a temporary folder and renamed when complete; keep-last-k rotation
-  (`parrot.train.checkpoints`).
+  (`parrot.train.checkpoints`);
+- the optimizer is the Trainer's AdamW (no weight decay on biases and norms) under every DeepSpeed config of
+  configs/deepspeed, ZeRO-Offload included (accelerate turns it into DeepSpeed's CPU Adam with the same groups);
+  a DeepSpeed config with its own "optimizer" section gets a warning (`warn_about_deepspeed_optimizer`).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from typing import Callable
@@ -24,6 +28,8 @@ from transformers import Trainer
 from ..moe import collect_router_outputs, mole_aux_loss
 from ..moe.methods import TuningSetup
 from . import checkpoints
+
+logger = logging.getLogger("parrot.train")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,6 +64,20 @@ class AuxLossHook:
         return output
 
 
+def warn_about_deepspeed_optimizer(args) -> None:
+    """A DeepSpeed config with an "optimizer" section makes HF hand DeepSpeed one group of every trainable parameter
+    (weight decay on biases and norms too, unlike the Trainer's own groups) and lets the DeepSpeed engine step the
+    lr scheduler inside the optimizer step (the logged learning rate is then the next step's). Without that section
+    (the configs in configs/deepspeed), the Trainer builds AdamW with its parameter groups and, when the config
+    offloads the optimizer, accelerate turns it into DeepSpeed's CPU Adam (AdamW mode) with the same groups."""
+    ds_config = getattr(args, "hf_deepspeed_config", None)
+    if ds_config is not None and "optimizer" in ds_config.config:
+        logger.warning("the DeepSpeed config %s defines its own optimizer: weight decay (%g) applies to every trained "
+                       "parameter, biases and norms included, and the logged learning rate is the next step's; "
+                       "leave the optimizer to the Trainer (no \"optimizer\" section) to avoid both",
+                       args.deepspeed, args.weight_decay)
+
+
 class ParrotTrainer(Trainer):
     def __init__(self, *args, keep_last: int = 0, tuning_setup: TuningSetup | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -66,6 +86,7 @@ class ParrotTrainer(Trainer):
         # The loss is a per-micro-batch mean (as LLaVA); the aux losses are per micro-batch too, so the Trainer
         # must divide by the accumulation steps itself rather than hand num_items_in_batch to the model.
         self.model_accepts_loss_kwargs = False
+        warn_about_deepspeed_optimizer(self.args)
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
         for key, hook in list(self.model._forward_hooks.items()):  # one per model: this trainer's

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..experts import SwiGLUExperts
-from ..mole import install_mask_hooks, mole_aux_loss
+from ..mole import install_mask_hooks, match_target_modules, mole_aux_loss
 from ..routers import RouterConfig, RouterOutput, build_router
 
 logger = logging.getLogger(__name__)
@@ -55,9 +55,10 @@ PA_CLIP = 1e-7  # official DistillLoss epsilon
 class FactorLLMConfig:
     """num_experts E; top_k k (official default E // 2); rescale: multiply the routed sum by E / k;
     pa_coef: weight of the Prior-Approximate loss; router: the library router settings (kind must be
-    "topk"; `top_k` and `renormalize` are set from this config); target_modules: leaf names of the dense
-    MLPs to factorise; train_experts: let the factorised experts train on the task loss (paper: knowledge
-    adaptation with little data) -- the routers always train; freeze_base: freeze everything else."""
+    "topk"; `top_k` and `renormalize` are set from this config); target_modules: the dense MLPs to
+    factorise, by the target rule of MoLE / LoRA (`parrot.moe.mole.target_matches`, e.g. "mlp");
+    train_experts: let the factorised experts train on the task loss (paper: knowledge adaptation with little
+    data) -- the routers always train; freeze_base: freeze everything else."""
 
     num_experts: int = 4
     top_k: int = 2
@@ -210,10 +211,10 @@ def inject_factorllm(model: nn.Module, config: FactorLLMConfig, permutations: di
     Freezes the base model (`freeze_base`); routers train, experts train when `train_experts`. Installs the hooks
     that hand each model call's 2-D attention mask to the layers, so padding stays out of the aux losses.
     """
-    targets = [n for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1] in config.target_modules and _is_swiglu_mlp(m)]
-    if not targets:
-        raise ValueError(f"inject_factorllm: no SwiGLU MLP (gate/up/down_proj + act_fn) named {config.target_modules} "
-                         f"in {type(model).__name__}")
+    # the target rule of MoLE and LoRA (peft's): a module whose name equals a target or ends with "." + target
+    candidates = [n for n, m in model.named_modules() if n and _is_swiglu_mlp(m)]
+    targets = match_target_modules(candidates, config.target_modules, "inject_factorllm: target_modules",
+                                   f"SwiGLU MLP (gate/up/down_proj + act_fn) of {type(model).__name__}")
     if config.freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
