@@ -621,3 +621,16 @@ def test_stage_script_refuses_a_config_of_the_other_stage(tmp_path, script, yaml
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "do not pass --stage" in proc.stderr
     assert not out.exists()  # nothing trained
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_gradient_checkpointing_reaches_the_trainer_without_a_deprecation_warning(tmp_path, enabled):
+    import warnings
+
+    from parrot.train.run import training_arguments
+
+    cfg = TrainConfig(model="configs/tiny.yaml", output_dir=str(tmp_path), gradient_checkpointing=enabled)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        args = training_arguments(cfg, processes=1)
+    assert args.gradient_checkpointing is enabled

@@ -129,7 +129,7 @@ def training_arguments(cfg: TrainConfig, processes: int) -> TrainingArguments:
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5.24 name of gradient_checkpointing
         dataloader_num_workers=cfg.dataloader_workers,
         deepspeed=cfg.deepspeed,
         torch_compile=cfg.torch_compile is not None,
