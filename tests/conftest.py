@@ -33,6 +33,26 @@ def tiny_parrot_config(vision: str = "hf_clip", text: str = "qwen2", **overrides
     return ParrotConfig(text_config=text_config, vision_config=vision_config, **settings)
 
 
+def save_tiny_parrot_for(tokenizer, directory, **overrides):
+    """A tiny random Parrot sized for `tokenizer` (qwen2 LM, CLIP ViT on 32x32 images), saved with its processor
+    into `directory` as `load_pretrained` / `ParrotMCQModel` read it. Returns the directory."""
+    from parrot.data.processor import IMAGE_TOKEN, ParrotProcessor
+    from parrot.model import ParrotForCausalLM
+
+    config = tiny_parrot_config(image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), **overrides)
+    config.text_config.vocab_size = len(tokenizer)
+    config.text_config.max_position_embeddings = 1024
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = ParrotForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory)
+    ParrotProcessor.for_model(tokenizer, config, model_max_length=1024).save_pretrained(directory)
+    return directory
+
+
 def pytest_configure(config):
     # The test models are tiny: one intra-op thread avoids thread start-up and oversubscription costs
     # (many times faster on the 2-core CI machine). Subprocess tests (torchrun, servers) are unaffected.

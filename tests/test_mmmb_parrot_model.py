@@ -7,31 +7,15 @@ import torch
 from mmmb.evaluate import EvalConfig, build_queries, evaluate_mmmb
 from mmmb.models import ParrotMCQModel
 from mmmb.toy import toy_mmmb
-from parrot.data.processor import ParrotProcessor
 from parrot.data.tokenizer import build_tiny_tokenizer
-from parrot.model import ParrotConfig, ParrotForCausalLM
+
+from .conftest import save_tiny_parrot_for
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tokenizer = build_tiny_tokenizer(vocab_size=300, n_texts=300)
-    config = ParrotConfig(
-        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=32, patch_size=8),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    torch.manual_seed(0)
-    model = ParrotForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    directory = tmp_path_factory.mktemp("tiny_parrot")
-    model.save_pretrained(directory)
-    ParrotProcessor.for_model(tokenizer, config, model_max_length=1024).save_pretrained(directory)
-    return directory
+    return save_tiny_parrot_for(build_tiny_tokenizer(vocab_size=300, n_texts=300),
+                                tmp_path_factory.mktemp("tiny_parrot"), use_moe=False)
 
 
 def test_batched_letter_logprobs_match_unbatched_reference(model_dir):

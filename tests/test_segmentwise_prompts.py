@@ -19,11 +19,13 @@ from transformers import PreTrainedTokenizerFast
 from mmmb.models import ParrotMCQModel
 from parrot.data.datasets import ConversationDataset, SourcedRecord
 from parrot.data.processor import ParrotProcessor
+from parrot.model import ParrotForCausalLM
 from parrot.data.templates import IGNORE_INDEX
 from parrot.data.tokenizer import IM_END, IM_START, IMAGE_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 from parrot.integrations import ParrotVLMEval
-from parrot.model import ParrotConfig, ParrotForCausalLM
 from parrot.serve.engine import ChatEngine, Conversation, Turn
+
+from .conftest import save_tiny_parrot_for
 
 # Qwen2's pre-tokenisation (its tokenizer.json: a Split with this regex, then ByteLevel without its own regex).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -68,25 +70,7 @@ def qwen2_style_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Parrot (MoE on) saved with the Qwen2-style tokenizer."""
-    tokenizer = qwen2_style_tokenizer()
-    config = ParrotConfig(
-        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=32, patch_size=8),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), use_moe=True, moe_num_experts=3,
-        moe_intermediate_size=40,
-    )
-    torch.manual_seed(0)
-    model = ParrotForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    directory = tmp_path_factory.mktemp("qwen2_style_parrot")
-    model.save_pretrained(directory)
-    ParrotProcessor.for_model(tokenizer, config, model_max_length=1024).save_pretrained(directory)
-    return directory
+    return save_tiny_parrot_for(qwen2_style_tokenizer(), tmp_path_factory.mktemp("qwen2_style_parrot"))
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,16 @@ outside that module's own forward; DeepSpeed gathers such parameters on access w
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from parrot.model.builder import TINY_RECIPE, build_tiny, load_recipe, save_pretrained
 from parrot.moe.methods import find_moe_blocks, rank_experts, write_router_lens_outputs
 from parrot.moe.methods.router_lens import RouterLensResult
 from parrot.train import load_trained, train
 
 from .test_train_distributed import REPO, assert_same_weights, cli_args, torchrun
-from .test_train_moe_methods import TINY_MOE_TEXT
-from .test_train_pipeline import config, make_workspace, weights
+from .test_train_moe_methods import TINY_MOE_TEXT, make_moe_workspace
+from .test_train_pipeline import config, weights
 
 pytestmark = pytest.mark.slow
 SELECTED = {"model.layers.0.mlp": 2, "model.layers.1.mlp": 0}  # the top-1 expert of each layer in the ranking
@@ -28,16 +25,14 @@ SELECTED = {"model.layers.0.mlp": 2, "model.layers.1.mlp": 0}  # the top-1 exper
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("ceft_dist_ws")
-    ws = make_workspace(root, n_records=16)
-    model, processor = build_tiny(dataclasses.replace(load_recipe(TINY_RECIPE), text_config=TINY_MOE_TEXT), seed=0)
-    save_pretrained(model, processor, root / "moe_init")
+    ws, model = make_moe_workspace(root, n_records=16)
     blocks = [n for n, _ in find_moe_blocks(model.language_model)]
     assert blocks == list(SELECTED)
     base = torch.zeros(len(blocks), TINY_MOE_TEXT["num_experts"])
     tuned = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.5, 0.2, 0.0, 0.3]])
     paths = write_router_lens_outputs(RouterLensResult(blocks, base, tuned, rank_experts(blocks, base, tuned), []),
                                       root / "lens")
-    ws.update(moe_init=root / "moe_init", ranking=paths["csv"])
+    ws["ranking"] = paths["csv"]
     return ws
 
 

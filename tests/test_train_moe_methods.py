@@ -40,14 +40,18 @@ class Snapshot(TrainerCallback):
         self.model = model
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe_methods_ws")
-    ws = make_workspace(root, n_records=8)
+def make_moe_workspace(root: Path, n_records: int):
+    """`make_workspace` plus a saved tiny model whose LLM is a Qwen2-MoE (ws["moe_init"]); also returns the model."""
+    ws = make_workspace(root, n_records=n_records)
     model, processor = build_tiny(dataclasses.replace(load_recipe(TINY_RECIPE), text_config=TINY_MOE_TEXT), seed=0)
     save_pretrained(model, processor, root / "moe_init")
     ws["moe_init"] = root / "moe_init"
-    return ws
+    return ws, model
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_moe_workspace(tmp_path_factory.mktemp("moe_methods_ws"), n_records=8)[0]
 
 
 def run_stage2(ws, model_dir: Path, out: Path, **overrides):
