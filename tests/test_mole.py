@@ -345,6 +345,30 @@ def test_stacked_and_grouped_executions_agree(name):
         torch.testing.assert_close(g_grouped, g_stacked, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("with_base", [False, True], ids=["delta", "base+delta"])
+def test_grouped_execution_under_bfloat16_autocast_equals_stacked(with_base):
+    """float32 experts under bfloat16 autocast (the Trainer's --bf16 without DeepSpeed): the grouped executor
+    scatters the experts' bfloat16 outputs into a buffer of their dtype (a float32 buffer crashed index_add when no
+    base output was given: PERFT's case), and both executors agree."""
+    torch.manual_seed(0)
+    x = torch.randn(40, D_IN)
+    weights = torch.softmax(torch.randn(40, E), -1)
+    indices = torch.topk(weights, 2, -1).indices
+    weights = torch.zeros_like(weights).scatter(1, indices, weights.gather(1, indices))
+    base = torch.randn(40, D_OUT) if with_base else None
+    outs = []
+    for execution in ("grouped", "stacked"):
+        experts = LoRAExperts(E, D_IN, D_OUT, R, ALPHA, execution=execution)
+        with torch.no_grad():
+            experts.lora_B.normal_(0, 0.3)
+        if outs:  # the same weights for both executors
+            experts.load_state_dict(reference_state)
+        reference_state = experts.state_dict()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(experts(x, weights, indices, base=base).float())
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
 @pytest.mark.parametrize("name", list(ROUTERS))
 def test_shared_gemm_path_equals_router_then_experts(name, masked):

@@ -160,3 +160,25 @@ def test_bad_config_is_rejected():
         from transformers import LlamaConfig, LlamaForCausalLM
 
         inject_perft(LlamaForCausalLM(LlamaConfig(**COMMON)), PerftConfig())
+
+
+@pytest.mark.parametrize("variant", PERFT_VARIANTS)
+def test_float32_model_under_bfloat16_autocast(variant):
+    """float32 weights under bfloat16 autocast (HF Trainer without DeepSpeed): PERFT-R / -E route each token to
+    k < N experts, so the (larger than 1/8 of D) adapter runs the grouped executor; forward and backward must
+    work and match the float32 model up to bfloat16 rounding."""
+    model = _build("olmoe").float()
+    setup = prepare_for_tuning(model, variant, num_experts=3, rank=2, alpha=4.0,
+                               router=RouterConfig(kind="topk", top_k=2, balance_coef=0.01))
+    _randomize_adapters(model)
+    ids = torch.randint(3, 40, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        loss = out.loss + setup.aux_loss()
+    loss.backward()
+    torch.testing.assert_close(out.logits.float(), reference, rtol=0.05, atol=0.05)
+    assert all(model.get_parameter(n).grad is not None for n in setup.trainable)

@@ -197,5 +197,6 @@ class LoRAExperts(nn.Module):
         delta = torch.cat(deltas) if deltas else x.new_zeros(0, self.out_features)  # (P, D_out), expert order
         if base is not None and base.dtype == delta.dtype:
             return base.index_add(0, token_ids, delta)  # base + delta, no separate addition
-        out = x.new_zeros(x.shape[0], self.out_features).index_add(0, token_ids, delta)  # (T, D_out)
+        # delta's dtype, not x's: under autocast the experts' matmuls return the autocast dtype (index_add needs one)
+        out = delta.new_zeros(x.shape[0], self.out_features).index_add(0, token_ids, delta)  # (T, D_out)
         return out if base is None else base + out.to(base.dtype)

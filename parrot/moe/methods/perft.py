@@ -68,7 +68,7 @@ class PerftConfig:
     activation: sigma between W_down and W_up: "identity" (LoRA-style, the paper's main setting), "relu",
         "gelu", "silu" (bottleneck adapter).
     dropout: dropout on the PEFT branch input.
-    router: PERFT-R's router (a library router; `top_k` is clamped to N).
+    router: PERFT-R's router (a library router; `top_k` must be <= N: `build_router` raises otherwise).
     freeze_base: set requires_grad=False on every parameter that existed before injection.
     """
 
