@@ -136,10 +136,11 @@ def test_router_tuning_end_to_end_recovers_planted_context_faithful_expert(seed)
 
 
 def test_router_tuning_trains_only_the_routers():
-    model = _olmoe(dtype=torch.float32)
+    model = _olmoe(dtype=torch.float32).eval()
     batch = make_context_copy_batches(TASK)[0]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses = router_tune(model, [batch], steps=20, lr=3e-2)
+    assert not any(m.training for m in model.modules())  # the caller's eval mode is back
     assert sum(losses[-3:]) / 3 < losses[0]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"}

@@ -176,11 +176,13 @@ def router_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def router_tune(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps: int, lr: float = 5e-3) -> list[float]:
     """Router Lens tuning: train only the MoE routers on the task's LM loss (official `rt`); returns losses.
 
-    Every other parameter is frozen for the duration and its requires_grad flag restored afterwards.
+    Every other parameter is frozen for the duration; requires_grad flags and the train/eval mode (of every
+    submodule) are restored afterwards.
     """
     from tqdm.auto import tqdm
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {m: m.training for m in model.modules()}
     routers = router_parameters(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -200,6 +202,8 @@ def router_tune(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps:
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
+        for module, training in modes.items():
+            module.training = training
     return losses
 
 
