@@ -1,6 +1,6 @@
 """Export a standalone Parrot checkpoint with plain LoRA (peft) adapters merged into the base weights.
 
-    python -m parrot.export --merge-lora --src runs/stage2-lora/checkpoint-500 --dst runs/parrot-merged
+    python -m parrot.export --merge-lora --src runs/lora-adapter-next-to-its-model --dst runs/parrot-merged
     python -m parrot.export --merge-lora --src adapters/my-lora --base runs/parrot-base --dst runs/parrot-merged
 
 LoRA adds delta W = (alpha / r) B A to a frozen linear layer (Hu et al., 2021, arXiv 2106.09685, eq. 3), a fixed
@@ -18,7 +18,15 @@ or `--base DIR`, or the adapter's `base_model_name_or_path` when that is a local
 (tokenizer + `parrot_processor.json`) is copied from the base directory.
 
 The output loads with `AutoModelForCausalLM.from_pretrained(dst)` after `import parrot.model` (registration,
-no trust_remote_code). The merge runs in float32; weights are saved in the base checkpoint's dtype.
+no trust_remote_code). The merge runs in float32; weights are saved in the base checkpoint's dtype. `dst` must be
+a new (or empty) folder outside `--src` and the base; the model is written into a staging folder beside it and
+renamed when complete. A LoRA on one side of tied input/output embeddings unties them in the output.
+
+Adapter settings: plain LoRA with rsLoRA, DoRA, lora_bias, rank/alpha patterns, modules_to_save, trainable tokens
+and target_parameters (e.g. the Parrot MoE's expert tensors) are merged (tested against the unmerged peft model);
+any other non-default setting, a key this peft version does not know, or an initialisation that changed the base
+weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ... without peft's conversion) is refused, naming the setting.
+A missing, unreadable or mis-shaped adapter or base file is an error naming it.
 
 MoLE adapters (`mole_config.json`, `--tuning mole`) are refused: a token's update sum_e p_e(x) B_e A_e x mixes
 the experts with router weights p(x) that depend on that token, so it is not one fixed matrix to add to W.
@@ -29,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -43,14 +53,77 @@ logger = logging.getLogger(__name__)
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 class ExportError(ValueError):
     """The adapter cannot be merged or does not fit the base model; the message names the file or keys."""
 
 
+# LoraConfig settings whose merge this export reproduces exactly (tests/test_export*.py check each against the
+# unmerged peft model) or that do not change the adapted function (metadata, dropout, initialisation details).
+MERGEABLE_SETTINGS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "runtime_config", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out", "bias",
+    "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern", "trainable_token_indices", "use_dora", "lora_bias", "target_parameters", "ensure_weight_tying",
+    "eva_config", "loftq_config", "corda_config", "lora_ga_config", "megatron_core", "qalora_group_size",
+})
+# init_lora_weights values that only initialise A and B. Others (pissa, corda, olora, loftq, lora_ga, ...) change
+# the *base* weights at initialisation (W_res = W - B0 A0) or select a layer variant: such an adapter belongs to
+# that residual base, not to the saved one, unless peft converted it when saving
+# (`save_pretrained(path_initial_model_for_weight_conversion=...)`, which writes init_lora_weights=true).
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def _read_peft_config(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path}: cannot read the adapter config ({type(err).__name__}: {err})") from err
+    if not isinstance(raw, dict):
+        raise ExportError(f"{path}: expected a JSON object (a peft LoraConfig), got {type(raw).__name__}")
+    return raw
+
+
+def unsupported_settings(raw: dict) -> list[str]:
+    """`key=value` for each adapter_config.json setting this export does not merge (changed from peft's default,
+    a base-changing init, or a key this peft version does not know)."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
+    problems = []
+    for key, value in raw.items():
+        if key == "init_lora_weights":
+            if not any(value is init or (isinstance(value, str) and value == init) for init in PLAIN_INITS):
+                problems.append(f"init_lora_weights={value!r} (this initialisation changes the base weights or the "
+                                "layer; save the adapter with peft's path_initial_model_for_weight_conversion to get "
+                                "a plain LoRA of the saved base)")
+        elif key in MERGEABLE_SETTINGS:
+            continue
+        elif key not in fields:
+            problems.append(f"{key}={value!r} (unknown to peft {_peft_version()}: the adapter was saved by another "
+                            "version, and dropping the setting could change what it computes)")
+        else:
+            field = fields[key]
+            default = field.default if field.default is not dataclasses.MISSING else (
+                field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+            if value != default and not (value in (None, [], {}) and default in (None, [], {})):
+                problems.append(f"{key}={value!r}")
+    return problems
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
 def check_mergeable(adapter_dir: Path) -> dict:
-    """The adapter's peft config as a dict; ExportError for MoLE adapters, other peft types or missing files."""
+    """The adapter's peft config as a dict; ExportError for MoLE adapters, other peft types, settings this export
+    does not merge (`unsupported_settings`) or missing / unreadable files."""
     if (adapter_dir / MOLE_CONFIG_NAME).is_file():
         raise ExportError(
             f"{adapter_dir / MOLE_CONFIG_NAME}: MoLE adapters cannot be merged into the base weights. A MoLE layer "
@@ -60,12 +133,25 @@ def check_mergeable(adapter_dir: Path) -> dict:
         )
     path = adapter_dir / PEFT_CONFIG_NAME
     if not path.is_file():
+        hint = ""
+        if (adapter_dir / "trainer_state.json").is_file():
+            hint = (" (this is a training checkpoint: a `--tuning lora` run keeps its LoRA inside the model "
+                    "weights there; the run's output folder gets its final model with the LoRA folded in, so resume "
+                    "an unfinished run with --resume)")
         raise ExportError(f"{path}: not found; expected a peft LoRA adapter (adapter_config.json + "
-                          "adapter_model.safetensors)")
-    raw = json.loads(path.read_text())
+                          f"adapter_model.safetensors){hint}")
+    raw = _read_peft_config(path)
     if raw.get("peft_type") != "LORA":
         raise ExportError(f"{path}: peft_type={raw.get('peft_type')!r}; only plain LoRA adapters ('LORA') are "
                           "merged here")
+    problems = unsupported_settings(raw)
+    if problems:
+        raise ExportError(f"{path}: settings this export cannot merge into plain weights: " + "; ".join(problems)
+                          + ". Merge such an adapter with peft itself (merge_and_unload) if it supports them, or "
+                          "train a plain LoRA")
+    if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHT_FILES):
+        raise ExportError(f"{adapter_dir}: no adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)}) next to "
+                          f"{PEFT_CONFIG_NAME}")
     return raw
 
 
@@ -82,9 +168,46 @@ def resolve_base(adapter_dir: Path, base: Path | None, peft_config: dict) -> Pat
                       "model directory; pass --base DIR")
 
 
+def adapter_module_paths(adapter_keys) -> set[str]:
+    """The module paths of an adapter's LoRA tensors. LoRA on several parameters of one module (peft's
+    `target_parameters`, e.g. two expert tensors of the Parrot MoE) nests wrappers: `x.base_layer.lora_A...`."""
+    paths = set()
+    for key in adapter_keys:
+        if ".lora_" in key:
+            path = key.removeprefix(PEFT_PREFIX).split(".lora_")[0]
+            while path.endswith(".base_layer"):
+                path = path.removesuffix(".base_layer")
+            paths.add(path)
+    return paths
+
+
+def _untie_adapted_embeddings(model: ParrotForCausalLM, target: torch.nn.Module, paths: set[str],
+                              config, config_path: Path) -> bool:
+    """Give lm_head its own copy of a tied embedding matrix when the adapter has LoRA on lm_head or embed_tokens.
+
+    With tied input / output embeddings, a LoRA on one side changes that side only, but merging it into the shared
+    matrix would change the other side too; the merged model is saved with `tie_word_embeddings=False`. An adapter
+    saved with peft's `ensure_weight_tying` (one adapter shared by both sides) is refused."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return False
+    names = {id(module): name for name, module in target.named_modules()}
+    if not {names.get(id(head)), names.get(id(embed))} & paths:
+        return False
+    if getattr(config, "ensure_weight_tying", False):
+        raise ExportError(f"{config_path}: ensure_weight_tying=True with LoRA on the tied input/output "
+                          "embeddings is not merged here (peft applies one shared adapter to both sides and would "
+                          "merge it twice into the shared matrix)")
+    head.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    for owner in (model.config, model.config.text_config, model.language_model.config):
+        owner.tie_word_embeddings = False
+    logger.info("the adapter changes one side of the tied input/output embeddings: the merged model unties them")
+    return True
+
+
 def adapter_target(model: ParrotForCausalLM, adapter_keys: list[str]) -> torch.nn.Module:
     """The module the adapter was trained on: the whole Parrot model or its language model (from the key paths)."""
-    paths = {key.removeprefix(PEFT_PREFIX).split(".lora_")[0] for key in adapter_keys if ".lora_" in key}
+    paths = adapter_module_paths(adapter_keys)
     if not paths:
         raise ExportError("the adapter weights hold no lora_A / lora_B tensors")
     for target in (model, model.language_model):
@@ -106,15 +229,33 @@ def merge_lora(model: ParrotForCausalLM, adapter_dir: str | Path) -> ParrotForCa
 
     adapter_dir = Path(adapter_dir)
     check_mergeable(adapter_dir)
-    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config_path = adapter_dir / PEFT_CONFIG_NAME
+    weights_path = next(adapter_dir / n for n in ADAPTER_WEIGHT_FILES if (adapter_dir / n).is_file())
+    try:
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+    except (TypeError, ValueError, KeyError) as err:
+        raise ExportError(f"{config_path}: not a valid peft LoraConfig ({type(err).__name__}: {err})") from err
     config.inference_mode = True
-    weights = load_peft_weights(str(adapter_dir), device="cpu")
+    try:
+        weights = load_peft_weights(str(adapter_dir), device="cpu")
+    except Exception as err:  # SafetensorError, unpickling errors, truncated files: name the file
+        raise ExportError(f"{weights_path}: cannot read the adapter weights ({type(err).__name__}: {err})") from err
     target = adapter_target(model, list(weights))
-    peft_model = PeftModel(target, config)
-    result = set_peft_model_state_dict(peft_model, weights)
-    unloaded = [k for k in result.missing_keys if ".lora_" in k]
+    _untie_adapted_embeddings(model, target, adapter_module_paths(weights), config, config_path)
+    try:
+        peft_model = PeftModel(target, config)
+    except (ValueError, TypeError, KeyError, NotImplementedError) as err:
+        raise ExportError(f"{config_path}: the adapter config does not fit the base model "
+                          f"({type(err).__name__}: {err})") from err
+    try:
+        result = set_peft_model_state_dict(peft_model, weights)
+    except (RuntimeError, KeyError, ValueError) as err:  # shapes that differ from the config's rank / the model
+        raise ExportError(f"{weights_path}: the adapter weights do not fit {config_path.name} and the base model "
+                          f"({type(err).__name__}: {err})") from err
+    adapter_markers = (".lora_", ".modules_to_save.")  # (trainable tokens of a tied lm_head are not saved)
+    unloaded = [k for k in result.missing_keys if any(m in k for m in adapter_markers)]
     if result.unexpected_keys or unloaded:
-        raise ExportError(f"{adapter_dir}: adapter does not fit the base model; unexpected "
+        raise ExportError(f"{weights_path}: adapter does not fit the base model or {config_path.name}; unexpected "
                           f"{sorted(result.unexpected_keys)[:5]}, not loaded {sorted(unloaded)[:5]}")
     merged = peft_model.merge_and_unload()
     if target is model.language_model:
@@ -124,37 +265,98 @@ def merge_lora(model: ParrotForCausalLM, adapter_dir: str | Path) -> ParrotForCa
 
 
 def load_base_model(base_dir: Path) -> ParrotForCausalLM:
-    """The base model in float32, without the adapter saved next to it.
+    """The base model in float32, without the adapter saved next to it; ExportError naming the directory when its
+    files are unreadable or its weights miss, add or mis-shape tensors (never a randomly initialised tensor).
 
     transformers' `from_pretrained` applies an `adapter_config.json` it finds in the model directory by itself
     (its peft integration); the merge must start from the bare base, so such a directory is read through a
     temporary view that links every file except the adapter's.
     """
+    from .model.builder import load_model_strict
+
     if not (base_dir / PEFT_CONFIG_NAME).is_file():
-        return ParrotForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        try:
+            return load_model_strict(base_dir, dtype=torch.float32)
+        except (ValueError, FileNotFoundError) as err:
+            raise ExportError(f"base model: {err}") from err
     with tempfile.TemporaryDirectory() as view:
         for path in base_dir.iterdir():
             if path.is_file() and not path.name.startswith("adapter_"):
                 (Path(view) / path.name).symlink_to(path.resolve())
-        return ParrotForCausalLM.from_pretrained(view, dtype=torch.float32)
+        try:
+            return load_model_strict(view, dtype=torch.float32)
+        except (ValueError, FileNotFoundError) as err:
+            raise ExportError(f"base model: {str(err).replace(view, str(base_dir))}") from err
+
+
+def saved_dtype(base_dir: Path) -> torch.dtype:
+    """The dtype the base checkpoint was saved in (config.json `dtype`, `torch_dtype` in transformers 4 files)."""
+    raw = json.loads((base_dir / "config.json").read_text())
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ExportError(f"{base_dir / 'config.json'}: dtype={name!r} is not a floating-point torch dtype")
+    return dtype
+
+
+def check_destination(dst: Path, src: Path, base_dir: Path) -> None:
+    """The output folder must not be (or lie inside) the adapter or base folder, and must be new or empty."""
+    resolved = dst.resolve()
+    for name, folder in (("--src", src), ("--base", base_dir)):
+        folder = folder.resolve()
+        if resolved == folder or folder in resolved.parents:
+            raise ExportError(f"--dst {dst}: is (or lies inside) the {name} folder {folder}; writing the merged model "
+                              "there would replace or mix with the files it is made from. Choose a new folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ExportError(f"--dst {dst}: exists and is not empty; choose a new folder or delete this one first "
+                          "(the export never overwrites files)")
 
 
 def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = None) -> Path:
-    """Merge the LoRA adapter in `src` into its base model and write model + processor to `dst`."""
+    """Merge the LoRA adapter in `src` into its base model and write model + processor to `dst`.
+
+    Everything is written into a staging folder next to `dst` that is renamed to `dst` once complete, so a failed
+    or interrupted export leaves no `dst` (and never a half-written model that looks complete)."""
     src, dst = Path(src), Path(dst)
     peft_config = check_mergeable(src)
     base_dir = resolve_base(src, Path(base) if base is not None else None, peft_config)
+    check_destination(dst, src, base_dir)
     logger.info("base model %s, adapter %s", base_dir, src)
-    model = load_base_model(base_dir)
-    saved_dtype = json.loads((base_dir / "config.json").read_text()).get("dtype") or "float32"
+    model = load_base_model(base_dir)  # (checks config.json first)
+    dtype = saved_dtype(base_dir)
     model = merge_lora(model, src)
-    model.to(getattr(torch, saved_dtype)).eval()
-    model.save_pretrained(dst)
-    if (base_dir / PROCESSOR_FILE).is_file():
-        ParrotProcessor.from_pretrained(base_dir).save_pretrained(dst)
-    else:
-        logger.warning("%s has no %s: wrote the model only", base_dir, PROCESSOR_FILE)
+    model.to(dtype).eval()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        model.save_pretrained(staging)
+        if (base_dir / PROCESSOR_FILE).is_file():
+            ParrotProcessor.from_pretrained(base_dir).save_pretrained(staging)
+        else:
+            logger.warning("%s has no %s: wrote the model only", base_dir, PROCESSOR_FILE)
+        _fsync_tree(staging)
+        if dst.is_dir():  # empty (check_destination)
+            dst.rmdir()
+        staging.rename(dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return dst
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder` and the folder itself to disk (a rename must not outrun the data)."""
+    for path in [*folder.rglob("*"), folder]:
+        if path.is_symlink():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:

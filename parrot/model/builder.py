@@ -128,25 +128,75 @@ def build_from_local(
     return model, processor
 
 
-def load_pretrained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotProcessor]:
-    """A saved Parrot model directory (model + processor files) -> (model in eval mode, processor)."""
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
+def _check_saved_config(directory: Path) -> None:
+    """config.json must be a readable JSON object of a Parrot model (not, e.g., a plain LLM's config)."""
+    path = directory / "config.json"
+    if not path.is_file():
         raise FileNotFoundError(f"{directory}: no config.json, not a saved Parrot model")
-    # HF only warns about missing / unexpected tensors and randomly initialises the missing ones; a saved Parrot
-    # model must load completely. Tied weights (lm_head) and non-persistent buffers (rotary inv_freq) are not
-    # reported by HF, so any report is a real mismatch.
     try:
-        model, info = ParrotForCausalLM.from_pretrained(directory, output_loading_info=True)
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{directory}: cannot load the saved model ({path}: {type(err).__name__}: {err})") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{directory}: cannot load the saved model ({path}: expected a JSON object, got "
+                         f"{type(raw).__name__})")
+    if raw.get("model_type") != ParrotConfig.model_type:
+        raise ValueError(f"{path}: model_type={raw.get('model_type')!r}, not a Parrot model config "
+                         f"({ParrotConfig.model_type!r}); load_pretrained reads a saved ParrotForCausalLM directory")
+
+
+def load_model_strict(directory: str | Path, **kwargs) -> ParrotForCausalLM:
+    """`ParrotForCausalLM.from_pretrained(directory, **kwargs)` that fails (ValueError naming the directory or file)
+    instead of initialising missing, unexpected or mis-shaped tensors randomly, and on unreadable files."""
+    directory = Path(directory)
+    _check_saved_config(directory)
+    # HF only warns about missing / unexpected tensors and randomly initialises the missing ones (mis-shaped ones
+    # too with ignore_mismatched_sizes, else it raises without naming them); a saved Parrot model must load
+    # completely. Tied weights (lm_head) and non-persistent buffers (rotary inv_freq) are not reported by HF, so
+    # any report is a real mismatch.
+    try:
+        model, info = ParrotForCausalLM.from_pretrained(directory, output_loading_info=True,
+                                                        ignore_mismatched_sizes=True, **kwargs)
     except (OSError, json.JSONDecodeError, SafetensorError) as err:  # unreadable config.json or weights file
         raise ValueError(f"{directory}: cannot load the saved model ({type(err).__name__}: {err})") from err
-    problems = {what: sorted(str(k) for k in info.get(what) or ())
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:  # settings of config.json that build no model
+        raise ValueError(f"{directory / 'config.json'}: cannot build the saved model "
+                         f"({type(err).__name__}: {err})") from err
+
+    def describe(entry) -> str:  # mismatched keys come as (name, saved shape, model shape)
+        if isinstance(entry, tuple) and len(entry) == 3:
+            return f"{entry[0]} saved {tuple(entry[1])} vs model {tuple(entry[2])}"
+        return str(entry)
+
+    problems = {what: sorted(describe(k) for k in info.get(what) or ())
                 for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
     problems = {what: keys for what, keys in problems.items() if keys}
     if problems:
         details = "; ".join(f"{what.replace('_', ' ')}: {keys}" for what, keys in problems.items())
         raise ValueError(f"{directory}: the saved weights do not match the model of its config.json ({details})")
-    processor = ParrotProcessor.from_pretrained(directory)
+    generation_path = directory / "generation_config.json"
+    if generation_path.is_file():  # HF falls back to defaults on an unreadable one (other eos / pad tokens)
+        try:
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"{generation_path}: cannot read the generation settings "
+                             f"({type(err).__name__}: {err})") from err
+    return model
+
+
+def load_pretrained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotProcessor]:
+    """A saved Parrot model directory (model + processor files) -> (model in eval mode, processor)."""
+    directory = Path(directory)
+    model = load_model_strict(directory)
+    try:
+        processor = ParrotProcessor.from_pretrained(directory)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as err:  # tokenizer files
+        raise ValueError(f"{directory}: cannot load the processor / tokenizer files "
+                         f"({type(err).__name__}: {err})") from err
     mismatches = processor.mismatches(model.config)
     if mismatches:
         raise ValueError(f"{directory}: parrot_processor.json / tokenizer do not match config.json (processor vs "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -95,7 +96,9 @@ class LossCurveCallback(TrainerCallback):
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         history = [e for e in state.log_history if "loss" in e]
-        (self.output_dir / LOSS_HISTORY_JSON).write_text(json.dumps(history, indent=1) + "\n")
+        staged = self.output_dir / f".{LOSS_HISTORY_JSON}.tmp"  # written whole, then renamed: never truncated
+        staged.write_text(json.dumps(history, indent=1) + "\n")
+        os.replace(staged, self.output_dir / LOSS_HISTORY_JSON)
         plot_loss_curve(state.log_history, self.output_dir / LOSS_CURVE_PNG, self.title)
 
     def on_save(self, args, state, control, **kwargs):

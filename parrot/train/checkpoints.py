@@ -1,18 +1,27 @@
 """Checkpoint folders: atomic publication, keep-last-k rotation, and finding the one to resume from.
 
 A checkpoint is written into `<output_dir>/.staging-checkpoint-<step>/` and only renamed to
-`<output_dir>/checkpoint-<step>` once every file is on disk, so a crash mid-save never leaves a folder that looks
-complete. A rename within one file system is atomic (POSIX `rename(2)`).
+`<output_dir>/checkpoint-<step>` once every file is on disk (flushed with fsync, so that after a power loss too the
+rename never outlives the data), so a crash mid-save never leaves a folder that looks complete. A rename within one
+file system is atomic (POSIX `rename(2)`). Deleting works the other way round: a checkpoint is first renamed to
+`.deleting-checkpoint-<step>` and then removed, so a crash mid-delete never leaves a half-deleted folder under a
+published name. The next run removes what such crashes leave (`remove_stale_staging`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shutil
 from pathlib import Path
 
+logger = logging.getLogger("parrot.train")
+
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_PREFIX = ".staging-checkpoint-"
+DELETING_PREFIX = ".deleting-"
+FINAL_STAGING = ".staging-final-model"  # the final model's files before they move into the output folder
 _CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -38,28 +47,72 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file under `folder`, and the folders themselves, to disk."""
+    folder = Path(folder)
+    for path in [*folder.rglob("*"), folder]:
+        if path.is_symlink():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def discard(path: Path) -> None:
+    """Remove a folder without ever leaving it half-deleted under its name: rename it to `.deleting-<name>` (atomic),
+    then delete that. A folder that cannot be deleted is left under the `.deleting-` name with a warning (the next
+    run retries)."""
+    doomed = path.with_name(f"{DELETING_PREFIX}{path.name}")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    path.rename(doomed)
+    _fsync_dir(path.parent)
+    try:
+        shutil.rmtree(doomed)
+    except OSError as err:
+        logger.warning("could not delete %s (%s); it no longer counts as a checkpoint", doomed, err)
+
+
 def publish(staged: Path, final: Path) -> Path:
     """Move a fully written checkpoint folder to its final name (replacing an older one of the same step)."""
+    fsync_tree(staged)
     if final.exists():
-        shutil.rmtree(final)
+        discard(final)
     staged.rename(final)
+    _fsync_dir(final.parent)
     return final
 
 
 def rotate(output_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints (0 keeps all); returns the deleted folders."""
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all), oldest first; returns the deleted
+    folders. Only ever called after a newer checkpoint is published, so the folder a run resumed from is deleted
+    only once a newer complete one exists."""
     if keep_last <= 0:
         return []
     doomed = list_checkpoints(output_dir)[:-keep_last]
     for path in doomed:
-        shutil.rmtree(path)
+        discard(path)
     return doomed
 
 
 def remove_stale_staging(output_dir: str | Path) -> list[Path]:
-    """Remove half-written staging folders left by a crash (they are never resumed from)."""
+    """Remove what a crash leaves: half-written staging folders (checkpoints, final model) and folders renamed
+    for deletion (they are never resumed from)."""
     output_dir = Path(output_dir)
-    stale = [p for p in output_dir.glob(f"{STAGING_PREFIX}*") if p.is_dir()] if output_dir.is_dir() else []
+    if not output_dir.is_dir():
+        return []
+    stale = [p for pattern in (f"{STAGING_PREFIX}*", f"{DELETING_PREFIX}*", FINAL_STAGING)
+             for p in output_dir.glob(pattern) if p.is_dir()]
     for path in stale:
         shutil.rmtree(path)
     return stale

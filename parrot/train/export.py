@@ -27,6 +27,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -44,6 +47,7 @@ from ..moe.methods.factorllm import FactorizedMLP
 from ..moe.methods.perft import PERFT_CONFIG_NAME, PERFT_WEIGHTS_NAME
 from ..moe.methods.router_lens import CEFTExperts
 from ..moe.mole import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_files, write_adapter_files
+from . import checkpoints
 from .config import read_json_mapping
 
 TRAINING_INFO = "parrot_training.json"
@@ -215,16 +219,54 @@ def save_final_model(
 
     `tuning_method` / `method_settings`: an MoE tuning method of the run and its `prepare_for_tuning`
     keywords (see the module docstring for what each method writes). `dtype`: of every floating tensor written
-    (the dtype the run loaded the model in; None keeps the tensors' own)."""
-    from ..moe.mole import MoLELinear
+    (the dtype the run loaded the model in; None keeps the tensors' own).
 
+    Every file is first written into `<output_dir>/.staging-final-model/` and flushed to disk; only then do the files
+    move into `output_dir` (renames, which need no space and cannot fail half-way through a file). A write that
+    fails (disk full) or a crash while writing leaves the output folder as it was: a previous final model stays
+    complete, and no half-written model appears there."""
     state = gather_full_state_dict(model)
     if not is_main_process():
         return None
     if dtype is not None:
         state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = Path(output_dir)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    staging = final_dir / checkpoints.FINAL_STAGING  # the files are written here, then moved (see above)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        _write_final_files(model, processor, staging, state, lora_scaling, mole_config, training_info,
+                           tuning_method, method_settings)
+        checkpoints.fsync_tree(staging)
+        _move_final_files(staging, final_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final_dir
+
+
+def _move_final_files(staging: Path, final_dir: Path) -> None:
+    """Replace the final model in `final_dir` by the staged one, file by file (atomic renames): files of an older
+    final model that the new one does not have go first, the training record moves last."""
+    new = {p.name for p in staging.iterdir()}
+    shards = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+    for path in final_dir.iterdir():
+        if path.is_file() and path.name not in new and (path.name in FINISHED_MODEL_FILES or shards.match(path.name)):
+            path.unlink()
+    for name in sorted(new, key=lambda n: (n == TRAINING_INFO, n == "config.json", n)):
+        os.replace(staging / name, final_dir / name)
+    fd = os.open(final_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_final_files(model, processor, output_dir: Path, state: dict, lora_scaling, mole_config, training_info,
+                       tuning_method, method_settings) -> None:
+    from ..moe.mole import MoLELinear
+
     if lora_scaling is not None:
         state = fold_lora(state, lora_scaling)
     if mole_config is not None:
@@ -258,7 +300,6 @@ def save_final_model(
     processor.save_pretrained(output_dir)
     if training_info is not None:
         (output_dir / TRAINING_INFO).write_text(json.dumps(training_info, indent=2) + "\n")
-    return output_dir
 
 
 def adapter_kind_of(tuning: str | None) -> str | None:
@@ -307,14 +348,37 @@ def load_trained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotProces
 
     directory = Path(directory)
     kind = saved_adapter_kind(directory)
+    if kind is not None:
+        check_adapter_files(directory, kind)
     model, processor = load_pretrained(directory)
-    if kind == "mole":
-        load_mole(model.language_model, directory)
-    elif kind == "perft":
-        load_perft(model.language_model, directory)
-    elif kind == "factorllm":
-        _load_factorllm(model.language_model, directory)
+    config_name, weights_name = ADAPTER_FILES.get(kind, (None, None))
+    try:
+        if kind == "mole":
+            load_mole(model.language_model, directory)
+        elif kind == "perft":
+            load_perft(model.language_model, directory)
+        elif kind == "factorllm":
+            _load_factorllm(model.language_model, directory)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:  # names / shapes / settings that do not fit
+        raise ValueError(f"{directory}: the {kind} adapter ({config_name} + {weights_name}) does not fit the model "
+                         f"of its config.json ({type(err).__name__}: {err})") from err
     return model.eval(), processor
+
+
+def check_adapter_files(directory: Path, kind: str) -> None:
+    """The adapter's config must be a readable JSON object and its weights a readable safetensors file
+    (ValueError naming the file)."""
+    from safetensors import safe_open
+
+    config_name, weights_name = ADAPTER_FILES[kind]
+    read_json_mapping(directory / config_name, f"the {kind} adapter config")
+    try:
+        with safe_open(str(directory / weights_name), framework="pt") as weights:
+            for key in weights.keys():
+                weights.get_slice(key)
+    except Exception as err:  # SafetensorError (truncated / not safetensors), OSError
+        raise ValueError(f"{directory / weights_name}: cannot read the {kind} adapter weights "
+                         f"({type(err).__name__}: {err})") from err
 
 
 def _load_factorllm(language_model: nn.Module, directory: Path) -> FactorLLMConfig:

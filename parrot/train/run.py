@@ -215,6 +215,35 @@ def check_resume_settings(cfg: TrainConfig, saved_path: Path) -> None:
                          "may change) or start a new run in another --output-dir")
 
 
+def run_mean_loss(log_history: list[dict], fallback: float) -> float:
+    """The mean training loss per optimizer step over the whole run, a resumed run's earlier sessions included
+    (HF's `training_loss` covers only the steps of the current `train()` call): the logged losses, each the mean
+    over the steps since the previous log, weighted by those steps. Steps after the last log are not counted."""
+    total, steps, last = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry and entry["step"] > last:
+            total += entry["loss"] * (entry["step"] - last)
+            steps += entry["step"] - last
+            last = entry["step"]
+    return total / steps if steps else fallback
+
+
+def checkpoint_is_final(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved at its run's last optimizer step (its trainer_state.json says so)."""
+    state = read_json_mapping(checkpoint / "trainer_state.json", "the checkpoint's trainer state")
+    max_steps = state.get("max_steps") or 0
+    return max_steps > 0 and state.get("global_step", 0) >= max_steps
+
+
+def _no_steps_left(trainer: ParrotTrainer):
+    """A replacement for `Trainer._run_epoch` that trains nothing and ends training (HF's loop checks max_steps only
+    after a step: resumed at max_steps, it would train one more)."""
+    def run_epoch(*args, **kwargs) -> None:
+        trainer.control.should_training_stop = True
+
+    return run_epoch
+
+
 def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """Run one stage; `callbacks`: extra `TrainerCallback`s (tests use them to interrupt or poison a run)."""
     _setup_logging()
@@ -266,12 +295,18 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
                     len(dataset), processes, cfg.per_device_batch_size, args.gradient_accumulation_steps,
                     cfg.global_batch_size, f", resuming from {resume_from}" if resume_from else "")
 
+    if resume_from is not None and checkpoint_is_final(resume_from):
+        # The interrupted run had finished training (it was stopped while saving its final model): HF would still
+        # run one optimizer step past max_steps on resume, so only the checkpoint is restored here.
+        logger.info("%s holds the run's last step: no steps left, saving its final model", resume_from)
+        trainer._run_epoch = _no_steps_left(trainer)
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     info = {"stage": cfg.stage, "tuning": plan.tuning, "trained_parts": list(plan.trained_parts),
             "router": plan.mole_config.router.kind if plan.mole_config else None,
             "method_settings": plan.method_settings or None,
-            "global_step": trainer.state.global_step, "data": cfg.data, "train_loss": output.training_loss}
+            "global_step": trainer.state.global_step, "data": cfg.data,
+            "train_loss": run_mean_loss(trainer.state.log_history, output.training_loss)}
     save_final_model(trainer.model, processor, output_dir, lora_scaling=plan.lora_scaling,
                      mole_config=plan.mole_config, training_info=info,
                      tuning_method=plan.tuning if plan.tuning_setup is not None else None,
