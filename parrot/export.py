@@ -48,6 +48,7 @@ import torch
 from .data.processor import PROCESSOR_FILE, ParrotProcessor
 from .model import ParrotForCausalLM
 from .moe.mole import ADAPTER_CONFIG_NAME as MOLE_CONFIG_NAME
+from .train.checkpoints import fsync_tree
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
             ParrotProcessor.from_pretrained(base_dir).save_pretrained(staging)
         else:
             logger.warning("%s has no %s: wrote the model only", base_dir, PROCESSOR_FILE)
-        _fsync_tree(staging)
+        fsync_tree(staging)
         if dst.is_dir():  # empty (check_destination)
             dst.rmdir()
         staging.rename(dst)
@@ -345,18 +346,6 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dst
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file of `folder` and the folder itself to disk (a rename must not outrun the data)."""
-    for path in [*folder.rglob("*"), folder]:
-        if path.is_symlink():
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:

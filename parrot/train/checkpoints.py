@@ -47,25 +47,24 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def fsync_tree(folder: str | Path) -> None:
-    """Flush every file under `folder`, and the folders themselves, to disk."""
-    folder = Path(folder)
-    for path in [*folder.rglob("*"), folder]:
-        if path.is_symlink():
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # folders too: their entries (the names) are flushed like file data
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file under `folder`, and the folders themselves, to disk (a rename must not outrun the data)."""
+    folder = Path(folder)
+    for path in [*folder.rglob("*"), folder]:
+        if not path.is_symlink():
+            _fsync(path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    _fsync(folder)
 
 
 def discard(path: Path) -> None:
