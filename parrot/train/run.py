@@ -235,15 +235,6 @@ def checkpoint_is_final(checkpoint: Path) -> bool:
     return max_steps > 0 and state.get("global_step", 0) >= max_steps
 
 
-def _no_steps_left(trainer: ParrotTrainer):
-    """A replacement for `Trainer._run_epoch` that trains nothing and ends training (HF's loop checks max_steps only
-    after a step: resumed at max_steps, it would train one more)."""
-    def run_epoch(*args, **kwargs) -> None:
-        trainer.control.should_training_stop = True
-
-    return run_epoch
-
-
 def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """Run one stage; `callbacks`: extra `TrainerCallback`s (tests use them to interrupt or poison a run)."""
     _setup_logging()
@@ -299,7 +290,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         # The interrupted run had finished training (it was stopped while saving its final model): HF would still
         # run one optimizer step past max_steps on resume, so only the checkpoint is restored here.
         logger.info("%s holds the run's last step: no steps left, saving its final model", resume_from)
-        trainer._run_epoch = _no_steps_left(trainer)
+        trainer.no_steps_left = True
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     info = {"stage": cfg.stage, "tuning": plan.tuning, "trained_parts": list(plan.trained_parts),

@@ -87,6 +87,9 @@ class ParrotTrainer(Trainer):
         # must divide by the accumulation steps itself rather than hand num_items_in_batch to the model.
         self.model_accepts_loss_kwargs = False
         warn_about_deepspeed_optimizer(self.args)
+        # Set when resuming from a checkpoint of the run's last step (stopped while saving its final model): `train`
+        # then only restores the checkpoint. HF's loop checks max_steps after a step, so it would train one more.
+        self.no_steps_left = False
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
         for key, hook in list(self.model._forward_hooks.items()):  # one per model: this trainer's
@@ -106,6 +109,12 @@ class ParrotTrainer(Trainer):
         return mole_aux_loss(routing) if routing else None
 
     # --- loss -------------------------------------------------------------------------------------------------
+    def _run_epoch(self, *args, **kwargs):
+        if self.no_steps_left:  # an HF-internal method: the one place the epoch loop can be skipped before a step
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         loss = outputs.loss  # with the aux losses in training (AuxLossHook)
