@@ -48,7 +48,7 @@ import torch
 from .data.processor import PROCESSOR_FILE, ParrotProcessor
 from .model import ParrotForCausalLM
 from .moe.mole import ADAPTER_CONFIG_NAME as MOLE_CONFIG_NAME
-from .train.checkpoints import fsync_tree
+from .train.checkpoints import publish
 
 logger = logging.getLogger(__name__)
 
@@ -338,10 +338,7 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
             ParrotProcessor.from_pretrained(base_dir).save_pretrained(staging)
         else:
             logger.warning("%s has no %s: wrote the model only", base_dir, PROCESSOR_FILE)
-        fsync_tree(staging)
-        if dst.is_dir():  # empty (check_destination)
-            dst.rmdir()
-        staging.rename(dst)
+        publish(staging, dst)  # flushed, then renamed over the (empty, check_destination) dst
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -63,10 +63,6 @@ def fsync_tree(folder: str | Path) -> None:
             _fsync(path)
 
 
-def _fsync_dir(folder: Path) -> None:
-    _fsync(folder)
-
-
 def discard(path: Path) -> None:
     """Remove a folder without ever leaving it half-deleted under its name: rename it to `.deleting-<name>` (atomic),
     then delete that. A folder that cannot be deleted is left under the `.deleting-` name with a warning (the next
@@ -75,7 +71,7 @@ def discard(path: Path) -> None:
     if doomed.exists():
         shutil.rmtree(doomed)
     path.rename(doomed)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
     try:
         shutil.rmtree(doomed)
     except OSError as err:
@@ -88,7 +84,7 @@ def publish(staged: Path, final: Path) -> Path:
     if final.exists():
         discard(final)
     staged.rename(final)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)
     return final
 
 
