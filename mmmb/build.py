@@ -55,7 +55,7 @@ def _field(path: Path, item: dict, name: str, row: object, kind: type = str):
     if name not in item or item[name] in (None, ""):
         raise MMMBFormatError(path, "missing field", row=row, column=name)
     value = item[name]
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):  # JSON true is no index
         raise MMMBFormatError(path, f"expected {kind.__name__}, got {type(value).__name__}", row=row, column=name)
     return value
 

@@ -1,8 +1,9 @@
 """Append-only JSONL prediction cache: one line per answered prompt, flushed and fsynced per batch.
 
 A crash can only cut the last line short; such a tail is dropped (and truncated from the file) on the next run,
-which then re-asks exactly the prompts that have no complete line. Every line carries a hash of its prompt so
-a cache built from other data or another prompt format is refused instead of being reused silently.
+which then re-asks exactly the prompts that have no complete line. Every line carries a hash of its prompt and
+of its item's image, so a cache built from other data (other images under the same questions included) or another
+prompt format is refused instead of being reused silently.
 """
 from __future__ import annotations
 
@@ -49,11 +50,18 @@ class PredictionCache:
                                  "delete the file to recompute") from None
             self.entries[key] = entry
 
-    def get(self, key: str, prompt: str) -> dict | None:
+    def get(self, key: str, prompt: str, image_sha1: str | None = None) -> dict | None:
+        """The cached entry of ``key`` (None if absent); an error if it was made for another prompt or, when
+        ``image_sha1`` is given, another image."""
         entry = self.entries.get(key)
-        if entry is not None and entry["prompt_sha1"] != prompt_hash(prompt):
+        if entry is None:
+            return None
+        if entry.get("prompt_sha1") != prompt_hash(prompt):
             raise ValueError(f"{self.path}: cached prediction for {key} was made for a different prompt "
                              "(other data or prompt format); use another --out or delete the cache")
+        if image_sha1 is not None and entry.get("image_sha1") != image_sha1:
+            raise ValueError(f"{self.path}: cached prediction for {key} was made for a different image (other data, "
+                             "or a cache written without image hashes); use another --out or delete the cache")
         return entry
 
     def append(self, entries: Iterable[dict]) -> None:

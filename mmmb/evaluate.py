@@ -6,8 +6,10 @@
 Writes to ``--out``: ``<model>_MMMB_<lang>.xlsx`` and ``.tsv`` (VLMEvalKit's names: ``cn`` for Chinese) with the
 prediction of every prompt, ``<model>_MMMB_acc.csv|.md|.png`` (category × language accuracy, ``Avg`` column)
 and ``summary.json`` (read by :mod:`mmmb.leaderboard`). Predictions are cached per prompt in
-``cache/<mode>/<lang>.jsonl`` so an interrupted run resumes where it stopped (the cache is tied to the model
-name and to each prompt's text; ``--fresh`` discards it, e.g. after retraining under the same name).
+``cache/<mode>/<lang>.jsonl`` so an interrupted run resumes where it stopped. The cache is tied to the model name,
+its weights (``EvalConfig.model_weights``), its settings (the adapter's ``settings_id(mode)``: processor, chat
+template, ``max_new_tokens``), each prompt's text and each item's image: a cache made otherwise is refused, never
+reused; ``--fresh`` discards it.
 
 Scoring is exact matching as in the Parrot paper; circular evaluation (MMBench's CircularEval) asks every
 rotation of the options and counts an item as correct only if all rotations are answered correctly.
@@ -15,6 +17,7 @@ rotation of the options and counts an item as correct only if all rotations are 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -65,6 +68,7 @@ class Query:
     options: tuple[str, ...]
     answer: str
     prompt: str
+    image_sha1: str = ""  # of the item's image (base64 text or file bytes): the cache is tied to it
 
     @property
     def key(self) -> str:
@@ -82,13 +86,33 @@ class EvalResult:
         return float(self.table.loc[OVERALL, AVERAGE])
 
 
+def image_sha1(record: MCQRecord) -> str:
+    """sha1 of the item's image as stored: its base64 text, or the bytes of its image file."""
+    if record.image_b64 is not None:
+        return hashlib.sha1(record.image_b64.encode("ascii", "replace")).hexdigest()
+    if record.image_path is None:
+        raise ValueError(f"item {record.index} has neither an image nor an image_path")
+    try:
+        return hashlib.sha1(Path(record.image_path).read_bytes()).hexdigest()
+    except OSError as error:
+        raise ValueError(f"item {record.index}: cannot read image file {record.image_path!r} ({error})") from None
+
+
 def build_queries(records: Sequence[MCQRecord], language: str, circular: bool) -> list[Query]:
     queries = []
     for record in records:
+        digest = image_sha1(record)
         for rotation in range(len(record.options) if circular else 1):
             options, answer = rotate_options(record, rotation)
-            queries.append(Query(record, rotation, options, answer, format_question(record, options, language)))
+            queries.append(Query(record, rotation, options, answer, format_question(record, options, language),
+                                 digest))
     return queries
+
+
+def model_settings(model: MCQModel, mode: str) -> str:
+    """The adapter's ``settings_id(mode)`` (what besides the weights shapes its answers in ``mode``), or ""."""
+    settings_id = getattr(model, "settings_id", None)
+    return str(settings_id(mode)) if callable(settings_id) else ""
 
 
 def _locate(error: ValueError, batch: list[Query], language: str) -> ValueError:
@@ -103,19 +127,28 @@ def _locate(error: ValueError, batch: list[Query], language: str) -> ValueError:
     return ValueError(f"MMMB {language}, {where}: {error}")
 
 
-def _run_batch(model: MCQModel, batch: list[Query], config: EvalConfig, language: str) -> list[dict]:
+class _ItemError(ValueError):
+    """A problem with the model's answer to prompt ``position`` of a batch (located by :func:`_locate`)."""
+
+    def __init__(self, position: int, message: str):
+        super().__init__(message)
+        self.position = position
+
+
+def _run_batch(model: MCQModel, batch: list[Query], config: EvalConfig, language: str, settings: str) -> list[dict]:
     try:
-        return _ask_model(model, batch, config)
+        return _ask_model(model, batch, config, settings)
     except ValueError as error:
         raise _locate(error, batch, language) from error
 
 
-def _ask_model(model: MCQModel, batch: list[Query], config: EvalConfig) -> list[dict]:
+def _ask_model(model: MCQModel, batch: list[Query], config: EvalConfig, settings: str) -> list[dict]:
     mode = config.mode
     prompts = [query.prompt for query in batch]
     images = [query.record.load_image() for query in batch]
     base = [{"key": q.key, "index": q.record.index, "rotation": q.rotation, "prompt_sha1": prompt_hash(q.prompt),
-             "model": config.model_name, "weights": config.model_weights} for q in batch]
+             "image_sha1": q.image_sha1, "model": config.model_name, "weights": config.model_weights,
+             "settings": settings} for q in batch]
     if mode == "generate":
         texts = model.generate(prompts, images)
         if len(texts) != len(batch):
@@ -128,13 +161,20 @@ def _ask_model(model: MCQModel, batch: list[Query], config: EvalConfig) -> list[
                          f"expected {(len(batch), len(letters))}")
     n_options = torch.tensor([len(q.options) for q in batch])
     valid = torch.arange(len(letters))[None, :] < n_options[:, None]  # (B, L): items may have fewer options
-    chosen = scores.masked_fill(~valid, float("-inf")).argmax(dim=-1)  # (B,)
+    masked = scores.masked_fill(~valid, float("-inf"))  # (B, L)
+    # argmax would read a NaN row (an fp16 overflow) or an all -inf row as "A": refuse it instead.
+    broken = (scores.isnan() & valid).any(dim=-1) | ~masked.max(dim=-1).values.isfinite()  # (B,)
+    if broken.any():
+        position = int(broken.nonzero()[0, 0])
+        raise _ItemError(position, f"model.option_logprobs returned no finite score for prompt {position}: "
+                                   f"{scores[position, : len(batch[position].options)].tolist()}")
+    chosen = masked.argmax(dim=-1)  # (B,)
     return [entry | {"prediction": letters[c], "logprobs": row[: len(q.options)].tolist()}
             for entry, c, row, q in zip(base, chosen.tolist(), scores, batch)]
 
 
 def predict_language(model: MCQModel, queries: list[Query], cache: PredictionCache, config: EvalConfig,
-                     language: str) -> dict[str, dict]:
+                     language: str, settings: str = "") -> dict[str, dict]:
     """Predictions for every query, asking the model only for those missing from the cache."""
     mode, batch_size = config.mode, config.batch_size
     cached_models = {entry.get("model") for entry in cache.entries.values()} - {config.model_name}
@@ -146,13 +186,18 @@ def predict_language(model: MCQModel, queries: list[Query], cache: PredictionCac
         raise ValueError(f"{cache.path} holds predictions of other weights saved as {config.model_name!r} (weights "
                          f"{sorted(cached_weights)}, now {config.model_weights!r}: retrained?); use another --out "
                          "(or --fresh to discard the cache)")
-    todo = [query for query in queries if cache.get(query.key, query.prompt) is None]
+    cached_settings = {entry.get("settings", "") for entry in cache.entries.values()} - {settings}
+    if cached_settings:
+        raise ValueError(f"{cache.path} holds predictions of {config.model_name!r} made with other settings "
+                         f"({sorted(cached_settings)}, now {settings!r}); use another --out (or --fresh to discard "
+                         "the cache)")
+    todo = [query for query in queries if cache.get(query.key, query.prompt, query.image_sha1) is None]
     if len(todo) < len(queries):
         logger.info("%s: %d of %d prompts already cached", language, len(queries) - len(todo), len(queries))
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc=f"MMMB {language} ({mode})", unit="batch", disable=not batches):
-        cache.append(_run_batch(model, batch, config, language))
-    return {query.key: cache.get(query.key, query.prompt) for query in queries}
+        cache.append(_run_batch(model, batch, config, language, settings))
+    return {query.key: cache.get(query.key, query.prompt, query.image_sha1) for query in queries}
 
 
 def score_language(queries: list[Query], predictions: dict[str, dict], mode: str,
@@ -211,10 +256,11 @@ def evaluate_mmmb(model: MCQModel, data: dict[str, list[MCQRecord]], out_dir: st
     reference = "en" if "en" in data else next(iter(data))
     category_of = {record.index: record.category for record in data[reference]}
     items, predictions = {}, {}
+    settings = model_settings(model, config.mode)
     for language, records in data.items():
         queries = build_queries(records, language, config.circular)
         cache = PredictionCache(out_dir / "cache" / config.mode / f"{language}.jsonl")
-        answered = predict_language(model, queries, cache, config, language)
+        answered = predict_language(model, queries, cache, config, language, settings)
         predictions[language], items[language] = score_language(queries, answered, config.mode, category_of)
         _write_predictions(predictions[language].drop(columns=["item_index"]),
                            out_dir / f"{config.model_name}_MMMB_{VLMEVALKIT_CODE[language]}")
@@ -226,7 +272,8 @@ def evaluate_mmmb(model: MCQModel, data: dict[str, list[MCQRecord]], out_dir: st
         + to_markdown(table), encoding="utf-8")
     plot_accuracy(table, stem.with_suffix(".png"), title=f"{config.model_name}: MMMB")
     summary = {
-        **asdict(config), "languages": list(data), "average": float(table.loc[OVERALL, AVERAGE]),
+        **asdict(config), "model_settings": settings, "languages": list(data),
+        "average": float(table.loc[OVERALL, AVERAGE]),
         "accuracy": {language: float(table.loc[OVERALL, language]) for language in data},
         "items": {language: len(frame) for language, frame in items.items()},
         "no_answer": {language: int(frame["no_answer"].sum()) for language, frame in items.items()},

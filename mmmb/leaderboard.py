@@ -54,8 +54,13 @@ def leaderboard(paths: Sequence[str | Path], languages: Sequence[str] = LANGUAGE
         rows.append({"model": name, "mode": mode, **scores})
     table = pd.DataFrame(rows)
     table.insert(2, AVERAGE, table[languages].mean(axis=1, skipna=False))
-    table = table.sort_values([AVERAGE, "model"], ascending=[False, True], na_position="last")
-    table.insert(0, "rank", table[AVERAGE].round(6).rank(method="min", ascending=False).astype("Int64"))
+    # Averages equal up to float rounding (the same scores summed in another order) are a tie: ranked alike and,
+    # within the tie, listed by name, not by the rounding noise.
+    rounded = table[AVERAGE].round(6)
+    order = pd.DataFrame({"avg": rounded, "model": table["model"], "mode": table["mode"]})
+    table = table.loc[order.sort_values(["avg", "model", "mode"], ascending=[False, True, True],
+                                        na_position="last").index]
+    table.insert(0, "rank", rounded.loc[table.index].rank(method="min", ascending=False).astype("Int64"))
     return table.reset_index(drop=True)
 
 

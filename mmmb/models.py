@@ -6,6 +6,8 @@ its own chat template and image placeholder.
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -25,6 +27,9 @@ class MCQModel(Protocol):
         """Log-probability of each option letter as the next token after the prompt: (B, len(letters))."""
         ...
 
+    # Optional: ``settings_id(mode) -> str``, what besides the weights shapes the answers in ``mode`` (chat
+    # template, processor, generation length). The evaluator ties its prediction cache to it.
+
 
 def weights_fingerprint(module: nn.Module, samples: int = 16) -> str:
     """An identity of `module`'s weights: sha1 over every parameter's name, shape, dtype and `samples` evenly spaced
@@ -43,8 +48,10 @@ def weights_fingerprint(module: nn.Module, samples: int = 16) -> str:
 class ParrotMCQModel:
     """:class:`MCQModel` over a saved Parrot checkpoint or training output (with its adapters, if any).
 
-    `weights_id` (see `weights_fingerprint`) goes into `EvalConfig.model_weights`, so that the evaluator never
-    reuses cached predictions of other weights saved under the same name."""
+    `weights_id` (see `weights_fingerprint`) goes into `EvalConfig.model_weights`, and `settings_id(mode)` (processor
+    and chat template settings, plus `max_new_tokens` when generating) is recorded with every cached prediction, so
+    that the evaluator never reuses cached predictions of other weights saved under the same name, nor answers
+    generated with another template or length limit."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                  max_new_tokens: int = 16):
@@ -62,6 +69,13 @@ class ParrotMCQModel:
         chats = [self.processor.build_messages(prompt) for prompt in prompts]
         batch = self.processor(chats, images, padding_side="left")
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
+
+    def settings_id(self, mode: str) -> str:
+        """What besides the weights decides the answers in `mode` ("generate" or "likelihood"), as stable text."""
+        settings: dict[str, object] = {"processor": asdict(self.processor.settings)}
+        if mode == "generate":
+            settings |= {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return json.dumps(settings, sort_keys=True, default=str)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], images: list[Image.Image]) -> list[str]:

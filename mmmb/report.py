@@ -34,16 +34,22 @@ def accuracy_table(item_results: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return table
 
 
+def _cell(text: object) -> str:
+    """Text as one Markdown table cell: a "|" (a category or model name "a|b") would start a new cell and a line
+    break would end the row, so they are escaped / joined."""
+    return " ".join(str(text).replace("\\", "\\\\").replace("|", "\\|").split())
+
+
 def to_markdown(table: pd.DataFrame, decimals: int = 2) -> str:
     """A GitHub Markdown table (index as the first column); NaN renders as ``-``."""
-    header = [table.index.name or "", *map(str, table.columns)]
+    header = [_cell(table.index.name or ""), *map(_cell, table.columns)]
     align = ["---:" if pd.api.types.is_numeric_dtype(dtype) else "---" for dtype in table.dtypes]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *align]) + "|"]
     for label, row in table.iterrows():
         label = "-" if pd.isna(label) else label
-        cells = ["-" if pd.isna(v) else f"{v:.{decimals}f}" if isinstance(v, (float, np.floating)) else str(v)
+        cells = ["-" if pd.isna(v) else f"{v:.{decimals}f}" if isinstance(v, (float, np.floating)) else _cell(v)
                  for v in row]
-        lines.append("| " + " | ".join([str(label), *cells]) + " |")
+        lines.append("| " + " | ".join([_cell(label), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,10 +32,17 @@ from parrot.data.images import to_rgb
 OPTION_LETTERS: str = string.ascii_uppercase
 REQUIRED_COLUMNS: tuple[str, ...] = ("index", "question", "A", "B", "answer", "category")
 _FILE_PATTERN = re.compile(r"^mmmb_([a-z]{2})\.tsv$", re.IGNORECASE)
+_INTEGER = re.compile(r"-?[0-9]+")
 _IMAGE_REFERENCE_MAX_CHARS = 64  # VLMEvalKit: shorter "image" cells are references to another row's index
 _MAX_CELL_CHARS = 2**31 - 1  # a cell may hold a whole base64 image
 # Inside one cell, a line that starts with an integer and a tab: the start of a row of the file.
 _SWALLOWED_ROW = re.compile(r"[\r\n]-?\d+\t")
+# Cell texts that pandas' read_csv (so VLMEvalKit's `load`) reads as a missing value (NaN) by default, quoted or
+# not: an option "None" would vanish from the item there (read_csv's documented default `na_values`).
+_PANDAS_NA_TEXTS = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+    "NULL", "NaN", "None", "n/a", "nan", "null",
+})
 
 
 class MMMBFormatError(ValueError):
@@ -223,11 +230,12 @@ def _parse_indices(path: Path, rows: list[dict]) -> list[int]:
     indices, seen = [], {}
     for data_row, row in enumerate(rows, start=1):
         raw = row["index"].strip()
-        try:
-            idx = int(raw)
-        except ValueError:
+        # ASCII digits only: int() would also take "1_000", "+1" or "١" (Arabic-Indic one) and give them the index
+        # of another spelling.
+        if _INTEGER.fullmatch(raw) is None:
             raise MMMBFormatError(path, f"index {raw!r} is not an integer", row=f"(data row {data_row})",
-                                  column="index") from None
+                                  column="index")
+        idx = int(raw)
         if idx in seen:
             raise MMMBFormatError(path, f"duplicate index (first used at data row {seen[idx]})",
                                   row=f"{idx} (data row {data_row})", column="index")
@@ -253,7 +261,7 @@ def _parse_image(path: Path, where: str, row: dict, images_by_index: dict[int, s
                  check_images: bool) -> tuple[str | None, str | None]:
     image = row.get("image", "").strip()
     if image:
-        if len(image) <= _IMAGE_REFERENCE_MAX_CHARS and image.lstrip("-").isdecimal():
+        if len(image) <= _IMAGE_REFERENCE_MAX_CHARS and _INTEGER.fullmatch(image):
             target = images_by_index.get(int(image), "")
             if not target or len(target) <= _IMAGE_REFERENCE_MAX_CHARS:
                 raise MMMBFormatError(path, f"image refers to index {image}, which has no base64 image",
@@ -314,12 +322,16 @@ def write_tsv(path: str | Path, records: Iterable[MCQRecord]) -> Path:
 
 def _check_writable(path: Path, row: dict[str, object]) -> None:
     """Refuse text that :func:`read_tsv` would take for a row swallowed by an open quote (so every file we
-    write reads back)."""
+    write reads back), and text that VLMEvalKit would read as an empty cell (so it reads the same items)."""
     for column, value in row.items():
         if isinstance(value, str) and _SWALLOWED_ROW.search(value):
             raise ValueError(f"{path}: item {row['index']}, column {column!r}: a line inside the text starts "
                              "with a number and a tab, which read_tsv rejects as a swallowed row; "
                              "replace that tab")
+        if isinstance(value, str) and value and value in _PANDAS_NA_TEXTS and column != "image_path":
+            raise ValueError(f"{path}: item {row['index']}, column {column!r}: the text {value!r} is read as a "
+                             "missing value by pandas and so by VLMEvalKit (an option would vanish from the item); "
+                             "reword it (e.g. 'none' or 'None of them')")
 
 
 def language_of_file(path: str | Path) -> str:

@@ -16,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parrot.train import checkpoints, train
+from parrot.model.builder import load_pretrained
+from parrot.train import checkpoints, load_trained, train
+from parrot.train.export import FINAL_SAVE_MARKER, IncompleteFinalModelError
 from tests.test_train_pipeline import config, make_workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +61,36 @@ def test_rotation_interrupted_midway_leaves_no_half_deleted_checkpoint(tmp_path,
     monkeypatch.setattr(checkpoints.shutil, "rmtree", real_rmtree)
     checkpoints.remove_stale_staging(tmp_path)  # what the next run does first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_publish_cut_at_every_rename_keeps_a_complete_folder_under_the_name(tmp_path, monkeypatch):
+    """Replacing checkpoint-2 by a re-saved one: whichever rename a crash stops before, after the next run's clean-up
+    checkpoint-2 is complete and is the old folder or the new one (never lost, as when both leftovers were deleted)."""
+    real_rename = Path.rename
+    for cut in range(4):
+        root = tmp_path / f"cut{cut}"
+        _fake_checkpoint(root / "checkpoint-2", 2)
+        staged = _fake_checkpoint(checkpoints.staging_dir(root, 2), 2)
+        (staged / "model.safetensors").write_text("new")
+        calls = []
+
+        def crash_on(path, target, cut=cut, calls=calls):
+            calls.append(target)
+            if len(calls) > cut:
+                raise KeyboardInterrupt("killed between renames")
+            return real_rename(path, target)
+
+        monkeypatch.setattr(Path, "rename", crash_on)
+        try:
+            checkpoints.publish(staged, root / "checkpoint-2")
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.setattr(Path, "rename", real_rename)
+        checkpoints.remove_stale_staging(root)
+        assert _assert_published_checkpoints_complete(root) == ["checkpoint-2"], cut
+        content = (root / "checkpoint-2" / "model.safetensors").read_text()
+        assert content == ("x" if cut < 2 else "new"), cut  # the new one once its rename happened
+        assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2"], cut
 
 
 def test_rotation_keeps_the_newest_and_survives_an_undeletable_folder(tmp_path, monkeypatch):
@@ -170,6 +202,46 @@ def test_resume_from_the_last_step_trains_no_step_past_max_steps(ws, tmp_path, m
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
+def _crash_while_moving_final_files(monkeypatch, at: str) -> list[str]:
+    """os.replace from the final model's staging folder raises (a kill) when it reaches the file `at`; returns the
+    names moved before."""
+    real, moved = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src).parent.name == checkpoints.FINAL_STAGING:
+            if Path(dst).name == at:
+                raise KeyboardInterrupt("killed while moving the final model into the output folder")
+            moved.append(Path(dst).name)
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return moved
+
+
+def test_final_save_cut_off_while_moving_is_refused_and_resume_saves_it(ws, tmp_path, monkeypatch):
+    """Killed while the final model's files move into the output folder (the new weights there, its processor not):
+    the loaders and a fresh run refuse the folder naming the interrupted save and --resume; re-running with
+    --resume restores the last checkpoint (the run's last step: no step trained) and saves the final model again."""
+    out = tmp_path / "run"
+    settings = dict(max_steps=2, save_steps=2)
+    moved = _crash_while_moving_final_files(monkeypatch, "parrot_processor.json")
+    with pytest.raises(KeyboardInterrupt):
+        train(config(ws, out, **settings))
+    monkeypatch.undo()
+    assert "model.safetensors" in moved and (out / FINAL_SAVE_MARKER).is_file()
+    for load in (load_pretrained, load_trained):
+        with pytest.raises(IncompleteFinalModelError, match=rf"{out}: the final-model save .* interrupted.*--resume"):
+            load(out)
+    with pytest.raises(FileExistsError, match=rf"{out}: the final-model save .* interrupted.*--resume"):
+        train(config(ws, out, **settings))  # the same command again, without --resume
+    result = train(config(ws, out, resume=True, **settings))
+    assert result.global_step == 2 and [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    model, _ = load_trained(out)
+    last = load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], last[k]) for k in last)
+
+
 # --- SIGKILL at chosen points, in a subprocess -------------------------------------------------------------------
 CHILD = textwrap.dedent("""
     import json, os, signal, shutil, sys
@@ -207,6 +279,13 @@ CHILD = textwrap.dedent("""
         def save(self, directory):
             die()
         ParrotProcessor.save_pretrained = save
+    elif kill_at == "moving":  # the final model's weights moved into the output folder, the rest not
+        real_replace = os.replace
+        def replace(src, dst):
+            if Path(src).parent.name == checkpoints.FINAL_STAGING and Path(dst).name == "parrot_processor.json":
+                die()
+            real_replace(src, dst)
+        os.replace = replace
     settings = dict(stage=1, max_steps=4, save_steps=1, keep_last=2)
     train(config(ws, out, resume=resume, **settings))
     print("finished")
@@ -227,7 +306,7 @@ def test_sigkill_while_saving_never_publishes_a_partial_folder_and_resume_is_exa
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = load_file(str(tmp_path / "reference" / "model.safetensors"))
 
-    for kill_at in ("checkpoint", "rotation", "final"):
+    for kill_at in ("checkpoint", "rotation", "final", "moving"):
         out = tmp_path / kill_at
         killed = _run_child(script, out, kill_at, False)
         assert killed.returncode == -signal.SIGKILL, (kill_at, killed.stderr[-3000:])
@@ -235,6 +314,9 @@ def test_sigkill_while_saving_never_publishes_a_partial_folder_and_resume_is_exa
         assert published, kill_at
         if kill_at == "final":  # nothing of a half-saved final model lies in the output folder
             assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+        if kill_at == "moving":  # the new weights without the rest: refused by name
+            with pytest.raises(IncompleteFinalModelError, match="interrupted"):
+                load_pretrained(out)
         resumed = _run_child(script, out, "none", True)
         assert resumed.returncode == 0, (kill_at, resumed.stderr[-3000:])
         assert _assert_published_checkpoints_complete(out) == ["checkpoint-3", "checkpoint-4"]

@@ -120,3 +120,90 @@ def test_max_load_ratio_is_max_over_mean_load():
     load = tracker.records[-1].load  # [0.75, 0.75, 0.25, 0.25]
     assert tracker.scalars(1)["router/max_load_ratio"] == pytest.approx(max(load) / (sum(load) / len(load)))
     assert tracker.scalars(1)["router/max_load_ratio"] == pytest.approx(1.5)
+
+
+def _naive_load(out, mask) -> list[float]:
+    """Share of the valid tokens whose selection includes each expert, by a loop over tokens."""
+    E = out.probs.shape[1]
+    valid = [t for t in range(out.indices.shape[0]) if mask is None or bool(mask[t])]
+    return [sum(e in out.indices[t].tolist() for t in valid) / len(valid) for e in range(E)]
+
+
+def _empty_step_outputs():
+    """Two layers over three steps: step 0 measured; step 1 every token is padding in layer A, layer B measured;
+    step 2 a batch of padding only (layer A) and no tokens at all (layer B)."""
+    torch.manual_seed(3)
+    a = TopKRouter(8, 4, top_k=2).double()
+    b = DynMoLERouter(8, 3, entropy_threshold=0.5, keep_top_k=1, top_p=0.5).double()
+    x0, x1 = torch.randn(12, 8, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64)
+    m0 = torch.arange(12) < 9  # 3 padding tokens
+    m1 = torch.ones(10, dtype=torch.bool)
+    pad = torch.zeros(10, dtype=torch.bool)
+    none = torch.zeros(0, 8, dtype=torch.float64)
+    steps = {0: {"A": (a(x0, m0), m0), "B": (b(x0, m0), m0)},
+             1: {"A": (a(x1, pad), pad), "B": (b(x1, m1), m1)},
+             2: {"A": (a(x1, pad), pad), "B": (b(none), None)}}
+    return steps
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"router_stats.json holds {constant}, which is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_steps_without_real_tokens_are_skipped_not_recorded_as_zero_load(tmp_path, caplog):
+    steps = _empty_step_outputs()
+    tracker = RouterStatsTracker(num_bins=4)
+    with caplog.at_level("WARNING", logger="parrot.moe.diagnostics"):
+        for step, layers in steps.items():
+            tracker.update(step, {name: out for name, (out, _) in layers.items()})
+    assert [(r.step, r.layer) for r in tracker.records] == [(0, "A"), (0, "B"), (1, "B")]
+    assert [(s.step, s.layer, s.num_experts) for s in tracker.skipped] == [(1, "A", 4), (2, "A", 4), (2, "B", 3)]
+    assert "step 1: 1 routed layer(s) saw no real tokens" in caplog.text and "3 layer-steps skipped" in caplog.text
+
+    # mean load: over the measured steps only, from per-token counts (A: step 0 alone; B: steps 0 and 1)
+    load_a = _naive_load(steps[0]["A"][0], steps[0]["A"][1])
+    load_b = [(u + v) / 2 for u, v in zip(_naive_load(*steps[0]["B"]), _naive_load(*steps[1]["B"]))]
+    mean = tracker.mean_load()
+    assert mean["A"] == pytest.approx(load_a, rel=1e-12) and mean["B"] == pytest.approx(load_b, rel=1e-12)
+    assert tracker.mean_load_steps() == {"A": 1, "B": 2}
+
+    # scalars: the step-1 max-load ratio is layer B's alone; a step with no measured layer only counts them
+    b1 = _naive_load(*steps[1]["B"])
+    step1 = tracker.scalars(1)
+    assert step1["router/max_load_ratio"] == pytest.approx(max(b1) / (sum(b1) / len(b1)), rel=1e-12)
+    assert step1["router/skipped_layers"] == 1.0
+    assert tracker.scalars() == tracker.scalars(2) == {"router/skipped_layers": 2.0}
+    assert "router/skipped_layers" not in tracker.scalars(0)
+
+    # the JSON: strict (no NaN), skipped layer-steps listed and counted, means as above
+    data = _strict_json(tracker.write_json(tmp_path / "router_stats.json").read_text())
+    assert [(r["step"], r["layer"]) for r in data["records"]] == [(0, "A"), (0, "B"), (1, "B")]
+    assert all(r["num_tokens"] > 0 for r in data["records"])
+    assert data["num_skipped"] == 3
+    assert data["skipped"] == [{"step": 1, "layer": "A", "num_experts": 4}, {"step": 2, "layer": "A", "num_experts": 4},
+                               {"step": 2, "layer": "B", "num_experts": 3}]
+    assert data["mean_load"]["A"] == pytest.approx(load_a, rel=1e-12)
+    assert data["mean_load"]["B"] == pytest.approx(load_b, rel=1e-12)
+    assert data["mean_load_steps"] == {"A": 1, "B": 2}
+
+
+def test_layer_stats_of_an_empty_layer_measure_nothing_and_the_heat_map_leaves_it_blank(tmp_path):
+    steps = _empty_step_outputs()
+    out, mask = steps[2]["A"]
+    from parrot.moe.diagnostics import layer_stats
+
+    record = layer_stats(2, "A", out, 4)
+    assert record.num_tokens == 0 and all(math.isnan(v) for v in record.load)  # not a load of 0 per expert
+    tracker = RouterStatsTracker(num_bins=4)
+    tracker.update(1, {"A": steps[1]["A"][0], "B": steps[1]["B"][0]})
+    assert list(tracker.mean_load()) == ["B"]
+    grid = tracker.load_grid()
+    assert list(grid) == ["A", "B"] and all(math.isnan(v) for v in grid["A"])
+    assert grid["B"] == pytest.approx(_naive_load(*steps[1]["B"]), rel=1e-12)
+    assert plot_expert_load(tracker, tmp_path / "load.png").read_bytes()[:4] == b"\x89PNG"
+    only_empty = RouterStatsTracker()
+    only_empty.update(2, {"A": out})  # nothing measured at all: a blank map, not an error at the end of a run
+    assert plot_expert_load(only_empty, tmp_path / "blank.png").is_file()
+    assert only_empty.to_dict()["mean_load"] == {} and only_empty.to_dict()["num_skipped"] == 1

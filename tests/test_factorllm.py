@@ -183,3 +183,58 @@ def test_bad_input_is_rejected():
         FactorizedMLP(dense, FactorLLMConfig(num_experts=4, top_k=1), torch.zeros(24))
     with pytest.raises(ValueError, match="top_k"):
         FactorLLMConfig(num_experts=2, top_k=3)
+
+
+def test_pa_prior_measures_the_original_dense_ffn_after_the_experts_trained():
+    """The PA teacher is the original dense FFN (official: the frozen dense projections), not the sum of the experts:
+    once trained experts drift, the prior must still pick the experts closest to the teacher's share."""
+    model = _llama()
+    dense = copy.deepcopy(model.model.layers[0].mlp)  # the teacher, untouched
+    E, k = 4, 2
+    inject_factorllm(model, FactorLLMConfig(num_experts=E, top_k=k, train_experts=True))
+    layer = model.model.layers[0].mlp
+    assert set(layer.state_dict()) == {"experts.gate_proj", "experts.up_proj", "experts.down_proj", "router.gate.weight"}
+    with torch.no_grad():  # what expert training does: the experts move away from their slices
+        layer.experts.down_proj.add_(torch.randn_like(layer.experts.down_proj))
+        layer.router.gate.weight.normal_()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    layer.train()
+    layer(x)
+    flat = x.reshape(-1, 16)
+    total = 0.0
+    with torch.no_grad():  # the reference loop
+        for t in range(flat.shape[0]):
+            outs = torch.stack([layer.experts.down_proj[e].T @ (F.silu(layer.experts.gate_proj[e].T @ flat[t])
+                                                               * (layer.experts.up_proj[e].T @ flat[t])) for e in range(E)])
+            teacher = dense(flat[t][None])[0]
+            dist = [float(((outs[e] - teacher / (E / k)) ** 2).mean()) for e in range(E)]
+            chosen = sorted(range(E), key=lambda e: dist[e])[:k]
+            q = torch.softmax(torch.tensor([float(e in chosen) for e in range(E)], dtype=torch.float64), -1).clamp(1e-7, 1 - 1e-7)
+            p = torch.softmax(layer.router.gate.weight @ flat[t], -1).clamp(1e-7, 1 - 1e-7)
+            total += float((p * (p / q).log()).sum())
+    got = layer.last_routing.aux_losses["prior_approx"].item()
+    assert got == pytest.approx(total / flat.shape[0], rel=1e-10)
+    # frozen experts: their sum is the teacher, no copy of the dense weights is kept
+    frozen = FactorizedMLP(_llama().model.layers[0].mlp, FactorLLMConfig(num_experts=E, top_k=k, train_experts=False))
+    assert frozen.teacher_output(flat) is None
+
+
+def test_sparse_inference_path_under_bfloat16_autocast():
+    """float32 weights under bfloat16 autocast (HF Trainer evaluation): the grouped top-k path must run (its
+    accumulator takes the experts' output dtype) and agree with the training path and the float32 result."""
+    dense = _llama().float().model.layers[0].mlp
+    layer = FactorizedMLP(dense, FactorLLMConfig(num_experts=4, top_k=2))
+    with torch.no_grad():
+        layer.router.gate.weight.normal_()
+    x = torch.randn(2, 5, 16)
+    layer.eval()
+    with torch.no_grad():
+        reference = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sparse = layer(x)
+        layer.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = layer(x)
+    assert sparse.dtype == full.dtype == torch.bfloat16
+    torch.testing.assert_close(sparse.float(), reference, rtol=0.05, atol=0.02)
+    torch.testing.assert_close(sparse, full, rtol=0.02, atol=0.01)

@@ -162,3 +162,13 @@ def test_a_short_inline_base64_image_is_not_taken_for_a_file_name(tmp_path):
     source.write_text(json.dumps(items, ensure_ascii=False))
     (record,) = records_from_source(source, ["en"])["en"]
     assert record.load_image().size == (14, 14)
+
+
+def test_a_json_boolean_is_not_taken_for_an_index(tmp_path):
+    """bool is an int in Python: "index": true would silently become item 1."""
+    source, items = _multilingual_source(tmp_path, n=2)
+    items[1]["index"] = True
+    source.write_text(json.dumps(items, ensure_ascii=False))
+    with pytest.raises(MMMBFormatError, match="expected int, got bool") as error:
+        records_from_source(source)
+    assert error.value.column == "index"

@@ -285,3 +285,89 @@ def test_model_error_names_the_language_and_item_not_the_batch_position(tmp_path
 def test_a_language_without_items_is_refused_before_any_inference(tmp_path):
     with pytest.raises(ValueError, match=r"no MMMB items to evaluate for language\(s\) \['en'\]"):
         evaluate_mmmb(FixedOutputs(["A"]), {"en": []}, tmp_path, EvalConfig("m"))
+
+
+class DarkOrLight:
+    """Answers from the image alone: "A" on a dark image, "B" on a light one."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def generate(self, prompts, images):
+        self.asked += len(prompts)
+        return ["A" if sum(image.getpixel((0, 0))) < 384 else "B" for image in images]
+
+
+def _painted(records, colour):
+    from PIL import Image
+
+    from mmmb.tsv import encode_image
+
+    b64 = encode_image(Image.new("RGB", (8, 8), colour))
+    return [record.__class__(**{**record.__dict__, "image_b64": b64}) for record in records]
+
+
+def test_cache_made_for_other_images_is_refused(tmp_path):
+    """Same questions and options, other images (a rebuilt benchmark): the old answers must not be reused."""
+    records = toy_mmmb(n_items=4, seed=1, languages=("en",))["en"]
+    first = DarkOrLight()
+    evaluate_mmmb(first, {"en": _painted(records, (0, 0, 0))}, tmp_path, EvalConfig("m"))
+    assert first.asked == 4
+    again = DarkOrLight()
+    evaluate_mmmb(again, {"en": _painted(records, (0, 0, 0))}, tmp_path, EvalConfig("m"))
+    assert again.asked == 0  # the same images: all from the cache
+    relit = DarkOrLight()
+    with pytest.raises(ValueError, match="different image"):
+        evaluate_mmmb(relit, {"en": _painted(records, (255, 255, 255))}, tmp_path, EvalConfig("m"))
+    assert relit.asked == 0
+    fresh = evaluate_mmmb(DarkOrLight(), {"en": _painted(records, (255, 255, 255))}, tmp_path / "fresh",
+                          EvalConfig("m"))
+    assert list(fresh.predictions["en"]["prediction"]) == ["B"] * 4
+
+
+class WithSettings(FixedOutputs):
+    def __init__(self, outputs, max_new_tokens):
+        super().__init__(outputs)
+        self.max_new_tokens, self.asked = max_new_tokens, 0
+
+    def generate(self, prompts, images):
+        self.asked += len(prompts)
+        return super().generate(prompts, images)
+
+    def settings_id(self, mode):
+        return f"max_new_tokens={self.max_new_tokens}" if mode == "generate" else ""
+
+
+def test_cache_of_other_generation_settings_is_refused(tmp_path):
+    """Answers cut at 1 new token are not reused for a run allowed 16 (same model name and weights)."""
+    data = toy_mmmb(n_items=3, seed=2, languages=("en",))
+    evaluate_mmmb(WithSettings(["The"], 1), data, tmp_path, EvalConfig("m", model_weights="w"))
+    same = WithSettings(["The"], 1)
+    evaluate_mmmb(same, data, tmp_path, EvalConfig("m", model_weights="w"))
+    assert same.asked == 0
+    longer = WithSettings(["The answer is A."], 16)
+    with pytest.raises(ValueError, match=r"other settings.*max_new_tokens=1.*max_new_tokens=16"):
+        evaluate_mmmb(longer, data, tmp_path, EvalConfig("m", model_weights="w"))
+    assert longer.asked == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model_settings"] == "max_new_tokens=1"
+
+
+class ScoresWith:
+    def __init__(self, bad_row, value):
+        self.bad_row, self.value = bad_row, value
+
+    def option_logprobs(self, prompts, images, letters):
+        scores = torch.zeros(len(prompts), len(letters)).log_softmax(dim=-1)
+        scores[self.bad_row] = self.value
+        return scores
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_likelihood_scores_without_a_finite_value_are_an_error_naming_the_item(tmp_path, value):
+    """argmax reads a NaN (fp16 overflow) or all -inf row as letter A: it must stop the run, not score "A"."""
+    data = toy_mmmb(n_items=4, seed=3, languages=("tr",))
+    culprit = data["tr"][2]
+    with pytest.raises(ValueError, match=rf"MMMB tr, item index {culprit.index} .*no finite score"):
+        evaluate_mmmb(ScoresWith(2, value), data, tmp_path, EvalConfig("m", mode="likelihood", batch_size=4))
+    assert not (tmp_path / "summary.json").exists()

@@ -100,3 +100,75 @@ ARABIC_PUNCTUATION = [
                          ids=[repr(c[0])[:40] for c in ARABIC_PUNCTUATION])
 def test_arabic_punctuation_is_not_part_of_a_word(output, options, expected):
     assert extract_answer(output, options) == expected
+
+
+# A second letter after a cue counts however the letters are wrapped or joined: "(A) and (B)", "**A** or **B**",
+# Chinese 、, Turkish "ile", Arabic و written onto the letter, "neither A nor B"; a bare letter on a later line too.
+SECOND_LETTER = [
+    ("The answer is (A) and (B)", EN, NO), ("The answer is **A** or **B**", EN, NO), ("Answer: A) or B)", EN, NO),
+    ("The answer is neither A nor B", EN, NO), ("A\nB", EN, NO), ("A\n\nC", EN, NO),
+    ("答案是（A）和（B）", ZH, NO), ("答案是A、B", ZH, NO), ("A、B", ZH, NO),
+    ("A resposta é (A) ou (B)", PT, NO), ("الإجابة هي A وB", AR, NO), ("الإجابة هي (أ) أو (ب)", AR, NO),
+    ("Cevap A ile B", TR, NO), ("Cevap (A) veya (B)", TR, NO), ("Ответ: (А) или (В)", RU, NO),
+    # one answer, wrapped or repeated
+    ("The answer is (B).", EN, "B"), ("B\nB", EN, "B"), ("答案是（C），因为是绿色", ZH, "C"),
+    ("The answer is (B), A is wrong.", EN, "B"),
+]
+
+
+@pytest.mark.parametrize(("output", "options", "expected"), SECOND_LETTER,
+                         ids=[repr(c[0])[:40] for c in SECOND_LETTER])
+def test_a_wrapped_or_joined_second_letter_is_ambiguous(output, options, expected):
+    assert extract_answer(output, options) == expected
+
+
+NUMBERS = ["1", "2", "3", "4"]
+ARABIC_NUMBERS = ["١", "٢", "٣", "٤"]
+# Russian answers in Cyrillic look-alikes outside a cue, lower-case after a cue; Arabic-Indic / Persian digits
+# against ASCII option texts (and back); invisible right-to-left marks between a cue and its letter.
+SCRIPT_VARIANTS = [
+    ("Я думаю, В.", RU, "B"), ("Думаю, что С.", RU, "C"), ("ответ: с", RU, "C"), ("ответ: в.", RU, "B"),
+    ("**В**: синий", RU, "B"), ("Я думаю, А или В.", RU, NO), ("Ответ: А\nОтвет: В", RU, NO),
+    ("В центре синий квадрат", RU, "B"), ("Ответ: В Москве", RU, NO),
+    ("٣", NUMBERS, "C"), ("الإجابة هي ٣", NUMBERS, "C"), ("۲", NUMBERS, "B"), ("3", ARABIC_NUMBERS, "C"),
+    ("الإجابة هي \u200fب", AR, "B"), ("Ответ:\u200b В", RU, "B"), ("\u202bالإجابة هي ج\u202c", AR, "C"),
+]
+
+
+@pytest.mark.parametrize(("output", "options", "expected"), SCRIPT_VARIANTS,
+                         ids=[repr(c[0])[:40] for c in SCRIPT_VARIANTS])
+def test_cyrillic_look_alikes_eastern_digits_and_bidi_marks(output, options, expected):
+    assert extract_answer(output, options) == expected
+
+
+LETTERS_SHOWN = ["X", "Y", "Z", "W"]  # "Which letter is on the sign?": option texts that are single letters
+# An answer naming such an option by its text ("X") is that option, as VLMEvalKit's text match reads it; a label
+# (A-D) is still a label.
+LETTER_TEXTS = [
+    ("X", LETTERS_SHOWN, "A"), ("(W)", LETTERS_SHOWN, "D"), ("The answer is Z.", LETTERS_SHOWN, "C"),
+    ("答案是Y", LETTERS_SHOWN, "B"), ("Ответ: W", LETTERS_SHOWN, "D"), ("The answer is X or Y", LETTERS_SHOWN, NO),
+    ("B", LETTERS_SHOWN, "B"), ("The answer is Q", LETTERS_SHOWN, NO), ("X", ["X", "X", "Y"], NO),
+]
+
+
+@pytest.mark.parametrize(("output", "options", "expected"), LETTER_TEXTS, ids=[repr(c[0])[:40] for c in LETTER_TEXTS])
+def test_single_letter_option_texts(output, options, expected):
+    assert extract_answer(output, options) == expected
+
+
+AR_ARTICLE = ["الأحمر", "الأزرق", "الأخضر", "الأصفر"]
+NOUNS = ["قطة", "كلب", "مستشفى", "سيارة", "عد"]
+# Arabic option texts as models write them: with the article or a clitic written onto the word, without hamza on
+# the alef, with short vowels, alef maqsura as yeh; an option given with the article found without it.
+ARABIC_SPELLINGS = [
+    ("اللون الأزرق", AR, "B"), ("الإجابة هي الأخضر", AR, "C"), ("ازرق", AR, "B"), ("أَزْرَق", AR, "B"),
+    ("إحمر", AR, "A"), ("بالأحمر", AR, "A"), ("الأحمر والأزرق", AR, NO),
+    ("أحمر", AR_ARTICLE, "A"), ("ازرق", AR_ARTICLE, "B"), ("الكلب", NOUNS, "B"), ("مستشفي", NOUNS, "C"),
+    ("سيّارة", NOUNS, "D"), ("بعد ذلك", NOUNS, NO),
+]
+
+
+@pytest.mark.parametrize(("output", "options", "expected"), ARABIC_SPELLINGS,
+                         ids=[repr(c[0])[:40] for c in ARABIC_SPELLINGS])
+def test_arabic_option_texts_with_article_hamza_and_vowel_variants(output, options, expected):
+    assert extract_answer(output, options) == expected

@@ -56,3 +56,30 @@ def test_duplicate_entries_and_empty_folders_are_errors(tmp_path):
     _summary(tmp_path / "run2", "same", _scores(*[2] * 6))
     with pytest.raises(ValueError, match="also in"):
         leaderboard([tmp_path])
+
+
+def test_averages_equal_up_to_float_rounding_tie_and_are_listed_by_name(tmp_path):
+    """The same six scores in another order: mathematically the same average, so the same rank, listed by name."""
+    import itertools
+
+    scores = [100 * 7 / 12, 100 * 5 / 12, 100 / 3, 100 * 11 / 12, 100 * 2 / 3, 100 / 12]
+    reference = pd.Series(scores).mean()
+    permuted = next(list(p) for p in itertools.permutations(scores) if pd.Series(list(p)).mean() != reference)
+    low, high = sorted([scores, permuted], key=lambda s: pd.Series(s).mean())
+    _summary(tmp_path / "zeta", "zeta", _scores(*high))  # the float noise favours the later name
+    _summary(tmp_path / "alpha", "alpha", _scores(*low))
+    table = leaderboard([tmp_path])
+    assert list(table["model"]) == ["alpha", "zeta"] and list(table["rank"]) == [1, 1]
+
+
+def test_markdown_cells_escape_pipes_and_line_breaks(tmp_path):
+    """A model name holding "|" or a line break must stay one cell of its row."""
+    import re
+
+    _summary(tmp_path / "a", "clip|qwen\nv2", _scores(*[50] * 6))
+    main([str(tmp_path)])
+    lines = (tmp_path / "leaderboard.md").read_text().splitlines()
+    header, row = lines[2], lines[4]
+    cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]]
+    assert len(cells) == len(header.split("|")[1:-1]) == 10
+    assert cells[1].replace("\\|", "|") == "clip|qwen v2"

@@ -54,6 +54,16 @@ def test_weights_id_follows_the_weights(model_dir):
     assert weights_fingerprint(second.model) != first.weights_id
 
 
+def test_settings_id_follows_the_generation_length_only_when_generating(model_dir):
+    """Answers generated with another max_new_tokens are other answers (the evaluator refuses such a cache); letter
+    likelihoods do not depend on it."""
+    short, long = ParrotMCQModel(model_dir, max_new_tokens=1), ParrotMCQModel(model_dir, max_new_tokens=16)
+    assert short.weights_id == long.weights_id
+    assert short.settings_id("generate") != long.settings_id("generate")
+    assert short.settings_id("likelihood") == long.settings_id("likelihood")
+    assert short.settings_id("generate") == ParrotMCQModel(model_dir, max_new_tokens=1).settings_id("generate")
+
+
 def test_evaluator_runs_on_the_parrot_adapter(model_dir, tmp_path):
     data = toy_mmmb(n_items=3, seed=5, languages=("zh", "ar"))
     result = evaluate_mmmb(ParrotMCQModel(model_dir), data, tmp_path,

@@ -1,6 +1,7 @@
 """VLMEvalKit TSV reading/writing: round trip, official file names, alignment, and located bad-input errors."""
 import base64
 import io
+import re
 
 import numpy as np
 import pandas as pd
@@ -173,3 +174,28 @@ def test_structural_errors_name_the_file(tmp_path, lines, row, column, message):
     with pytest.raises(MMMBFormatError, match=message) as error:
         read_tsv(path)
     assert error.value.file == str(path) and error.value.row == row and error.value.column == column
+
+
+@pytest.mark.parametrize("text", ["None", "NA", "nan", "NULL", "N/A"])
+def test_writer_refuses_text_that_vlmevalkit_reads_as_an_empty_cell(tmp_path, toy, text):
+    """VLMEvalKit loads TSVs with pandas' default NA parsing, which turns these texts into NaN and drops the option."""
+    probe = tmp_path / "probe.tsv"
+    probe.write_text(f"A\tB\n{text}\tx\n", encoding="utf-8")
+    assert pd.isna(pd.read_csv(probe, sep="\t").loc[0, "A"])  # the reason for the check, as pandas behaves here
+    records = list(toy["en"])
+    records[2] = records[2].__class__(**{**records[2].__dict__, "options": (records[2].options[0], text,
+                                                                              *records[2].options[2:])})
+    with pytest.raises(ValueError, match=rf"item {records[2].index}, column 'B': the text '{re.escape(text)}'"):
+        write_tsv(tmp_path / "mmmb_en.tsv", records)
+    # a spelling pandas keeps as text is fine
+    records[2] = records[2].__class__(**{**records[2].__dict__, "options": ("none", "x", *records[2].options[2:])})
+    assert read_tsv(write_tsv(tmp_path / "mmmb_en.tsv", records))[2].options[0] == "none"
+
+
+@pytest.mark.parametrize("raw", ["+1", "1_000", "١", "٣"])
+def test_index_must_be_written_with_ascii_digits(tmp_path, raw):
+    """int() accepts these spellings and would silently give the row the index of another spelling."""
+    path = _write_lines(tmp_path / "mmmb_en.tsv", [_HEADER, _line(raw)])
+    with pytest.raises(MMMBFormatError, match="is not an integer") as error:
+        read_tsv(path)
+    assert error.value.column == "index" and error.value.row == "(data row 1)"

@@ -68,6 +68,69 @@ def test_routing_frequency_matches_naive_float64_count():
     torch.testing.assert_close(freq.sum(1), torch.full((2,), 2.0, dtype=torch.float64))  # k experts per token
 
 
+def _padded_batches(extra: int = 3) -> list[dict[str, torch.Tensor]]:
+    """The task's batches with `extra` more positions: real filler tokens in even rows, padding (attention 0) in
+    odd rows; the caller's context mask marks all of them, padding included (the mistake routing_frequency must
+    survive). The second batch's context mask is a 0/1 integer tensor."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for n, batch in enumerate(make_context_copy_batches(TASK)):
+        B = batch["input_ids"].shape[0]
+        padded = (torch.arange(B) % 2 == 1)[:, None].expand(B, extra)
+        filler = torch.randint(4, TASK.vocab_size, (B, extra), generator=g)
+        ids = torch.cat([batch["input_ids"], torch.where(padded, torch.zeros_like(filler), filler)], 1)
+        attention = torch.cat([batch["attention_mask"], (~padded).long()], 1)
+        context = torch.cat([batch["context_mask"], torch.ones(B, extra, dtype=torch.bool)], 1)
+        out.append({"input_ids": ids, "attention_mask": attention, "context_mask": context.long() if n == 1 else context})
+    return out
+
+
+def test_routing_frequency_never_counts_padding_marked_as_context():
+    """Reference: a per-token loop over the positions that are context AND real (attention 1), float64."""
+    model = _olmoe()
+    batches = _padded_batches()
+    inputs = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.gate.register_forward_hook(lambda m, a, o, _i=i: inputs.__setitem__(_i, a[0].detach()))
+    counts = torch.zeros(2, 4, dtype=torch.float64)
+    total = 0
+    for batch in batches:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        B, S = batch["input_ids"].shape
+        for b in range(B):
+            for s in range(S):
+                if not (batch["context_mask"][b, s] and batch["attention_mask"][b, s]):
+                    continue
+                total += 1
+                for i, layer in enumerate(model.model.layers):
+                    x = inputs[i].reshape(B, S, 16)[b, s]
+                    counts[i, torch.topk(torch.softmax(layer.mlp.gate.weight @ x, -1), 2).indices] += 1
+    assert total < sum(int(b["context_mask"].bool().sum()) for b in batches)  # padding was marked as context
+    _, freq = routing_frequency(model, batches)
+    torch.testing.assert_close(freq, counts / total)
+    # without a context mask: every real token, never the padding
+    _, everything = routing_frequency(model, [{k: v for k, v in b.items() if k != "context_mask"} for b in batches])
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    torch.testing.assert_close(everything.sum(1) * real, torch.full((2,), 2.0 * real, dtype=torch.float64))
+
+
+def test_routing_frequency_refuses_masks_of_another_shape_before_any_forward():
+    model = _olmoe()
+    calls = []
+    model.register_forward_hook(lambda m, a, o: calls.append(1))
+    good = _padded_batches()
+    short_context = [good[0], {**good[1], "context_mask": good[1]["context_mask"][:, :-1]}]
+    with pytest.raises(ValueError, match=r"batch 1: 'context_mask' has shape \(4, 21\), input_ids \(4, 22\)"):
+        routing_frequency(model, short_context)
+    flat_attention = [{**good[0], "attention_mask": good[0]["attention_mask"].reshape(-1)}]
+    with pytest.raises(ValueError, match=r"batch 0: 'attention_mask' has shape \(88,\)"):
+        routing_frequency(model, flat_attention)
+    with pytest.raises(ValueError, match=r"batch 0: 'answer_mask'"):
+        routing_frequency(model, [{**good[0], "answer_mask": good[0]["context_mask"][:1]}], mask_key="answer_mask")
+    assert not calls
+
+
 def test_ranking_recovers_planted_context_sensitive_expert(tmp_path):
     model = _olmoe()
     batches = make_context_copy_batches(TASK)
@@ -216,3 +279,20 @@ def test_bad_inputs_are_rejected(tmp_path):
     bad.write_text("rank,block\n1,x\n")
     with pytest.raises(ValueError, match="lacks columns"):
         load_ranking_csv(bad)
+
+
+def test_router_tuning_leaves_the_routers_gradients_as_it_found_them():
+    """No gradient of the router tuning may leak into a later optimizer step of the same model (CEFT, full
+    fine-tuning): a fresh model's routers end without .grad, and a caller's accumulated gradients survive as they were."""
+    model = _olmoe(dtype=torch.float32)
+    batch = make_context_copy_batches(TASK)[0]
+    router_tune(model, [batch], steps=2, lr=1e-2)
+    assert all(p.grad is None for p in model.parameters())
+    model(**_inputs(batch)).loss.backward()  # the caller's own accumulated gradients
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"} <= set(before)
+    router_tune(model, [batch], steps=2, lr=1e-2)
+    after = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(after) == set(before)
+    for n, g in before.items():
+        assert torch.equal(after[n], g), n

@@ -17,7 +17,10 @@ from safetensors.torch import load_file
 
 from parrot.moe.mole import MoLELinear
 from parrot.train import load_trained, train
-from parrot.train.trainer import warn_about_deepspeed_optimizer
+from parrot.train import deepspeed_setup
+from parrot.train.config import TrainConfig, parse_args
+from parrot.train.deepspeed_setup import (DeepSpeedSetupError, check_deepspeed_config, check_deepspeed_offload,
+                                          find_build_tools, needs_cpu_adam, warn_about_deepspeed_optimizer)
 
 from .test_train_distributed import REPO, assert_same_weights, cli_args, torchrun
 from .test_train_pipeline import config, make_workspace, weights
@@ -90,3 +93,86 @@ def test_deepspeed_configs_leave_the_optimizer_to_the_trainer(caplog):
         assert not caplog.records
         warn_about_deepspeed_optimizer(args({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}))
     assert "ds.json defines its own optimizer" in caplog.text and "biases and norms" in caplog.text
+
+
+# ---- preflight: ZeRO-Offload needs DeepSpeed's cpu_adam op, prebuilt or buildable (no build in these tests) ----
+
+
+def _bin(tmp_path, *tools: str):
+    """A folder holding stand-in executables `tools`, to be the whole PATH."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    for name in tools:
+        exe = folder / name
+        exe.write_text("#!/bin/sh\nexit 0\n")
+        exe.chmod(0o755)
+    return folder
+
+
+@pytest.fixture
+def bare_machine(tmp_path, monkeypatch):
+    """No prebuilt op, PATH = an empty folder (fill it with `_bin`), no $CXX."""
+    monkeypatch.setattr(deepspeed_setup, "cpu_adam_prebuilt", lambda: False)
+    monkeypatch.setenv("PATH", str(_bin(tmp_path)))
+    monkeypatch.delenv("CXX", raising=False)
+    return tmp_path
+
+
+def test_offload_preflight_passes_on_this_machine():
+    """This container has a C++ compiler, ninja and Python.h: the shipped offload config passes, as a TrainConfig
+    too; configs without an optimizer offload do not need the op."""
+    tools = find_build_tools()
+    assert tools.compiler and tools.ninja and tools.python_headers and tools.missing() == []
+    check_deepspeed_config(OFFLOAD)
+    assert TrainConfig(deepspeed=OFFLOAD).deepspeed == OFFLOAD
+    assert needs_cpu_adam(json.loads((REPO / "configs/deepspeed/zero3_offload.json").read_text()))
+    for name in ("zero2", "zero3"):
+        assert not needs_cpu_adam(json.loads((REPO / f"configs/deepspeed/{name}.json").read_text()))
+
+
+def test_offload_preflight_names_the_config_and_the_missing_compiler(bare_machine, monkeypatch, capsys):
+    _bin(bare_machine, "ninja")
+    with pytest.raises(DeepSpeedSetupError, match=r"zero3_offload\.json: offload_optimizer device 'cpu'") as err:
+        check_deepspeed_config(OFFLOAD)
+    assert "a C++ compiler: 'c++' is not on PATH and $CXX is not set" in str(err.value)
+    assert "ninja" not in str(err.value).split("lacks:")[1].split(". Install")[0]  # ninja is there
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):  # before any model is built: at the config
+        TrainConfig(stage=2, deepspeed=OFFLOAD)
+    with pytest.raises(SystemExit):
+        parse_args(["--deepspeed", OFFLOAD])
+    assert "zero3_offload.json" in capsys.readouterr().err
+    _bin(bare_machine, "g++")  # torch calls c++ (or $CXX), never g++ by itself: say how to use it
+    with pytest.raises(DeepSpeedSetupError, match="export CXX=g\\+\\+"):
+        check_deepspeed_config(OFFLOAD)
+    monkeypatch.setenv("CXX", "no-such-c++")
+    with pytest.raises(DeepSpeedSetupError, match=r"\$CXX='no-such-c\+\+' is not an executable"):
+        check_deepspeed_config(OFFLOAD)
+    monkeypatch.setenv("CXX", "g++")
+    check_deepspeed_config(OFFLOAD)
+
+
+def test_offload_preflight_names_missing_ninja_and_python_headers(bare_machine, monkeypatch, tmp_path):
+    _bin(bare_machine, "c++")
+    with pytest.raises(DeepSpeedSetupError, match=r"lacks: ninja \(pip install ninja"):
+        check_deepspeed_config(OFFLOAD)
+    _bin(bare_machine, "ninja")
+    check_deepspeed_config(OFFLOAD)
+    monkeypatch.setattr(deepspeed_setup.sysconfig, "get_path", lambda *a, **k: str(tmp_path / "no_headers"))
+    with pytest.raises(DeepSpeedSetupError, match=r"the Python headers: no Python\.h in .*no_headers"):
+        check_deepspeed_config(OFFLOAD)
+
+
+def test_offload_preflight_skips_configs_without_cpu_adam(bare_machine, tmp_path):
+    # no optimizer offload, or a torch optimizer allowed on the CPU: no cpu_adam, nothing to check
+    for ds_config in ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+                      {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}},
+                      {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False}):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(ds_config))
+        check_deepspeed_config(path)
+    nvme = {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}}
+    with pytest.raises(DeepSpeedSetupError, match="ds.json: offload_optimizer device 'nvme'"):
+        check_deepspeed_offload(SimpleNamespace(hf_deepspeed_config=SimpleNamespace(config=nvme), deepspeed="ds.json"))
+    check_deepspeed_offload(SimpleNamespace(hf_deepspeed_config=None, deepspeed=None))
+    with pytest.raises(ValueError, match="missing.json: cannot read a DeepSpeed config"):
+        check_deepspeed_config(tmp_path / "missing.json")

@@ -247,8 +247,11 @@ class BadDataReport:
                             for (f, i, r), k in zip(self.skipped, self.kinds)]}
 
     def write(self, path: str | Path) -> None:
+        """Write the report all or nothing (`atomic_write_text`): a crash mid-write keeps the previous report."""
+        from ..train.checkpoints import atomic_write_text  # lazy: parrot.train imports this module
+
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ dataset

@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from .modeling import ParrotForCausalLM
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 TINY_RECIPE = CONFIG_DIR / "tiny.yaml"
+_OLD_WEIGHTS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")  # a saved model's weight files
 
 
 @dataclass
@@ -147,8 +151,14 @@ def _check_saved_config(directory: Path) -> None:
 
 def load_model_strict(directory: str | Path, **kwargs) -> ParrotForCausalLM:
     """`ParrotForCausalLM.from_pretrained(directory, **kwargs)` that fails (ValueError naming the directory or file)
-    instead of initialising missing, unexpected or mis-shaped tensors randomly, and on unreadable files."""
+    instead of initialising missing, unexpected or mis-shaped tensors randomly, and on unreadable files. A run's
+    output folder whose final-model save was interrupted, or whose files differ from those its training record
+    lists, is refused (`parrot.train.export.check_final_model`); folders without a record (converted or official
+    checkpoints, builder outputs) are not affected."""
+    from ..train.export import check_final_model  # lazy: parrot.train imports this module
+
     directory = Path(directory)
+    check_final_model(directory)  # a run's final model cut off mid-save, or changed since: refused by name
     _check_saved_config(directory)
     # HF only warns about missing / unexpected tensors and randomly initialises the missing ones (mis-shaped ones
     # too with ignore_mismatched_sizes, else it raises without naming them); a saved Parrot model must load
@@ -204,9 +214,43 @@ def load_pretrained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotPro
     return model.eval(), processor
 
 
-def save_pretrained(model: ParrotForCausalLM, processor: ParrotProcessor, directory: str | Path) -> None:
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
+def save_pretrained(model: ParrotForCausalLM, processor: ParrotProcessor, directory: str | Path) -> Path:
+    """Save model + processor as the folder `directory`, all or nothing: the files are written into a staging
+    folder beside it, flushed, and the folder is published under its name (`checkpoints.publish`), so a crash or a
+    full disk leaves the previous folder (or none) there, never a partly written or mixed model.
+
+    An existing `directory` is replaced (as writing into it used to overwrite its model) only when nothing else would
+    be lost: every entry in it is a file this save writes again, or an older weight file (`model*.safetensors`,
+    its index), which HF's own save would delete too. Anything else (checkpoint folders, a training record, your own
+    files) is refused with FileExistsError naming those entries, and the folder is left as it was."""
+    from ..train import checkpoints  # lazy: parrot.train imports this module
+
+    directory = Path(directory).resolve()  # a name to publish under, also for "." or "out/"
+    staging = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        _refuse_losing_files(directory, {p.name for p in staging.iterdir()})
+        checkpoints.publish(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _refuse_losing_files(directory: Path, written: set[str]) -> None:
+    """FileExistsError unless replacing `directory` loses only files the save writes again or older weight files."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder; choose another output path")
+    kept = sorted(p.name for p in directory.iterdir()
+                  if not (p.is_file() and (p.name in written or _OLD_WEIGHTS.match(p.name))))
+    if kept:
+        raise FileExistsError(f"{directory} holds {kept[:10]}, which a saved model does not hold; replacing the "
+                              "folder would delete them: choose a new or empty output folder, or delete them first")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,11 +21,21 @@ bins of the entropy normalised by log E, so layers with different E share bins),
 (share of valid tokens that selected each expert), fraction of tokens broadcast / soft-routed
 (DynMoLE soft routing, GW-MoE broadcast; 0 for plain top-k), mean number of active experts and the
 (already coefficient-scaled) aux-loss values.
+
+Layer-steps without real tokens: a routed layer that saw no real token at a step (every token masked as
+padding, or no token at all) measured nothing, yet its load would read 0 for every expert. Such a
+layer-step is not recorded as a measurement: `update` counts it in `skipped` (a `SkippedLayerStep`) and logs
+a warning, so every aggregate (`mean_load`, the `scalars`, the heat map) covers measured layer-steps only
+and `records` holds no fabricated zeros. router_stats.json lists them under "skipped" ({"step", "layer",
+"num_experts"}) with their count "num_skipped", and "mean_load_steps" gives the number of measured steps
+behind each layer's "mean_load". `scalars` reports "router/skipped_layers" for a step that skipped any
+layer; a layer never measured has no mean_load entry and a blank row in the heat map.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +44,8 @@ from typing import Mapping
 import torch
 
 from .routers import RouterOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,11 +63,22 @@ class LayerStepStats:
     aux: dict[str, float]
 
 
+@dataclass
+class SkippedLayerStep:
+    """A layer-step whose routed layer saw no real token: nothing was measured, so it is no `LayerStepStats`
+    (its load would be all zeros) and stays out of every aggregate; kept so the JSON says which were left out."""
+
+    step: int
+    layer: str
+    num_experts: int
+
+
 def layer_stats(step: int, layer: str, routing: RouterOutput, num_bins: int) -> LayerStepStats:
     """Reduce one RouterOutput to a LayerStepStats (valid tokens only).
 
     Reading `routing.stats` computes a lazy `RoutingStats`; an output without statistics (a custom
-    router that returned none) is an error naming the layer, not a record of zeros.
+    router that returned none) is an error naming the layer, not a record of zeros. Without a real token
+    (num_tokens 0) every mean is NaN, the load included: the router's all-zero load measured nothing.
     """
     stats = routing.stats
     if not stats:
@@ -76,7 +99,7 @@ def layer_stats(step: int, layer: str, routing: RouterOutput, num_bins: int) -> 
         num_tokens=count,
         entropy_mean=float(entropy.mean()) if count else float("nan"),
         entropy_hist=[int(v) for v in hist.tolist()],
-        load=[float(v) for v in stats["load"].detach().double().cpu().tolist()],
+        load=[float(v) for v in stats["load"].detach().double().cpu().tolist()] if count else [float("nan")] * num_experts,
         broadcast_fraction=float(stats["broadcast"].detach().double()[valid].mean()) if count else float("nan"),
         mean_active=float(stats["num_active"].detach().double()[valid].mean()) if count else float("nan"),
         aux={name: float(value.detach()) for name, value in routing.aux_losses.items()},
@@ -86,7 +109,8 @@ def layer_stats(step: int, layer: str, routing: RouterOutput, num_bins: int) -> 
 class RouterStatsTracker:
     """Accumulates `LayerStepStats` over training and writes them as JSON.
 
-    `every` keeps one step out of `every` (the trainer may call `update` each step regardless).
+    `every` keeps one step out of `every` (the trainer may call `update` each step regardless). Layer-steps
+    without real tokens go to `skipped`, not `records` (see the module docstring).
     """
 
     def __init__(self, num_bins: int = 20, every: int = 1):
@@ -95,23 +119,54 @@ class RouterStatsTracker:
         self.num_bins = num_bins
         self.every = every
         self.records: list[LayerStepStats] = []
+        self.skipped: list[SkippedLayerStep] = []
+        self._experts: dict[str, int] = {}  # every layer seen (measured or skipped) -> its expert count, in order
+        self._last_step: int | None = None
 
     def update(self, step: int, routing: Mapping[str, RouterOutput]) -> list[LayerStepStats]:
-        """Record every layer's statistics at `step` (computing their lazy stats); [] on skipped steps."""
+        """Record every layer's statistics at `step` (computing their lazy stats); [] on skipped steps.
+
+        Returns the measured records; layers without real tokens are counted in `skipped` and logged."""
         if step % self.every:
             return []
-        new = [layer_stats(step, name, out, self.num_bins) for name, out in routing.items()]
+        new, empty = [], []
+        for name, out in routing.items():
+            record = layer_stats(step, name, out, self.num_bins)
+            self._experts.setdefault(name, len(record.load))
+            if record.num_tokens:
+                new.append(record)
+            else:
+                empty.append(SkippedLayerStep(step, name, len(record.load)))
         self.records.extend(new)
+        self._skip(step, empty)
+        self._last_step = step
         return new
 
+    def _skip(self, step: int, empty: list[SkippedLayerStep]) -> None:
+        if not empty:
+            return
+        self.skipped.extend(empty)
+        names = ", ".join(s.layer for s in empty[:3]) + (", ..." if len(empty) > 3 else "")
+        logger.warning("router diagnostics, step %d: %d routed layer(s) saw no real tokens (all padding) and are not "
+                       "recorded (%s); %d layer-steps skipped so far, listed in the JSON", step, len(empty), names,
+                       len(self.skipped))
+
     def scalars(self, step: int | None = None) -> dict[str, float]:
-        """Layer-averaged scalars of one step (the latest when `step` is None), for a metrics logger."""
-        if not self.records:
-            return {}
-        step = self.records[-1].step if step is None else step
+        """Layer-averaged scalars of one step (the latest when `step` is None), for a metrics logger.
+
+        Averages over the layers measured at that step; "router/skipped_layers" counts the layers without real
+        tokens (present only when there were any)."""
+        if step is None:
+            step = self._last_step if self._last_step is not None else (self.records[-1].step if self.records else None)
         rows = [r for r in self.records if r.step == step]
-        if not rows:
-            return {}
+        skipped = sum(s.step == step for s in self.skipped)
+        out = self._step_scalars(rows) if rows else {}
+        if skipped:
+            out["router/skipped_layers"] = float(skipped)
+        return out
+
+    @staticmethod
+    def _step_scalars(rows: list[LayerStepStats]) -> dict[str, float]:
         out = {
             "router/entropy_mean": sum(r.entropy_mean for r in rows) / len(rows),
             "router/broadcast_fraction": sum(r.broadcast_fraction for r in rows) / len(rows),
@@ -126,31 +181,52 @@ class RouterStatsTracker:
         return out
 
     def mean_load(self) -> dict[str, list[float]]:
-        """Per layer, the expert load averaged over every recorded step (layer order of first appearance)."""
+        """Per layer, the expert load averaged over its measured steps (layer order of first record); skipped
+        layer-steps do not count, and a layer never measured is absent."""
         sums: dict[str, list[float]] = {}
-        counts: dict[str, int] = {}
+        counts = self.mean_load_steps()
         for r in self.records:
             acc = sums.setdefault(r.layer, [0.0] * len(r.load))
             for i, v in enumerate(r.load):
                 acc[i] += v
-            counts[r.layer] = counts.get(r.layer, 0) + 1
         return {layer: [v / counts[layer] for v in acc] for layer, acc in sums.items()}
 
+    def mean_load_steps(self) -> dict[str, int]:
+        """Per layer, the number of measured steps behind its `mean_load`."""
+        counts: dict[str, int] = {}
+        for r in self.records:
+            counts[r.layer] = counts.get(r.layer, 0) + 1
+        return counts
+
+    def load_grid(self) -> dict[str, list[float]]:
+        """`mean_load` of every layer seen, in order of first appearance, NaN for a layer never measured (a blank
+        heat-map row rather than a row of zeros or a missing layer)."""
+        mean = self.mean_load()
+        experts = dict(self._experts)
+        for r in self.records:  # records appended by hand, not through `update`
+            experts.setdefault(r.layer, len(r.load))
+        return {layer: mean.get(layer, [float("nan")] * num) for layer, num in experts.items()}
+
     def to_dict(self) -> dict:
-        return {"num_bins": self.num_bins, "records": [asdict(r) for r in self.records], "mean_load": self.mean_load()}
+        return {"num_bins": self.num_bins, "records": [asdict(r) for r in self.records], "mean_load": self.mean_load(),
+                "mean_load_steps": self.mean_load_steps(), "num_skipped": len(self.skipped),
+                "skipped": [asdict(s) for s in self.skipped]}
 
     def write_json(self, path: str | Path) -> Path:
+        """Write `to_dict()` all or nothing (`atomic_write_text`): a crash mid-write keeps the previous file."""
+        from ..train.checkpoints import atomic_write_text  # lazy: parrot.train imports parrot.moe
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict()))
 
 
 def plot_expert_load(stats: RouterStatsTracker | Mapping[str, list[float]], path: str | Path, title: str = "Expert load") -> Path:
     """Heat map layers x experts of load fractions, written as PNG (matplotlib Agg backend).
 
-    `stats` is a tracker (its mean load over steps) or {layer: load list}. Layers with fewer experts
-    (per-layer expert counts) show blank cells beyond their last expert.
+    `stats` is a tracker (its mean load over measured steps, `load_grid`) or {layer: load list}. Layers with
+    fewer experts (per-layer expert counts) show blank cells beyond their last expert, and a layer the tracker
+    never measured (no real tokens at any recorded step) a blank row.
     """
     import matplotlib
 
@@ -158,7 +234,7 @@ def plot_expert_load(stats: RouterStatsTracker | Mapping[str, list[float]], path
     import matplotlib.pyplot as plt
     import numpy as np
 
-    load = stats.mean_load() if isinstance(stats, RouterStatsTracker) else dict(stats)
+    load = stats.load_grid() if isinstance(stats, RouterStatsTracker) else dict(stats)
     if not load:
         raise ValueError("plot_expert_load: no routing statistics to plot")
     layers = list(load)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from . import checkpoints
 
 logger = logging.getLogger("parrot.train")
 
@@ -96,10 +97,10 @@ class LossCurveCallback(TrainerCallback):
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         history = [e for e in state.log_history if "loss" in e]
-        staged = self.output_dir / f".{LOSS_HISTORY_JSON}.tmp"  # written whole, then renamed: never truncated
-        staged.write_text(json.dumps(history, indent=1) + "\n")
-        os.replace(staged, self.output_dir / LOSS_HISTORY_JSON)
-        plot_loss_curve(state.log_history, self.output_dir / LOSS_CURVE_PNG, self.title)
+        checkpoints.atomic_write_text(self.output_dir / LOSS_HISTORY_JSON, json.dumps(history, indent=1) + "\n")
+        if any("loss" in e and "step" in e for e in state.log_history):
+            with checkpoints.atomic_file(self.output_dir / LOSS_CURVE_PNG) as staged:
+                plot_loss_curve(state.log_history, staged, self.title)
 
     def on_save(self, args, state, control, **kwargs):
         self._write(state)
@@ -148,5 +149,6 @@ class RouterDiagnosticsCallback(TrainerCallback):
         if not state.is_world_process_zero or self._last_step is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.tracker.write_json(self.output_dir / ROUTER_STATS_JSON)
-        plot_expert_load(self.tracker, self.output_dir / EXPERT_LOAD_PNG, title="Expert load (mean over logged steps)")
+        self.tracker.write_json(self.output_dir / ROUTER_STATS_JSON)  # atomic, as the plot below
+        with checkpoints.atomic_file(self.output_dir / EXPERT_LOAD_PNG) as staged:
+            plot_expert_load(self.tracker, staged, title="Expert load (mean over logged steps)")

@@ -4,6 +4,7 @@ The command line is generated from the dataclass (one `--flag` per field, its he
 so `python -m parrot.train --help` and `scripts/train_stage{1,2}.sh --help` always document every argument.
 A YAML file (`--config configs/train/<name>.yaml`) sets defaults; flags given on the command line win.
 Unknown YAML keys, and values that are not of the setting's type, raise a ValueError naming the file and the key.
+
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from . import checkpoints
 
 # full / lora / mole: the dense-LLM modes of `stages`; the rest: MoE tuning methods of `parrot.moe.methods`
 MOE_METHOD_TUNINGS = ("perft-r", "perft-e", "perft-d", "perft-s", "factorllm", "ceft")
@@ -99,7 +101,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute LLM activations in the backward pass (saves memory)")
     dataloader_workers: int = _opt(0, "DataLoader worker processes")
     deepspeed: str | None = _opt(None, "DeepSpeed config JSON (configs/deepspeed/zero2.json, zero3.json, "
-                                       "zero3_offload.json)")
+                                       "zero3_offload.json); an optimizer offload needs DeepSpeed's cpu_adam op "
+                                       "prebuilt or a C++ compiler, ninja and the Python headers (checked at start)")
     torch_compile: str | None = _opt(None, "compile the model with torch.compile in this mode (HF Trainer's "
                                            "torch_compile); reduce-overhead replays CUDA graphs, which removes the "
                                            "per-kernel launch cost of small MoLE layers; fused MoLE layers keep their "
@@ -138,6 +141,11 @@ class TrainConfig:
         # HF reads warmup_steps >= 1 as a step count, so a ratio of 1 or more would silently become a few steps
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1) (a share of the training steps), got {self.warmup_ratio}")
+        if self.deepspeed is not None:  # before any model is built: a run that cannot train fails at once
+            from .deepspeed_setup import check_cpu_adam_available
+
+            check_cpu_adam_available(read_json_mapping(Path(self.deepspeed), "a DeepSpeed config (--deepspeed)"),
+                                     self.deepspeed)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -148,10 +156,7 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         # written whole, then renamed: other processes of a resumed run read this file at the same time
-        path = Path(path)
-        staged = path.with_name(path.name + ".tmp")
-        staged.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(staged, path)
+        checkpoints.atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def resume_differences(self, saved: dict[str, Any]) -> list[str]:
         """'field: saved -> now' for every setting that differs from the run's saved `train_config.json`,

@@ -22,6 +22,25 @@
     `FactorLLMConfig` go to `factorllm_adapter.safetensors` + `factorllm_config.json`. `load_trained`
     re-splits the dense MLPs contiguously (giving back exactly the trained experts) and loads the routers.
     `load_pretrained` alone gives the dense model (FactorLLM with k = E).
+
+Publication (`save_final_model`). The final model lives at the output folder's root, beside `checkpoint-<step>/`,
+so it cannot be published by renaming one folder; it is written into `<output_dir>/.staging-final-model/`,
+flushed, then its files are renamed into the root one by one. A crash during those renames could leave a folder
+mixing the previous model's files with the new one's that looks complete. Two things make that state impossible to
+load silently:
+- the marker `.final-save-incomplete` is written (flushed) before the first file of the folder changes and removed
+  only after the last one is in place; the previous training record `parrot_training.json` is removed right after
+  the marker and the new record moves in last (so no record ever describes a half-moved model);
+- the record lists every file the save wrote with its size (`final_model_files`), checked at load (a `stat` per
+  file, no reading: every listed file must exist, weight files `*.safetensors` with their recorded size; small
+  config/tokenizer files may be edited by hand), which also catches a folder copied incompletely later.
+`check_final_model` refuses a folder with the marker, or whose files differ from its record's list, with an error
+naming the folder and the way out (re-run the training command with `--resume`: it restores the last checkpoint
+and saves the final model again). It runs in every loader (`load_model_strict`, so `load_pretrained`,
+`load_trained`, a stage-2 run's `--model`, the LoRA merge's base) yet only those two things trigger it: converted
+or official checkpoints, builder outputs and runs saved before records listed their files have neither and load
+as before. A checksum instead of sizes would have to read every weight file at each load; the marker + ordering
+already exclude the crash cases, the sizes are a cheap guard on top.
 """
 
 from __future__ import annotations
@@ -63,6 +82,62 @@ ADAPTER_FILES = {
 # Any of these in an output folder means a finished (or half-saved) model lives there; a fresh run refuses it.
 FINISHED_MODEL_FILES = (TRAINING_INFO, "config.json", "model.safetensors", "model.safetensors.index.json",
                         *(name for files in ADAPTER_FILES.values() for name in files))
+WEIGHT_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+# Present while `save_final_model` moves files into the output folder (see the module docstring, Publication).
+FINAL_SAVE_MARKER = ".final-save-incomplete"
+# The training record's {file name: size in bytes} of every other file its final-model save wrote.
+RECORD_FILES_KEY = "final_model_files"
+
+
+class IncompleteFinalModelError(ValueError):
+    """A folder whose final model may mix two saves (an interrupted save) or no longer matches its record."""
+
+
+def interrupted_save_message(directory: Path) -> str:
+    """Why a folder with `FINAL_SAVE_MARKER` is refused, and how to finish its save."""
+    return (f"{directory}: the final-model save into this folder was interrupted ({FINAL_SAVE_MARKER} is still "
+            "there), so its model files may mix the previous model with the new one; it is not loaded. Re-run the "
+            "same training command with --resume: it continues from the last checkpoint-<step> folder and saves the "
+            "final model again (a run that kept no checkpoint must be trained again, into a new --output-dir)")
+
+
+def final_save_interrupted(directory: str | Path) -> bool:
+    return (Path(directory) / FINAL_SAVE_MARKER).exists()
+
+
+def check_final_model(directory: str | Path) -> None:
+    """Refuse (IncompleteFinalModelError) a folder whose final-model save was interrupted, or whose files differ
+    from those its training record lists (changed or copied incompletely since). Folders without the marker and
+    without a file list (converted or official checkpoints, builder outputs, older runs) pass: nothing tells
+    what they should hold. A record that cannot be read is an error naming it (it cannot vouch for the folder).
+    See the module docstring (Publication)."""
+    directory = Path(directory)
+    if final_save_interrupted(directory):
+        raise IncompleteFinalModelError(interrupted_save_message(directory))
+    record_path = directory / TRAINING_INFO
+    if not record_path.is_file():
+        return
+    files = read_json_mapping(record_path, "the training record").get(RECORD_FILES_KEY)
+    if files is None:
+        return
+    if not (isinstance(files, dict) and all(isinstance(size, int) for size in files.values())):
+        raise ValueError(f"{record_path}: {RECORD_FILES_KEY} must map file names to sizes in bytes")
+    sizes = {name: _file_size(directory / name) for name in files}
+    # Weight files must have their recorded size; small text files (generation_config.json, the tokenizer's chat
+    # template) are edited by hand in normal use, so for them only presence is checked.
+    wrong = [f"{name}: {'missing' if sizes[name] is None else f'{sizes[name]} bytes'}, recorded {size} bytes"
+             for name, size in files.items()
+             if sizes[name] is None or (name.endswith(".safetensors") and sizes[name] != size)]
+    if wrong:
+        raise IncompleteFinalModelError(
+            f"{directory}: its files do not match the final model its {TRAINING_INFO} records ({'; '.join(wrong[:5])}"
+            f"{'; ...' if len(wrong) > 5 else ''}), so the folder was changed or copied incompletely after the save. "
+            "Copy it again from its source, or re-run the training command with --resume to save the final model "
+            "again")
+
+
+def _file_size(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None
 
 
 def is_main_process() -> bool:
@@ -224,7 +299,9 @@ def save_final_model(
     Every file is first written into `<output_dir>/.staging-final-model/` and flushed to disk; only then do the files
     move into `output_dir` (renames, which need no space and cannot fail half-way through a file). A write that
     fails (disk full) or a crash while writing leaves the output folder as it was: a previous final model stays
-    complete, and no half-written model appears there."""
+    complete, and no half-written model appears there. A crash while the files move leaves a folder that every
+    loader refuses (`check_final_model`) until a re-run saves it again; the training record (always written,
+    `training_info` or {}) lists the saved files and moves last."""
     state = gather_full_state_dict(model)
     if not is_main_process():
         return None
@@ -237,8 +314,9 @@ def save_final_model(
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        _write_final_files(model, processor, staging, state, lora_scaling, mole_config, training_info,
-                           tuning_method, method_settings)
+        _write_final_files(model, processor, staging, state, lora_scaling, mole_config, tuning_method,
+                           method_settings)
+        _write_record(staging, training_info or {})
         checkpoints.fsync_tree(staging)
         _move_final_files(staging, final_dir)
     finally:
@@ -246,25 +324,53 @@ def save_final_model(
     return final_dir
 
 
+def _write_record(staging: Path, training_info: dict) -> None:
+    """The training record, with the {name: size} of every other staged file (`check_final_model` compares them)."""
+    files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file() and p.name != TRAINING_INFO}
+    record = {**training_info, RECORD_FILES_KEY: files}
+    (staging / TRAINING_INFO).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def _move_final_files(staging: Path, final_dir: Path) -> None:
-    """Replace the final model in `final_dir` by the staged one, file by file (atomic renames): files of an older
-    final model that the new one does not have go first, the training record moves last."""
-    new = {p.name for p in staging.iterdir()}
-    shards = re.compile(r"^model-\d+-of-\d+\.safetensors$")
-    for path in final_dir.iterdir():
-        if path.is_file() and path.name not in new and (path.name in FINISHED_MODEL_FILES or shards.match(path.name)):
-            path.unlink()
-    for name in sorted(new, key=lambda n: (n == TRAINING_INFO, n == "config.json", n)):
+    """Replace the final model in `final_dir` by the staged one, file by file (atomic renames), in the order that
+    keeps every intermediate state detectable: the marker first, then the old record goes, then the previous
+    model's files that the new one does not write again, then the new files, the new record last, and the marker
+    goes once all of it is on disk (each step flushed before the next)."""
+    new = sorted(p.name for p in staging.iterdir() if p.name != TRAINING_INFO)
+    stale = _stale_final_files(final_dir, {*new, TRAINING_INFO})  # read before the old record goes
+    checkpoints.atomic_write_text(final_dir / FINAL_SAVE_MARKER, interrupted_save_message(final_dir) + "\n")
+    checkpoints.remove_file(final_dir / TRAINING_INFO)
+    for name in stale:
+        (final_dir / name).unlink()
+    for name in new:
         os.replace(staging / name, final_dir / name)
-    fd = os.open(final_dir, os.O_RDONLY)
+    checkpoints.fsync(final_dir)
+    os.replace(staging / TRAINING_INFO, final_dir / TRAINING_INFO)
+    checkpoints.fsync(final_dir)
+    checkpoints.remove_file(final_dir / FINAL_SAVE_MARKER)
+
+
+def _stale_final_files(final_dir: Path, keep: set[str]) -> list[str]:
+    """Files of the previous final model in `final_dir` that the new save does not write again (left, they would
+    lie beside the new model): those its record lists, and model / adapter files or weight shards."""
+    listed = _recorded_files(final_dir)
+    return sorted(p.name for p in final_dir.iterdir() if p.is_file() and p.name not in keep
+                  and (p.name in listed or p.name in FINISHED_MODEL_FILES or WEIGHT_SHARD.match(p.name)))
+
+
+def _recorded_files(directory: Path) -> dict:
+    """The file list of `directory`'s training record; {} when there is none or it is unreadable (a broken old
+    record must not block saving the new model)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        record = json.loads((directory / TRAINING_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
+    files = record.get(RECORD_FILES_KEY) if isinstance(record, dict) else None
+    return files if isinstance(files, dict) else {}
 
 
-def _write_final_files(model, processor, output_dir: Path, state: dict, lora_scaling, mole_config, training_info,
-                       tuning_method, method_settings) -> None:
+def _write_final_files(model, processor, output_dir: Path, state: dict, lora_scaling, mole_config, tuning_method,
+                       method_settings) -> None:
     from ..moe.mole import MoLELinear
 
     if lora_scaling is not None:
@@ -298,8 +404,6 @@ def _write_final_files(model, processor, output_dir: Path, state: dict, lora_sca
         clean.generation_config = model.generation_config
         clean.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    if training_info is not None:
-        (output_dir / TRAINING_INFO).write_text(json.dumps(training_info, indent=2) + "\n")
 
 
 def adapter_kind_of(tuning: str | None) -> str | None:
@@ -343,10 +447,12 @@ def saved_adapter_kind(directory: Path) -> str | None:
 
 def load_trained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotProcessor]:
     """A run's output directory -> (model in eval mode, processor), with the MoLE, PERFT or FactorLLM adapter that
-    the run recorded in `parrot_training.json` (`saved_adapter_kind`)."""
+    the run recorded in `parrot_training.json` (`saved_adapter_kind`). A folder whose final-model save was
+    interrupted, or whose files differ from its record, is refused first (`check_final_model`)."""
     from ..model.builder import load_pretrained
 
     directory = Path(directory)
+    check_final_model(directory)
     kind = saved_adapter_kind(directory)
     if kind is not None:
         check_adapter_files(directory, kind)

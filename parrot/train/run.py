@@ -31,7 +31,8 @@ from ..moe import calibrate_gwmoe, collect_router_outputs
 from . import checkpoints
 from .callbacks import LossCurveCallback, ProgressLogCallback, RouterDiagnosticsCallback
 from .config import RESUME_FREE_FIELDS, TrainConfig, read_json_mapping
-from .export import FINISHED_MODEL_FILES, TRAINING_INFO, save_final_model
+from .export import (FINAL_SAVE_MARKER, FINISHED_MODEL_FILES, TRAINING_INFO, final_save_interrupted,
+                     interrupted_save_message, save_final_model)
 from .stages import StagePlan, apply_stage, describe_trainable
 from .trainer import ParrotTrainer
 
@@ -184,13 +185,19 @@ def _routing_source(model, plan: StagePlan):
 def check_output_dir(cfg: TrainConfig, output_dir: Path) -> Path | None:
     """The checkpoint to resume from (None for a fresh run), after refusing output folders that would mix runs:
     a fresh run never starts where checkpoints or a finished model lie (files the new run does not write, such as
-    another tuning's adapter, would survive next to its model), and a resumed run must have the saved settings."""
+    another tuning's adapter, would survive next to its model), and a resumed run must have the saved settings.
+    A folder whose final-model save was interrupted is refused by a fresh run with the way out: --resume restores
+    the last checkpoint and saves the final model again (a last-step checkpoint trains no further step)."""
     if cfg.resume:
         resume_from = checkpoints.latest_checkpoint(output_dir)
         if resume_from is None:
-            raise FileNotFoundError(f"--resume: no published checkpoint-<step> folder in {output_dir}")
+            lost = (f"; its final-model save was interrupted ({FINAL_SAVE_MARKER}) and no checkpoint is left to save "
+                    "it again from: train again into a new --output-dir") if final_save_interrupted(output_dir) else ""
+            raise FileNotFoundError(f"--resume: no published checkpoint-<step> folder in {output_dir}{lost}")
         check_resume_settings(cfg, output_dir / TRAIN_CONFIG)
         return resume_from
+    if final_save_interrupted(output_dir):  # a fresh run would train again what --resume only has to save
+        raise FileExistsError(interrupted_save_message(output_dir))
     if checkpoints.list_checkpoints(output_dir):
         raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
                               "choose another --output-dir")

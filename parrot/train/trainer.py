@@ -11,7 +11,9 @@
   (`parrot.train.checkpoints`);
 - the optimizer is the Trainer's AdamW (no weight decay on biases and norms) under every DeepSpeed config of
   configs/deepspeed, ZeRO-Offload included (accelerate turns it into DeepSpeed's CPU Adam with the same groups);
-  a DeepSpeed config with its own "optimizer" section gets a warning (`warn_about_deepspeed_optimizer`).
+  a DeepSpeed config with its own "optimizer" section gets a warning (`warn_about_deepspeed_optimizer`), and one
+  whose offloaded optimizer needs DeepSpeed's cpu_adam op on a machine that can neither load nor build it is refused
+  (`check_deepspeed_offload`; `TrainConfig` runs the same check before the model is built).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from transformers import Trainer
 from ..moe import collect_router_outputs, mole_aux_loss
 from ..moe.methods import TuningSetup
 from . import checkpoints
+from .deepspeed_setup import check_deepspeed_offload, warn_about_deepspeed_optimizer
 
 logger = logging.getLogger("parrot.train")
 
@@ -64,20 +67,6 @@ class AuxLossHook:
         return output
 
 
-def warn_about_deepspeed_optimizer(args) -> None:
-    """A DeepSpeed config with an "optimizer" section makes HF hand DeepSpeed one group of every trainable parameter
-    (weight decay on biases and norms too, unlike the Trainer's own groups) and lets the DeepSpeed engine step the
-    lr scheduler inside the optimizer step (the logged learning rate is then the next step's). Without that section
-    (the configs in configs/deepspeed), the Trainer builds AdamW with its parameter groups and, when the config
-    offloads the optimizer, accelerate turns it into DeepSpeed's CPU Adam (AdamW mode) with the same groups."""
-    ds_config = getattr(args, "hf_deepspeed_config", None)
-    if ds_config is not None and "optimizer" in ds_config.config:
-        logger.warning("the DeepSpeed config %s defines its own optimizer: weight decay (%g) applies to every trained "
-                       "parameter, biases and norms included, and the logged learning rate is the next step's; "
-                       "leave the optimizer to the Trainer (no \"optimizer\" section) to avoid both",
-                       args.deepspeed, args.weight_decay)
-
-
 class ParrotTrainer(Trainer):
     def __init__(self, *args, keep_last: int = 0, tuning_setup: TuningSetup | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -87,6 +76,7 @@ class ParrotTrainer(Trainer):
         # must divide by the accumulation steps itself rather than hand num_items_in_batch to the model.
         self.model_accepts_loss_kwargs = False
         warn_about_deepspeed_optimizer(self.args)
+        check_deepspeed_offload(self.args)
         # Set when resuming from a checkpoint of the run's last step (stopped while saving its final model): `train`
         # then only restores the checkpoint. HF's loop checks max_steps after a step, so it would train one more.
         self.no_steps_left = False

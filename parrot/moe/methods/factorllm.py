@@ -17,6 +17,12 @@ expert's contribution on the data:
     L_PA    = mean_t KL(p(x_t) || q(x_t)),  p = softmax(router logits), both clipped to [1e-7, 1 - 1e-7]
 
 (official `DistillLoss(input=p, target=q)` = sum p log(p / q), i.e. KL(p || q) in that argument order).
+FFN is the ORIGINAL dense FFN, the teacher (official: the frozen dense `gate_proj` / `up_proj` / `down_proj` kept
+beside the trainable expert lists). While the experts are frozen it equals the sum of the experts exactly, so no
+copy is kept; when the experts train (`train_experts`, with pa_coef > 0) the layer keeps the dense weights as frozen
+non-persistent buffers (the memory of the original FFN) so the prior keeps measuring the distance to the teacher
+and not to the drifting sum of the trained experts. Deviation: the official teacher runs on the teacher model's
+hidden states; here it runs on the layer's own input.
 The router is a library router (`TopKRouter`, top_k = k, no renormalisation); its own aux losses (Switch
 balance when `balance_coef` > 0) are added next to "prior_approx" in `RouterOutput.aux_losses`.
 Deviation: the official code clusters neurons before splitting (MoEfication); here the split is
@@ -82,12 +88,18 @@ class FactorLLMConfig:
 
 
 def prior_approximate_loss(
-    router_probs: torch.Tensor, expert_outputs: torch.Tensor, top_k: int, mask: torch.Tensor | None = None
+    router_probs: torch.Tensor, expert_outputs: torch.Tensor, top_k: int, mask: torch.Tensor | None = None,
+    dense: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """FactorLLM PA loss (see the module docstring) for router_probs (T, E), expert_outputs (T, E, D)."""
+    """FactorLLM PA loss (see the module docstring) for router_probs (T, E), expert_outputs (T, E, D).
+
+    `dense` (T, D): the teacher, the original dense FFN's output; None: the sum of the experts (equal to it as long
+    as the experts are the untrained slices of the dense FFN).
+    """
     T, E, _ = expert_outputs.shape
-    dense = expert_outputs.sum(1, keepdim=True)  # (T, 1, D) == the dense FFN output
-    distance = (expert_outputs - dense / (E / top_k)).square().mean(-1)  # (T, E)
+    if dense is None:
+        dense = expert_outputs.sum(1)  # (T, D) == the dense FFN output while the experts are untrained
+    distance = (expert_outputs - dense[:, None].to(expert_outputs.dtype) / (E / top_k)).square().mean(-1)  # (T, E)
     chosen = (-distance.detach()).topk(top_k, dim=-1).indices  # (T, k)
     multi_hot = torch.zeros_like(distance).scatter(-1, chosen, 1.0)
     target = F.softmax(multi_hot, dim=-1).clamp(PA_CLIP, 1 - PA_CLIP)
@@ -133,6 +145,10 @@ class FactorizedMLP(nn.Module):
             self.experts.gate_proj.copy_(gate.weight[order].view(E, I // E, D).transpose(1, 2))  # (E, D, I/E)
             self.experts.up_proj.copy_(up.weight[order].view(E, I // E, D).transpose(1, 2))  # (E, D, I/E)
             self.experts.down_proj.copy_(down.weight[:, order].t().reshape(E, I // E, D))  # (E, I/E, D)
+        # The PA prior's teacher (the original dense FFN) only needs its own copy when the experts train.
+        self.has_teacher = bool(config.train_experts and config.pa_coef > 0)
+        for name, proj in (("teacher_gate", gate), ("teacher_up", up), ("teacher_down", down)):
+            self.register_buffer(name, proj.weight.detach().clone() if self.has_teacher else None, persistent=False)
         router_cfg = replace(config.router, kind="topk", top_k=config.top_k, renormalize=False)
         self.router = build_router(router_cfg, D, E).to(device=weight.device, dtype=weight.dtype)
         self.last_routing: RouterOutput | None = None
@@ -150,6 +166,14 @@ class FactorizedMLP(nn.Module):
         h = F.silu(torch.einsum("td,edi->tei", x, self.experts.gate_proj)) * torch.einsum("td,edi->tei", x, self.experts.up_proj)
         return torch.einsum("tei,eid->ted", h, self.experts.down_proj)
 
+    @torch.no_grad()
+    def teacher_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The original dense FFN on x (T, D) -> (T, D) (the PA prior's teacher); None when no copy is kept (the
+        experts are frozen, their sum is the dense FFN)."""
+        if not self.has_teacher:
+            return None
+        return F.linear(F.silu(F.linear(x, self.teacher_gate)) * F.linear(x, self.teacher_up), self.teacher_down)
+
     def _selected_outputs(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sum over each token's selected experts, computing only the selected pairs (grouped by expert)."""
         token_ids = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(indices).reshape(-1)  # (T*k,)
@@ -157,16 +181,17 @@ class FactorizedMLP(nn.Module):
         order = expert_ids.argsort(stable=True)
         token_ids, expert_ids = token_ids[order], expert_ids[order]
         counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
-        out = torch.zeros_like(x)
+        out = None  # allocated in the experts' output dtype (the autocast dtype under autocast, not x's)
         start = 0
         for e, count in enumerate(counts):
             if count:
                 rows = token_ids[start : start + count]
                 xe = x[rows]
                 h = F.silu(xe @ self.experts.gate_proj[e]) * (xe @ self.experts.up_proj[e])
-                out = out.index_add(0, rows, h @ self.experts.down_proj[e])
+                y = h @ self.experts.down_proj[e]  # (count, D)
+                out = (y.new_zeros(x.shape) if out is None else out).index_add(0, rows, y)
             start += count
-        return out
+        return torch.zeros_like(x) if out is None else out
 
     def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.token_mask is None or x.dim() != 3:
@@ -190,7 +215,8 @@ class FactorizedMLP(nn.Module):
             outputs = self.all_expert_outputs(flat)  # (T, E, D)
             out = (outputs * selected[:, :, None].to(outputs.dtype)).sum(1)
             if self.pa_coef:
-                aux["prior_approx"] = self.pa_coef * prior_approximate_loss(routing.probs, outputs, k, mask)
+                aux["prior_approx"] = self.pa_coef * prior_approximate_loss(routing.probs, outputs, k, mask,
+                                                                            self.teacher_output(flat))
         elif k == E:
             out = self.experts(flat[None], flat.new_ones(1, E))[0]  # fused dense path == dense FFN
         else:

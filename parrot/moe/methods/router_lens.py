@@ -136,10 +136,34 @@ def record_gate_selection(model: nn.Module) -> Iterator[dict[str, list[torch.Ten
             handle.remove()
 
 
+def _counted_tokens(batch: dict[str, torch.Tensor], index: int, mask_key: str) -> torch.Tensor:
+    """(B*S,) bool: the tokens whose routing `routing_frequency` counts, batch[mask_key] (every token when absent)
+    AND the batch's attention_mask when it has one: a padding position never counts, even where a caller's
+    context mask marks it (right-padded batches built by slicing often do). Masks of another shape than
+    input_ids would index the wrong tokens (or broadcast), so they are refused, naming the batch and the key."""
+    ids = batch["input_ids"]
+    counted = torch.ones(ids.shape, dtype=torch.bool)
+    for key in dict.fromkeys((mask_key, "attention_mask")):
+        mask = batch.get(key)
+        if mask is None:
+            continue
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"routing_frequency: batch {index}: {key!r} has shape {tuple(mask.shape)}, input_ids "
+                             f"{tuple(ids.shape)}; a token mask needs one entry per input token")
+        counted &= mask.detach().cpu() != 0  # 0/1 integer masks as well as bool
+    return counted.reshape(-1)
+
+
 @torch.no_grad()
 def routing_frequency(model: nn.Module, batches: list[dict[str, torch.Tensor]], mask_key: str = "context_mask") -> tuple[list[str], torch.Tensor]:
-    """Per MoE block and expert, the share of selected tokens (batch[mask_key], (B, S) bool; all real tokens
-    when absent) whose top-k includes the expert. Returns (block names, frequency (L, E) float64)."""
+    """Per MoE block and expert, the share of counted tokens whose top-k includes the expert (Router Lens: the
+    activation frequency per (layer, expert) on context-dependent tokens). Returns (block names, frequency (L, E)
+    float64): counts pooled over all batches, divided by the number of counted tokens, so each row sums to k.
+
+    Counted tokens: batch[mask_key] ((B, S), bool or 0/1; every token when absent) that are real tokens of the
+    batch's attention_mask (see `_counted_tokens`). Every batch's masks are checked before the first forward.
+    """
+    masks = [_counted_tokens(batch, i, mask_key) for i, batch in enumerate(batches)]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -147,14 +171,19 @@ def routing_frequency(model: nn.Module, batches: list[dict[str, torch.Tensor]], 
     total = 0
     try:
         with record_gate_selection(model) as records:
-            for batch in batches:
+            for i, (batch, mask) in enumerate(zip(batches, masks)):
                 for r in records.values():
                     r.clear()
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-                mask = batch.get(mask_key, batch["attention_mask"].bool()).reshape(-1).to(device)  # (T,)
+                attention = batch.get("attention_mask")
+                model(input_ids=batch["input_ids"].to(device),
+                      attention_mask=None if attention is None else attention.to(device))
+                mask = mask.to(device)  # (T,)
                 per_layer = []
                 for name in records:
                     indices = records[name][-1]
+                    if indices.shape[0] != mask.shape[0]:
+                        raise ValueError(f"routing_frequency: batch {i}: {name} routed {indices.shape[0]} tokens, the "
+                                         f"batch has {mask.shape[0]} (B x S)")
                     selected = selection_from_indices(indices, model.get_submodule(name).gate.num_experts)  # (T, E)
                     per_layer.append(selected[mask].double().sum(0))
                 layer_counts = torch.stack(per_layer)  # (L, E)
@@ -176,14 +205,16 @@ def router_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def router_tune(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps: int, lr: float = 5e-3) -> list[float]:
     """Router Lens tuning: train only the MoE routers on the task's LM loss (official `rt`); returns losses.
 
-    Every other parameter is frozen for the duration; requires_grad flags and the train/eval mode (of every
-    submodule) are restored afterwards.
+    Every other parameter is frozen for the duration; requires_grad flags, the train/eval mode (of every
+    submodule) and the routers' `.grad` (None for a fresh model) are restored afterwards, so no gradient of the
+    router tuning leaks into a later optimizer step (CEFT or full fine-tuning of the same model).
     """
     from tqdm.auto import tqdm
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     modes = {m: m.training for m in model.modules()}
     routers = router_parameters(model)
+    grads = [(p, p.grad) for _, p in routers]
     for p in model.parameters():
         p.requires_grad_(False)
     for _, p in routers:
@@ -204,6 +235,8 @@ def router_tune(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps:
             p.requires_grad_(flags[n])
         for module, training in modes.items():
             module.training = training
+        for p, grad in grads:
+            p.grad = grad
     return losses
 
 
