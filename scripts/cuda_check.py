@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -14,7 +15,8 @@ from parrot.model.builder import build_tiny
 from parrot.moe import MoLEConfig, RouterConfig, collect_router_outputs, inject_mole
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)  # only --help: nothing to set
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 1

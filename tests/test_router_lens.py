@@ -44,24 +44,36 @@ def test_context_copy_task_answers_are_copied_from_the_passage():
             assert seq[-m - 1] == ANS
 
 
-def test_routing_frequency_matches_naive_float64_count():
-    model = _olmoe()
-    batches = make_context_copy_batches(TASK)
+def _naive_frequency(model, batches) -> tuple[torch.Tensor, int]:
+    """Reference: per token that is context AND real (attention 1), the top-2 of softmax(W_gate x) in float64,
+    counted in a Python loop over layers x tokens -> (counts (layers, E), number of counted tokens)."""
     inputs = {}
-    for i, layer in enumerate(model.model.layers):
-        layer.mlp.gate.register_forward_hook(lambda m, a, o, _i=i: inputs.__setitem__(_i, a[0].detach()))
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, o, _i=i: inputs.__setitem__(_i, a[0].detach()))
+             for i, layer in enumerate(model.model.layers)]
     counts = torch.zeros(2, 4, dtype=torch.float64)
     total = 0
     for batch in batches:
         with torch.no_grad():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        mask = batch["context_mask"].reshape(-1)
-        for i, layer in enumerate(model.model.layers):
-            x = inputs[i].reshape(-1, 16)
-            for t in torch.nonzero(mask).squeeze(-1).tolist():
-                top = torch.topk(torch.softmax(layer.mlp.gate.weight @ x[t], -1), 2).indices
-                counts[i, top] += 1
-        total += int(mask.sum())
+        B, S = batch["input_ids"].shape
+        for b in range(B):
+            for s in range(S):
+                if not (batch["context_mask"][b, s] and batch["attention_mask"][b, s]):
+                    continue
+                total += 1
+                for i, layer in enumerate(model.model.layers):
+                    x = inputs[i].reshape(B, S, 16)[b, s].double()
+                    counts[i, torch.topk(torch.softmax(layer.mlp.gate.weight.double() @ x, -1), 2).indices] += 1
+    for hook in hooks:
+        hook.remove()
+    return counts, total
+
+
+def test_routing_frequency_matches_naive_float64_count():
+    model = _olmoe()
+    batches = make_context_copy_batches(TASK)
+    counts, total = _naive_frequency(model, batches)
+    assert total == sum(int(b["context_mask"].sum()) for b in batches)  # no padding marked as context here
     blocks, freq = routing_frequency(model, batches)
     assert blocks == ["model.layers.0.mlp", "model.layers.1.mlp"]
     torch.testing.assert_close(freq, counts / total)
@@ -89,23 +101,7 @@ def test_routing_frequency_never_counts_padding_marked_as_context():
     """Reference: a per-token loop over the positions that are context AND real (attention 1), float64."""
     model = _olmoe()
     batches = _padded_batches()
-    inputs = {}
-    for i, layer in enumerate(model.model.layers):
-        layer.mlp.gate.register_forward_hook(lambda m, a, o, _i=i: inputs.__setitem__(_i, a[0].detach()))
-    counts = torch.zeros(2, 4, dtype=torch.float64)
-    total = 0
-    for batch in batches:
-        with torch.no_grad():
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        B, S = batch["input_ids"].shape
-        for b in range(B):
-            for s in range(S):
-                if not (batch["context_mask"][b, s] and batch["attention_mask"][b, s]):
-                    continue
-                total += 1
-                for i, layer in enumerate(model.model.layers):
-                    x = inputs[i].reshape(B, S, 16)[b, s]
-                    counts[i, torch.topk(torch.softmax(layer.mlp.gate.weight @ x, -1), 2).indices] += 1
+    counts, total = _naive_frequency(model, batches)
     assert total < sum(int(b["context_mask"].bool().sum()) for b in batches)  # padding was marked as context
     _, freq = routing_frequency(model, batches)
     torch.testing.assert_close(freq, counts / total)

@@ -121,3 +121,32 @@ def test_zero2_bf16_saves_the_float32_masters_in_the_loaded_dtype(ws, tmp_path):
     assert projector and frozen
     assert all(not torch.equal(t, t.bfloat16().float()) for t in projector)  # float32 masters
     assert all(torch.equal(t, t.bfloat16().float()) for t in frozen)  # the bfloat16 copies the run computed with
+
+
+def test_deepspeed_without_a_launcher_trains_as_one_process(ws, tmp_path):
+    """`python -m parrot.train --deepspeed ...` with no launcher environment (DeepSpeed would try MPI discovery and
+    fail on a missing mpi4py): the run sets a one-process rendezvous itself and matches the plain run."""
+    common = dict(max_steps=2, per_device_batch_size=4, global_batch_size=4)
+    reference = tmp_path / "single"
+    train(config(ws, reference, **common))
+    out = tmp_path / "ds-one-process"
+    args = cli_args(ws, out, deepspeed=str(REPO / "configs/deepspeed/zero2.json"), **common)
+    launcher_keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_keys}
+    proc = subprocess.run([sys.executable, "-m", "parrot.train", *args], cwd=REPO, capture_output=True, text=True,
+                          env=dict(env, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"), timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "DeepSpeed without a launcher: one process" in proc.stderr + proc.stdout
+    assert_same_weights(weights(reference), weights(out))
+
+
+def test_single_process_rendezvous_leaves_a_launched_process_alone():
+    from parrot.train.run import single_process_rendezvous
+
+    launched = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}
+    assert not single_process_rendezvous(launched) and launched == {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}
+    bare: dict[str, str] = {}
+    assert single_process_rendezvous(bare)
+    assert bare["RANK"] == "0" and bare["WORLD_SIZE"] == "1" and bare["LOCAL_RANK"] == "0"
+    with socket.socket() as sock:  # the port it chose was free
+        sock.bind(("127.0.0.1", int(bare["MASTER_PORT"])))

@@ -381,6 +381,17 @@ def test_unknown_yaml_key_is_named(tmp_path):
         load_yaml_defaults(bad)
 
 
+def test_default_output_folder_is_per_stage(tmp_path):
+    """A stage-2 run without --output-dir must not write into (or be refused by) the stage-1 folder."""
+    assert TrainConfig(stage=1).output_dir == "runs/stage1"
+    assert TrainConfig(stage=2).output_dir == "runs/stage2"
+    assert parse_args(["--stage", "2"]).output_dir == "runs/stage2"
+    yaml_file = tmp_path / "s2.yaml"
+    yaml_file.write_text("stage: 2\n")
+    assert parse_args(["--config", str(yaml_file)]).output_dir == "runs/stage2"
+    assert TrainConfig(stage=2, output_dir=str(tmp_path)).output_dir == str(tmp_path)
+
+
 def test_mole_fused_setting_is_checked():
     with pytest.raises(ValueError, match="mole_fused"):
         TrainConfig(stage=2, tuning="mole", mole_fused="always")

@@ -6,7 +6,7 @@
   (`--llm`, `--vision`), never from a hub.
 
     python -m parrot.model.builder --recipe configs/tiny.yaml --out runs/tiny-init
-    python -m parrot.model.builder --recipe configs/parrot-7b.yaml --llm /models/Qwen1.5-7B-Chat \
+    python -m parrot.model.builder --recipe configs/parrot-7b.yaml --llm /models/Qwen1.5-7B-Chat \\
         --vision /models/clip-vit-large-patch14-336 --out runs/parrot-7b-init
 """
 

@@ -45,7 +45,8 @@ class TrainConfig:
                                            "stage 2: the stage-1 output directory")
     llm: str | None = _opt(None, "stage 1 with a real recipe: local causal-LM checkpoint directory")
     vision: str | None = _opt(None, "stage 1 with a real recipe: local CLIP checkpoint directory")
-    output_dir: str = _opt("runs/stage1", "where the final model, checkpoints, loss curve and reports go")
+    output_dir: str | None = _opt(None, "where the final model, checkpoints, loss curve and reports go "
+                                        "(None: runs/stage<stage>)")
     tuning: str = _opt("full", "stage 2: how the LLM trains: full fine-tuning, LoRA (peft), MoLE "
                                "(LoRA experts + router from parrot.moe), or an MoE method of "
                                "parrot.moe.methods: PERFT variants perft-r|perft-e|perft-d|perft-s (MoE LLM), "
@@ -80,7 +81,7 @@ class TrainConfig:
     ceft_per_layer: bool = _opt(True, "CEFT: take the top --ceft-top-n experts of every layer (else overall)")
     # --- data ------------------------------------------------------------------------------------------------
     data: str = _opt("synthetic-caption", "datasets to mix, by registry name: 'a|b' or 'a:0.5|b' (ratio after ':')")
-    data_registry: str | None = _opt(None, "dataset registry YAML (default: configs/datasets.yaml)")
+    data_registry: str | None = _opt(None, "dataset registry YAML (None: configs/datasets.yaml)")
     data_root: str | None = _opt(None, "resolve the registry's relative paths against this folder")
     on_bad_image: str = _opt("error", "missing/unreadable image: stop with an error, or skip the record and count "
                                       "it in <output_dir>/bad_data_report.json", BAD_IMAGE_POLICIES)
@@ -112,13 +113,17 @@ class TrainConfig:
     # --- checkpoints and logging ---------------------------------------------------------------------------
     save_steps: int = _opt(0, "save a checkpoint every N optimizer steps (0: only the final model)")
     keep_last: int = _opt(2, "keep only the last K checkpoints (0: keep all)")
-    resume: bool = _opt(False, "continue from the latest checkpoint in --output-dir (same data order and RNG)")
+    resume: bool = _opt(False, "continue from the latest checkpoint in --output-dir (same data order and "
+                                "RNG); also saves again a final model whose save was interrupted "
+                                "(.final-save-incomplete)")
     logging_steps: int = _opt(10, "log loss, lr, tokens/s and ETA every N optimizer steps")
     progress_bar: bool = _opt(True, "show the tqdm progress bar")
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.output_dir is None:  # per stage: a stage-2 run must not land in (or be refused by) stage 1's folder
+            self.output_dir = f"runs/stage{self.stage}"
         if self.tuning not in TUNING_MODES:
             raise ValueError(f"tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
         if self.router not in ROUTER_KINDS:

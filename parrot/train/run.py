@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,8 +115,25 @@ def gradient_accumulation(cfg: TrainConfig, processes: int) -> int:
     return cfg.global_batch_size // per_step
 
 
+def single_process_rendezvous(environ=os.environ) -> bool:
+    """Give a process started without a launcher (no RANK / WORLD_SIZE: `python -m parrot.train --deepspeed ...`)
+    the environment of a one-process launch (rank 0 of 1, a free local port), as torchrun would. DeepSpeed
+    initialises torch.distributed even for one process, and without these it falls back to MPI discovery, which fails
+    with "No module named 'mpi4py'". Returns whether anything was set (nothing under torchrun / deepspeed)."""
+    if "RANK" in environ or "WORLD_SIZE" in environ:
+        return False
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=environ.get("MASTER_PORT", str(port)))
+    return True
+
+
 def training_arguments(cfg: TrainConfig, processes: int) -> TrainingArguments:
     use_cpu = not torch.cuda.is_available()
+    if cfg.deepspeed is not None and single_process_rendezvous():
+        logger.info("DeepSpeed without a launcher: one process (rank 0 of 1, MASTER_PORT %s)", os.environ["MASTER_PORT"])
     return TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.per_device_batch_size,
