@@ -5,8 +5,12 @@ The server end-to-end (gradio_client, 20 concurrent users, headless Chromium) is
 
 import copy
 import dataclasses
+import os
+import socket
+import subprocess
 import threading
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +24,7 @@ from parrot.model.builder import TINY_RECIPE, build_tiny, load_recipe, save_pret
 from parrot.model.modeling import ParrotForCausalLM
 from parrot.serve import engine as engine_module
 from parrot.serve import uploads as uploads_module
-from parrot.serve.app import EMPTY_ANSWER, WARNING, ChatSession, DemoHandlers
+from parrot.serve.app import EMPTY_ANSWER, WARNING, ChatSession, DemoHandlers, build_app
 from parrot.serve.demo import main, parse_args
 from parrot.serve.engine import (
     ChatEngine,
@@ -34,6 +38,7 @@ from parrot.serve.examples import write_examples
 from parrot.serve.uploads import open_upload
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def chatml(*turns: tuple[str, str | None]) -> str:
@@ -126,6 +131,57 @@ def test_open_upload_refuses_extreme_aspect_ratios_before_decoding(tmp_path, mon
         open_upload(str(panorama))
 
 
+def test_open_upload_lays_transparency_on_white(tmp_path):
+    """The model gets the picture the page shows: transparent parts on white, not the colours stored under the alpha
+    (reference: transformers' `convert_to_rgb`, which composites on white). Black line art on a transparent
+    background must not turn into an all-black image."""
+    from transformers.image_transforms import convert_to_rgb
+
+    rng = np.random.default_rng(3)
+    line_art = np.zeros((24, 24, 4), np.uint8)  # black everywhere; only the middle rows are opaque
+    line_art[8:16, :, 3] = 255
+    palette = Image.fromarray(rng.integers(0, 4, (20, 30), dtype=np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    cases = {
+        "random.png": Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA"),
+        "line_art.png": Image.fromarray(line_art, "RGBA"),
+        "grey_alpha.png": Image.fromarray(rng.integers(0, 256, (20, 30, 2), dtype=np.uint8), "LA"),
+        "palette.png": palette,  # saved with colour 0 transparent
+        "random.webp": Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA"),
+    }
+    for name, image in cases.items():
+        path = tmp_path / name
+        image.save(path, **({"transparency": 0} if image.mode == "P" else {"lossless": True} if name.endswith("webp")
+                            else {}))
+        got = np.asarray(open_upload(str(path)))
+        with Image.open(path) as stored:
+            expected = convert_to_rgb(stored, return_numpy=True)
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    drawn = np.asarray(open_upload(str(tmp_path / "line_art.png")))
+    assert (drawn[8:16] == 0).all() and (drawn[:8] == 255).all()
+
+
+def test_open_upload_refuses_animated_and_multi_page_images(engine, tmp_path):
+    """The model reads one still image: an animation (or a multi-page TIFF) is refused by name instead of silently
+    answering about its first frame. A still GIF and a camera JPEG with an MPF preview (Pillow opens it as a
+    two-frame "MPO") are pictures, not animations."""
+    red, green = Image.new("RGB", (24, 24), (255, 0, 0)), Image.new("RGB", (24, 24), (0, 255, 0))
+    for name in ("anim.gif", "anim.png", "anim.webp", "pages.tiff"):
+        red.save(tmp_path / name, save_all=True, append_images=[green])
+        with pytest.raises(BadImageError, match=rf"^{name}: an animated or multi-page image \(2 frames\)"):
+            open_upload(str(tmp_path / name))
+    shown, _, session, _, _ = run_chat(DemoHandlers(engine), str(tmp_path / "anim.gif"), "hi", None)
+    assert shown[-1]["content"].startswith(f"{WARNING}anim.gif: an animated") and session.conversation.turns == ()
+
+    red.save(tmp_path / "still.gif")
+    red.save(tmp_path / "photo.jpg", format="MPO", save_all=True, append_images=[green])
+    with Image.open(tmp_path / "photo.jpg") as photo:
+        assert (photo.format, photo.n_frames) == ("MPO", 2)
+    for name in ("still.gif", "photo.jpg"):
+        pixels = np.asarray(open_upload(str(tmp_path / name)), dtype=float).reshape(-1, 3)
+        np.testing.assert_allclose(pixels.mean(axis=0), (255, 0, 0), atol=4, err_msg=name)
+
+
 def test_out_of_memory_while_preparing_the_image_is_a_bad_image(engine, image_file, monkeypatch):
     def exhausted(image):
         raise MemoryError
@@ -181,6 +237,47 @@ def test_prepare_drops_the_oldest_turns_just_enough(engine, image_file):
     assert length(turns[prepared.dropped_turns - 1:]) >= engine.context_length  # one turn more would not fit
 
 
+def test_chat_keeps_room_for_max_new_tokens_when_dropping_old_turns(engine, image_file, monkeypatch):
+    """A long chat drops its oldest turns until the prompt (visual tokens included) plus max_new_tokens fit the
+    context, instead of cutting the answer to whatever room the history leaves; the new message always stays, and
+    when it alone leaves less than max_new_tokens the answer gets what is left."""
+    turns = tuple(Turn(f"question {i} " + "blue " * 12, f"answer {i} " + "red " * 12) for i in range(8))
+    session = ChatSession(Conversation(str(image_file), turns))
+    tokenizer, n_visual = engine.processor.tokenizer, engine.processor.settings.num_image_tokens
+    context = engine.context_length
+
+    def reference(kept: tuple[Turn, ...]) -> tuple[str, int]:  # hand-written prompt and its length in positions
+        pairs = [(t.user, t.assistant) for t in kept] + [("last one?", None)]
+        pairs[0] = ("<image>\n" + pairs[0][0], pairs[0][1])
+        text = chatml(*pairs)
+        return text, len(tokenizer(text, add_special_tokens=False)["input_ids"]) + n_visual - 1
+
+    seen = {}
+    real_generate = engine.model.generate
+
+    def spy(**kwargs):
+        seen.update(max_new_tokens=kwargs["max_new_tokens"], input_ids=kwargs["input_ids"])
+        return real_generate(**{**kwargs, "max_new_tokens": 1})
+
+    monkeypatch.setattr(engine.model, "generate", spy)
+    dropped = []
+    for max_new_tokens in (1, 40, 64, 120, 230):
+        handlers = DemoHandlers(engine)
+        shown, _, _, plot, note = run_chat(handlers, str(image_file), "last one?", session, max_new_tokens)
+        assert not shown[-1]["content"].startswith(WARNING), shown[-1]
+        routed, _ = handlers.route(str(image_file), "last one?", session, max_new_tokens)  # the panel: same prompt
+        np.testing.assert_array_equal(routed["weight"].to_numpy(), plot["weight"].to_numpy())
+        first_kept = next((k for k in range(len(turns)) if reference(turns[k:])[1] + max_new_tokens <= context),
+                          len(turns))
+        text, length = reference(turns[first_kept:])
+        assert tokenizer.decode(seen["input_ids"][0], skip_special_tokens=False) == text, max_new_tokens
+        assert seen["max_new_tokens"] == min(max_new_tokens, context - length)
+        dropped.append(first_kept)
+        if first_kept:
+            assert f"The {first_kept} oldest turn(s) were left out" in note
+    assert dropped == sorted(dropped) and 0 < dropped[2] < dropped[-1] == len(turns)  # the cases differ
+
+
 def test_prepare_refuses_empty_and_over_long_messages(engine, image_file):
     image = open_upload(str(image_file))
     for empty in ("", "   \n\t"):
@@ -221,7 +318,8 @@ def test_prepare_refuses_reserved_chat_tokens_in_typed_text(engine, image_file, 
 
 def test_generation_settings_are_checked():
     assert GenerationSettings(8, 0.0, 0.5).generate_kwargs() == {"do_sample": False}
-    assert GenerationSettings(8, 0.7, 0.9).generate_kwargs() == {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    sampled = GenerationSettings(8, 0.7, 0.9).generate_kwargs()
+    assert (sampled["do_sample"], sampled["temperature"], sampled["top_p"]) == (True, 0.7, 0.9)
     for bad in (dict(max_new_tokens=0), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ChatInputError):
             GenerationSettings(**bad)
@@ -253,6 +351,30 @@ def test_stream_reply_keeps_within_the_context(engine, image_file, monkeypatch):
     assert 0 < budget < 200
     list(engine.stream_reply(prepared, GenerationSettings(max_new_tokens=500)))
     assert seen["max_new_tokens"] == budget
+
+
+def test_sampling_draws_from_the_whole_tempered_distribution(engine, image_file, monkeypatch):
+    """Temperature T with top-p 1 samples from softmax(logits / T) over the whole vocabulary: no hidden top-k cut
+    (HF generation keeps only the 50 likeliest tokens unless told otherwise). Reference: the model's own logits."""
+    prepared = engine.prepare(open_upload(str(image_file)), Conversation(), "What colour is the circle?")
+    with torch.no_grad():
+        logits = engine.model(**prepared.batch).logits[0, -1].double()  # (V,)
+    sampled_from = []
+    real_multinomial = torch.multinomial
+
+    def spy(probs, *args, **kwargs):
+        sampled_from.append(probs.detach().double().clone())
+        return real_multinomial(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    for temperature in (0.7, 1.0, 1.5):
+        sampled_from.clear()
+        list(engine.stream_reply(prepared, GenerationSettings(1, temperature, 1.0)))
+        assert len(sampled_from) == 1
+        torch.testing.assert_close(sampled_from[0][0], torch.softmax(logits / temperature, -1), rtol=0, atol=1e-7)
+    sampled_from.clear()
+    list(engine.stream_reply(prepared, GenerationSettings(1, 0.0, 0.3)))  # temperature 0: greedy, nothing sampled
+    assert sampled_from == []
 
 
 def test_stream_reply_reraises_generation_errors(engine, image_file, monkeypatch):
@@ -443,6 +565,22 @@ def test_chat_handler_starts_over_for_a_new_image(engine, image_file, tmp_path):
     assert plot["weight"].sum() == pytest.approx(1.0)
 
 
+def test_resetting_the_chat_first_cancels_a_streaming_answer(engine):
+    """Clear, a new image and the chatbot's trash button reset the conversation. An answer still streaming must be
+    cancelled, or its later chunks write the old chat and session back over the reset (the next message then carries
+    the cleared conversation); and cancelled before the reset runs, since the browser runs a trigger's listeners in
+    the order they were registered, each to its end. (The browser test in test_demo_server.py does it for real.)"""
+    config = build_app(engine, []).config
+    elem_ids = {c["id"]: c["props"].get("elem_id") for c in config["components"]}
+    listeners = config["dependencies"]
+    chat = next(d["id"] for d in listeners if d["api_name"] == "chat")
+    for trigger in (("parrot-clear", "click"), ("parrot-image", "change"), ("parrot-chatbot", "clear")):
+        on_trigger = [d for d in listeners if any((elem_ids[t], event) == trigger for t, event in d["targets"])]
+        cancels = [i for i, d in enumerate(on_trigger) if chat in d["cancels"]]
+        resets = [i for i, d in enumerate(on_trigger) if d["backend_fn"]]
+        assert cancels and resets and max(cancels) < min(resets), (trigger, on_trigger)
+
+
 def test_route_handler(engine, image_file):
     handlers = DemoHandlers(engine)
     plot, note = handlers.route(str(image_file), "What colour is the circle?", None)
@@ -490,3 +628,34 @@ def test_cli_defaults_are_local_and_private():
         parse_args(["--concurrency", "0"])
     with pytest.raises(SystemExit, match="cannot load --model: .*no config.json"):
         main(["--model", "/nonexistent/parrot-model"])
+
+
+def test_cli_refuses_bad_ports_and_names_a_taken_one(engine, monkeypatch, capsys):
+    for port in ("0", "65536", "-5"):
+        with pytest.raises(SystemExit):
+            parse_args(["--port", port])
+        assert "--port must be in [1, 65535]" in capsys.readouterr().err
+    monkeypatch.setattr(engine_module, "load_model", lambda model_dir: (engine.model, engine.processor, "test"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port} .*choose another --port"):
+            main(["--port", str(port)])
+
+
+def test_demo_script_runs_in_the_callers_directory(tmp_path):
+    """scripts/demo.sh used to cd to the repository first, so `--model runs/x` typed elsewhere named another folder.
+    A stand-in interpreter ($PYTHON) reports the directory, arguments and import path it was started with."""
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/sh\nprintf "%s\\n" "$PWD" "$PYTHONPATH" "$@"\n')
+    fake_python.chmod(0o755)
+    caller = tmp_path / "elsewhere"
+    caller.mkdir()
+    env = dict(os.environ, PYTHON=str(fake_python), PYTHONPATH="")
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "demo.sh"), "--model", "runs/mine", "--port", "7"],
+                            cwd=caller, env=env, capture_output=True, text=True, timeout=60, check=True)
+    cwd, import_path, *argv = result.stdout.splitlines()
+    assert Path(cwd).resolve() == caller.resolve()
+    assert import_path.split(":")[0] == str(REPO_ROOT)  # this checkout's package, from any directory
+    assert argv == ["-m", "parrot.serve.demo", "--model", "runs/mine", "--port", "7"]

@@ -57,6 +57,8 @@ def demo_files(tmp_path_factory):
     raw = (root / "photo.png").read_bytes()
     (root / "cut.png").write_bytes(raw[: len(raw) // 2])
     Image.new("1", (10000, 10000)).save(root / "huge.png")
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     return root
 
 
@@ -181,6 +183,7 @@ def test_bad_inputs_get_a_message_and_the_server_keeps_working(server, demo_file
         (demo_files / "notes.txt", "What is this?", "notes.txt: not an image file"),
         (demo_files / "cut.png", "What is this?", "cut.png: cannot decode image"),
         (demo_files / "huge.png", "What is this?", "huge.png: image too large (10000x10000 pixels"),
+        (demo_files / "anim.gif", "What is this?", "anim.gif: an animated or multi-page image (2 frames)"),
         (photo, "", "Please type a message"),
         (photo, "circle " * 400, "Your message is too long"),
     ]
@@ -352,6 +355,16 @@ COMPONENTS_JS = """(() => ({
   examples: document.querySelectorAll('#parrot-examples tbody tr').length,
 }))()"""
 
+CHAR_X_JS = """(() => {  // the x of the first occurrence of each of two characters in an element's text
+  const text = document.querySelector(%s).firstChild, range = document.createRange();
+  return [%s, %s].map(ch => {
+    const i = text.textContent.indexOf(ch);
+    range.setStart(text, i);
+    range.setEnd(text, i + 1);
+    return range.getBoundingClientRect().x;
+  });
+})()"""
+
 USER_TEXTS_JS = "[...document.querySelectorAll('#parrot-chatbot [data-testid=user]')].map(e => e.innerText.trim())"
 BOT_TEXT_JS = "[...document.querySelectorAll('#parrot-chatbot [data-testid=bot]')].map(e => e.innerText).join('\\n')"
 
@@ -397,6 +410,28 @@ def test_browser_renders_the_chat_and_answers(server, demo_files, tmp_path):
         time.sleep(1.0)  # let the stream finish and the chart draw before the picture
         shot = tmp_path / "demo.png"
         browser.screenshot(shot)
+
+        # Clear while an answer is under way: it is cancelled, and the next message starts a new conversation instead
+        # of the answer writing the old one back. Two long API answers (the server runs two at once) keep this one
+        # waiting in the queue when Clear is pressed 0.2 s after Send, so the answer surely comes after the Clear.
+        busy = [client(server).submit(None, "Tell a long story.", 1.0, 1.0, 255, api_name="/chat") for _ in range(2)]
+        browser.evaluate(TYPE_MESSAGE_JS % json.dumps("Describe the picture."))
+        browser.evaluate("document.querySelector('#parrot-send').click(); "
+                         "setTimeout(() => document.querySelector('#parrot-clear').click(), 200); true")
+        for job in busy:
+            job.result(timeout=120)
+        time.sleep(2.0)  # an answer that was not cancelled runs now and writes the chat back
+        assert browser.evaluate(USER_TEXTS_JS) == []
+        # The next message starts the new conversation. In Arabic it reads right to left in the left-to-right page: the
+        # closing "!" (a neutral character) is drawn at the left end of the line, after the sentence, not before it.
+        arabic = "محادثة جديدة!"
+        browser.evaluate(TYPE_MESSAGE_JS % json.dumps(arabic))
+        browser.evaluate("document.querySelector('#parrot-send').click()")
+        browser.wait_for(f"({BOT_TEXT_JS}).trim().length > 0", timeout=60)
+        assert browser.evaluate(USER_TEXTS_JS) == [arabic]
+        first, mark = browser.evaluate(CHAR_X_JS % (json.dumps("#parrot-chatbot [data-testid=user] p"),
+                                                    json.dumps("م"), json.dumps("!")))
+        assert mark < first, (mark, first)
     finally:
         browser.close()
     keep = os.environ.get("PARROT_DEMO_SCREENSHOT")  # e.g. to look at it after a CI run

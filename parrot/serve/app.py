@@ -6,7 +6,7 @@ in the chat (or the router panel), so the server keeps serving.
 
 API endpoints (for `gradio_client`; the session's state is kept server-side per client):
     /chat(image, message, temperature, top_p, max_new_tokens) -> (chatbot, textbox, router_plot, router_note)
-    /route(image, message) -> (router_plot, router_note)
+    /route(image, message, max_new_tokens=64) -> (router_plot, router_note)
     /clear() -> (image, textbox, chatbot, router_plot, router_note)
 """
 
@@ -30,6 +30,13 @@ logger = logging.getLogger(__name__)
 WARNING = "⚠️ "
 EMPTY_ANSWER = "(the model returned an empty answer)"
 ROUTER_COLUMNS = ("expert", "weight")
+# Each paragraph of the chat, the message box and the examples takes its direction from its own text (what HTML's
+# dir="auto" does): in the left-to-right page an Arabic line would otherwise put its closing "!" or "." at its
+# start. Passed to `launch(css=...)` (Gradio 6 takes page CSS there).
+PAGE_CSS = """
+#parrot-chatbot .message-content :is(p, li, h1, h2, h3, h4, h5, h6, blockquote, td, th),
+#parrot-message textarea, #parrot-examples td { unicode-bidi: plaintext; text-align: start; }
+"""
 
 
 @dataclass(frozen=True)
@@ -94,13 +101,14 @@ class DemoHandlers:
     def __init__(self, engine: ChatEngine):
         self.engine = engine
 
-    def _prepare(self, image_payload, session: ChatSession, message: str) -> tuple[ChatSession, PreparedPrompt]:
+    def _prepare(self, image_payload, session: ChatSession, message: str,
+                 max_new_tokens: int) -> tuple[ChatSession, PreparedPrompt]:
         image = open_upload(image_payload)
         located = upload_path(image_payload)
         image_key = str(located[0]) if located else None
         if image_key != session.conversation.image_key:  # another image: a new conversation about it
             session = ChatSession(Conversation(image_key))
-        return session, self.engine.prepare(image, session.conversation, message)
+        return session, self.engine.prepare(image, session.conversation, message, max_new_tokens)
 
     def _route(self, prepared: PreparedPrompt) -> tuple[pd.DataFrame, str]:
         weights = self.engine.routing_weights(prepared)
@@ -118,14 +126,15 @@ class DemoHandlers:
         message = message or ""
         try:
             settings = generation_settings(temperature, top_p, max_new_tokens)
-            session, prepared = self._prepare(image_payload, session, message)
+            session, prepared = self._prepare(image_payload, session, message, settings.max_new_tokens)
             plot, note = self._route(prepared)
         except (ChatInputError, BadImageError) as err:
             shown = session.show(*([_user(message)] if message.strip() else []), _assistant(f"{WARNING}{err}"))
             yield list(shown.messages), message, shown, gr.skip(), gr.skip()
             return
         if prepared.dropped_turns:
-            note += f"\n\n(The {prepared.dropped_turns} oldest turn(s) were left out to fit the context.)"
+            note += (f"\n\n(The {prepared.dropped_turns} oldest turn(s) were left out to fit the context with room "
+                     f"for {settings.max_new_tokens} new tokens.)")
         message = message.strip()
         asked = session.show(_user(message))
         answer = ""
@@ -145,11 +154,14 @@ class DemoHandlers:
                            asked.messages + (_assistant(answer or EMPTY_ANSWER),))
         yield list(done.messages), textbox, done, plot, note  # "" only if nothing was streamed
 
-    def route(self, image_payload, message, session: ChatSession | None) -> tuple[pd.DataFrame, str]:
-        """The router panel alone, for the current image + message (+ this session's earlier turns)."""
+    def route(self, image_payload, message, session: ChatSession | None,
+              max_new_tokens=GenerationSettings.max_new_tokens) -> tuple[pd.DataFrame, str]:
+        """The router panel alone, for the current image + message (+ this session's earlier turns): the prompt
+        /chat would send with this `max_new_tokens` (which decides how many old turns fit the context)."""
         session = session or ChatSession()
         try:
-            _, prepared = self._prepare(image_payload, session, message or "")
+            budget = GenerationSettings(_whole_number("max new tokens", max_new_tokens)).max_new_tokens  # checked
+            _, prepared = self._prepare(image_payload, session, message or "", budget)
         except (ChatInputError, BadImageError) as err:
             return router_frame(None), f"{WARNING}{err}"
         return self._route(prepared)
@@ -182,8 +194,9 @@ def build_app(engine: ChatEngine, examples: list[Example], concurrency_limit: in
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)",
                                             elem_id="parrot-temperature")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="parrot-top-p")
-                    max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens",
-                                               elem_id="parrot-max-new-tokens")
+                    most = max(1, min(512, engine.context_length - 1))  # more never fits the context
+                    max_new_tokens = gr.Slider(1, most, value=min(GenerationSettings.max_new_tokens, most), step=1,
+                                               label="Max new tokens", elem_id="parrot-max-new-tokens")
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Chat", height=420, elem_id="parrot-chatbot", buttons=["copy", "copy_all"],
                                      placeholder="Ask a question about the image: en, zh, pt, ar, tr, ru, ...")
@@ -205,7 +218,7 @@ def build_app(engine: ChatEngine, examples: list[Example], concurrency_limit: in
             elem_id="parrot-examples",
         )
 
-        gr.on(
+        answering = gr.on(
             triggers=[textbox.submit, send.click],
             fn=handlers.chat,
             inputs=[image, textbox, temperature, top_p, max_new_tokens, session],
@@ -213,13 +226,20 @@ def build_app(engine: ChatEngine, examples: list[Example], concurrency_limit: in
             api_name="chat",
             preprocess=False,  # the raw upload: bad files become chat messages, not server errors
         )
-        show_routing.click(handlers.route, inputs=[image, textbox, session], outputs=[router_plot, note],
-                           api_name="route", preprocess=False)
+        show_routing.click(handlers.route, inputs=[image, textbox, session, max_new_tokens],
+                           outputs=[router_plot, note], api_name="route", preprocess=False)
+        # Clear, a new image and the chatbot's own trash button start a new conversation. Each first cancels an answer
+        # still streaming (which stops its generation, see `ChatEngine.stream_reply`): its later chunks would write the
+        # old chat and session back over the reset, and the next message would carry the cleared conversation. The
+        # cancel is registered before the reset because the browser runs a trigger's listeners in that order, each
+        # to its end: cancelling after the reset leaves a window for those chunks. The resets are queued (not
+        # queue=False), so their result reaches the browser on the session's event stream after any chunk sent before.
+        for trigger in (clear.click, image.change, chatbot.clear):
+            trigger(None, cancels=[answering], api_visibility="private")
         clear.click(handlers.clear, inputs=None, outputs=[image, textbox, chatbot, session, router_plot, note],
-                    api_name="clear", queue=False)
-        # A new image starts a new conversation; the chatbot's own trash button must forget the history too.
-        for event in (image.change, chatbot.clear):
-            event(handlers.reset_chat, inputs=None, outputs=[chatbot, session, router_plot, note],
-                  api_visibility="private", queue=False)
+                    api_name="clear")
+        for trigger in (image.change, chatbot.clear):
+            trigger(handlers.reset_chat, inputs=None, outputs=[chatbot, session, router_plot, note],
+                    api_visibility="private")
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue_size)
     return demo

@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_queue < 1:
         parser.error("--concurrency and --max-queue must be >= 1")
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be in [1, 65535], got {args.port}")
     return args
 
 
@@ -43,10 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes, one line per request
     import torch
 
-    from .app import build_app
     from .engine import ChatEngine, load_model
-    from .examples import write_examples
-    from .uploads import MAX_UPLOAD_BYTES
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,11 +54,19 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"parrot.serve.demo: cannot load --model: {err}") from err
     engine = ChatEngine(model, processor, source=source)
+    from .app import PAGE_CSS, build_app  # Gradio: imported once the model has loaded (a bad --model fails fast)
+    from .examples import write_examples
+    from .uploads import MAX_UPLOAD_BYTES
     with tempfile.TemporaryDirectory(prefix="parrot-demo-examples-") as examples_dir:
         examples = write_examples(examples_dir)
         demo = build_app(engine, examples, concurrency_limit=args.concurrency, max_queue_size=args.max_queue)
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
-                    allowed_paths=[examples_dir], max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"])
+        try:
+            demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
+                        allowed_paths=[examples_dir], max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"],
+                        css=PAGE_CSS)
+        except OSError as err:  # port taken, address not on this machine: a message instead of a traceback
+            raise SystemExit(f"parrot.serve.demo: cannot listen on {args.host}:{args.port} ({err}); "
+                             "choose another --port / --host") from err
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ class GenerationSettings:
     def generate_kwargs(self) -> dict:
         if self.temperature == 0.0:
             return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        # top_k=0: no top-k cut. Left unset, HF generation samples from the 50 likeliest tokens only (its global
+        # default), a truncation the UI neither shows nor controls: top-p 1.0 must mean the whole distribution.
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class Conversation:
 class PreparedPrompt:
     batch: dict[str, torch.Tensor]  # processor output: input_ids (1, T), attention_mask (1, T), pixel_values
     prompt_tokens: int  # T plus the image's visual tokens
-    dropped_turns: int  # oldest turns left out to fit the context
+    dropped_turns: int  # oldest turns left out to fit the context (with room for the answer)
     # (1, T) the prompt's labels as training would have them: earlier assistant answers keep their ids, the rest
     # is IGNORE_INDEX. The Parrot MoE leaves labelled tokens out of its text guidance, in training and here alike.
     labels: torch.Tensor | None = None
@@ -149,11 +151,15 @@ class ChatEngine:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": turn.assistant}]
         return messages[:-1]  # the new message awaits its answer
 
-    def prepare(self, image: Image.Image | None, conversation: Conversation, message: str) -> PreparedPrompt:
-        """Tokenise the chat so far plus `message`; drop the oldest turns when the context would overflow.
+    def prepare(self, image: Image.Image | None, conversation: Conversation, message: str,
+                max_new_tokens: int = 1) -> PreparedPrompt:
+        """Tokenise the chat so far plus `message`; drop the oldest turns while the prompt (visual tokens included)
+        and `max_new_tokens` for the answer would overflow the context. The new message is always kept: when it
+        leaves less room than `max_new_tokens` even without history, the answer gets what is left
+        (`stream_reply`).
 
-        Raises ChatInputError for an empty message, one with reserved text, or one that does not fit even without
-        history; BadImageError when the image cannot be prepared.
+        Raises ChatInputError for an empty message, one with reserved text, or one that leaves no room for a single
+        answer token even without history; BadImageError when the image cannot be prepared.
         """
         message = message.strip()
         if not message:
@@ -163,6 +169,7 @@ class ChatEngine:
                 f"Your message is {len(message)} characters long; the limit is {MAX_MESSAGE_CHARS} characters."
             )
         self._refuse_reserved(conversation, message)
+        reserve = max(int(max_new_tokens), 1)  # positions the answer needs after the prompt
         with_image = image is not None
         visual_extra = self.processor.settings.num_image_tokens - 1 if with_image else 0
         turns = conversation.turns
@@ -171,7 +178,7 @@ class ChatEngine:
                 # Segment-wise, as training tokenises: the model (and its MoE router) sees the ids training saw.
                 messages = self._messages(turns, message, with_image)
                 length = len(self.processor.encode(messages)[0]) + visual_extra
-                if length < self.context_length or not turns:
+                if length + reserve <= self.context_length or not turns:
                     break
                 turns = turns[1:]
             if length >= self.context_length:  # at least one position must stay free for the answer

@@ -2,6 +2,10 @@
 
 The demo receives the raw upload (a path in Gradio's cache), not an image Gradio already decoded, so that a
 non-image file, a truncated file or a decompression bomb becomes a message in the chat instead of a server error.
+
+The model gets the picture the user sees: transparent parts are laid on white (as the page shows them; a plain RGB
+conversion would show the model the colours hidden under the alpha, e.g. black line art on transparent -> all black),
+and an animated or multi-page image is refused instead of silently answering about its first frame only.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..data.images import BadImageError, load_image
 
@@ -23,6 +27,9 @@ MAX_UPLOAD_PIXELS = 40_000_000
 MAX_UPLOAD_SIDE = 8192
 MAX_UPLOAD_ASPECT_RATIO = 20.0
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # also passed to Gradio as its upload limit
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# A JPEG with an MPF index (most phone and camera photos) opens as "MPO": frame 0 is the photo, the rest previews.
+_STILL_MULTI_FRAME_FORMATS = ("MPO",)
 
 
 def upload_path(payload: Any) -> tuple[Path, str] | None:
@@ -52,18 +59,36 @@ def open_upload(payload: Any, max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Imag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own, lower limit
-            with Image.open(path) as probe:  # reads the header only
+            with Image.open(path) as probe:  # reads the header (and the frame index) only, no pixels
                 width, height = probe.size
+                check_size(name, width, height, max_pixels)
+                frames = 1 if probe.format in _STILL_MULTI_FRAME_FORMATS else getattr(probe, "n_frames", 1)
+                transparent = probe.mode in _ALPHA_MODES or (
+                    probe.mode in ("P", "L", "RGB") and "transparency" in probe.info)
     except (UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise BadImageError(f"{name}: not an image file Pillow can read ({type(err).__name__})") from err
-    except OSError as err:
+    except (OSError, EOFError, SyntaxError) as err:  # also a frame index that breaks off
         raise BadImageError(f"{name}: cannot read the image ({err})") from err
-    check_size(name, width, height, max_pixels)
+    if frames > 1:
+        raise BadImageError(f"{name}: an animated or multi-page image ({frames} frames); the model reads one still "
+                            "image, please upload a single frame (e.g. as PNG or JPEG)")
     try:
-        return load_image(path, name=name)
+        return _on_white(path, name) if transparent else load_image(path, name=name)
     except MemoryError as err:  # the limits above should prevent it; a server error must not be the answer
         raise BadImageError(f"{name}: not enough memory to decode this {width}x{height} image; "
                             "please upload a smaller one") from err
+
+
+def _on_white(path: Path, name: str) -> Image.Image:
+    """An image with transparency as RGB laid on white, the way the page shows it (EXIF orientation applied)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgba = ImageOps.exif_transpose(image).convert("RGBA")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
+        raise BadImageError(f"{name}: cannot decode image ({err})") from err
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return load_image(Image.alpha_composite(white, rgba), name=name)
 
 
 def check_size(name: str, width: int, height: int, max_pixels: int = MAX_UPLOAD_PIXELS) -> None:
