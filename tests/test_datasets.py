@@ -13,6 +13,7 @@ from parrot.data.datasets import (
     DataCollator,
     DataConfig,
     DataFormatError,
+    PackedRecords,
     SourcedRecord,
     build_dataset,
     load_records,
@@ -290,3 +291,168 @@ def test_record_with_no_label_left_after_truncation_is_a_counted_skip(tokenizer,
     for item in (dataset[0], dataset[1]):  # what is kept still has its answer to learn
         labelled = item["input_ids"][item["labels"] != IGNORE_INDEX].tolist()
         assert tokenizer.decode(labelled) == "Blue.<|im_end|>"
+
+
+# ------------------------------------------------------------------------------------ review additions
+def _qa(record_id, user="<image>\nWhat colour?", answer="Red.", image="a.png"):
+    record = {"id": record_id, "conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]}
+    if image is not None:
+        record["image"] = image
+    return record
+
+
+def test_non_utf8_data_file_is_an_error_naming_file_and_line(tmp_path):
+    records = [_qa("a"), _qa("b", answer="Café.")]
+    as_json = tmp_path / "latin1.json"
+    as_json.write_bytes(json.dumps(records, ensure_ascii=False, indent=1).encode("latin-1"))
+    bad_line = json.dumps(records, ensure_ascii=False, indent=1).splitlines().index(
+        next(line for line in json.dumps(records, ensure_ascii=False, indent=1).splitlines() if "Café" in line)) + 1
+    with pytest.raises(DataFormatError, match=rf"latin1\.json:{bad_line}: not UTF-8"):
+        load_records(as_json)
+    as_jsonl = tmp_path / "latin1.jsonl"
+    as_jsonl.write_bytes("\n".join(json.dumps(r, ensure_ascii=False) for r in records).encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"latin1\.jsonl:2: not UTF-8"):
+        load_records(as_jsonl)
+
+
+def test_utf8_with_byte_order_mark_loads(tmp_path):
+    records = [_qa("a"), _qa("b")]
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(map(json.dumps, records)).encode() + b"\n")
+    assert load_records(tmp_path / "bom.json") == records == load_records(tmp_path / "bom.jsonl")
+
+
+def test_jsonl_lines_end_only_at_newline(tmp_path):
+    """`json.dumps(..., ensure_ascii=False)` writes U+2028, U+2029 and U+0085 (NEL, what cp1252's ellipsis becomes
+    when read as Latin-1) raw inside strings; `str.splitlines` broke such a record in two ("invalid JSON")."""
+    records = [_qa("a", user="<image>\nFirst line\u2028second\u2029third"), _qa("b", answer="Wait\u0085 red."),
+               _qa("c", image=None, user="Plain")]
+    path = tmp_path / "data.JSONL"  # the suffix in any case
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")  # really raw in the file
+    assert load_records(path) == records
+
+
+@pytest.mark.parametrize("record, message", [
+    (_qa("x", user="What colour?", answer="<image> Red."),
+     r"field 'conversations\[1\]\.value': '<image>' placeholder in an assistant"),
+    (_qa("x", image=""), r"field 'image' must be a non-empty string"),
+    (_qa("x", answer=None), r"field 'conversations\[1\]\.value' must be a string, got NoneType"),
+    ({"id": "x", "conversations": [{"from": "bot", "value": "hi"}, {"from": "gpt", "value": "a"}]},
+     r"field 'conversations\[0\]\.from' is 'bot'"),
+])
+def test_malformed_turns_name_the_record_and_field(tmp_path, record, message):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([_qa("ok"), record]))
+    with pytest.raises(DataFormatError, match=r"data\.json: record 1 \(id 'x'\): " + message):
+        load_records(path)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("a:nan", "finite number > 0"), ("a:inf", "finite number > 0"), ("a:-1", "finite number > 0"),
+    ("a:", "not a number"), ("a|b|a:2", "'a' is named twice"),
+])
+def test_bad_spec_is_a_clear_error(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_spec(spec)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"path": "caption.json", "ratio": "abc"}, r"dataset 'cap': field 'ratio': ratio 'abc' is not a number"),
+    ({"path": "caption.json", "ratio": ".nan"}, r"dataset 'cap': field 'ratio': .*finite number > 0"),
+    ({"path": "caption.json", "ratio": ".inf"}, r"dataset 'cap': field 'ratio': .*finite number > 0"),
+    ({"path": 5}, r"dataset 'cap': field 'path' must be a path string"),
+    ({"path": "null"}, r"dataset 'cap': field 'path' must be a path string"),
+    ({"path": "caption.json", "image_dir": "[a, b]"}, r"dataset 'cap': field 'image_dir' must be a path string"),
+])
+def test_bad_registry_entry_names_the_field(tmp_path, entry, message):
+    registry = write_registry(tmp_path, {"cap": entry})
+    with pytest.raises(DataFormatError, match=rf"registry\.yaml: {message}"):
+        load_registry(registry)
+
+
+def test_a_dataset_the_mix_would_leave_out_is_an_error(synthetic_sets, tmp_path):
+    registry, _, _ = synthetic_sets
+    assert len(mix_datasets("cap:0.06|qa", registry)) == round(0.06 * 10) + 6 == 7  # still one caption record
+    with pytest.raises(ValueError, match=r"dataset 'cap' .*ratio 0.01 of its 10 records keeps none"):
+        mix_datasets("cap:0.01|qa", registry)
+    (tmp_path / "qa.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"dataset 'qa' .*of its 0 records keeps none"):
+        mix_datasets("cap|qa", registry)
+
+
+def test_text_is_checked_before_images_and_each_image_is_decoded_once(synthetic_sets, tokenizer, monkeypatch):
+    import parrot.data.datasets as datasets_module
+
+    registry, _, _ = synthetic_sets
+    decoded = []
+    real_load = datasets_module.load_image
+    monkeypatch.setattr(datasets_module, "load_image", lambda path: decoded.append(str(path)) or real_load(path))
+    records = mix_datasets("qa:3", registry)  # every record three times
+    broken = SourcedRecord({**records[-1].record, "conversations": [{"from": "gpt", "value": "answer first"}]},
+                           records[-1].source, records[-1].index, records[-1].image_dir, "qa")
+    with pytest.raises(ValueError, match="must alternate"):
+        ConversationDataset(records + [broken], tokenizer, "chatml", 256, to_tensor)
+    assert decoded == []  # the malformed conversation stopped the build before any image was decoded
+    dataset = ConversationDataset(records, tokenizer, "chatml", 256, to_tensor)
+    assert len(dataset) == 18 and dataset.report.checked == 18
+    assert sorted(decoded) == sorted({str(r.image_path) for r in records})  # 6 images, each decoded once
+    missing = records[0].image_path
+    missing.unlink()
+    skipping = ConversationDataset(records, tokenizer, "chatml", 256, to_tensor, on_bad_image="skip")
+    assert len(skipping) == 15 and skipping.report.counts == {"checked": 18, "skipped": 3, "missing": 3}
+
+
+@pytest.mark.parametrize("max_length", [0, -5, 2.5])
+def test_max_length_must_be_positive(tokenizer, max_length):
+    with pytest.raises(ValueError, match="max_length must be a positive"):
+        ConversationDataset([], tokenizer, "chatml", max_length)
+
+
+def test_packed_records_round_trip_and_stay_about_the_size_of_their_json():
+    """The dataset keeps its records packed (JSON bytes + integer arrays): measured with tracemalloc against the
+    records' JSON size; the same records as dicts take about 4-5 times that (and get copied into every forked
+    DataLoader worker as reading them touches reference counts)."""
+    import gc
+    import tracemalloc
+
+    def make(n):
+        return [SourcedRecord(_qa(f"{i:09d}", user=f"<image>\nQuestion {i}: what is in the picture, in detail?",
+                                  answer=f"Answer {i}: a red bus next to a tall building.", image=f"img/{i}.jpg"),
+                              f"part{i % 3}.json", i, Path(f"images{i % 3}") if i % 2 else None, f"set{i % 3}")
+                for i in range(n)]
+
+    items = make(3000)
+    repeated = items + items[:1000]  # a ratio > 1 repeats records
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        packed = PackedRecords(repeated)
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    json_bytes = sum(len(json.dumps(it.record, ensure_ascii=False).encode()) for it in items)
+    assert retained < 1.5 * json_bytes, (retained, json_bytes)
+    assert len(packed) == 4000 and packed == repeated and list(packed) == repeated
+    assert packed[-1] == repeated[-1] and packed[3000] == items[0] and packed[10:12] == repeated[10:12]
+    with pytest.raises(IndexError):
+        packed[4000]
+
+
+def test_dataset_keeps_its_records_packed(synthetic_sets, tokenizer):
+    registry, _, _ = synthetic_sets
+    records = mix_datasets("cap|qa:2", registry)
+    dataset = ConversationDataset(records, tokenizer, "chatml", 256, to_tensor)
+    assert isinstance(dataset.records, PackedRecords) and dataset.records == records
+    for i in (0, 9, 10, len(records) - 1):
+        assert torch.equal(dataset[i]["input_ids"], ConversationDataset([records[i]], tokenizer, "chatml", 256,
+                                                                          to_tensor)[0]["input_ids"])
+
+
+def test_packed_records_keep_records_that_share_a_source_and_index_apart():
+    """Records built in code may all say ("inline", 0); only identical records may share storage."""
+    items = [SourcedRecord(_qa(f"r{i}", image=None, user=f"Question {i}"), "inline", 0, None, "inline")
+             for i in range(3)]
+    assert PackedRecords(items + items[:1]) == items + items[:1]

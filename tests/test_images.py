@@ -101,3 +101,67 @@ def test_exif_orientation_is_applied(tmp_path):
     top_row = np.asarray(image)[2, 10]
     assert top_row[2] > 150 and top_row[0] < 100  # the left band is now at the top
     assert ImageTransform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(Image.open(path)).shape == (3, 16, 16)
+
+
+def _transparent_images():
+    """Black line art on a transparent background, stored as transparent black (what drawing tools save), in every
+    way Pillow represents transparency: an alpha band (RGBA, LA), palette alpha (P), a transparent colour (L, RGB)
+    and partial alpha."""
+    rng = np.random.default_rng(0)
+    alpha = np.zeros((6, 8), dtype=np.uint8)
+    alpha[2:4] = 255
+    alpha[5, :4] = 100  # partly transparent
+    rgb = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    rgb[alpha == 0] = 0
+    rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    yield "RGBA", rgba, {}
+    yield "LA", rgba.convert("LA"), {}
+    palette = Image.new("P", (8, 6), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (0, 2, 8, 4))
+    yield "P", palette, {"transparency": 0}
+    grey = Image.fromarray(np.where(alpha == 0, 0, 200).astype(np.uint8), "L")
+    yield "L", grey, {"transparency": 0}
+    yield "RGB", grey.convert("RGB"), {"transparency": (0, 0, 0)}
+
+
+def test_transparency_is_laid_on_white_as_clip_image_processors_do(tmp_path):
+    """Reference: transformers' `convert_to_rgb` (what CLIP's image processors and the demo's uploads do): a plain
+    convert("RGB") showed the model the black hidden under the alpha, so the line art vanished into black."""
+    from transformers.image_transforms import convert_to_rgb
+
+    for mode, image, save_args in _transparent_images():
+        path = tmp_path / f"{mode}.png"
+        image.save(path, **save_args)
+        expected = convert_to_rgb(Image.open(path), return_numpy=True)
+        assert (expected == 255).all(axis=-1).any(), mode  # the reference really shows white somewhere
+        assert np.array_equal(np.asarray(load_image(path)), expected), mode
+        assert np.array_equal(np.asarray(load_image(Image.open(path))), expected), mode
+        out = ImageTransform(8, MEAN, STD, "resize")(Image.open(path))
+        ref = ImageTransform(8, MEAN, STD, "resize")(Image.fromarray(expected))
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_sixteen_bit_grey_with_a_transparent_level(tmp_path):
+    levels = np.array([[0, 65535], [32768, 0]], dtype=np.uint16)
+    path = tmp_path / "grey16_trns.png"
+    Image.fromarray(levels).save(path, transparency=0)
+    assert Image.open(path).mode.startswith("I") and Image.open(path).info.get("transparency") == 0
+    assert np.asarray(load_image(path))[..., 0].tolist() == [[255, 255], [128, 255]]  # level 0 is see-through
+
+
+def test_animated_files_give_their_first_frame_and_are_closed(tmp_path):
+    import gc
+    import warnings
+
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    for suffix in ("gif", "webp"):
+        path = tmp_path / f"anim.{suffix}"
+        extra = {"lossless": True} if suffix == "webp" else {}
+        frames[0].save(path, save_all=True, append_images=frames[1:], **extra)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pixel = np.asarray(load_image(path))[4, 4]
+            gc.collect()
+        assert pixel.tolist() == [255, 0, 0], suffix
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], suffix  # no file left open

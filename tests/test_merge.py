@@ -95,3 +95,24 @@ def test_image_placeholder_mismatch_is_an_error(n_images):
     embeds, ids, mask, _, labels = make_batch("right")
     with pytest.raises(ValueError, match="placeholder"):
         merge_visual_tokens(embeds, ids, mask, torch.randn(n_images, 3, 6), IMG, labels)
+
+
+def test_merge_matches_reference_on_random_batches():
+    """Random ids, masks with holes (not only padding), rows without images, several images per row, 1-3 visual
+    tokens per image, both output sides: embeddings, mask and labels equal the per-sample loop exactly."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        B, T, n_visual = (int(torch.randint(low, high, (1,), generator=g)) for low, high in ((1, 5), (1, 9), (1, 4)))
+        ids = torch.randint(0, 10, (B, T), generator=g)
+        mask = (torch.rand(B, T, generator=g) < 0.8).long()
+        mask[:, 0] = 1  # every row keeps a token
+        labels = torch.randint(-100, 50, (B, T), generator=g)
+        n_images = int(((ids == IMG) & mask.bool()).sum())
+        embeds = torch.randn(B, T, 4, dtype=torch.float64, generator=g)
+        feats = torch.randn(n_images, n_visual, 4, dtype=torch.float64, generator=g)
+        for side in ("left", "right"):
+            merged = merge_visual_tokens(embeds, ids, mask, feats, IMG, labels, side)
+            ref, ref_mask, ref_labels = reference_merge(embeds, ids, mask, feats, labels, side)
+            assert torch.equal(merged.inputs_embeds, ref)
+            assert torch.equal(merged.attention_mask, ref_mask) and torch.equal(merged.labels, ref_labels)
+            assert int(merged.visual_mask.sum()) == n_images * n_visual

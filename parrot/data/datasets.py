@@ -23,17 +23,26 @@ Nothing to learn from: a record without an assistant turn is a DataFormatError w
 whose answer lies wholly past `max_length` after truncation (an over-long first user turn) is skipped when the
 dataset is built and counted in the same report (kind "no_supervised_tokens").
 
+Files are UTF-8 (a byte-order mark is allowed); JSONL lines end at "\n" only (JSON strings may hold U+2028 or
+U+0085 raw). A `<image>` placeholder belongs in a user turn; a spec naming a dataset twice, a ratio that is not a
+finite number > 0, or one that keeps none of a dataset's records is an error naming the dataset.
+
 Why plain JSON instead of HF `datasets` here: LLaVA files mix records with and without "image" and with
 ragged conversations, which Arrow schemas reject or pad with nulls, and we need error messages that name the
-file line of a bad record. Records are small Python dicts, as in LLaVA's own LazySupervisedDataset.
+file line of a bad record. Files are parsed into Python dicts (as LLaVA's LazySupervisedDataset keeps them); a
+built `ConversationDataset` keeps its records packed (`PackedRecords`: one JSON byte buffer + integer arrays, about
+the size of the JSON), which DataLoader workers share instead of each copying a list of dicts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -78,35 +87,65 @@ def validate_record(record, source: str, index: int, image_token: str = IMAGE_TO
         for name in ("from", "value"):
             if not isinstance(turn, dict) or name not in turn:
                 raise DataFormatError(f"{where}: missing required field 'conversations[{t}].{name}'")
-    if "image" in record and not isinstance(record["image"], str):
-        raise DataFormatError(f"{where}: field 'image' must be a string path")
+        if not isinstance(turn["from"], str) or turn["from"] not in LLAVA_ROLES:
+            raise DataFormatError(f"{where}: field 'conversations[{t}].from' is {turn['from']!r}; expected one of "
+                                  f"{sorted(LLAVA_ROLES)}")
+        if not isinstance(turn["value"], str):
+            raise DataFormatError(f"{where}: field 'conversations[{t}].value' must be a string, got "
+                                  f"{type(turn['value']).__name__}")
+        if turn["from"] in ASSISTANT_SOURCES and image_token in turn["value"]:
+            # The model answers about the image, it never writes one: a placeholder here would be trained on as
+            # part of the answer text around it, and no prompt at inference puts an image in an answer.
+            raise DataFormatError(f"{where}: field 'conversations[{t}].value': {image_token!r} placeholder in an "
+                                  f"assistant turn (from {turn['from']!r}); it belongs in a user turn")
+    if "image" in record and (not isinstance(record["image"], str) or not record["image"].strip()):
+        raise DataFormatError(f"{where}: field 'image' must be a non-empty string path")
     if not any(turn["from"] in ASSISTANT_SOURCES for turn in conversations):
         raise DataFormatError(f"{where}: 'conversations' has no assistant turn (from 'gpt'): nothing to train on")
-    placeholders = sum(str(turn["value"]).count(image_token) for turn in conversations)
+    placeholders = sum(turn["value"].count(image_token) for turn in conversations)
     expected = 1 if "image" in record else 0
     if placeholders != expected:
         raise DataFormatError(f"{where}: {placeholders} {image_token!r} placeholders in 'conversations' "
                               f"but {'one image' if expected else 'no image'}")
 
 
-def load_records(path: str | Path, image_token: str = IMAGE_TOKEN) -> list[dict]:
-    """Records from a JSON list (`.json`) or one object per line (`.jsonl`), each validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+def _decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
+    """`data` as UTF-8 text (a leading byte-order mark is dropped); DataFormatError naming the line otherwise."""
+    try:
+        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + data.count(b"\n", 0, err.start)
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataFormatError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+                              "re-encode the file as UTF-8") from None
+
+
+def _iter_jsonl(path: Path):
+    """(line number, parsed value) of every non-blank line, read one line at a time. Lines end at "\\n" only: JSON
+    strings may hold U+2028, U+2029 and U+0085 raw (`json.dumps(..., ensure_ascii=False)` writes them so), which
+    `str.splitlines` would take for line ends."""
+    with path.open("rb") as file:
+        for lineno, raw in enumerate(file, start=1):
+            line = _decode_utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataFormatError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
+
+
+def load_records(path: str | Path, image_token: str = IMAGE_TOKEN) -> list[dict]:
+    """Records from a JSON list (`.json`) or one object per line (`.jsonl`, read line by line), each validated.
+    UTF-8 with or without a byte-order mark; an error names the file and line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found")
+    if path.suffix.lower() == ".jsonl":
+        records = [record for _, record in _iter_jsonl(path)]
     else:
         try:
-            records = json.loads(text)
+            records = json.loads(_decode_utf8(path.read_bytes(), path))
         except json.JSONDecodeError as err:
             raise DataFormatError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
         if not isinstance(records, list):
@@ -136,40 +175,57 @@ def load_registry(registry: str | Path = DEFAULT_REGISTRY, data_root: str | Path
         raise DataFormatError(f"{registry}: invalid YAML ({err})") from err
     if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), dict):
         raise DataFormatError(f"{registry}: expected a mapping with a 'datasets' mapping of name -> entry")
-    root = Path(data_root) if data_root is not None else (registry.parent / raw.get("root", ".")).resolve()
+    raw_root = raw.get("root", ".")
+    if not isinstance(raw_root, str):
+        raise DataFormatError(f"{registry}: field 'root' must be a path string, got {raw_root!r}")
+    root = Path(data_root) if data_root is not None else (registry.parent / raw_root).resolve()
     entries = {}
     for name, spec in raw["datasets"].items():
+        where = f"{registry}: dataset {name!r}"
         if not isinstance(spec, dict) or "path" not in spec:
-            raise DataFormatError(f"{registry}: dataset {name!r}: missing required field 'path'")
+            raise DataFormatError(f"{where}: missing required field 'path'")
         unknown = set(spec) - {"path", "image_dir", "ratio"}
         if unknown:
-            raise DataFormatError(f"{registry}: dataset {name!r}: unknown fields {sorted(unknown)}")
-        ratio = float(spec.get("ratio", 1.0))
-        if ratio <= 0:
-            raise DataFormatError(f"{registry}: dataset {name!r}: ratio must be > 0, got {ratio}")
+            raise DataFormatError(f"{where}: unknown fields {sorted(unknown)}")
+        for key in ("path", "image_dir"):
+            value = spec.get(key)
+            if key in spec and value is not None and (not isinstance(value, str) or not value.strip()):
+                raise DataFormatError(f"{where}: field {key!r} must be a path string, got {value!r}")
+        if spec["path"] is None:
+            raise DataFormatError(f"{where}: field 'path' must be a path string, got None")
+        ratio = _check_ratio(spec.get("ratio", 1.0), f"{where}: field 'ratio'", DataFormatError)
         image_dir = spec.get("image_dir")
-        entries[name] = DatasetEntry(name, root / spec["path"], root / image_dir if image_dir else None, ratio)
+        entries[str(name)] = DatasetEntry(str(name), root / spec["path"], root / image_dir if image_dir else None,
+                                          ratio)
     return entries
 
 
+def _check_ratio(value, where: str, error: type[Exception] = ValueError) -> float:
+    """`value` as a ratio: a finite number > 0, else `error` naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise error(f"{where}: ratio {value!r} is not a number")
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise error(f"{where}: ratio {value!r} is not a number") from None
+    if not math.isfinite(ratio) or ratio <= 0:
+        raise error(f"{where}: ratio must be a finite number > 0, got {value!r}")
+    return ratio
+
+
 def parse_spec(spec: str) -> list[tuple[str, float | None]]:
-    """'a:0.5|b' -> [('a', 0.5), ('b', None)]."""
+    """'a:0.5|b' -> [('a', 0.5), ('b', None)]. A ratio is a finite number > 0; a dataset is named once."""
     parts = []
     for chunk in spec.split("|"):
         chunk = chunk.strip()
-        if not chunk:
-            raise ValueError(f"empty dataset name in spec {spec!r}")
         name, sep, ratio = chunk.partition(":")
-        if not sep:
-            parts.append((name.strip(), None))
-            continue
-        try:
-            value = float(ratio)
-        except ValueError:
-            raise ValueError(f"dataset spec {chunk!r}: ratio {ratio!r} is not a number") from None
-        if value <= 0:
-            raise ValueError(f"dataset spec {chunk!r}: ratio must be > 0")
-        parts.append((name.strip(), value))
+        name = name.strip()
+        if not name:
+            raise ValueError(f"empty dataset name in spec {spec!r}")
+        if name in (seen for seen, _ in parts):
+            raise ValueError(f"dataset spec {spec!r}: {name!r} is named twice; give it once with the ratio you want "
+                             f"(e.g. '{name}:2')")
+        parts.append((name, _check_ratio(ratio.strip(), f"dataset spec {chunk!r}") if sep else None))
     return parts
 
 
@@ -215,10 +271,64 @@ def mix_datasets(spec: str, registry: str | Path = DEFAULT_REGISTRY, data_root: 
         records = load_records(entry.path)
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         indices = _sample_indices(len(records), ratio if ratio is not None else entry.ratio, rng)
+        if not len(indices):  # a named dataset silently missing from the mix is a config mistake
+            raise ValueError(f"dataset {name!r} ({entry.path}): ratio {ratio if ratio is not None else entry.ratio} "
+                             f"of its {len(records)} records keeps none")
         mixed.extend(SourcedRecord(records[i], str(entry.path), int(i), entry.image_dir, name) for i in indices)
         logger.info("dataset %s: %d of %d records (ratio %s)", name, len(indices), len(records),
                     ratio if ratio is not None else entry.ratio)
     return mixed
+
+
+class PackedRecords(Sequence):
+    """A read-only sequence of SourcedRecords kept compactly: every distinct record's JSON in one byte buffer and
+    its origin in integer arrays, so that a dataset of 665k records is about the size of its JSON, not five times
+    that in dicts and strings, and DataLoader workers forked from the trainer share it: reading a record touches no
+    Python object's reference count, so the pages are never copied (one copy per worker with plain lists).
+
+    Identical records (a ratio > 1 repeats them) are stored once. Records must be JSON values (from JSON files)."""
+
+    def __init__(self, items: Iterable[SourcedRecord]):
+        origins: dict[tuple[str, Path | None, str], int] = {}
+        slots: dict[bytes, int] = {}  # a record's JSON -> its slot in the buffer
+        chunks: list[bytes] = []
+        item_origin, item_index, item_slot = [], [], []
+        for item in items:
+            origin = origins.setdefault((item.source, item.image_dir, item.dataset), len(origins))
+            data = json.dumps(item.record, ensure_ascii=False).encode("utf-8")
+            slot = slots.setdefault(data, len(chunks))
+            if slot == len(chunks):
+                chunks.append(data)
+            item_origin.append(origin)
+            item_index.append(item.index)
+            item_slot.append(slot)
+        self._buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+        self._ends = np.cumsum([len(c) for c in chunks], dtype=np.int64)  # (n_distinct,)
+        self._origins = list(origins)  # a few (file, image dir, dataset) triples
+        self._origin = np.asarray(item_origin, dtype=np.int32)  # (n,)
+        self._index = np.asarray(item_index, dtype=np.int64)  # (n,)
+        self._slot = np.asarray(item_slot, dtype=np.int64)  # (n,)
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} out of range for {len(self)} records")
+        slot = int(self._slot[i])
+        start = int(self._ends[slot - 1]) if slot else 0
+        record = json.loads(self._buffer[start:int(self._ends[slot])].tobytes())
+        source, image_dir, dataset = self._origins[int(self._origin[i])]
+        return SourcedRecord(record, source, int(self._index[i]), image_dir, dataset)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (PackedRecords, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None
 
 
 # ---------------------------------------------------------------------------------------- bad data
@@ -276,6 +386,9 @@ class ConversationDataset(Dataset):
     ):
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
+            raise ValueError(f"max_length must be a positive number of text tokens, got {max_length!r} (the model's "
+                             "max length minus the visual tokens of an image)")
         self.tokenizer = tokenizer
         self.template = get_template(template) if isinstance(template, str) else template
         self.max_length = max_length
@@ -283,29 +396,41 @@ class ConversationDataset(Dataset):
         self.system = system
         self.image_token = image_token
         self.report = report if report is not None else BadDataReport()
-        self.records = self._drop_unsupervised(self._check_images(records, on_bad_image))
+        without_transform = next((r for r in records if r.image_path is not None), None) if image_transform is None \
+            else None
+        if without_transform is not None:
+            raise ValueError(f"{without_transform.where}: has an image but the dataset has no image_transform")
+        # Text first: it is cheap and its errors (a malformed conversation, a placeholder truncation would cut) stop
+        # the build before every image has been decoded; a record skipped for its text needs no image check.
+        self.records = PackedRecords(self._check_images(self._drop_unsupervised(records), on_bad_image))
 
     def _check_images(self, records: list[SourcedRecord], on_bad_image: str) -> list[SourcedRecord]:
         kept = []
+        skipped_before = len(self.report.skipped)
+        failures: dict[str, tuple[BadImageError, str] | None] = {}  # image path -> (error, kind); None: it loads
         for item in tqdm(records, desc="checking images", disable=len(records) < 5000):
             path = item.image_path
             if path is None:
                 kept.append(item)
                 continue
-            if self.image_transform is None:
-                raise ValueError(f"{item.where}: has an image but the dataset has no image_transform")
             self.report.checked += 1
-            try:
-                load_image(path)
-            except BadImageError as err:
+            key = str(path)
+            if key not in failures:  # an image shared by records (or a record repeated by a ratio) is decoded once
+                try:
+                    load_image(path)
+                    failures[key] = None
+                except BadImageError as err:
+                    failures[key] = (err, "unreadable" if path.is_file() else "missing")
+            if failures[key] is not None:
+                err, kind = failures[key]
                 if on_bad_image == "error":
                     raise BadImageError(f"{item.where}: {err}") from err
-                kind = "unreadable" if path.is_file() else "missing"
-                self.report.add(str(path), str(item.record["id"]), str(err), kind)
+                self.report.add(key, str(item.record["id"]), str(err), kind)
                 continue
             kept.append(item)
-        if self.report.skipped:
-            logger.warning("skipped %d records with bad images (%s)", len(self.report.skipped), self.report.counts)
+        skipped = len(self.report.skipped) - skipped_before
+        if skipped:
+            logger.warning("skipped %d records with bad images (%s)", skipped, self.report.counts)
         return kept
 
     def _drop_unsupervised(self, records: list[SourcedRecord]) -> list[SourcedRecord]:

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Pillow refuses images above 2x this as decompression bombs; we downscale anything bigger than needed early.
+# Images above this many pixels are refused. Pillow's own decompression-bomb guard (PIL.Image.MAX_IMAGE_PIXELS, left
+# at its default: a warning above ~89M pixels, DecompressionBombError above twice that) fires first in Image.open
+# and is reported the same way, as a BadImageError naming the file. Large JPEGs are decoded at reduced size (`draft`).
 MAX_IMAGE_PIXELS = 200_000_000
 
 
@@ -20,37 +22,58 @@ class BadImageError(ValueError):
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey PNG / TIFF
 
 
+def has_transparency(image: Image.Image) -> bool:
+    """An alpha band (RGBA, LA, PA) or a transparent colour / palette entries (`transparency` of P, L, RGB)."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB as the image is displayed: EXIF orientation applied (phone photos are stored sideways), 16-bit
-    grey scaled to 8 bits (Pillow's convert("RGB") clips it, so everything above 255 would turn white)."""
+    grey scaled to 8 bits (Pillow's convert("RGB") clips it, so everything above 255 would turn white), and
+    transparency laid on white, as transformers' `convert_to_rgb` (CLIP's image processors) and the demo's upload
+    path do: a plain convert("RGB") drops the alpha and shows the colours hidden under it (black line art on a
+    transparent background, stored as transparent black, would turn all black)."""
     image = ImageOps.exif_transpose(image)
     if image.mode in _WIDE_GREY_MODES:
-        levels = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
-        image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), mode="L")
+        raw = np.asarray(image)
+        levels = np.clip(np.rint(raw.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255
+        grey = Image.fromarray(levels, mode="L")
+        transparent = image.info.get("transparency")
+        if isinstance(transparent, int):  # a tRNS grey level: pixels of exactly that value are transparent
+            grey.putalpha(Image.fromarray(np.where(raw == transparent, 0, 255).astype(np.uint8), mode="L"))
+        image = grey
+    if has_transparency(image):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def load_image(source: str | Path | Image.Image, name: str | None = None) -> Image.Image:
-    """Open an image file (or take a PIL image) as RGB (`to_rgb`); raise BadImageError naming it on any failure."""
+    """Open an image file (or take a PIL image) as RGB (`to_rgb`); raise BadImageError naming it on any failure.
+
+    The file is closed before returning (an animated GIF/WebP otherwise keeps it open for seeking); of a
+    multi-frame file the first frame is used, as LLaVA's `Image.open(path).convert("RGB")` does."""
     label = name or str(source)
     if isinstance(source, Image.Image):
-        image = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise BadImageError(f"{label}: image file not found")
         try:
-            image = Image.open(path)
+            return to_rgb(source)
+        except (OSError, ValueError) as err:
+            raise BadImageError(f"{label}: cannot convert image to RGB ({err})") from err
+    path = Path(source)
+    if not path.is_file():
+        raise BadImageError(f"{label}: image file not found")
+    try:
+        with Image.open(path) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise BadImageError(f"{label}: image too large ({image.width}x{image.height} pixels)")
             image.draft("RGB", (1024, 1024))  # JPEG: decode at reduced size when the file is huge
             image.load()
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as err:
-            raise BadImageError(f"{label}: cannot decode image ({err})") from err
-    try:
-        return to_rgb(image)
-    except (OSError, ValueError) as err:
-        raise BadImageError(f"{label}: cannot convert image to RGB ({err})") from err
+            return to_rgb(image)
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, OSError, EOFError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"{label}: cannot decode image ({err})") from err
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ..data.images import BadImageError, load_image
 
@@ -27,7 +27,6 @@ MAX_UPLOAD_PIXELS = 40_000_000
 MAX_UPLOAD_SIDE = 8192
 MAX_UPLOAD_ASPECT_RATIO = 20.0
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # also passed to Gradio as its upload limit
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 # A JPEG with an MPF index (most phone and camera photos) opens as "MPO": frame 0 is the photo, the rest previews.
 _STILL_MULTI_FRAME_FORMATS = ("MPO",)
 
@@ -63,8 +62,6 @@ def open_upload(payload: Any, max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Imag
                 width, height = probe.size
                 check_size(name, width, height, max_pixels)
                 frames = 1 if probe.format in _STILL_MULTI_FRAME_FORMATS else getattr(probe, "n_frames", 1)
-                transparent = probe.mode in _ALPHA_MODES or (
-                    probe.mode in ("P", "L", "RGB") and "transparency" in probe.info)
     except (UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise BadImageError(f"{name}: not an image file Pillow can read ({type(err).__name__})") from err
     except (OSError, EOFError, SyntaxError) as err:  # also a frame index that breaks off
@@ -73,22 +70,10 @@ def open_upload(payload: Any, max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Imag
         raise BadImageError(f"{name}: an animated or multi-page image ({frames} frames); the model reads one still "
                             "image, please upload a single frame (e.g. as PNG or JPEG)")
     try:
-        return _on_white(path, name) if transparent else load_image(path, name=name)
+        return load_image(path, name=name)  # transparency laid on white, as the page shows it (`images.to_rgb`)
     except MemoryError as err:  # the limits above should prevent it; a server error must not be the answer
         raise BadImageError(f"{name}: not enough memory to decode this {width}x{height} image; "
                             "please upload a smaller one") from err
-
-
-def _on_white(path: Path, name: str) -> Image.Image:
-    """An image with transparency as RGB laid on white, the way the page shows it (EXIF orientation applied)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            rgba = ImageOps.exif_transpose(image).convert("RGBA")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
-        raise BadImageError(f"{name}: cannot decode image ({err})") from err
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return load_image(Image.alpha_composite(white, rgba), name=name)
 
 
 def check_size(name: str, width: int, height: int, max_pixels: int = MAX_UPLOAD_PIXELS) -> None:
