@@ -514,3 +514,30 @@ def test_compiled_gwmoe_still_refuses_an_unset_threshold():
     with pytest.raises(RuntimeError, match="threshold is unset"):
         compiled(torch.randn(2, 3, 64))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["topk", "gwmoe"])
+def test_injected_and_loaded_layers_take_the_model_mode(tmp_path, kind):
+    """A MoLE layer starts in the mode of the nn.Linear it replaces: injected into (or loaded by `load_mole` into) an
+    eval-mode model it must not apply LoRA dropout or GW-MoE's training-only broadcast, so `load_mole` on a fresh
+    eval model reproduces the saved model's eval outputs without another `.eval()` call."""
+    cfg = MoLEConfig(num_experts=3, rank=4, alpha=8, dropout=0.5,
+                     router=RouterConfig(kind=kind, top_k=1, gw_threshold=0.0))  # GW-MoE training: every token broadcast
+    model = _tiny("qwen2", seed=7)  # eval mode, as models are loaded for inference
+    inject_mole(model, cfg)
+    assert not any(m.training for m in model.modules())
+    _randomize_adapters(model)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(2))
+    ref = model.eval()(input_ids=ids).logits  # eval outputs of the saved model
+    for routing in collect_router_outputs(model).values():
+        assert routing.indices.shape[1] == 1  # plain top-1, no broadcast
+    save_mole(model, cfg, tmp_path / "adapter")
+
+    fresh = _tiny("qwen2", seed=7)
+    load_mole(fresh, tmp_path / "adapter")
+    assert not any(m.training for m in fresh.modules())
+    torch.testing.assert_close(fresh(input_ids=ids).logits, ref, rtol=0, atol=0)
+
+    trained = _tiny("qwen2", seed=7).train()  # and a training-mode model gets training-mode layers
+    inject_mole(trained, cfg)
+    assert all(m.training for m in trained.modules())

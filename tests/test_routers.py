@@ -489,3 +489,136 @@ def test_balance_loss_without_mask_matches_reference(kind):
     ref_grads = torch.autograd.grad(expected, list(router.parameters()))
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- ties, fully padded batches, bfloat16
+
+
+@pytest.mark.parametrize("kind", ["topk", "topk_no_renorm", "gwmoe_train", "gwmoe_eval", "mor", "dynmole"])
+def test_ties_go_to_the_lower_expert_id(kind):
+    """Equal scores (a zero-initialised gate gives every token equal logits; bfloat16 logits often round to the
+    same value) select the lower expert ids, as a stable per-token sort and the fused kernels do: the choice of
+    expert must not depend on torch.topk's / an unstable sort's backend-specific tie-breaking."""
+    num_experts, k = 40, 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, D, generator=g, dtype=torch.float64)
+    if kind.startswith("topk"):
+        router = TopKRouter(D, num_experts, top_k=k, renormalize=kind == "topk")
+    elif kind.startswith("gwmoe"):
+        router = GWMoERouter(D, num_experts, top_k=k, threshold=100.0)  # nothing broadcast: plain top-k
+        router.train(kind == "gwmoe_train")
+    elif kind == "mor":
+        router = MixtureOfRoutersRouter(D, num_experts, num_routers=2, top_k=k)
+    else:  # soft routing never triggers (S <= 1); top-p keeps 3 of the 40 equal probabilities
+        router = DynMoLERouter(D, num_experts, top_p=3.5 / num_experts, keep_top_k=1, entropy_threshold=2.0)
+    router = router.double()
+    torch.nn.init.zeros_(router.gate.weight)
+    if kind != "mor":  # two rows with ties inside the top-k and at its boundary (logits 2, 2, 1, 1, 1, 0, ...)
+        with torch.no_grad():
+            router.gate.weight[[7, 30], 0] = 2.0
+            router.gate.weight[[3, 11, 25], 0] = 1.0
+        x[:2, 0] = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    out = router(x)
+    for t in range(x.shape[0]):
+        p = softmax_t(out.logits[t].detach()) if kind != "mor" else out.probs[t]
+        chosen = order_desc(p)[:k]  # Python's sort is stable: equal values keep the lower expert id first
+        if kind == "dynmole":  # top-p: the prefix whose cumulative probability is <= top_p, at least keep_top_k
+            cumulative = [float(v) for v in p[order_desc(p)].cumsum(0)]
+            chosen = [e for i, e in enumerate(order_desc(p)) if i < router.keep_top_k or cumulative[i] <= router.top_p]
+        assert [e for e in out.indices[t].tolist() if e >= 0] == chosen, (t, out.indices[t].tolist(), chosen)
+        expected = torch.zeros(num_experts, dtype=torch.float64)
+        expected[chosen] = p[chosen] / (p[chosen].sum() if kind in ("topk", "gwmoe_train", "gwmoe_eval", "mor") else 1)
+        torch.testing.assert_close(out.weights[t], expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["topk_dense", "topk2", "gwmoe_train", "mor", "dynmole"])
+def test_aux_losses_and_gradients_with_every_token_padded(kind, dtype):
+    """A batch whose tokens are all padding: every aux loss is 0 with a zero (finite) gradient, and real-token
+    routing is as without a mask. The Switch balance loss of a variable number of experts per token (dense top-k,
+    GW-MoE in training) used to divide by a clamped 0, whose backward overflowed to inf and gave NaN gradients."""
+    num_experts = 8
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, D, generator=g, dtype=dtype)
+    coefs = dict(balance_coef=1.0, z_loss_coef=0.1)
+    if kind.startswith("topk"):
+        router = TopKRouter(D, num_experts, top_k=None if kind == "topk_dense" else 2, **coefs)
+    elif kind == "gwmoe_train":
+        router = GWMoERouter(D, num_experts, top_k=2, threshold=1.5, **coefs).train()
+    elif kind == "mor":
+        router = MixtureOfRoutersRouter(D, num_experts, num_routers=2, top_k=2, **coefs)
+    else:
+        router = DynMoLERouter(D, num_experts, dyn_loss_coef=0.1, **coefs)
+    router = router.to(dtype)
+    padded = router(x, torch.zeros(T, dtype=torch.bool))
+    plain = router(x)
+    torch.testing.assert_close(padded.weights, plain.weights, rtol=0, atol=0)
+    assert set(padded.aux_losses) >= {"balance", "z"}
+    for name, value in padded.aux_losses.items():
+        assert float(value.detach()) == 0.0, name
+    grads = torch.autograd.grad(sum(padded.aux_losses.values()), list(router.parameters()))
+    for grad in grads:
+        assert torch.isfinite(grad).all() and not grad.any()
+
+
+def _bf16_reference(kind: str, router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the router's bfloat16 gate logits, in float64 (the spec's formulas, vectorised): (selected (T, E) bool,
+    broadcast / soft flag (T,) bool, distance (T,) of each token's deciding quantity to its decision boundary)."""
+    T_, E_ = x.shape[0], router.num_experts
+    if kind == "mor":
+        sub = router.gate(x).double().view(T_, router.num_routers, E_)
+        p = (torch.softmax(router.main_gate(x).double(), -1)[:, :, None] * torch.softmax(sub, -1)).sum(1)
+        top = p.sort(-1, descending=True).values
+        margin = (top[:, router.top_k - 1] - top[:, router.top_k]) / top[:, 0]
+        selected = torch.zeros(T_, E_, dtype=torch.bool).scatter(1, p.topk(router.top_k).indices, True)
+        return selected, torch.zeros(T_, dtype=torch.bool), margin
+    p = torch.softmax(router.gate(x).double(), -1)
+    if kind == "dynmole":
+        q, eps = router.tsallis_q, router.entropy_eps
+        s = (1 - (p + eps).pow(q).sum(-1)) / (q - 1) / ((1 - E_ ** (1 - q)) / (q - 1))
+        soft = s > router.entropy_threshold
+        sorted_p = p.sort(-1, descending=True).values
+        cum = sorted_p.cumsum(-1)
+        keep = (cum <= router.top_p) | (torch.arange(E_) < router.keep_top_k)
+        keep |= soft[:, None]
+        # top-p decided by the cumulative sums: distance of the nearest one to top_p
+        margin = torch.minimum((s - router.entropy_threshold).abs(), (cum - router.top_p).abs().min(-1).values)
+        selected = torch.zeros(T_, E_, dtype=torch.bool).scatter(1, p.sort(-1, descending=True).indices, keep)
+        return selected, soft, margin
+    u = -(p * (p + router.entropy_eps).log()).sum(-1)
+    threshold = float(router.threshold)
+    broadcast = u >= threshold
+    order = p.sort(dim=-1, descending=True, stable=True).indices  # ties (equal bfloat16 logits): lower expert id
+    selected = torch.zeros(T_, E_, dtype=torch.bool).scatter(1, order[:, : router.top_k], True)
+    selected |= broadcast[:, None]
+    return selected, broadcast, (u - threshold).abs()
+
+
+@pytest.mark.parametrize("kind", ["dynmole", "gwmoe", "mor"])
+def test_bfloat16_routing_decides_in_float32(kind):
+    """A bfloat16 router (a bfloat16 model's MoLE layer) decides as its logits say: the Tsallis / Shannon entropy
+    against the threshold, the top-p cumulative sums and the MoR mixture's top-k come from float32 probabilities
+    (as in the fused kernels), not from bfloat16 ones -- there 1 - sum p^q cancels (DynMoLE: ~6% of the tokens
+    flipped between soft and top-p routing) and mixed probabilities round together (MoR: ~2% picked another expert).
+    Reference: float64 from the same bfloat16 logits; tokens within 1e-4 of a decision boundary are left out."""
+    torch.manual_seed(0)
+    num_tokens, num_experts = 4000, 8
+    if kind == "dynmole":
+        router, scale = DynMoLERouter(64, num_experts), 0.1
+    elif kind == "gwmoe":
+        router, scale = GWMoERouter(64, num_experts, top_k=2, threshold=1.8).train(), 0.15
+    else:
+        router, scale = MixtureOfRoutersRouter(64, num_experts, num_routers=3, top_k=2), 0.05
+    router = router.to(torch.bfloat16)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_(0, scale)
+    x = torch.randn(num_tokens, 64).to(torch.bfloat16)
+    out = router(x)
+    selected, broadcast, margin = _bf16_reference(kind, router, x)
+    clear = margin > 1e-4
+    assert clear.float().mean() > 0.95
+    if kind != "mor":
+        assert 0.1 < broadcast[clear].float().mean() < 0.9  # both branches occur
+        assert torch.equal(out.stats["broadcast"].bool()[clear], broadcast[clear])
+    assert torch.equal((out.weights > 0)[clear], selected[clear])

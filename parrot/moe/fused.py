@@ -33,9 +33,10 @@ implementations for tracing, an autograd formula, `torch.library.opcheck`-tested
 including `mode="reduce-overhead"` CUDA graphs of a whole step, keeps the fused kernels. Eager calls skip the
 op dispatcher (`_FusedMoLE`).
 
-Differences from the eager path (documented, tested): routing is computed in float32 whatever the input dtype
-(the eager routers cast probabilities to the input dtype before selecting: in bfloat16 near-ties may pick a
-different expert); the aux losses are float32 scalars; `RouterOutput.weights / probs / logits / indices` are
+Differences from the eager path (documented, tested): routing is computed in float32 whatever the input dtype (the
+eager routers also decide from float32 probabilities -- entropies, top-p sums, the MoR mixture -- and select by the
+same gate logits with ties going to the lower expert id, so a bfloat16 layer picks the same experts on both paths
+bar float32 rounding at a boundary); the aux losses are float32 scalars; `RouterOutput.weights / probs / logits / indices` are
 returned detached (the aux losses carry the router's gradient, and the experts' output carries the routing
 weights' gradient, as in eager); indices are in descending score order (eager dense top-k: expert order).
 """
@@ -503,14 +504,20 @@ def fused_mole(router: nn.Module, experts: LoRAExperts, x: torch.Tensor, mask: t
         (weights, probs), logits = routed.unbind(), gate_logits
     aux = {name: losses[i] for name, i in spec.aux_slots}
     main_logits = gate_logits[:, plan.gate_rows:] if plan.logits_out else None  # MoR
-    stats = _stats(router, spec, probs, indices, mask, main_logits)
+    stats = _stats(router, spec, probs, indices, mask, main_logits, gate_logits)
     return out, RouterOutput(weights, indices, probs, logits, aux, stats)
 
 
 def _stats(router: nn.Module, spec: RoutingSpec, probs: torch.Tensor, indices: torch.Tensor,
-           mask: torch.Tensor | None, main_logits: torch.Tensor | None) -> RoutingStats:
+           mask: torch.Tensor | None, main_logits: torch.Tensor | None,
+           gate_logits: torch.Tensor | None = None) -> RoutingStats:
     """The eager router's lazy statistics, from the fused outputs (DynMoLE's / GW-MoE's uncertainty and broadcast
-    flags recomputed from p, MoR's main-router weights from its logits, on first read)."""
+    flags recomputed from the float32 softmax of the gate logits, as the kernels decided them (not from the returned
+    p, which has the input's dtype), MoR's main-router weights from its logits, on first read)."""
+
+    def exact_probs() -> torch.Tensor:
+        return probs.float() if gate_logits is None else torch.softmax(gate_logits.float(), dim=-1)
+
     if spec.kind == kernels.TOPK:
         return lazy_routing_stats(probs, indices, mask)
     if spec.kind == kernels.MOR:
@@ -522,13 +529,13 @@ def _stats(router: nn.Module, spec: RoutingSpec, probs: torch.Tensor, indices: t
         return RoutingStats(compute_mor)
     if spec.kind == kernels.DYNMOLE:
         def compute() -> dict[str, torch.Tensor]:
-            tsallis = tsallis_entropy(probs.float(), router.tsallis_q, router.entropy_eps, router.normalize_entropy)
+            tsallis = tsallis_entropy(exact_probs(), router.tsallis_q, router.entropy_eps, router.normalize_entropy)
             return routing_stats(probs, indices, mask, broadcast=tsallis > router.entropy_threshold,
                                  uncertainty=tsallis.to(probs.dtype))
         return RoutingStats(compute)
 
     def compute_gw() -> dict[str, torch.Tensor]:
-        uncertainty = router.uncertainty(probs.float())
+        uncertainty = router.uncertainty(exact_probs())
         broadcast = uncertainty >= router.threshold if spec.broadcast else None
         return routing_stats(probs, indices, mask, broadcast=broadcast, uncertainty=uncertainty.to(probs.dtype))
     return RoutingStats(compute_gw)

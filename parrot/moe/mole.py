@@ -144,6 +144,10 @@ class MoLELinear(nn.Module):
         self.last_routing: RouterOutput | None = None
         self.token_mask: torch.Tensor | None = None  # (B, S_total) attention mask of the current model call
         self._fused_plans: dict = {}  # fused_plan's memo, by training mode
+        # The mode of the layer it replaces (so of the model around it): a new module starts in training mode,
+        # and injected into (or loaded by `load_mole` into) an eval-mode model it would otherwise apply LoRA
+        # dropout and GW-MoE's training-only broadcast at inference.
+        self.train(base.training)
 
     @property
     def in_features(self) -> int:

@@ -149,7 +149,10 @@ def _switch_balance(probs: torch.Tensor, weights: torch.Tensor, tokens: torch.Te
         scale = coef * num_experts
     if per_token is not None:  # sum(counts) = k * T (sum of shares = k with a mask)
         return (assignments @ prob_mass) * (scale / (per_token * (num_tokens if tokens is None else 1)))
-    return scale * (assignments @ prob_mass) / assignments.sum().clamp_min(torch.finfo(probs.dtype).tiny)
+    # Normalise the (gradient-free) assignments before the product: dividing the product by a clamped sum of 0
+    # (every token padded) would give the backward 1 / tiny, which overflows (to inf, then inf * 0 = NaN gradients).
+    share = assignments / assignments.sum().clamp_min(torch.finfo(probs.dtype).tiny)
+    return scale * (share @ prob_mass)
 
 
 def load_balance_loss(probs: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -172,14 +175,24 @@ def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
     return token_mean(_z_term(logits, logits.dtype), token_weights(mask, logits.dtype))
 
 
+def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The `top_k` largest scores per row (T, E) -> expert ids (T, k) in descending score order; equal scores go to
+    the lower expert id (a stable sort, as the fused kernels select). `torch.topk` breaks ties arbitrarily (e.g. all
+    equal logits of a zero-initialised gate, or bfloat16 logits that round to the same value), which would make the
+    choice of expert depend on the backend."""
+    return scores.detach().sort(dim=-1, descending=True, stable=True).indices[:, :top_k]
+
+
 def topk_weights(probs: torch.Tensor, top_k: int | None, renormalize: bool,
-                 logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 logits: torch.Tensor | None = None,
+                 scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the top-k probabilities per row (all when top_k is None); optionally renormalise them.
 
-    Returns weights (T, E) with zeros outside the selection and indices (T, K). With `logits` (probs =
-    softmax(logits)) the renormalised top-k probabilities are computed as the softmax of the top-k
+    Returns weights (T, E) with zeros outside the selection and indices (T, K). The experts are the k largest
+    `scores` (default: the logits when given, else the probabilities; see `top_k_indices` for ties). With `logits`
+    (probs = softmax(logits)) the renormalised top-k probabilities are computed as the softmax of the top-k
     logits, p_i / sum_{j in top-k} p_j = exp(z_i) / sum_{j in top-k} exp(z_j): the same values and
-    gradients in two kernels instead of a sum, clamp and division (and their backward).
+    gradients without a sum, clamp and division (and their backward).
     """
     num_experts = probs.shape[-1]
     if top_k is None or top_k >= num_experts:
@@ -188,11 +201,13 @@ def topk_weights(probs: torch.Tensor, top_k: int | None, renormalize: bool,
         if renormalize:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
         return weights, indices
+    if scores is None:
+        scores = probs if logits is None else logits  # softmax is monotone: the same experts (logits: no rounding)
+    indices = top_k_indices(scores, top_k)  # (T, k)
     if renormalize and logits is not None:
-        top_z, indices = logits.topk(top_k, dim=-1)  # (T, k); softmax is monotone: same experts
-        top_p = _softmax(top_z, probs.dtype)
+        top_p = _softmax(logits.gather(-1, indices), probs.dtype)
     else:
-        top_p, indices = probs.topk(top_k, dim=-1)  # (T, k)
+        top_p = probs.gather(-1, indices)  # (T, k)
         if renormalize:  # on the k kept values, before scattering them into (T, E)
             top_p = top_p / top_p.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
     return torch.zeros_like(probs).scatter(-1, indices, top_p), indices
@@ -200,7 +215,7 @@ def topk_weights(probs: torch.Tensor, top_k: int | None, renormalize: bool,
 
 def indices_from_selection(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """Selected experts (T, E) bool -> ids (T, E) sorted by descending probability, -1 padding at the end."""
-    order = probs.detach().argsort(dim=-1, descending=True)  # (T, E)
+    order = probs.detach().argsort(dim=-1, descending=True, stable=True)  # (T, E); ties: lower expert id first
     chosen = selected.gather(-1, order)  # (T, E) bool, in probability order
     # Stable sort pushes the unselected (False -> key 1) behind the selected while keeping probability order.
     perm = (~chosen).to(torch.int8).argsort(dim=-1, stable=True)
@@ -297,6 +312,17 @@ def _softmax(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Softmax in at least float32 (Switch "selective precision"); float64 stays float64 for the tests.
     compute = torch.promote_types(logits.dtype, torch.float32)
     return F.softmax(logits, dim=-1, dtype=compute).to(dtype)
+
+
+def _softmax_exact(logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p in at least float32, p in `dtype`): the first for routing decisions, the second for the outputs (the same
+    tensor unless `dtype` is narrower, e.g. a bfloat16 model). Decisions such as a Tsallis / Shannon entropy against
+    a threshold (1 - sum p^q cancels), a top-p cumulative sum or a mixture of distributions must not see bfloat16
+    probabilities: a few percent of the tokens would be routed otherwise than their logits say (and than the fused
+    kernels, which route in float32, route them)."""
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    exact = F.softmax(logits, dim=-1, dtype=compute)
+    return exact, exact.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,9 +443,11 @@ class DynMoLERouter(nn.Module):
     def route(self, logits: torch.Tensor, mask: torch.Tensor | None = None,
               dtype: torch.dtype | None = None) -> RouterOutput:
         """The routing of gate logits (T, E) already computed (see `TopKRouter.route`)."""
-        probs = _softmax(logits, dtype or logits.dtype)
-        # Experts in descending probability; no gradient flows through the selection.
-        sorted_p, order = probs.detach().sort(dim=-1, descending=True)  # (T, E)
+        # The routing decisions (top-p, Tsallis threshold) from p in at least float32 (`_softmax_exact`).
+        exact, probs = _softmax_exact(logits, dtype or logits.dtype)
+        # Experts in descending probability (ties: lower expert id first, as the fused kernels); no gradient flows
+        # through the selection.
+        sorted_p, order = exact.detach().sort(dim=-1, descending=True, stable=True)  # (T, E)
         # Top-p keeps a prefix of each sorted row (cumulative sums of probabilities only grow), at least
         # keep_top_k long; soft routing keeps the whole row, so the active set stays a prefix.
         if self.top_p >= 1.0:  # every expert: cumulative sums may round past 1.0 and drop the last ones
@@ -427,8 +455,9 @@ class DynMoLERouter(nn.Module):
         else:
             active_sorted = sorted_p.cumsum(-1) <= self.top_p  # (T, E), sorted order
         active_sorted[:, : self.keep_top_k] = True
-        tsallis = tsallis_entropy(probs, self.tsallis_q, self.entropy_eps, self.normalize_entropy)  # (T,)
+        tsallis = tsallis_entropy(exact, self.tsallis_q, self.entropy_eps, self.normalize_entropy)  # (T,)
         soft = tsallis > self.entropy_threshold  # (T,)
+        tsallis = tsallis.to(probs.dtype)  # the aux loss and the statistics in the probabilities' dtype
         active_sorted |= soft[:, None]
         selected = torch.zeros_like(active_sorted).scatter(-1, order, active_sorted)  # (T, E) bool, expert order
         masked = probs * selected  # (T, E) original probabilities of active experts
@@ -545,11 +574,12 @@ class GWMoERouter(nn.Module):
     def route(self, logits: torch.Tensor, mask: torch.Tensor | None = None,
               dtype: torch.dtype | None = None) -> RouterOutput:
         """The routing of gate logits (T, E) already computed (see `TopKRouter.route`)."""
-        probs = _softmax(logits, dtype or logits.dtype)
+        # The uncertainty (thresholded, and read by calibration) from p in at least float32 (`_softmax_exact`).
+        exact, probs = _softmax_exact(logits, dtype or logits.dtype)
         weights, indices = topk_weights(probs, self.top_k, self.renormalize, logits)
         if self.training:
             self._require_threshold()
-            uncertainty = self.uncertainty(probs)  # (T,)
+            uncertainty = self.uncertainty(exact.detach())  # (T,), no gradient (a decision and a statistic)
             # Not restricted by `mask`: routing must not depend on it (activation checkpointing may
             # recompute without it); padding is excluded from aux losses and stats instead.
             broadcast = uncertainty >= self.threshold
@@ -558,10 +588,12 @@ class GWMoERouter(nn.Module):
             all_experts = torch.arange(self.num_experts, device=logits.device)  # (E,)
             padded = F.pad(indices, (0, self.num_experts - self.top_k), value=-1)  # (T, E)
             indices = torch.where(broadcast[:, None], all_experts, padded)  # (T, E)
-            stats = lazy_routing_stats(probs, indices, mask, broadcast=broadcast, uncertainty=uncertainty)
+            stats = lazy_routing_stats(probs, indices, mask, broadcast=broadcast,
+                                       uncertainty=uncertainty.to(probs.dtype))
         else:  # plain top-k: the uncertainty is only a diagnostic (calibration reads it), computed lazily
-            probs_now, mask_now = probs.detach(), mask
-            stats = RoutingStats(lambda: routing_stats(probs_now, indices, mask_now, uncertainty=self.uncertainty(probs_now)))
+            probs_now, exact_now, mask_now = probs.detach(), exact.detach(), mask
+            stats = RoutingStats(lambda: routing_stats(probs_now, indices, mask_now,
+                                                       uncertainty=self.uncertainty(exact_now).to(probs_now.dtype)))
         tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
         if self.balance_coef:  # broadcast tokens select every expert: the count per token varies in training
@@ -625,13 +657,19 @@ class MixtureOfRoutersRouter(nn.Module):
                dtype: torch.dtype) -> RouterOutput:
         T = sub_logits.shape[0]
         sub_logits = sub_logits.reshape(T, self.num_routers, self.num_experts)  # (T, M, E)
-        sub_probs = _softmax(sub_logits, dtype)  # (T, M, E)
-        router_weights = _softmax(main_logits, dtype)  # (T, M)
-        # A weighted sum, not einsum: autocast would run an einsum in bfloat16 (the other routers keep p in `dtype`)
+        # The mixture and its top-k in at least float32 (as `_softmax_exact`): mixed in bfloat16, p of different
+        # experts round to the same value or swap order, and ~1-3% of the tokens would pick another expert.
+        compute = torch.promote_types(sub_logits.dtype, torch.float32)
+        sub_probs = _softmax(sub_logits, compute)  # (T, M, E)
+        router_weights = _softmax(main_logits, compute)  # (T, M)
+        # A weighted sum, not einsum: autocast would run an einsum in bfloat16
         probs = (router_weights[:, :, None] * sub_probs).sum(1)  # (T, E)
         logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-        # log p as the logits: the softmax of the top-k log-probabilities is the renormalised top-k p.
-        weights, indices = topk_weights(probs, self.top_k, self.renormalize, logits)
+        # log p as the logits: the softmax of the top-k log-probabilities is the renormalised top-k p; the experts
+        # are the top-k of p itself (as the fused kernels select), not of its rounded logarithm.
+        weights, indices = topk_weights(probs, self.top_k, self.renormalize, logits, scores=probs)
+        # The outputs in `dtype` (no-ops unless it is narrower than float32).
+        probs, logits, weights, router_weights = (t.to(dtype) for t in (probs, logits, weights, router_weights))
         tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
         if self.balance_coef:
