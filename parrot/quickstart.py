@@ -1,6 +1,6 @@
 """The tiny end-to-end quickstart: synthetic data -> stage 1 -> stage 2 -> multilingual MCQ evaluation.
 
-    python -m parrot.quickstart                 # (make quickstart) ~5 minutes on 2 idle CPU cores
+    python -m parrot.quickstart                 # (make quickstart) minutes on 2 CPU cores (README: measured time)
     python -m parrot.quickstart --help          # sizes, steps, output folder
 
 1. builds the tiny model of `configs/tiny.yaml` (random weights, tokenizer trained offline on the synthetic

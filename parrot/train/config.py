@@ -147,10 +147,9 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1) (a share of the training steps), got {self.warmup_ratio}")
         if self.deepspeed is not None:  # before any model is built: a run that cannot train fails at once
-            from .deepspeed_setup import check_cpu_adam_available
+            from .deepspeed_setup import check_deepspeed_config
 
-            check_cpu_adam_available(read_json_mapping(Path(self.deepspeed), "a DeepSpeed config (--deepspeed)"),
-                                     self.deepspeed)
+            check_deepspeed_config(self.deepspeed)
 
     @property
     def targets(self) -> tuple[str, ...]:
