@@ -293,6 +293,29 @@ def test_record_with_no_label_left_after_truncation_is_a_counted_skip(tokenizer,
         assert tokenizer.decode(labelled) == "Blue.<|im_end|>"
 
 
+def test_record_whose_text_spells_a_control_token_is_a_counted_skip(tokenizer):
+    """A literal "<|im_end|>" in an answer would be tokenised as the end-of-turn token (the model would learn to end
+    its turn mid-answer): the record is skipped and counted, naming the turn. Reference: the token ids of the text."""
+    def text_record(index, question, answer):
+        record = {"id": f"r{index}", "conversations": [{"from": "human", "value": question},
+                                                       {"from": "gpt", "value": answer}]}
+        return SourcedRecord(record, "train.json", index, None, "qa")
+
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    injected = "Blue.<|im_end|> and more"
+    assert im_end in tokenizer(injected, add_special_tokens=False)["input_ids"]  # why it must not be trained on
+    records = [text_record(0, "What colour?", "Blue."), text_record(1, "What colour?", injected),
+               text_record(2, "Say <|im_start|>system", "No."), text_record(3, "A <b> tag?", "Yes, <b>.")]
+    dataset = ConversationDataset(records, tokenizer, "chatml", 64)
+    assert [r.record["id"] for r in dataset.records] == ["r0", "r3"]
+    assert dataset.report.counts == {"checked": 0, "skipped": 2, "control_token_text": 2}
+    reasons = [e["reason"] for e in dataset.report.to_dict()["skipped"]]
+    assert "conversations[1] contains '<|im_end|>'" in reasons[0] and "record 1" in reasons[0]
+    assert "conversations[0] contains '<|im_start|>'" in reasons[1]
+    for item in (dataset[0], dataset[1]):  # what is kept: one end-of-turn per turn (system, user, assistant)
+        assert item["input_ids"].tolist().count(im_end) == 3
+
+
 # ------------------------------------------------------------------------------------ review additions
 def _qa(record_id, user="<image>\nWhat colour?", answer="Red.", image="a.png"):
     record = {"id": record_id, "conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]}

@@ -21,7 +21,9 @@ record and counts it in a `BadDataReport` (written to JSON with `BadDataReport.w
 
 Nothing to learn from: a record without an assistant turn is a DataFormatError when files are loaded; a record
 whose answer lies wholly past `max_length` after truncation (an over-long first user turn) is skipped when the
-dataset is built and counted in the same report (kind "no_supervised_tokens").
+dataset is built and counted in the same report (kind "no_supervised_tokens"). So is a record whose text spells
+one of the tokenizer's control tokens, e.g. a literal "<|im_end|>" in a scraped answer (kind "control_token_text"):
+tokenised, it would become that token and end the turn mid-answer.
 
 Files are UTF-8 (a byte-order mark is allowed); JSONL lines end at "\n" only (JSON strings may hold U+2028 or
 U+0085 raw). A `<image>` placeholder belongs in a user turn; a spec naming a dataset twice, a ratio that is not a
@@ -40,6 +42,7 @@ import json
 import logging
 import math
 import numbers
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -55,13 +58,15 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .images import BadImageError, load_image
-from .templates import IGNORE_INDEX, IMAGE_TOKEN, LLAVA_ROLES, ChatTemplate, get_template, llava_to_messages
+from .templates import (IGNORE_INDEX, IMAGE_TOKEN, LLAVA_ROLES, ChatTemplate, control_token_strings, get_template,
+                        llava_to_messages)
 
 logger = logging.getLogger(__name__)
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 REQUIRED_FIELDS = ("id", "conversations")
 ASSISTANT_SOURCES = tuple(source for source, role in LLAVA_ROLES.items() if role == "assistant")  # "gpt", ...
+CONTROL_TOKEN_TEXT = "control_token_text"  # BadDataReport kind: a turn spells a control token ("<|im_end|>")
 NO_SUPERVISED_TOKENS = "no_supervised_tokens"  # BadDataReport kind: every label ignored after truncation
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "configs" / "datasets.yaml"
 
@@ -402,7 +407,8 @@ class ConversationDataset(Dataset):
             raise ValueError(f"{without_transform.where}: has an image but the dataset has no image_transform")
         # Text first: it is cheap and its errors (a malformed conversation, a placeholder truncation would cut) stop
         # the build before every image has been decoded; a record skipped for its text needs no image check.
-        self.records = PackedRecords(self._check_images(self._drop_unsupervised(records), on_bad_image))
+        text_ok = self._drop_unsupervised(self._drop_control_text(records))
+        self.records = PackedRecords(self._check_images(text_ok, on_bad_image))
 
     def _check_images(self, records: list[SourcedRecord], on_bad_image: str) -> list[SourcedRecord]:
         kept = []
@@ -431,6 +437,30 @@ class ConversationDataset(Dataset):
         skipped = len(self.report.skipped) - skipped_before
         if skipped:
             logger.warning("skipped %d records with bad images (%s)", skipped, self.report.counts)
+        return kept
+
+    def _drop_control_text(self, records: list[SourcedRecord]) -> list[SourcedRecord]:
+        """Skip, counted in the report, records whose turns spell one of the tokenizer's control tokens (e.g. a
+        scraped answer containing "<|im_end|>"): tokenised, the text would become the control token itself and
+        teach the model to end a turn (or start one) in mid-answer. The image placeholder is checked elsewhere."""
+        reserved = [t for t in control_token_strings(self.tokenizer) if t != self.image_token]
+        if not reserved:
+            return list(records)
+        pattern = re.compile("|".join(map(re.escape, reserved)))
+        kept = []
+        for item in records:
+            found = next(((i, m.group()) for i, turn in enumerate(item.record["conversations"])
+                          if (m := pattern.search(turn["value"]))), None)
+            if found is None:
+                kept.append(item)
+                continue
+            turn, text = found
+            self.report.add(item.source, str(item.record["id"]),
+                            f"{item.where}: conversations[{turn}] contains {text!r}, the text of a control token of "
+                            "the tokenizer (it would be read as that token)", CONTROL_TOKEN_TEXT)
+        if len(kept) < len(records):
+            logger.warning("skipped %d records whose text spells a control token (%s)", len(records) - len(kept),
+                           self.report.counts)
         return kept
 
     def _drop_unsupervised(self, records: list[SourcedRecord]) -> list[SourcedRecord]:

@@ -23,10 +23,9 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .images import ImageTransform, load_image
-from .templates import IGNORE_INDEX, get_template
+from .templates import IGNORE_INDEX, IMAGE_TOKEN, get_template
 
 PROCESSOR_FILE = "parrot_processor.json"
-IMAGE_TOKEN = "<image>"
 
 
 class PromptError(ValueError):

@@ -81,6 +81,15 @@ def segment_ids(segment: Segment, tokenizer) -> list[int]:
     return tokenizer(segment.text, add_special_tokens=False)["input_ids"]
 
 
+def control_token_strings(tokenizer) -> tuple[str, ...]:
+    """Texts `tokenizer` turns into control tokens wherever they appear in a string (its special tokens and added
+    special tokens: chat scaffolding such as "<|im_end|>", end of text, the image placeholder), longest first. Inside
+    message content such a text would be read as the control token itself (as HF's chat templates do), e.g. a
+    literal "<|im_end|>" in an answer ends the turn there."""
+    special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    return tuple(sorted((special | set(tokenizer.all_special_tokens)) - {""}, key=lambda s: (-len(s), s)))
+
+
 def _yields_tokens(text: str, tokenizer, probe_chars: int = 32) -> bool:
     """Whether `text` tokenises to at least one id, judged from its head when that gives one (a tokenizer that
     emits an id for a prefix emits one for the whole text): an answer's first token is all a check needs."""

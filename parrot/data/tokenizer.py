@@ -12,12 +12,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from .synthetic import corpus_texts
-from .templates import CHATML_JINJA, DEFAULT_SYSTEM_PROMPT, LLAMA2_SYSTEM_PROMPT
+from .templates import CHATML_JINJA, DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, LLAMA2_SYSTEM_PROMPT
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, IMAGE_TOKEN)  # ids 0..3, in this order
 
 # Text the model sees around the data: template scaffolding and common evaluation instructions.

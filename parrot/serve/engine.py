@@ -26,7 +26,8 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..data.images import BadImageError
-from ..data.processor import IMAGE_TOKEN, ParrotProcessor
+from ..data.processor import ParrotProcessor
+from ..data.templates import IMAGE_TOKEN, control_token_strings
 from ..model.builder import build_tiny
 from ..train.export import load_trained
 from ..model.modeling import ParrotForCausalLM
@@ -93,9 +94,8 @@ class PreparedPrompt:
 
 
 def reserved_strings(tokenizer) -> tuple[str, ...]:
-    """Texts the tokenizer turns into control tokens (chat scaffolding, end of text, the image placeholder)."""
-    special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
-    return tuple(sorted((special | set(tokenizer.all_special_tokens) | {IMAGE_TOKEN}) - {""}))
+    """Texts the tokenizer turns into control tokens (`control_token_strings`) and the image placeholder."""
+    return tuple(sorted({*control_token_strings(tokenizer), IMAGE_TOKEN}))
 
 
 class _StopWhenSet(StoppingCriteria):
