@@ -48,7 +48,7 @@ import torch
 from .data.processor import PROCESSOR_FILE, ParrotProcessor
 from .model import ParrotForCausalLM
 from .moe.mole import ADAPTER_CONFIG_NAME as MOLE_CONFIG_NAME
-from .train.checkpoints import publish
+from .fileio import publish
 
 logger = logging.getLogger(__name__)
 

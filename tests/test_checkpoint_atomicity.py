@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from parrot import fileio
 from parrot.model.builder import load_pretrained
 from parrot.train import checkpoints, load_trained, train
 from parrot.train.export import FINAL_SAVE_MARKER, IncompleteFinalModelError
@@ -48,17 +49,17 @@ def _assert_published_checkpoints_complete(output_dir: Path) -> list[str]:
 def test_rotation_interrupted_midway_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
     for step in (1, 2, 3):
         _fake_checkpoint(tmp_path / f"checkpoint-{step}", step)
-    real_rmtree = checkpoints.shutil.rmtree
+    real_rmtree = fileio.shutil.rmtree
 
     def killed_midway(path, *args, **kwargs):  # deletes one file, then the process "dies"
         next(p for p in Path(path).iterdir() if p.is_file()).unlink()
         raise KeyboardInterrupt("killed while deleting")
 
-    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr(fileio.shutil, "rmtree", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         checkpoints.rotate(tmp_path, 1)
     assert _assert_published_checkpoints_complete(tmp_path) in (["checkpoint-2", "checkpoint-3"], ["checkpoint-3"])
-    monkeypatch.setattr(checkpoints.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(fileio.shutil, "rmtree", real_rmtree)
     checkpoints.remove_stale_staging(tmp_path)  # what the next run does first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
 
@@ -82,7 +83,7 @@ def test_publish_cut_at_every_rename_keeps_a_complete_folder_under_the_name(tmp_
 
         monkeypatch.setattr(Path, "rename", crash_on)
         try:
-            checkpoints.publish(staged, root / "checkpoint-2")
+            fileio.publish(staged, root / "checkpoint-2")
         except KeyboardInterrupt:
             pass
         monkeypatch.setattr(Path, "rename", real_rename)
@@ -100,7 +101,7 @@ def test_rotation_keeps_the_newest_and_survives_an_undeletable_folder(tmp_path, 
     def refuse(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(checkpoints.shutil, "rmtree", refuse)
+    monkeypatch.setattr(fileio.shutil, "rmtree", refuse)
     checkpoints.rotate(tmp_path, 1)  # a warning, not a crashed training run
     assert _assert_published_checkpoints_complete(tmp_path) == ["checkpoint-3"]
 
@@ -109,7 +110,7 @@ def test_publish_over_an_existing_folder_of_the_same_step(tmp_path):
     old = _fake_checkpoint(tmp_path / "checkpoint-4", 4)
     (old / "stale.txt").write_text("old")
     staged = _fake_checkpoint(checkpoints.staging_dir(tmp_path, 4) / "checkpoint-4", 4)
-    checkpoints.publish(staged, checkpoints.checkpoint_dir(tmp_path, 4))
+    fileio.publish(staged, checkpoints.checkpoint_dir(tmp_path, 4))
     assert not (tmp_path / "checkpoint-4" / "stale.txt").exists()
     assert _assert_published_checkpoints_complete(tmp_path) == ["checkpoint-4"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".deleting")]

@@ -14,12 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from parrot import fileio
 from parrot.data.datasets import BadDataReport
 from parrot.data.tokenizer import build_tiny_tokenizer
 from parrot.model import ParrotForCausalLM
 from parrot.model.builder import load_pretrained, save_pretrained
 from parrot.moe import RouterStatsTracker
-from parrot.train import checkpoints, load_trained
+from parrot.train import load_trained
 from parrot.train.callbacks import EXPERT_LOAD_PNG, ROUTER_STATS_JSON, RouterDiagnosticsCallback
 from parrot.train.export import (FINAL_SAVE_MARKER, RECORD_FILES_KEY, TRAINING_INFO, IncompleteFinalModelError,
                                  save_final_model)
@@ -202,7 +203,7 @@ def _half_written(monkeypatch):
 
 
 @pytest.mark.parametrize("write", [
-    lambda path: checkpoints.atomic_write_text(path, json.dumps({"new": list(range(100))})),
+    lambda path: fileio.atomic_write_text(path, json.dumps({"new": list(range(100))})),
     lambda path: BadDataReport(checked=3).write(path),
     lambda path: RouterStatsTracker().write_json(path),
 ], ids=["atomic_write_text", "bad_data_report", "router_stats"])

@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from parrot import fileio
 from parrot.data.synthetic import make_conversation_records
 from parrot.model.builder import TINY_RECIPE, build_tiny, save_pretrained
 from parrot.train import NonFiniteLossError, TrainConfig, load_trained, train
@@ -311,7 +312,7 @@ def test_checkpoint_helpers(tmp_path):
     assert [p.name for p in checkpoints.rotate(tmp_path, 2)] == ["checkpoint-2"]
     staged = checkpoints.staging_dir(tmp_path, 40)
     (staged / "weights").write_text("w")
-    checkpoints.publish(staged, checkpoints.checkpoint_dir(tmp_path, 40))
+    fileio.publish(staged, checkpoints.checkpoint_dir(tmp_path, 40))
     assert (tmp_path / "checkpoint-40" / "weights").read_text() == "w" and not staged.exists()
     assert checkpoints.rotate(tmp_path, 0) == []
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-30",

@@ -57,6 +57,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..fileio import atomic_write_text
 from .images import BadImageError, load_image
 from .templates import (IGNORE_INDEX, IMAGE_TOKEN, LLAVA_ROLES, ChatTemplate, control_token_strings, get_template,
                         llava_to_messages)
@@ -363,7 +364,6 @@ class BadDataReport:
 
     def write(self, path: str | Path) -> None:
         """Write the report all or nothing (`atomic_write_text`): a crash mid-write keeps the previous report."""
-        from ..train.checkpoints import atomic_write_text  # lazy: parrot.train imports this module
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
+from ..fileio import publish
 from .configuration import ParrotConfig
 from .modeling import ParrotForCausalLM
 
@@ -216,15 +217,13 @@ def load_pretrained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotPro
 
 def save_pretrained(model: ParrotForCausalLM, processor: ParrotProcessor, directory: str | Path) -> Path:
     """Save model + processor as the folder `directory`, all or nothing: the files are written into a staging
-    folder beside it, flushed, and the folder is published under its name (`checkpoints.publish`), so a crash or a
+    folder beside it, flushed, and the folder is published under its name (`parrot.fileio.publish`), so a crash or a
     full disk leaves the previous folder (or none) there, never a partly written or mixed model.
 
     An existing `directory` is replaced (as writing into it used to overwrite its model) only when nothing else would
     be lost: every entry in it is a file this save writes again, or an older weight file (`model*.safetensors`,
     its index), which HF's own save would delete too. Anything else (checkpoint folders, a training record, your own
     files) is refused with FileExistsError naming those entries, and the folder is left as it was."""
-    from ..train import checkpoints  # lazy: parrot.train imports this module
-
     directory = Path(directory).resolve()  # a name to publish under, also for "." or "out/"
     staging = directory.parent / f".{directory.name}.partial-{os.getpid()}"
     if staging.exists():
@@ -234,7 +233,7 @@ def save_pretrained(model: ParrotForCausalLM, processor: ParrotProcessor, direct
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         _refuse_losing_files(directory, {p.name for p in staging.iterdir()})
-        checkpoints.publish(staging, directory)
+        publish(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory

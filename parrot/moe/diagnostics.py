@@ -43,6 +43,7 @@ from typing import Mapping
 
 import torch
 
+from ..fileio import atomic_write_text
 from .routers import RouterOutput
 
 logger = logging.getLogger(__name__)
@@ -214,8 +215,6 @@ class RouterStatsTracker:
 
     def write_json(self, path: str | Path) -> Path:
         """Write `to_dict()` all or nothing (`atomic_write_text`): a crash mid-write keeps the previous file."""
-        from ..train.checkpoints import atomic_write_text  # lazy: parrot.train imports parrot.moe
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write_text(path, json.dumps(self.to_dict()))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import checkpoints
+from ..fileio import atomic_file, atomic_write_text
 
 logger = logging.getLogger("parrot.train")
 
@@ -97,9 +97,9 @@ class LossCurveCallback(TrainerCallback):
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         history = [e for e in state.log_history if "loss" in e]
-        checkpoints.atomic_write_text(self.output_dir / LOSS_HISTORY_JSON, json.dumps(history, indent=1) + "\n")
+        atomic_write_text(self.output_dir / LOSS_HISTORY_JSON, json.dumps(history, indent=1) + "\n")
         if any("loss" in e and "step" in e for e in state.log_history):
-            with checkpoints.atomic_file(self.output_dir / LOSS_CURVE_PNG) as staged:
+            with atomic_file(self.output_dir / LOSS_CURVE_PNG) as staged:
                 plot_loss_curve(state.log_history, staged, self.title)
 
     def on_save(self, args, state, control, **kwargs):
@@ -150,5 +150,5 @@ class RouterDiagnosticsCallback(TrainerCallback):
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.tracker.write_json(self.output_dir / ROUTER_STATS_JSON)  # atomic, as the plot below
-        with checkpoints.atomic_file(self.output_dir / EXPERT_LOAD_PNG) as staged:
+        with atomic_file(self.output_dir / EXPERT_LOAD_PNG) as staged:
             plot_expert_load(self.tracker, staged, title="Expert load (mean over logged steps)")

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from . import checkpoints
+from ..fileio import atomic_write_text
 
 # full / lora / mole: the dense-LLM modes of `stages`; the rest: MoE tuning methods of `parrot.moe.methods`
 MOE_METHOD_TUNINGS = ("perft-r", "perft-e", "perft-d", "perft-s", "factorllm", "ceft")
@@ -160,7 +160,7 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         # written whole, then renamed: other processes of a resumed run read this file at the same time
-        checkpoints.atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def resume_differences(self, saved: dict[str, Any]) -> list[str]:
         """'field: saved -> now' for every setting that differs from the run's saved `train_config.json`,

@@ -66,6 +66,7 @@ from ..moe.methods.factorllm import FactorizedMLP
 from ..moe.methods.perft import PERFT_CONFIG_NAME, PERFT_WEIGHTS_NAME
 from ..moe.methods.router_lens import CEFTExperts
 from ..moe.mole import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_files, write_adapter_files
+from ..fileio import atomic_write_text, fsync, fsync_tree, remove_file
 from . import checkpoints
 from .config import read_json_mapping
 
@@ -317,7 +318,7 @@ def save_final_model(
         _write_final_files(model, processor, staging, state, lora_scaling, mole_config, tuning_method,
                            method_settings)
         _write_record(staging, training_info or {})
-        checkpoints.fsync_tree(staging)
+        fsync_tree(staging)
         _move_final_files(staging, final_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -338,16 +339,16 @@ def _move_final_files(staging: Path, final_dir: Path) -> None:
     goes once all of it is on disk (each step flushed before the next)."""
     new = sorted(p.name for p in staging.iterdir() if p.name != TRAINING_INFO)
     stale = _stale_final_files(final_dir, {*new, TRAINING_INFO})  # read before the old record goes
-    checkpoints.atomic_write_text(final_dir / FINAL_SAVE_MARKER, interrupted_save_message(final_dir) + "\n")
-    checkpoints.remove_file(final_dir / TRAINING_INFO)
+    atomic_write_text(final_dir / FINAL_SAVE_MARKER, interrupted_save_message(final_dir) + "\n")
+    remove_file(final_dir / TRAINING_INFO)
     for name in stale:
         (final_dir / name).unlink()
     for name in new:
         os.replace(staging / name, final_dir / name)
-    checkpoints.fsync(final_dir)
+    fsync(final_dir)
     os.replace(staging / TRAINING_INFO, final_dir / TRAINING_INFO)
-    checkpoints.fsync(final_dir)
-    checkpoints.remove_file(final_dir / FINAL_SAVE_MARKER)
+    fsync(final_dir)
+    remove_file(final_dir / FINAL_SAVE_MARKER)
 
 
 def _stale_final_files(final_dir: Path, keep: set[str]) -> list[str]:

@@ -29,6 +29,7 @@ from transformers import Trainer
 
 from ..moe import collect_router_outputs, mole_aux_loss
 from ..moe.methods import TuningSetup
+from ..fileio import publish
 from . import checkpoints
 from .deepspeed_setup import check_deepspeed_offload, warn_about_deepspeed_optimizer
 
@@ -169,7 +170,7 @@ class ParrotTrainer(Trainer):
             self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            checkpoints.publish(staging / f"{checkpoints.CHECKPOINT_PREFIX}{step}",
+            publish(staging / f"{checkpoints.CHECKPOINT_PREFIX}{step}",
                                 checkpoints.checkpoint_dir(run_dir, step))
             shutil.rmtree(staging)
             checkpoints.rotate(run_dir, self.keep_last)
