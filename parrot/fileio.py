@@ -1,4 +1,4 @@
-"""Crash-safe file-system steps shared by every writer (checkpoints, final models, exports, reports, plots).
+"""File steps shared by every writer and reader (checkpoints, final models, exports, reports, plots, settings).
 
 - `atomic_file` / `atomic_write_text`: replace one file whole: write a temporary file beside it, flush it, rename it
   over the target, flush the folder; a reader (or the disk after a crash) sees the old file or the new one.
@@ -6,10 +6,12 @@
   data; a rename within one file system is atomic, POSIX `rename(2)`), replacing an older folder of that name.
 - `discard`: delete a folder without ever leaving it half-deleted under its name.
 - `fsync`, `fsync_tree`, `remove_file`: the flushes these are made of.
+- `read_json_mapping`: a JSON object file, with errors naming the file and what it should hold.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -105,3 +107,15 @@ def publish(staged: Path, final: Path) -> Path:
     if replaced.exists():
         discard(replaced)
     return final
+
+
+def read_json_mapping(path: Path, what: str) -> dict:
+    """The JSON object in `path` (a run's saved settings or training record); ValueError naming the file and
+    `what` it should hold when it cannot be read or is not a mapping."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read {what} ({err})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a mapping ({what}), got {type(value).__name__}")
+    return value

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..fileio import atomic_write_text
+from .deepspeed_setup import check_deepspeed_config
 
 # full / lora / mole: the dense-LLM modes of `stages`; the rest: MoE tuning methods of `parrot.moe.methods`
 MOE_METHOD_TUNINGS = ("perft-r", "perft-e", "perft-d", "perft-s", "factorllm", "ceft")
@@ -147,8 +148,6 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1) (a share of the training steps), got {self.warmup_ratio}")
         if self.deepspeed is not None:  # before any model is built: a run that cannot train fails at once
-            from .deepspeed_setup import check_deepspeed_config
-
             check_deepspeed_config(self.deepspeed)
 
     @property
@@ -294,15 +293,3 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m parrot.trai
     except (TypeError, ValueError) as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
-
-
-def read_json_mapping(path: Path, what: str) -> dict:
-    """The JSON object in `path` (a run's saved settings or training record); ValueError naming the file and
-    `what` it should hold when it cannot be read or is not a mapping."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read {what} ({err})") from err
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a mapping ({what}), got {type(value).__name__}")
-    return value

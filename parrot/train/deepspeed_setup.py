@@ -21,6 +21,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fileio import read_json_mapping
+
 logger = logging.getLogger("parrot.train")
 
 
@@ -127,8 +129,6 @@ def check_cpu_adam_available(ds_config: dict, source: str) -> None:
 
 def check_deepspeed_config(path: str | Path) -> None:
     """Read a DeepSpeed config JSON and run the preflight on it; an unreadable file is a ValueError naming it."""
-    from .config import read_json_mapping
-
     check_cpu_adam_available(read_json_mapping(Path(path), "a DeepSpeed config (--deepspeed)"), str(path))
 
 

@@ -66,9 +66,8 @@ from ..moe.methods.factorllm import FactorizedMLP
 from ..moe.methods.perft import PERFT_CONFIG_NAME, PERFT_WEIGHTS_NAME
 from ..moe.methods.router_lens import CEFTExperts
 from ..moe.mole import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_files, write_adapter_files
-from ..fileio import atomic_write_text, fsync, fsync_tree, remove_file
+from ..fileio import atomic_write_text, fsync, fsync_tree, read_json_mapping, remove_file
 from . import checkpoints
-from .config import read_json_mapping
 
 TRAINING_INFO = "parrot_training.json"
 FACTORLLM_WEIGHTS_NAME = "factorllm_adapter.safetensors"

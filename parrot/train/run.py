@@ -26,12 +26,13 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..data.datasets import DEFAULT_REGISTRY, DataCollator, DataConfig, build_dataset
 from ..data.processor import ParrotProcessor
+from ..fileio import read_json_mapping
 from ..model import ParrotForCausalLM
 from ..model.builder import build_from_local, build_tiny, load_pretrained, load_recipe
 from ..moe import calibrate_gwmoe, collect_router_outputs
 from . import checkpoints
 from .callbacks import LossCurveCallback, ProgressLogCallback, RouterDiagnosticsCallback
-from .config import RESUME_FREE_FIELDS, TrainConfig, read_json_mapping
+from .config import RESUME_FREE_FIELDS, TrainConfig
 from .export import (FINAL_SAVE_MARKER, FINISHED_MODEL_FILES, TRAINING_INFO, final_save_interrupted,
                      interrupted_save_message, save_final_model)
 from .stages import StagePlan, apply_stage, describe_trainable
