@@ -13,7 +13,9 @@
   configs/deepspeed, ZeRO-Offload included (accelerate turns it into DeepSpeed's CPU Adam with the same groups);
   a DeepSpeed config with its own "optimizer" section gets a warning (`warn_about_deepspeed_optimizer`), and one
   whose offloaded optimizer needs DeepSpeed's cpu_adam op on a machine that can neither load nor build it is refused
-  (`check_deepspeed_offload`; `TrainConfig` runs the same check before the model is built).
+  (`check_deepspeed_offload`; `TrainConfig` runs the same check before the model is built);
+- resuming does not warn that a tied weight (the LM head tied to the input embeddings) is missing from the
+  checkpoint: it is saved once, under its other name (`untied_missing_keys`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ class AuxLossHook:
             if aux is not None:
                 output.loss = output.loss + aux
         return output
+
+
+def untied_missing_keys(model: torch.nn.Module, missing_keys: list[str]) -> list[str]:
+    """The keys of `missing_keys` that are really missing: a parameter tied to one that was loaded (safetensors keeps
+    a tied weight once, under one of its names) is dropped from the list."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = set(missing_keys)
+    loaded = {id(param) for name, param in params.items() if name not in missing}
+    return [key for key in missing_keys if key not in params or id(params[key]) not in loaded]
 
 
 class ParrotTrainer(Trainer):
@@ -155,6 +166,10 @@ class ParrotTrainer(Trainer):
         return super()._inner_training_loop(*args, **kwargs)
 
     # --- checkpoints ----------------------------------------------------------------------------------------
+    def _issue_warnings_after_load(self, load_result) -> None:  # HF-internal: its check misses tied weights
+        missing = untied_missing_keys(self.model, list(load_result.missing_keys))
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _save_checkpoint(self, model, trial) -> None:
         """Write the Trainer's checkpoint into a staging folder, then rename it into place and rotate."""
         run_dir = self.args.output_dir
