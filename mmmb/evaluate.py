@@ -7,9 +7,16 @@ Writes to ``--out``: ``<model>_MMMB_<lang>.xlsx`` and ``.tsv`` (VLMEvalKit's nam
 prediction of every prompt, ``<model>_MMMB_acc.csv|.md|.png`` (category × language accuracy, ``Avg`` column)
 and ``summary.json`` (read by :mod:`mmmb.leaderboard`). Predictions are cached per prompt in
 ``cache/<mode>/<lang>.jsonl`` so an interrupted run resumes where it stopped. The cache is tied to the model name,
-its weights (``EvalConfig.model_weights``), its settings (the adapter's ``settings_id(mode)``: processor, chat
-template, ``max_new_tokens``), each prompt's text and each item's image: a cache made otherwise is refused, never
-reused; ``--fresh`` discards it.
+its weights (``EvalConfig.model_weights``: a hash of every weight byte), its settings (the adapter's
+``settings_id(mode)``: processor, chat template, ``max_new_tokens``), each prompt's text and each item's image: a
+cache made otherwise is refused, never reused; ``--fresh`` discards it. A path-based item's image file is read once
+per use and decoded from the bytes that were hashed.
+
+Bad items are errors, as in :mod:`mmmb.tsv` (an item skipped in one language would break the alignment of the six):
+an item whose hint, question or option text spells one of the model's control-token texts (the adapter's
+``reserved_texts()``, e.g. ``<|im_end|>`` or ``<image>``) is refused before any inference, naming the TSV file, the
+row and the column. ``summary.json`` records the identity of the data of every language (item count and a hash of
+the items' text, answers, categories and images), which :mod:`mmmb.leaderboard` compares across results.
 
 Scoring is exact matching as in the Parrot paper; circular evaluation (MMBench's CircularEval) asks every
 rotation of the options and counts an item as correct only if all rotations are answered correctly.
@@ -27,15 +34,18 @@ from typing import Sequence
 
 import pandas as pd
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from mmmb.cache import PredictionCache, prompt_hash
 from mmmb.extract import extract_answer
 from mmmb.languages import LANGUAGES, VLMEVALKIT_CODE
 from mmmb.models import MCQModel
-from mmmb.prompts import format_question, rotate_options
+from mmmb.prompts import (format_question, prompt_fields, reserved_text_in, reserved_text_message,
+                          rotate_options)
 from mmmb.report import AVERAGE, OVERALL, accuracy_table, plot_accuracy, to_markdown
-from mmmb.tsv import OPTION_LETTERS, MCQRecord, check_alignment, read_mmmb
+from mmmb.tsv import (OPTION_LETTERS, MCQRecord, MMMBFormatError, check_alignment, decode_image,
+                      decode_image_bytes, read_mmmb)
 
 logger = logging.getLogger(__name__)
 MODES = ("generate", "likelihood")
@@ -68,7 +78,6 @@ class Query:
     options: tuple[str, ...]
     answer: str
     prompt: str
-    image_sha1: str = ""  # of the item's image (base64 text or file bytes): the cache is tied to it
 
     @property
     def key(self) -> str:
@@ -86,33 +95,118 @@ class EvalResult:
         return float(self.table.loc[OVERALL, AVERAGE])
 
 
-def image_sha1(record: MCQRecord) -> str:
-    """sha1 of the item's image as stored: its base64 text, or the bytes of its image file."""
-    if record.image_b64 is not None:
-        return hashlib.sha1(record.image_b64.encode("ascii", "replace")).hexdigest()
-    if record.image_path is None:
-        raise ValueError(f"item {record.index} has neither an image nor an image_path")
-    try:
-        return hashlib.sha1(Path(record.image_path).read_bytes()).hexdigest()
-    except OSError as error:
-        raise ValueError(f"item {record.index}: cannot read image file {record.image_path!r} ({error})") from None
+class ItemImages:
+    """The images of one language's items: their sha1 (what the cache and the data identity are tied to) and,
+    for the items asked, the decoded images. A path-based item's file is read once per use (the cache check, or a
+    batch) and decoded from the very bytes that were hashed, so the hash recorded with a prediction is that of the
+    image the model saw; a file that changes between two uses in a run is an error. Base64 images are hashed as
+    their text."""
+
+    def __init__(self, language: str):
+        self.language = language
+        self.sha1: dict[int, str] = {}  # item index -> sha1 of its image as stored
+        # The previous batch's images: an item's rotations are consecutive, so one cut by a batch boundary finds
+        # its image here instead of reading the file again. Holds one batch of images, not the benchmark's.
+        self._previous: dict[int, Image.Image] = {}
+
+    def digest(self, record: MCQRecord) -> str:
+        """sha1 of the item's image as stored (base64 text, or the file's bytes); a file is read only the first
+        time."""
+        if record.index not in self.sha1:
+            self._remember(record, hashlib.sha1(self._stored(record)).hexdigest())
+        return self.sha1[record.index]
+
+    def load(self, records: Sequence[MCQRecord]) -> list[Image.Image]:
+        """The decoded image of each record, from consecutive batches (an item repeated by rotations, within a
+        batch or across two, is read and decoded once)."""
+        decoded: dict[int, Image.Image] = {}
+        for record in records:
+            if record.index in decoded:
+                continue
+            if record.index in self._previous:
+                decoded[record.index] = self._previous[record.index]
+                continue
+            stored = self._stored(record)
+            self._remember(record, hashlib.sha1(stored).hexdigest())
+            decoded[record.index] = self._decode(record, stored)
+        self._previous = decoded
+        return [decoded[record.index] for record in records]
+
+    def _where(self, record: MCQRecord) -> str:
+        return f"MMMB {self.language}, item index {record.index}"
+
+    def _stored(self, record: MCQRecord) -> bytes:
+        if record.image_b64 is not None:
+            return record.image_b64.encode("ascii", "replace")
+        if record.image_path is None:
+            raise ValueError(f"{self._where(record)}: the item has neither an image nor an image_path")
+        try:
+            return Path(record.image_path).read_bytes()
+        except OSError as error:
+            raise ValueError(f"{self._where(record)}: cannot read image file {record.image_path!r} ({error})") \
+                from None
+
+    def _decode(self, record: MCQRecord, stored: bytes) -> Image.Image:
+        try:
+            return decode_image(record.image_b64) if record.image_b64 is not None else decode_image_bytes(stored)
+        except ValueError as error:
+            source = "its base64 image" if record.image_b64 is not None else f"image file {record.image_path!r}"
+            raise ValueError(f"{self._where(record)}: {source}: {error}") from None
+
+    def _remember(self, record: MCQRecord, digest: str) -> None:
+        known = self.sha1.setdefault(record.index, digest)
+        if known != digest:
+            raise ValueError(f"{self._where(record)}: image file {record.image_path!r} changed during the "
+                             "evaluation; rerun once the data is final")
 
 
 def build_queries(records: Sequence[MCQRecord], language: str, circular: bool) -> list[Query]:
     queries = []
     for record in records:
-        digest = image_sha1(record)
         for rotation in range(len(record.options) if circular else 1):
             options, answer = rotate_options(record, rotation)
-            queries.append(Query(record, rotation, options, answer, format_question(record, options, language),
-                                 digest))
+            queries.append(Query(record, rotation, options, answer, format_question(record, options, language)))
     return queries
 
 
-def model_settings(model: MCQModel, mode: str) -> str:
-    """The adapter's ``settings_id(mode)`` (what besides the weights shapes its answers in ``mode``), or ""."""
-    settings_id = getattr(model, "settings_id", None)
-    return str(settings_id(mode)) if callable(settings_id) else ""
+# Members of `MCQModel` that the evaluator calls in every mode (`generate` / `option_logprobs` only in their mode).
+_ALWAYS_CALLED = ("settings_id", "reserved_texts")
+
+
+def check_adapter(model: MCQModel) -> None:
+    """Refuse an adapter without the `MCQModel` members called in every mode, before any work: subclassing
+    `MCQModel` gives their documented defaults."""
+    missing = [name for name in _ALWAYS_CALLED if not hasattr(model, name)]
+    if missing:
+        raise TypeError(f"{type(model).__name__} lacks the MCQModel member(s) {missing}; define them or subclass "
+                        "mmmb.models.MCQModel to inherit their defaults")
+
+
+def check_reserved_texts(data: dict[str, list[MCQRecord]], reserved: Sequence[str]) -> None:
+    """Refuse an item whose prompt text spells one of ``reserved`` (the model's control-token texts), naming its
+    TSV file, row and column: tokenised, the text would become the control token itself (end the user turn, or add
+    an image placeholder without an image). An error, not a skip, as every bad item in :mod:`mmmb.tsv`."""
+    for language, records in data.items():
+        for record in records:
+            for column, text in prompt_fields(record):
+                found = reserved_text_in(text, reserved)
+                if found is not None:
+                    raise MMMBFormatError(record.source or f"MMMB {language} (items not read from a TSV)",
+                                          reserved_text_message(found), row=record.source_row or record.index,
+                                          column=column)
+
+
+def data_identity(records: Sequence[MCQRecord], images: ItemImages) -> dict[str, object]:
+    """What identifies the data a language was scored on: its item count and a blake2b-256 over every item's
+    index, hint, question, options, answer, category and image sha1, in index order (so the same items in another
+    row order or file layout give the same identity). :mod:`mmmb.leaderboard` ranks only results whose identities
+    agree."""
+    digest = hashlib.blake2b(digest_size=32)
+    for record in sorted(records, key=lambda r: r.index):
+        content = [record.index, record.hint, record.question, list(record.options), record.answer, record.category,
+                   images.digest(record)]
+        digest.update(json.dumps(content, ensure_ascii=False).encode("utf-8") + b"\n")
+    return {"items": len(records), "digest": "blake2b-256:" + digest.hexdigest()}
 
 
 def _locate(error: ValueError, batch: list[Query], language: str) -> ValueError:
@@ -135,20 +229,22 @@ class _ItemError(ValueError):
         self.position = position
 
 
-def _run_batch(model: MCQModel, batch: list[Query], config: EvalConfig, language: str, settings: str) -> list[dict]:
+def _run_batch(model: MCQModel, batch: list[Query], config: EvalConfig, language: str, settings: str,
+               item_images: ItemImages) -> list[dict]:
+    images = item_images.load([query.record for query in batch])  # its errors name the item already
     try:
-        return _ask_model(model, batch, config, settings)
+        return _ask_model(model, batch, images, item_images, config, settings)
     except ValueError as error:
         raise _locate(error, batch, language) from error
 
 
-def _ask_model(model: MCQModel, batch: list[Query], config: EvalConfig, settings: str) -> list[dict]:
+def _ask_model(model: MCQModel, batch: list[Query], images: list[Image.Image], item_images: ItemImages,
+               config: EvalConfig, settings: str) -> list[dict]:
     mode = config.mode
     prompts = [query.prompt for query in batch]
-    images = [query.record.load_image() for query in batch]
     base = [{"key": q.key, "index": q.record.index, "rotation": q.rotation, "prompt_sha1": prompt_hash(q.prompt),
-             "image_sha1": q.image_sha1, "model": config.model_name, "weights": config.model_weights,
-             "settings": settings} for q in batch]
+             "image_sha1": item_images.digest(q.record), "model": config.model_name,
+             "weights": config.model_weights, "settings": settings} for q in batch]
     if mode == "generate":
         texts = model.generate(prompts, images)
         if len(texts) != len(batch):
@@ -173,9 +269,19 @@ def _ask_model(model: MCQModel, batch: list[Query], config: EvalConfig, settings
             for entry, c, row, q in zip(base, chosen.tolist(), scores, batch)]
 
 
+def _is_cached(query: Query, cache: PredictionCache, images: ItemImages) -> bool:
+    """Whether the cache answers ``query``; an entry made for another prompt or image is an error (``cache.get``).
+    Without an entry the image is not read here: it is read (once) when the query is asked."""
+    if query.key not in cache.entries:
+        return False
+    cache.get(query.key, query.prompt, images.digest(query.record))
+    return True
+
+
 def predict_language(model: MCQModel, queries: list[Query], cache: PredictionCache, config: EvalConfig,
-                     language: str, settings: str = "") -> dict[str, dict]:
-    """Predictions for every query, asking the model only for those missing from the cache."""
+                     language: str, settings: str, images: ItemImages) -> dict[str, dict]:
+    """Predictions for every query, asking the model only for those missing from the cache. An image is read
+    for the cache check only where the cache has an entry to check."""
     mode, batch_size = config.mode, config.batch_size
     cached_models = {entry.get("model") for entry in cache.entries.values()} - {config.model_name}
     if cached_models:
@@ -191,13 +297,13 @@ def predict_language(model: MCQModel, queries: list[Query], cache: PredictionCac
         raise ValueError(f"{cache.path} holds predictions of {config.model_name!r} made with other settings "
                          f"({sorted(cached_settings)}, now {settings!r}); use another --out (or --fresh to discard "
                          "the cache)")
-    todo = [query for query in queries if cache.get(query.key, query.prompt, query.image_sha1) is None]
+    todo = [query for query in queries if not _is_cached(query, cache, images)]
     if len(todo) < len(queries):
         logger.info("%s: %d of %d prompts already cached", language, len(queries) - len(todo), len(queries))
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc=f"MMMB {language} ({mode})", unit="batch", disable=not batches):
-        cache.append(_run_batch(model, batch, config, language, settings))
-    return {query.key: cache.get(query.key, query.prompt, query.image_sha1) for query in queries}
+        cache.append(_run_batch(model, batch, config, language, settings, images))
+    return {query.key: cache.get(query.key, query.prompt, images.digest(query.record)) for query in queries}
 
 
 def score_language(queries: list[Query], predictions: dict[str, dict], mode: str,
@@ -246,21 +352,28 @@ def _write_excel(frame: pd.DataFrame, path: Path) -> None:
 def evaluate_mmmb(model: MCQModel, data: dict[str, list[MCQRecord]], out_dir: str | Path,
                   config: EvalConfig) -> EvalResult:
     """Evaluate ``model`` on the aligned per-language ``data`` and write all outputs to ``out_dir``."""
+    check_adapter(model)
     check_alignment(data)
     empty = [language for language, records in data.items() if not records]
     if empty or not data:
         raise ValueError(f"no MMMB items to evaluate for language(s) {empty or 'any'}")
+    check_reserved_texts(data, model.reserved_texts())
+    settings = model.settings_id(config.mode)
+    if not isinstance(settings, str):
+        raise TypeError(f"{type(model).__name__}.settings_id({config.mode!r}) returned {type(settings).__name__}, "
+                        "not str")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Categories come from one reference language so translated category names still share a table row.
     reference = "en" if "en" in data else next(iter(data))
     category_of = {record.index: record.category for record in data[reference]}
-    items, predictions = {}, {}
-    settings = model_settings(model, config.mode)
+    items, predictions, identity = {}, {}, {}
     for language, records in data.items():
         queries = build_queries(records, language, config.circular)
         cache = PredictionCache(out_dir / "cache" / config.mode / f"{language}.jsonl")
-        answered = predict_language(model, queries, cache, config, language, settings)
+        images = ItemImages(language)
+        answered = predict_language(model, queries, cache, config, language, settings, images)
+        identity[language] = data_identity(records, images)  # every image was hashed while predicting
         predictions[language], items[language] = score_language(queries, answered, config.mode, category_of)
         _write_predictions(predictions[language].drop(columns=["item_index"]),
                            out_dir / f"{config.model_name}_MMMB_{VLMEVALKIT_CODE[language]}")
@@ -277,6 +390,7 @@ def evaluate_mmmb(model: MCQModel, data: dict[str, list[MCQRecord]], out_dir: st
         "accuracy": {language: float(table.loc[OVERALL, language]) for language in data},
         "items": {language: len(frame) for language, frame in items.items()},
         "no_answer": {language: int(frame["no_answer"].sum()) for language, frame in items.items()},
+        "data_identity": identity,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return EvalResult(table=table, items=items, predictions=predictions)

@@ -33,3 +33,25 @@ def rotate_options(record: MCQRecord, rotation: int) -> tuple[tuple[str, ...], s
     n = len(record.options)
     options = record.options[rotation:] + record.options[:rotation]
     return options, OPTION_LETTERS[(record.answer_position - rotation) % n]
+
+
+def prompt_fields(record: MCQRecord) -> list[tuple[str, str]]:
+    """(TSV column, text) of every part of ``record`` that goes into its prompt: hint, question, options."""
+    fields = [("hint", record.hint)] if record.hint else []
+    fields.append(("question", record.question))
+    fields.extend(zip(OPTION_LETTERS, record.options))
+    return fields
+
+
+def reserved_text_in(text: str, reserved: Sequence[str]) -> str | None:
+    """The first of ``reserved`` (control-token texts, see ``MCQModel.reserved_texts``) that occurs in ``text``,
+    or None. The longest of those starting there, so "<|im_end|>" is named rather than a shorter text inside it."""
+    hits = [(text.find(token), -len(token), token) for token in reserved if token and token in text]
+    return min(hits)[2] if hits else None
+
+
+def reserved_text_message(found: str) -> str:
+    """Why an item spelling ``found`` is refused, and what to do."""
+    return (f"the text contains {found!r}, which the model's tokenizer reads as a control token (a chat-turn "
+            "marker, end of text or the image placeholder) rather than as text; training skips such records, so "
+            "evaluation refuses the item: reword it (in every language)")

@@ -19,7 +19,7 @@ import csv
 import io
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -72,6 +72,10 @@ class MCQRecord:
     hint: str | None = None
     image_b64: str | None = None
     image_path: str | None = None
+    # Where the item was read (the TSV and its row, as "index (data row n)"), for errors about it found later;
+    # None for items made in memory. Not part of the item's identity: equal items from two files compare equal.
+    source: str | None = field(default=None, compare=False)
+    source_row: str | None = field(default=None, compare=False)
 
     @property
     def letters(self) -> str:
@@ -113,10 +117,18 @@ def decode_image(b64: str) -> Image.Image:
     except (binascii.Error, ValueError) as error:
         raise ValueError(f"not valid base64 ({error})") from None
     try:
+        return decode_image_bytes(data)
+    except ValueError as error:
+        raise ValueError(f"base64 payload: {error}") from None
+
+
+def decode_image_bytes(data: bytes) -> Image.Image:
+    """Decode the bytes of an image file (JPEG, PNG, ...) to an RGB image; ValueError when they are not one."""
+    try:
         with Image.open(io.BytesIO(data)) as image:
             return to_rgb(image)
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"base64 payload is not a decodable image ({error})") from None
+        raise ValueError(f"not a decodable image ({error})") from None
 
 
 def read_tsv(path: str | Path, check_images: bool = True) -> list[MCQRecord]:
@@ -151,7 +163,7 @@ def read_tsv(path: str | Path, check_images: bool = True) -> list[MCQRecord]:
         records.append(MCQRecord(
             index=idx, question=row["question"], options=options, answer=answer, category=row["category"],
             l2_category=row.get("l2-category") or None, hint=row.get("hint") or None,
-            image_b64=image_b64, image_path=image_path,
+            image_b64=image_b64, image_path=image_path, source=str(path), source_row=where,
         ))
     return records
 

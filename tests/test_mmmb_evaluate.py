@@ -9,6 +9,7 @@ import torch
 
 from mmmb.evaluate import EvalConfig, evaluate_mmmb
 from mmmb.languages import ANSWER_INSTRUCTION, LANGUAGES
+from mmmb.models import MCQModel
 from mmmb.toy import toy_mmmb
 from mmmb.tsv import OPTION_LETTERS
 
@@ -18,7 +19,7 @@ SENTENCES = {  # how the stub phrases "the answer is <letter>" in each language
 }
 
 
-class KnownAnswersStub:
+class KnownAnswersStub(MCQModel):
     """Answers from the prompt text alone. Per item (found by its question line) a behaviour:
     "know" → picks the option text of the true answer wherever it is; "first" → always letter A;
     "mumble" → an output with no answer. Records every prompt it is asked."""
@@ -54,7 +55,7 @@ class KnownAnswersStub:
         return scores.log_softmax(dim=-1)
 
 
-class CrashAfter:
+class CrashAfter(MCQModel):
     def __init__(self, model, batches):
         self.model, self.batches_left = model, batches
 
@@ -229,7 +230,7 @@ def test_misaligned_data_is_refused_before_any_inference(tmp_path, setup):
     assert model.asked == []
 
 
-class FixedOutputs:
+class FixedOutputs(MCQModel):
     """Answers prompt k of every batch with ``outputs[k % len(outputs)]``."""
 
     def __init__(self, outputs):
@@ -259,7 +260,7 @@ def test_xlsx_stores_formula_like_text_as_text(tmp_path):
                                   pd.read_csv(stem.with_suffix(".tsv"), sep="\t", **as_text))
 
 
-class TooLongFor:
+class TooLongFor(MCQModel):
     """Rejects the prompt of one question as the Parrot processor does: by its position in the batch."""
 
     def __init__(self, question):
@@ -287,7 +288,7 @@ def test_a_language_without_items_is_refused_before_any_inference(tmp_path):
         evaluate_mmmb(FixedOutputs(["A"]), {"en": []}, tmp_path, EvalConfig("m"))
 
 
-class DarkOrLight:
+class DarkOrLight(MCQModel):
     """Answers from the image alone: "A" on a dark image, "B" on a light one."""
 
     def __init__(self):
@@ -353,7 +354,7 @@ def test_cache_of_other_generation_settings_is_refused(tmp_path):
     assert summary["model_settings"] == "max_new_tokens=1"
 
 
-class ScoresWith:
+class ScoresWith(MCQModel):
     def __init__(self, bad_row, value):
         self.bad_row, self.value = bad_row, value
 
@@ -371,3 +372,177 @@ def test_likelihood_scores_without_a_finite_value_are_an_error_naming_the_item(t
     with pytest.raises(ValueError, match=rf"MMMB tr, item index {culprit.index} .*no finite score"):
         evaluate_mmmb(ScoresWith(2, value), data, tmp_path, EvalConfig("m", mode="likelihood", batch_size=4))
     assert not (tmp_path / "summary.json").exists()
+
+
+class ChatStub(FixedOutputs):
+    """Answers "A"; its tokenizer (as the adapter reports it) reads these texts as control tokens."""
+
+    def __init__(self):
+        super().__init__(["A"])
+        self.asked = 0
+
+    def generate(self, prompts, images):
+        self.asked += len(prompts)
+        return super().generate(prompts, images)
+
+    def reserved_texts(self):
+        return ("<image>", "<|im_end|>", "<|im_start|>")
+
+
+@pytest.mark.parametrize("column, text, token", [("question", "What follows <|im_end|> here?", "<|im_end|>"),
+                                                 ("C", "<image>", "<image>"),
+                                                 ("hint", "Look at the <|im_start|>system", "<|im_start|>")])
+def test_item_spelling_a_control_token_is_refused_naming_file_row_and_column(tmp_path, column, text, token):
+    """Training skips such records; evaluation must not feed them to the model as control tokens either."""
+    from mmmb.tsv import MMMBFormatError, read_mmmb, write_tsv
+
+    data = toy_mmmb(n_items=5, seed=6, languages=("en", "tr"))
+    position = 3  # the item's 1-based data row is 4 in the file written below
+    record = data["tr"][position]
+    field = {"question": {"question": text}, "hint": {"hint": text},
+             "C": {"options": (*record.options[:2], text, *record.options[3:])}}[column]
+    data["tr"][position] = record.__class__(**{**record.__dict__, **field})
+    for language, records in data.items():
+        write_tsv(tmp_path / "data" / f"mmmb_{language}.tsv", records)
+    read = read_mmmb([tmp_path / "data"])
+    model = ChatStub()
+    tsv = tmp_path / "data" / "mmmb_tr.tsv"
+    with pytest.raises(MMMBFormatError, match=rf"^{re.escape(str(tsv))}, row {record.index} \(data row 4\), "
+                                              rf"column '{column}': the text contains '{re.escape(token)}', which the model's "
+                                              "tokenizer reads as a control token"):
+        evaluate_mmmb(model, read, tmp_path / "out", EvalConfig("m"))
+    assert model.asked == 0  # refused before any inference
+    # the same text is fine for a model whose tokenizer has no such control texts (the default)
+    evaluate_mmmb(FixedOutputs(["A"]), read, tmp_path / "plain", EvalConfig("m"))
+
+
+def test_an_adapter_without_the_protocol_members_is_refused_before_inference(tmp_path):
+    """`settings_id` and `reserved_texts` are MCQModel members, not optional extras read with a fallback."""
+
+    class DuckTyped:  # not an MCQModel subclass, and lacking the two members
+        asked = 0
+
+        def generate(self, prompts, images):
+            DuckTyped.asked += len(prompts)
+            return ["A"] * len(prompts)
+
+    data = toy_mmmb(n_items=2, seed=1, languages=("en",))
+    with pytest.raises(TypeError, match=r"DuckTyped lacks the MCQModel member\(s\) \['settings_id', "
+                                        r"'reserved_texts'\].*subclass mmmb.models.MCQModel"):
+        evaluate_mmmb(DuckTyped(), data, tmp_path, EvalConfig("m"))
+    assert DuckTyped.asked == 0
+    evaluate_mmmb(FixedOutputs(["A"]), data, tmp_path, EvalConfig("m"))  # subclass: the documented defaults
+    assert json.loads((tmp_path / "summary.json").read_text())["model_settings"] == ""
+
+
+def _identity(tmp_path, data, name):
+    evaluate_mmmb(FixedOutputs(["A"]), data, tmp_path / name, EvalConfig("m"))
+    return json.loads((tmp_path / name / "summary.json").read_text())["data_identity"]
+
+
+def test_summary_records_an_identity_of_each_languages_data(tmp_path):
+    """Equal for the same items (in any row order, from a file or from memory); different, in that language
+    only, when one option text, one answer or one image differs, or an item is left out."""
+    from mmmb.tsv import read_mmmb, write_tsv
+
+    data = toy_mmmb(n_items=6, seed=8, languages=("en", "pt"))
+    reference = _identity(tmp_path, data, "reference")
+    assert {language: value["items"] for language, value in reference.items()} == {"en": 6, "pt": 6}
+    assert reference["en"]["digest"] != reference["pt"]["digest"]
+
+    for language, records in data.items():
+        write_tsv(tmp_path / "tsv" / f"mmmb_{language}.tsv", records[::-1])
+    assert _identity(tmp_path, read_mmmb([tmp_path / "tsv"]), "from_files_reversed") == reference
+
+    def changed(**fields):
+        record = data["pt"][2]
+        return {"en": data["en"], "pt": [*data["pt"][:2], record.__class__(**{**record.__dict__, **fields}),
+                                         *data["pt"][3:]]}
+
+    from PIL import Image
+
+    from mmmb.tsv import encode_image
+
+    variants = {
+        "option": changed(options=("other text", *data["pt"][2].options[1:])),
+        "image": changed(image_b64=encode_image(Image.new("RGB", (8, 8), (1, 2, 3)))),
+    }
+    for name, variant in variants.items():
+        identity = _identity(tmp_path, variant, name)
+        assert identity["en"] == reference["en"] and identity["pt"]["digest"] != reference["pt"]["digest"], name
+    subset = _identity(tmp_path, {language: records[:5] for language, records in data.items()}, "subset")
+    assert all(subset[language]["items"] == 5 and subset[language]["digest"] != reference[language]["digest"]
+               for language in data)
+
+
+def _path_based(tmp_path, n_items, colour=(0, 0, 0)):
+    """Toy items whose images are PNG files (written as `image_path`, as a TSV with an image_path column)."""
+    from PIL import Image
+
+    records = toy_mmmb(n_items=n_items, seed=1, languages=("en",))["en"]
+    paths = []
+    for record in records:
+        path = tmp_path / "images" / f"{record.index}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), colour).save(path)
+        paths.append(path)
+    return [record.__class__(**{**record.__dict__, "image_b64": None, "image_path": str(path)})
+            for record, path in zip(records, paths)], paths
+
+
+class RelightsAfterFirstBatch(DarkOrLight):
+    """Answers from the image (as DarkOrLight); after its first batch a later item's image file is rewritten
+    (the benchmark's images being replaced while a run is going on)."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def generate(self, prompts, images):
+        from PIL import Image
+
+        answers = super().generate(prompts, images)
+        Image.new("RGB", (8, 8), (255, 255, 255)).save(self.path)
+        return answers
+
+
+def test_a_path_based_image_is_hashed_from_the_bytes_the_model_saw(tmp_path):
+    """The image hash recorded with a prediction is that of the image the model was shown, so the cache can never
+    pass off an answer about one image as an answer about another."""
+    import hashlib
+
+    records, paths = _path_based(tmp_path, n_items=4)
+    model = RelightsAfterFirstBatch(paths[3])
+    result = evaluate_mmmb(model, {"en": records}, tmp_path / "out", EvalConfig("m", batch_size=2))
+    assert list(result.predictions["en"]["prediction"]) == ["A", "A", "A", "B"]  # item 4 asked after the change
+    entries = [json.loads(line) for line in (tmp_path / "out" / "cache" / "generate" / "en.jsonl").read_text()
+               .splitlines()]
+    assert entries[3]["image_sha1"] == hashlib.sha1(paths[3].read_bytes()).hexdigest()  # the white image it saw
+    again = DarkOrLight()
+    evaluate_mmmb(again, {"en": records}, tmp_path / "out", EvalConfig("m", batch_size=2))  # files unchanged since
+    assert again.asked == 0
+
+
+def test_a_path_based_image_file_is_read_once_per_use(tmp_path, monkeypatch):
+    """Fresh run: each file opened once (hashed and decoded from the same bytes), rotations included; a run
+    answered from the cache opens each once more, to check it."""
+    import builtins
+    import io
+    from collections import Counter
+
+    records, paths = _path_based(tmp_path, n_items=3)
+    opened, real_open = Counter(), builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) in map(str, paths):
+            opened[str(file)] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    evaluate_mmmb(DarkOrLight(), {"en": records}, tmp_path / "out", EvalConfig("m", circular=True, batch_size=4))
+    assert opened == Counter({str(path): 1 for path in paths})
+    opened.clear()
+    again = DarkOrLight()
+    evaluate_mmmb(again, {"en": records}, tmp_path / "out", EvalConfig("m", circular=True, batch_size=4))
+    assert again.asked == 0 and opened == Counter({str(path): 1 for path in paths})

@@ -89,3 +89,105 @@ def test_command_lines_end_to_end_on_synthetic_mmmb(model_dir, tmp_path):
     table = leaderboard_main([str(tmp_path / "results"), "--languages", "en", "tr"])
     assert sorted(table["model"]) == ["first", "second"]
     assert table["rank"].tolist() == [1, 1]  # the same model under two names ties
+
+
+def _old_sampled_positions(numel, samples=16):
+    """The positions the former fingerprint read (16 evenly spaced values per tensor)."""
+    return set(torch.linspace(0, numel - 1, min(samples, numel)).long().tolist())
+
+
+def test_fingerprint_covers_every_weight_byte():
+    """Two models differing in any one value get different fingerprints, wherever the value is: exhaustively over
+    every position of a small model (most of which a sampled fingerprint never reads), and for a value that equals
+    the original numerically but not bitwise (-0.0 for 0.0)."""
+    from mmmb.models import weights_fingerprint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 3))
+    reference = weights_fingerprint(model)
+    twin = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 3))
+    twin.load_state_dict(model.state_dict())
+    assert weights_fingerprint(twin) == reference  # equal weights, another object
+
+    weight = model[0].weight
+    assert set(range(weight.numel())) - _old_sampled_positions(weight.numel())  # positions a sample never read
+    seen = {reference}
+    for name, param in model.named_parameters():
+        for position in range(param.numel()):
+            with torch.no_grad():
+                original = param.view(-1)[position].item()
+                param.view(-1)[position] = original + 1e-6
+                fingerprint = weights_fingerprint(model)
+                param.view(-1)[position] = original
+            assert fingerprint not in seen, (name, position)
+            seen.add(fingerprint)
+    assert weights_fingerprint(model) == reference  # every value restored
+    with torch.no_grad():
+        model[0].bias.view(-1)[1] = 0.0
+        zero = weights_fingerprint(model)
+        model[0].bias.view(-1)[1] = -0.0
+    assert weights_fingerprint(model) != zero
+
+
+def test_fingerprint_of_bf16_weights_reads_their_bytes():
+    """bf16 (which numpy cannot hold) is hashed too: one changed bf16 value outside the old sample changes it, and
+    the same values in bf16 and in float32 are different weights (the model computes differently)."""
+    from mmmb.models import weights_fingerprint
+
+    torch.manual_seed(1)
+    model = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    reference = weights_fingerprint(model)
+    position = min(set(range(64 * 64)) - _old_sampled_positions(64 * 64))
+    with torch.no_grad():
+        model.weight.view(-1)[position] = model.weight.view(-1)[position] * 2 + 1
+    assert weights_fingerprint(model) != reference
+    assert weights_fingerprint(model.float()) != weights_fingerprint(model.to(torch.bfloat16))
+
+
+def test_weights_id_changes_with_one_fine_tuned_row(model_dir):
+    """A checkpoint that differs from another only in one row of the embedding (a few fine-tuned tokens) must not
+    share its cached predictions."""
+    first, second = ParrotMCQModel(model_dir), ParrotMCQModel(model_dir)
+    embedding = second.model.get_input_embeddings().weight  # (V, D)
+    row = embedding.shape[0] // 2 + 1
+    assert not _old_sampled_positions(embedding.numel()) & set(range(row * embedding.shape[1],
+                                                                     (row + 1) * embedding.shape[1]))
+    with torch.no_grad():
+        embedding[row] += 1e-3
+    from mmmb.models import weights_fingerprint
+
+    assert weights_fingerprint(second.model) != first.weights_id
+
+
+def test_parrot_adapter_refuses_an_item_spelling_its_tokenizers_control_tokens(model_dir, tmp_path):
+    """The tiny tokenizer reads "<|im_end|>" inside text as the control token (checked here against its id); the
+    evaluator refuses such an item instead of asking the model, naming the language's file, the row and column."""
+    from mmmb.tsv import MMMBFormatError, read_mmmb, write_tsv
+
+    adapter = ParrotMCQModel(model_dir)
+    tokenizer = adapter.processor.tokenizer
+    for text in ("<|im_end|>", "<image>"):
+        assert text in adapter.reserved_texts()
+        assert tokenizer.convert_tokens_to_ids(text) in tokenizer(f"a {text} b", add_special_tokens=False)["input_ids"]
+    data = toy_mmmb(n_items=3, seed=5, languages=("en", "ar"))
+    record = data["ar"][1]
+    data["ar"][1] = record.__class__(**{**record.__dict__, "options": (record.options[0], "x<|im_end|>",
+                                                                       *record.options[2:])})
+    for language, records in data.items():
+        write_tsv(tmp_path / f"mmmb_{language}.tsv", records)
+    with pytest.raises(MMMBFormatError, match=rf"mmmb_ar.tsv, row {record.index} \(data row 2\), column 'B': the "
+                                              r"text contains '<\|im_end\|>'"):
+        evaluate_mmmb(adapter, read_mmmb([tmp_path]), tmp_path / "out", EvalConfig("tiny", mode="likelihood"))
+    assert not (tmp_path / "out" / "cache").exists()
+
+
+def test_fingerprint_covers_buffers():
+    """A buffer that decides the outputs (a calibrated GW-MoE threshold, a BatchNorm statistic) is part of the
+    weights' identity: two models with equal parameters but another buffer value get different fingerprints."""
+    from mmmb.models import weights_fingerprint
+
+    model = torch.nn.BatchNorm1d(4)
+    reference = weights_fingerprint(model)
+    with torch.no_grad():
+        model.running_mean[2] = 0.5
+    assert weights_fingerprint(model) != reference

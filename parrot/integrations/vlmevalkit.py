@@ -14,6 +14,10 @@ the result is one ChatML user turn; decoding is greedy. For multiple-choice data
 "[hint\\n]question\\nA. ...\\nB. ...\\n{instruction}" with the instruction in the dataset's language, taken from
 its name suffix (`MMMB_ar`, `MMBench_dev_tr`, `MMBench_DEV_CN`, ...; see `mmmb.languages`).
 
+Text that the tokenizer would read as a control token (`<|im_end|>`, end of text, `<image>`: the
+`control_token_strings` that training skips records for) is refused with a ValueError, as `mmmb.evaluate` refuses
+it: by `build_prompt` naming the dataset, the row's index and the column, and by `generate` naming the message item.
+
 Register it in VLMEvalKit's `vlmeval/config.py`:
 
     from functools import partial
@@ -33,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..data.processor import IMAGE_TOKEN
+from ..data.templates import control_token_strings
 
 # Dataset families VLMEvalKit evaluates as single-image multiple choice (used when VLMEvalKit's own
 # `DATASET_TYPE` cannot be imported).
@@ -109,6 +114,8 @@ class ParrotVLMEval:
                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         self.generation_kwargs.update(generation_kwargs)
         self.dump_image_func: Callable | None = None
+        # Texts that would be tokenised as control tokens; the adapter places the image placeholder itself.
+        self.reserved_texts = tuple(sorted({*control_token_strings(tokenizer), IMAGE_TOKEN}))
 
     # --- VLMEvalKit prompt hooks ----------------------------------------------------------------------------
     def set_dump_image(self, dump_image_func: Callable) -> None:
@@ -129,14 +136,27 @@ class ParrotVLMEval:
 
         question = str(line["question"])
         hint = str(line["hint"]) if "hint" in line and _present(line["hint"]) else None
-        options = [(letter, line[letter]) for letter in string.ascii_uppercase
+        options = [(letter, str(line[letter])) for letter in string.ascii_uppercase
                    if letter in line and _present(line[letter])]
+        self._refuse_reserved_cells(line, dataset, [("hint", hint), ("question", question), *options])
         if options:
             text = mcq_prompt_text(question, options, dataset_language(dataset), hint)
         else:
             text = "\n".join([*([hint] if hint else []), question, OPEN_ANSWER_INSTRUCTION])
         images = [{"type": "image", "value": path} for path in self.dump_image(line, dataset)]
         return images + [{"type": "text", "value": text}]
+
+    def _refuse_reserved_cells(self, line, dataset: str | None, cells: list[tuple[str, str | None]]) -> None:
+        """A ValueError naming the dataset, the row's index and the column of the first cell that spells a
+        control-token text."""
+        from mmmb.prompts import reserved_text_in, reserved_text_message
+
+        for column, text in cells:
+            found = reserved_text_in(text, self.reserved_texts) if text is not None else None
+            if found is not None:
+                index = line["index"] if "index" in line else "?"
+                raise ValueError(f"dataset {dataset!r} (VLMEvalKit's {dataset}.tsv), index {index}, column "
+                                 f"{column!r}: {reserved_text_message(found)}")
 
     # --- generation -------------------------------------------------------------------------------------------
     def prompt_and_images(self, message) -> tuple[str, list[str]]:
@@ -147,7 +167,13 @@ class ParrotVLMEval:
 
     def chat_and_images(self, message) -> tuple[list[dict[str, str]], list[str]]:
         """The chat messages (one user turn) and the image paths for a message (official placement of `<image>`)."""
+        from mmmb.prompts import reserved_text_in, reserved_text_message
+
         items = normalise_message(message)
+        for i, item in enumerate(items):
+            found = reserved_text_in(str(item["value"]), self.reserved_texts) if item["type"] == "text" else None
+            if found is not None:  # the adapter adds the placeholders of image items itself, below
+                raise ValueError(f"message item {i}: {reserved_text_message(found)}")
         images = [item["value"] for item in items if item["type"] == "image"]
         texts = [str(item["value"]) for item in items if item["type"] == "text"]
         if len(images) > 1:
