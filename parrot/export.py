@@ -29,7 +29,8 @@ weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ... without peft's conversion) is 
 A missing, unreadable or mis-shaped adapter or base file is an error naming it.
 
 MoLE adapters (`mole_config.json`, `--tuning mole`) are refused: a token's update sum_e p_e(x) B_e A_e x mixes
-the experts with router weights p(x) that depend on that token, so it is not one fixed matrix to add to W.
+the experts with router weights p(x) that depend on that token, so it is not one fixed matrix to add to W. A base
+model with a MoLE, PERFT or FactorLLM adapter beside its files is refused too (the merge reads the model files only).
 """
 
 from __future__ import annotations
@@ -300,6 +301,22 @@ def saved_dtype(base_dir: Path) -> torch.dtype:
     return dtype
 
 
+def check_base_is_plain(base_dir: Path) -> None:
+    """The base must be a plain Parrot model: a run output whose MoLE, PERFT or FactorLLM adapter lies beside its
+    model files (`parrot.train.export.ADAPTER_FILES`) is that model only together with the adapter, and the merge
+    reads the model files alone, so the output would silently lose the adapter. ExportError naming the files."""
+    from .train.export import ADAPTER_FILES
+
+    for kind, names in ADAPTER_FILES.items():
+        present = [name for name in names if (base_dir / name).exists()]
+        if present:
+            raise ExportError(
+                f"{base_dir}: the base model holds a {kind} adapter ({', '.join(present)}); its routed experts "
+                "mix per token and cannot be folded into plain weights, and merging a LoRA into the model files "
+                "alone would silently drop them. Load that model with parrot.train.export.load_trained instead, "
+                "or merge into a base without such an adapter")
+
+
 def check_destination(dst: Path, src: Path, base_dir: Path) -> None:
     """The output folder must not be (or lie inside) the adapter or base folder, and must be new or empty."""
     resolved = dst.resolve()
@@ -321,6 +338,7 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
     src, dst = Path(src), Path(dst)
     peft_config = check_mergeable(src)
     base_dir = resolve_base(src, Path(base) if base is not None else None, peft_config)
+    check_base_is_plain(base_dir)
     check_destination(dst, src, base_dir)
     logger.info("base model %s, adapter %s", base_dir, src)
     model = load_base_model(base_dir)  # (checks config.json first)

@@ -254,3 +254,99 @@ def test_vision_config_resolution(tmp_path):
     (src / "config.json").write_text(json.dumps(dict(config, image_aspect_ratio="anyres_max_9")))
     with pytest.raises(ConversionError, match="image_aspect_ratio='anyres_max_9'.*not supported"):
         read_official_config(src)
+
+
+def test_output_is_a_new_folder_written_whole(tmp_path, monkeypatch):
+    """--dst must be new or empty and outside --src / --vision (the output's shard names are the official ones: a
+    conversion into the source deleted its weights); a conversion that fails while writing leaves no dst."""
+    import parrot.convert.official as official
+
+    src, vision_dir, _, _ = write_official_checkpoint(tmp_path, vocab_pad=5)
+    before = {path.name: path.read_bytes() for path in src.iterdir()}
+    for dst in (src, src / "converted", vision_dir):
+        with pytest.raises(ConversionError, match="is \\(or lies inside\\) the --(src|vision) folder"):
+            convert_official(src, dst, vision=vision_dir)
+    assert {path.name: path.read_bytes() for path in src.iterdir()} == before  # the source is untouched
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    with pytest.raises(ConversionError, match="exists and is not empty"):
+        convert_official(src, taken, vision=vision_dir)
+    assert [path.name for path in taken.iterdir()] == ["notes.txt"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(official.ParrotProcessor, "for_model", disk_full)  # fails after the weights are written
+    with pytest.raises(OSError, match="No space left"):
+        convert_official(src, tmp_path / "out", vision=vision_dir)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))  # the staging folder is removed too
+    monkeypatch.undo()
+    (tmp_path / "empty").mkdir()
+    assert (convert_official(src, tmp_path / "empty", vision=vision_dir) / "parrot_processor.json").is_file()
+
+
+def test_missing_or_unreadable_shards_and_tokenizer_are_named(tmp_path, monkeypatch, capsys):
+    import parrot.convert.official as official
+
+    src, vision_dir, _, _ = write_official_checkpoint(tmp_path, vocab_pad=5)
+    shard = src / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])  # a truncated download
+    assert convert_main(["official", "--src", str(src), "--dst", str(tmp_path / "ours"),
+                         "--vision", str(vision_dir)]) == 2
+    assert f"{shard}: cannot read the weights" in capsys.readouterr().err
+
+    for path in src.glob("tokenizer*"):
+        path.rename(tmp_path / path.name)
+    with pytest.raises(ConversionError, match="cannot load the checkpoint's tokenizer"):
+        convert_official(src, tmp_path / "ours", vision=vision_dir)
+    for path in tmp_path.glob("tokenizer*"):
+        path.rename(src / path.name)
+
+    shard.unlink()
+    reads = []
+    monkeypatch.setattr(official, "load_file", lambda path: reads.append(path) or {})
+    with pytest.raises(ConversionError, match="listed in the checkpoint index but missing.*model-00002-of-00002"):
+        convert_official(src, tmp_path / "ours", vision=vision_dir)
+    assert reads == []  # refused before reading the other shards
+    assert not (tmp_path / "ours").exists()
+
+
+def test_each_tensor_keeps_its_dtype(tmp_path):
+    """A bfloat16 checkpoint with a float32 vision tower: nothing is rounded and the language model is not widened
+    to float32 (which doubled its size in memory and on disk); config `dtype` is the language model's."""
+    from safetensors import safe_open
+
+    src, vision_dir, state, tokenizer = write_official_checkpoint(tmp_path, vocab_pad=5)
+    state = {k: v if k.startswith("model.vision_tower.") else v.to(torch.bfloat16) for k, v in state.items()}
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    for file in set(weight_map.values()):
+        save_file({k: state[k] for k, f in weight_map.items() if f == file}, str(src / file))
+    dst = convert_official(src, tmp_path / "ours", vision=vision_dir)
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+    saved = {}
+    for path in dst.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            saved.update({key: handle.get_tensor(key) for key in handle.keys()})
+    for key, tensor in saved.items():
+        assert tensor.dtype == (torch.float32 if key.startswith("vision_tower.") else torch.bfloat16), key
+    prefix = "model.vision_tower.vision_tower.vision_model."
+    for key, tensor in state.items():
+        if key.startswith(prefix):
+            assert torch.equal(saved["vision_tower.model." + key[len(prefix):]], tensor)
+    model = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float64)  # every saved value exactly
+    key = "encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.vision_tower.model.state_dict()[key], state[prefix + key].double())
+
+
+def test_image_normalisation_comes_from_a_local_mm_vision_tower(tmp_path):
+    """Without --vision, a local `mm_vision_tower` gives the tower's config and its image mean / std (the official
+    tower loads its CLIPImageProcessor from there), not only the config."""
+    src, vision_dir, _, _ = write_official_checkpoint(tmp_path, vocab_pad=5, mm_vision_tower=str(tmp_path / "clip"))
+    mean, std = [0.5, 0.25, 0.125], [0.3, 0.2, 0.1]
+    (vision_dir / "preprocessor_config.json").write_text(json.dumps(dict(image_mean=mean, image_std=std)))
+    config = json.loads((convert_official(src, tmp_path / "ours") / "config.json").read_text())
+    assert (config["image_mean"], config["image_std"]) == (mean, std)

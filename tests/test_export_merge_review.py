@@ -306,3 +306,29 @@ def test_a_training_checkpoint_is_explained(tmp_path, tokenizer):
     (checkpoint / "trainer_state.json").write_text("{}")
     with pytest.raises(ExportError, match="adapter_config.json: not found.*training checkpoint"):
         export_merged(checkpoint, tmp_path / "merged")
+
+
+@pytest.mark.parametrize("kind", ["mole", "perft", "factorllm"])
+def test_a_base_with_a_routed_adapter_beside_it_is_refused(tmp_path, tokenizer, kind, capsys):
+    """A MoLE / PERFT / FactorLLM run's output is its model files plus a routed adapter that cannot be folded; the
+    merge reads the model files only, so such a base would lose its adapter in the output without a word."""
+    from parrot.moe import MoLEConfig, inject_mole, save_mole
+    from parrot.train.export import ADAPTER_FILES
+
+    model, processor = tiny_model(tokenizer)
+    base_dir = _save_base(model, processor, tmp_path / "run")
+    lora_on = tiny_model(tokenizer)[0].language_model
+    get_peft_model(lora_on, _lora(target_modules=["v_proj"])).save_pretrained(tmp_path / "adapter")
+    if kind == "mole":
+        config = MoLEConfig(target_modules=("q_proj",), num_experts=2, rank=2)
+        inject_mole(model.language_model, config)
+        save_mole(model.language_model, config, base_dir)
+    else:
+        for name in ADAPTER_FILES[kind]:
+            (base_dir / name).write_text("{}")
+    with pytest.raises(ExportError, match=f"holds a {kind} adapter \\({ADAPTER_FILES[kind][0]}"):
+        export_merged(tmp_path / "adapter", tmp_path / "merged", base=base_dir)
+    assert export_main(["--merge-lora", "--src", str(tmp_path / "adapter"), "--base", str(base_dir),
+                        "--dst", str(tmp_path / "merged")]) == 2
+    assert "would silently drop them" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()

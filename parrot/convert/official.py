@@ -27,13 +27,20 @@ otherwise the embeddings and the LM head grow by rows equal to the mean of the e
 The vision tower's architecture is read from `--vision DIR` (an HF CLIP / CLIPVision checkpoint), else from
 `mm_vision_tower` when that is a local directory, else from `KNOWN_VISION_TOWERS` by name. Its weights come
 from the checkpoint (the official trainer saves the whole state dict) or, when absent there, from that directory.
+
+Output: `dst` must be a new or empty folder outside `src` and the vision directory; everything is written into a
+staging folder beside it, renamed to `dst` when complete. Every checkpoint tensor is saved in its own dtype (the
+config's `dtype` is the one holding most elements), tensors from elsewhere in that dtype: one copy of the model in
+memory, never a widened one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +51,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, GenerationConfig, PreTrainedTokenizerBase
 
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
+from ..fileio import publish
 from ..model import ParrotConfig, ParrotForCausalLM
 from ..model.parrot_moe import ParrotMoEProjector
 from ..model.vision import load_pretrained_vision_model
@@ -164,15 +172,19 @@ def load_checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:
         files = [name for name in ("model.safetensors", "pytorch_model.bin") if (directory / name).is_file()][:1]
     if not files:
         raise ConversionError(f"{directory}: no model.safetensors / pytorch_model.bin (or their .index.json)")
+    missing = [name for name in files if not (directory / name).is_file()]  # before reading gigabytes of the rest
+    if missing:
+        raise ConversionError(f"{directory}: shard(s) listed in the checkpoint index but missing: {missing}")
     state: dict[str, torch.Tensor] = {}
     for name in tqdm(files, desc="reading shards", disable=len(files) < 2):
         path = directory / name
-        if not path.is_file():
-            raise ConversionError(f"{path}: listed in the checkpoint index but missing")
-        if name.endswith(".safetensors"):
-            state.update(load_file(str(path)))
-        else:
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            if name.endswith(".safetensors"):
+                state.update(load_file(str(path)))
+            else:
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as err:  # SafetensorError, unpickling errors, truncated files: name the file
+            raise ConversionError(f"{path}: cannot read the weights ({type(err).__name__}: {err})") from err
     return state
 
 
@@ -318,7 +330,12 @@ def prepare_tokenizer(src: Path) -> PreTrainedTokenizerBase:
 
     As the official loader: pad = `<|endoftext|>`, eos = `<|im_end|>` (Qwen ChatML) when the vocabulary has them.
     """
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, TypeError) as err:  # no or unreadable tokenizer files
+        raise ConversionError(f"{src}: cannot load the checkpoint's tokenizer (the official checkpoint ships its Qwen "
+                              f"tokenizer: tokenizer.json or vocab.json + merges.txt, tokenizer_config.json) "
+                              f"({type(err).__name__}: {err})") from err
     vocab = tokenizer.get_vocab()
     if "<|endoftext|>" in vocab:
         tokenizer.pad_token = "<|endoftext|>"
@@ -351,12 +368,12 @@ def convert_official(
     """
     src, dst = Path(src), Path(dst)
     vision_dir = Path(vision) if vision is not None else None
+    check_destination(dst, src, vision_dir)
     text_config, settings = read_official_config(src)
     tokenizer = prepare_tokenizer(src)
     logger.info("reading %s", src)
     state = load_checkpoint_tensors(src)
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    dtype = max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
+    dtype = main_dtype(state)
 
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id >= text_config["vocab_size"]:
@@ -379,7 +396,9 @@ def convert_official(
         use_moe_residual=settings.use_moe_residual,
         moe_weight=settings.moe_weight,
         image_aspect_mode=settings.image_aspect_mode,
-        **image_normalisation(vision_dir),
+        # (the official tower reads its CLIPImageProcessor from the same directory as its config)
+        **image_normalisation(vision_dir or (Path(settings.vision_tower) if Path(settings.vision_tower).is_dir()
+                                             else None)),
     )
     try:
         config.check_model_settings()
@@ -393,10 +412,11 @@ def convert_official(
     if not settings.has_moe:
         optional += ("moe.",)  # saved without `moe_model`: the MoE is off and gets fresh (unused) weights
     mapped = map_official_state_dict(state, config, expected, settings.has_moe, optional)
+    # Tensors from the checkpoint keep their dtype; those from --vision or freshly initialised get `dtype`.
     if not has_vision_weights:
-        mapped.update(_vision_weights(settings, vision_dir, vision_config))
+        mapped.update({k: v.to(dtype) for k, v in _vision_weights(settings, vision_dir, vision_config).items()})
     if not settings.has_moe:
-        mapped.update(_fresh_moe(config))
+        mapped.update({k: v.to(dtype) for k, v in _fresh_moe(config).items()})
     missing = sorted(set(expected) - set(mapped))
     if missing:
         raise ConversionError("missing tensors after conversion: " + ", ".join(missing))
@@ -404,15 +424,55 @@ def convert_official(
         if tuple(tensor.shape) != expected[name]:
             raise ConversionError(f"{name}: shape {tuple(tensor.shape)} from --vision, expected {expected[name]}")
 
-    dst.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(dst)
-    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(dst)
-    logger.info("writing %d tensors to %s", len(mapped), dst)
-    save_torch_state_dict({k: v.to(dtype).contiguous() for k, v in mapped.items()}, dst,
-                          max_shard_size=max_shard_size)
-    max_length = model_max_length or settings.model_max_length or 2048
-    ParrotProcessor.for_model(tokenizer, config, template, max_length).save_pretrained(dst)
+    # Written into a staging folder beside dst and renamed when complete: a failed or interrupted conversion leaves
+    # no dst (never a half-written folder that looks like a model).
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        config.save_pretrained(staging)
+        GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
+        logger.info("writing %d tensors to %s", len(mapped), dst)
+        save_torch_state_dict({k: v.contiguous() for k, v in mapped.items()}, staging, max_shard_size=max_shard_size)
+        max_length = model_max_length or settings.model_max_length or 2048
+        ParrotProcessor.for_model(tokenizer, config, template, max_length).save_pretrained(staging)
+        publish(staging, dst)  # flushed, then renamed over the (empty, check_destination) dst
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return dst
+
+
+def check_destination(dst: Path, src: Path, vision_dir: Path | None) -> None:
+    """dst must be a new or empty folder that is not (and does not lie inside) --src or --vision: the conversion
+    never overwrites files (writing into the source would delete its weight shards, which share their names with
+    the output's)."""
+    resolved = dst.resolve()
+    for name, folder in (("--src", src), ("--vision", vision_dir)):
+        if folder is None:
+            continue
+        folder = folder.resolve()
+        if resolved == folder or folder in resolved.parents:
+            raise ConversionError(f"--dst {dst}: is (or lies inside) the {name} folder {folder}; writing the "
+                                  "converted model there would replace or mix with the files it is made from. "
+                                  "Choose a new folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConversionError(f"--dst {dst}: exists and is not empty; choose a new folder or delete this one first "
+                              "(the conversion never overwrites files)")
+
+
+def main_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating-point dtype holding the most elements of the checkpoint (its language model's): the output
+    config's `dtype`. Tensors are saved in the dtype they have (a float32 tensor in a bfloat16 checkpoint stays
+    float32), so nothing is rounded and no second copy of the model is made."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
 
 
 def _vision_weights(settings: OfficialSettings, vision_dir: Path | None,
