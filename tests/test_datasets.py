@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from parrot.data.datasets import (
     load_registry,
     mix_datasets,
     parse_spec,
+    sample_records,
 )
 from parrot.data.images import BadImageError, ImageTransform
 from parrot.data.synthetic import make_conversation_records
-from parrot.data.templates import IGNORE_INDEX
+from parrot.data.templates import IGNORE_INDEX, get_template, llava_to_messages
 from parrot.data.tokenizer import build_tiny_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -412,7 +414,8 @@ def test_text_is_checked_before_images_and_each_image_is_decoded_once(synthetic_
     real_load = datasets_module.load_image
     monkeypatch.setattr(datasets_module, "load_image", lambda path: decoded.append(str(path)) or real_load(path))
     records = mix_datasets("qa:3", registry)  # every record three times
-    broken = SourcedRecord({**records[-1].record, "conversations": [{"from": "gpt", "value": "answer first"}]},
+    broken = SourcedRecord({**records[-1].record, "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                    {"from": "human", "value": "again"}]},
                            records[-1].source, records[-1].index, records[-1].image_dir, "qa")
     with pytest.raises(ValueError, match="must alternate"):
         ConversationDataset(records + [broken], tokenizer, "chatml", 256, to_tensor)
@@ -479,3 +482,247 @@ def test_packed_records_keep_records_that_share_a_source_and_index_apart():
     items = [SourcedRecord(_qa(f"r{i}", image=None, user=f"Question {i}"), "inline", 0, None, "inline")
              for i in range(3)]
     assert PackedRecords(items + items[:1]) == items + items[:1]
+
+
+# ------------------------------------------------------------------- max_records: a draw before the checks
+def _text_records(prefix: str, n: int) -> list[dict]:
+    return [_qa(f"{prefix}{i}", user=f"Question {i}?", answer=f"Answer {i}.", image=None) for i in range(n)]
+
+
+@pytest.fixture()
+def text_sets(tmp_path):
+    """Two text-only datasets of 300 and 100 records, and a registry naming them."""
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in _text_records("a", 300)) + "\n")
+    (tmp_path / "b.json").write_text(json.dumps(_text_records("b", 100)))
+    return write_registry(tmp_path, {"a": {"path": "a.jsonl"}, "b": {"path": "b.json"}})
+
+
+@pytest.mark.parametrize("spec, n, expected", [
+    ("a|b", 40, {"a": 30, "b": 10}),  # 40 x 300/400 and 40 x 100/400
+    ("a:0.5|b", 50, {"a": 30, "b": 20}),  # shares of the mix after the ratios: 150 and 100
+    ("b|a", 7, {"b": 2, "a": 5}),  # 1.75 and 5.25: the larger remainder gets the odd record
+])
+def test_max_records_draws_every_dataset_in_proportion_in_mix_order(text_sets, tokenizer, spec, n, expected):
+    """Not the first N of the mix (which would all come from its first dataset): every dataset's share of it."""
+    config = DataConfig(spec=spec, registry=str(text_sets), max_length=64, max_records=n, seed=3)
+    dataset = build_dataset(config, tokenizer)
+    assert len(dataset) == n
+    drawn = list(dataset.records)
+    assert {name: sum(r.dataset == name for r in drawn) for name in expected} == expected
+    mix = mix_datasets(spec, text_sets, seed=3)
+    position = {(r.dataset, r.index): p for p, r in enumerate(mix)}
+    order = [position[(r.dataset, r.index)] for r in drawn]
+    assert order == sorted(set(order))  # records of the mix, each once, in mix order
+    assert set(order) != set(range(n))  # not simply the head of the mix
+
+
+def test_max_records_is_deterministic_for_a_seed(text_sets, tokenizer):
+    def ids(seed):
+        config = DataConfig(spec="a|b", registry=str(text_sets), max_length=64, max_records=20, seed=seed)
+        return [r.record["id"] for r in build_dataset(config, tokenizer).records]
+
+    assert ids(0) == ids(0) and ids(1) == ids(1)
+    assert ids(0) != ids(1)
+    assert len(mix_datasets("a|b", text_sets)) == len(sample_records(mix_datasets("a|b", text_sets), 1000))  # all
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5, True])
+def test_max_records_must_be_a_positive_count(n):
+    with pytest.raises(ValueError, match=r"max_records \(--max-samples\) must be a positive number"):
+        DataConfig(spec="a", max_records=n)
+
+
+def test_only_the_drawn_records_are_checked(synthetic_sets, tokenizer, monkeypatch):
+    """An unreadable image in a record the draw leaves out is never decoded (no error with on_bad_image='error');
+    one in a drawn record still stops the build; skips are counted among the drawn records, so fewer remain."""
+    import parrot.data.datasets as datasets_module
+
+    registry, _, _ = synthetic_sets
+    config = DataConfig(spec="cap|qa", registry=str(registry), max_length=256, max_records=8, seed=5)
+    mix = mix_datasets("cap|qa", registry, seed=5)
+    drawn = sample_records(mix, 8, seed=5)
+    left_out = [r for r in mix if r not in drawn]
+    assert {r.dataset for r in drawn} == {"cap", "qa"} and len(left_out) == 8
+    for item in left_out:
+        item.image_path.write_bytes(b"not an image")
+    decoded = []
+    real_load = datasets_module.load_image
+    monkeypatch.setattr(datasets_module, "load_image", lambda path: decoded.append(str(path)) or real_load(path))
+    dataset = build_dataset(config, tokenizer, to_tensor)
+    assert dataset.records == drawn and dataset.report.counts == {"checked": 8, "skipped": 0}
+    assert sorted(decoded) == sorted(str(r.image_path) for r in drawn)
+
+    drawn[2].image_path.write_bytes(b"not an image either")
+    with pytest.raises(BadImageError, match=rf"record {drawn[2].index} \(id '{drawn[2].record['id']}'\)"):
+        build_dataset(config, tokenizer, to_tensor)
+    skipping = build_dataset(dataclasses.replace(config, on_bad_image="skip"), tokenizer, to_tensor)
+    assert len(skipping) == 7 and skipping.report.counts == {"checked": 8, "skipped": 1, "unreadable": 1}
+
+
+# ------------------------------------------------------------------------- parallel image check
+def test_threaded_image_check_gives_the_serial_result(synthetic_sets, tokenizer, monkeypatch):
+    """Same kept records, same report entries in the same order, same first error, whatever the thread count, on a
+    mix with missing and unreadable images, repeated records (ratio 2) and text-only records; and the threads are
+    really used."""
+    import threading
+    import time
+
+    import parrot.data.datasets as datasets_module
+
+    registry, _, _ = synthetic_sets
+    text_only = [SourcedRecord(_qa(f"t{i}", image=None, user=f"Hi {i}"), "inline", i, None, "inline") for i in range(3)]
+    mix = mix_datasets("cap|qa:2", registry)
+    records = mix[:5] + text_only[:2] + mix[5:] + text_only[2:]
+    with_images = [r for r in mix if r.image_path is not None]
+    with_images[1].image_path.unlink()
+    for item in (with_images[4], with_images[11], with_images[12]):  # a caption image, two of qa's (used twice)
+        item.image_path.write_bytes(b"broken")
+
+    def build(workers, policy="skip"):
+        return ConversationDataset(records, tokenizer, "chatml", 256, to_tensor, on_bad_image=policy,
+                                   image_workers=workers)
+
+    serial = build(1)
+    assert serial.report.counts == {"checked": 22, "skipped": 6, "missing": 1, "unreadable": 5}
+    threads = set()
+    real_load = datasets_module.load_image
+
+    def slow_load(path):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.02)  # gives every thread a turn
+        return real_load(path)
+
+    monkeypatch.setattr(datasets_module, "load_image", slow_load)
+    for workers in (2, 4):
+        threads.clear()
+        threaded = build(workers)
+        assert threaded.records == serial.records
+        assert threaded.report.to_dict() == serial.report.to_dict()
+        assert len(threads) > 1 and all(name.startswith("parrot-image-check") for name in threads)
+    errors = []
+    for workers in (1, 4):
+        with pytest.raises(BadImageError) as err:
+            build(workers, "error")
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "not found" in errors[0]
+
+
+def test_label_check_with_batched_tokenisation_decides_like_the_tokenizer(tokenizer):
+    """The label check tokenises a chunk's texts in one batched call (_PretokenizedSegments): the same records are
+    kept and skipped, in the same order, as deciding each record with the tokenizer itself, across chunks."""
+    import parrot.data.datasets as datasets_module
+
+    rng = np.random.default_rng(0)
+    records = [SourcedRecord(_qa(f"r{i}", image=None, user="What colour is it? " * int(rng.integers(1, 12)),
+                                 answer=["Blue.", "", "\n red"][i % 3]), "train.json", i, None, "qa")
+               for i in range(datasets_module.LABEL_CHECK_CHUNK + 40)]
+    dataset = ConversationDataset(records, tokenizer, "chatml", 90)
+    reference = ConversationDataset([], tokenizer, "chatml", 90)
+    expected = [r for r in records if reference._keeps_supervised_token(r)]
+    assert dataset.records == expected and 0 < len(expected) < len(records)
+    assert [i for _, i, _ in dataset.report.skipped] == [r.record["id"] for r in records if r not in expected]
+
+
+def test_batched_label_check_still_tokenises_only_the_decision_prefix(tokenizer):
+    """Batched or not, the build-time check tokenises the conversation up to the first answer's head, never the later
+    turns (counting every text of a batched call; training then tokenises the whole conversation)."""
+    texts = []
+
+    class Counting:
+        def __call__(self, text, **kwargs):
+            texts.extend([text] if isinstance(text, str) else text)
+            return tokenizer(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    later = "LATER " * 50
+    conversations = [{"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Blue. " * 40}] + [
+        {"from": source, "value": later} for source in ("human", "gpt") * 3]
+    records = [SourcedRecord({"id": f"r{i}", "conversations": conversations}, "inline", i, None, "d") for i in range(5)]
+    dataset = ConversationDataset(records, Counting(), "chatml", 2048)
+    assert len(dataset) == 5 and texts
+    assert not any("LATER" in text for text in texts)
+    assert sum(map(len, texts)) < len(get_template("chatml").render(llava_to_messages(conversations)))  # all 5
+    texts.clear()
+    dataset[0]
+    assert any("LATER" in text for text in texts)
+
+
+# ------------------------------------------------------------------------- leading assistant turn
+def test_leading_assistant_turn_is_dropped_counted_and_the_record_kept(tmp_path, tokenizer):
+    """As LLaVA's preprocess (`source = source[1:]` when the first turn is not from "human"): the record trains on
+    the rest, the drop is listed in the report. Reference: the same conversation written without that turn."""
+    records = [
+        {"id": "lead", "conversations": [{"from": "gpt", "value": "Stray."}, {"from": "human", "value": "Q?"},
+                                         {"from": "gpt", "value": "A."}]},
+        _qa("plain", image=None, user="Q?", answer="A."),
+        {"id": "sys", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "gpt", "value": "Hi."},
+                                        {"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    loaded = [SourcedRecord(r, str(path), i, None, "d") for i, r in enumerate(load_records(path))]
+    dataset = ConversationDataset(loaded, tokenizer, "chatml", 128)
+    assert len(dataset) == 3
+    expected = [records[1]["conversations"], records[1]["conversations"],
+                [records[2]["conversations"][0]] + records[2]["conversations"][2:]]
+    for i, conversations in enumerate(expected):
+        assert dataset.records[i].record["conversations"] == conversations
+        reference = ConversationDataset([SourcedRecord({"id": "ref", "conversations": conversations}, "ref", 0, None,
+                                                       "ref")], tokenizer, "chatml", 128)[0]
+        assert torch.equal(dataset[i]["input_ids"], reference["input_ids"])
+        assert torch.equal(dataset[i]["labels"], reference["labels"])
+    assert "Stray." not in tokenizer.decode(dataset[0]["input_ids"])
+    assert dataset.report.counts == {"checked": 0, "skipped": 0, "leading_assistant_turn_dropped": 2}
+    changed = dataset.report.to_dict()["changed"]
+    assert [(e["file"], e["id"], e["kind"]) for e in changed] == [
+        (str(path), "lead", "leading_assistant_turn_dropped"), (str(path), "sys", "leading_assistant_turn_dropped")]
+    assert "record 0 (id 'lead'): conversations[0] is an assistant turn" in changed[0]["reason"]
+    assert "conversations[1]" in changed[1]["reason"]
+    assert dataset.report.to_dict()["skipped"] == []
+    with pytest.raises(ValueError, match="turn 0 is 'assistant'; drop that leading assistant turn"):
+        llava_to_messages(records[0]["conversations"])  # outside a dataset: the error says what to do
+
+
+def test_a_record_whose_only_answer_is_a_leading_turn_is_an_error(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([_qa("ok", image=None, user="Q"), {"id": "x", "conversations": [
+        {"from": "gpt", "value": "Stray."}, {"from": "human", "value": "Q?"}]}]))
+    with pytest.raises(DataFormatError, match=r"data\.json: record 1 \(id 'x'\): 'conversations' has no assistant "
+                                              r"turn \(from 'gpt'\) after its leading one \(conversations\[0\]"):
+        load_records(path)
+
+
+# ------------------------------------------------------------------------------------ duplicate ids
+def test_duplicate_ids_in_a_file_are_a_warning_naming_them(tmp_path, caplog):
+    records = [_qa(i, image=None, user="Q") for i in ["a", "b", "a", "c", "b", "a", "d"]]
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records[:3]) + "\n\n" +
+                     "\n".join(json.dumps(r) for r in records[3:]) + "\n")  # a blank line 4: ids at file lines
+    with caplog.at_level("WARNING", logger="parrot.data.datasets"):
+        assert load_records(jsonl) == records  # still loaded, all of them
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert f"{jsonl}: 2 record ids occur more than once (5 records)" in message
+    assert "'a' at lines 1, 3, 7; 'b' at lines 2, 6" in message
+    caplog.clear()
+    as_json = tmp_path / "data.json"
+    as_json.write_text(json.dumps(records))
+    with caplog.at_level("WARNING", logger="parrot.data.datasets"):
+        load_records(as_json)
+    assert "'a' at records 0, 2, 5; 'b' at records 1, 4" in caplog.records[0].getMessage()
+    caplog.clear()
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps([_qa(f"id{i % 7}", image=None, user="Q") for i in range(14)] +
+                               [_qa(5, image=None, user="Q"), _qa("5", image=None, user="Q")]))
+    with caplog.at_level("WARNING", logger="parrot.data.datasets"):
+        load_records(many)
+    message = caplog.records[0].getMessage()
+    assert "8 record ids occur more than once (16 records)" in message  # 5 and "5": the same id in the report
+    assert "'id4' at records 4, 11" in message and "'id5'" not in message and "(and 3 more)" in message
+    caplog.clear()
+    unique = tmp_path / "unique.json"
+    unique.write_text(json.dumps(records[:2]))
+    with caplog.at_level("WARNING", logger="parrot.data.datasets"):
+        load_records(unique)
+    assert caplog.records == []

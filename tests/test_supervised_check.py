@@ -18,14 +18,15 @@ def tiny():
 
 
 class CountingTokenizer:
-    """A tokenizer that records every text it is asked to tokenise (everything else is delegated)."""
+    """A tokenizer that records every text it is asked to tokenise, each text of a batched call on its own
+    (everything else is delegated)."""
 
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
         self.texts: list[str] = []
 
     def __call__(self, text, **kwargs):
-        self.texts.append(text)
+        self.texts.extend([text] if isinstance(text, str) else text)
         return self._tokenizer(text, **kwargs)
 
     def __getattr__(self, name):

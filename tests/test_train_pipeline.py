@@ -398,6 +398,18 @@ def test_mole_fused_setting_is_checked():
         TrainConfig(stage=2, tuning="mole", mole_fused="always")
 
 
+def test_max_samples_draws_from_the_whole_mix_before_the_checks(ws, tmp_path):
+    """--max-samples N: N records of the whole mix, both datasets in proportion (not the first N, all captions), and
+    only those are checked (the bad-data report counts 8 images checked, not 64)."""
+    from parrot.model.builder import load_pretrained
+    from parrot.train.run import BAD_DATA_REPORT, build_train_dataset
+
+    _, processor = load_pretrained(ws["init"])
+    dataset, report = build_train_dataset(config(ws, tmp_path, data="caption|qa", max_samples=8), processor, tmp_path)
+    assert sorted(r.dataset for r in dataset.records) == ["caption"] * 4 + ["qa"] * 4
+    assert report.checked == 8 and json.loads((tmp_path / BAD_DATA_REPORT).read_text())["counts"]["checked"] == 8
+
+
 def test_global_batch_must_divide(ws, tmp_path):
     with pytest.raises(ValueError, match="not a multiple"):
         train(config(ws, tmp_path / "run", global_batch_size=6, per_device_batch_size=4))

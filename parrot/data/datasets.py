@@ -8,7 +8,10 @@ Records follow LLaVA's JSON format::
 Datasets are named in a registry YAML (`configs/datasets.yaml`) and mixed with a spec string such as
 `"synthetic-caption|synthetic-qa"` or `"a:0.5|b"` (a ratio after the colon overrides the registry's).
 A ratio r keeps round(r * N) of a dataset's N records: r < 1 subsamples without replacement, r > 1 repeats
-the dataset floor(r) times and subsamples the rest (deterministic for the seed).
+the dataset floor(r) times and subsamples the rest (deterministic for the seed). `DataConfig.max_records` (the
+trainer's `--max-samples`) then draws that many records of the mixed list (`sample_records`: every dataset in
+proportion to its share of the mix, deterministic for the seed, kept in mix order) BEFORE the checks below, so a
+quick run decodes and tokenises only those; the checks' skips are counted after the draw, so fewer may remain.
 
 Batches (`DataCollator`): `input_ids`/`labels`/`attention_mask` (B, T) right-padded, and `pixel_values`
 (n_images, 3, H, W) with one image per record that has one, in batch order — the order of the `<image>`
@@ -17,7 +20,9 @@ placeholder; a batch with no image has no `pixel_values` key.
 
 Bad images (missing/unreadable): `on_bad_image="error"` raises naming the file and record; `"skip"` drops the
 record and counts it in a `BadDataReport` (written to JSON with `BadDataReport.write`). Images are checked
-(fully decoded) when the dataset is built, so a skip never happens silently mid-training.
+(fully decoded, each distinct file once, by a few threads: PIL releases the GIL while decoding JPEG) when the
+dataset is built, so a skip never happens silently mid-training; the kept records, the report and the first error
+are those of a one-thread check.
 
 Nothing to learn from: a record without an assistant turn is a DataFormatError when files are loaded; a record
 whose answer lies wholly past `max_length` after truncation (an over-long first user turn) is skipped when the
@@ -25,9 +30,16 @@ dataset is built and counted in the same report (kind "no_supervised_tokens"). S
 one of the tokenizer's control tokens, e.g. a literal "<|im_end|>" in a scraped answer (kind "control_token_text"):
 tokenised, it would become that token and end the turn mid-answer.
 
+A conversation that opens with an assistant turn (after an optional system turn) loses that turn, as in LLaVA's
+`preprocess` (`source = source[1:]`; real LLaVA files hold a few such records): the record is kept and counted in
+the report's `changed` list (kind "leading_assistant_turn_dropped"), so LLaVA data trains unedited and the drop is
+visible; a record with no assistant turn after it is a DataFormatError at load.
+
 Files are UTF-8 (a byte-order mark is allowed); JSONL lines end at "\n" only (JSON strings may hold U+2028 or
 U+0085 raw). A `<image>` placeholder belongs in a user turn; a spec naming a dataset twice, a ratio that is not a
-finite number > 0, or one that keeps none of a dataset's records is an error naming the dataset.
+finite number > 0, or one that keeps none of a dataset's records is an error naming the dataset. Ids repeated
+within one file are a warning at load (count, first ids and their lines), not an error: LLaVA's own files hold a
+few, but the report names records by id, so their entries are ambiguous.
 
 Why plain JSON instead of HF `datasets` here: LLaVA files mix records with and without "image" and with
 ragged conversations, which Arrow schemas reject or pad with nulls, and we need error messages that name the
@@ -42,10 +54,13 @@ import json
 import logging
 import math
 import numbers
+import os
 import re
 import zlib
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -69,6 +84,9 @@ REQUIRED_FIELDS = ("id", "conversations")
 ASSISTANT_SOURCES = tuple(source for source, role in LLAVA_ROLES.items() if role == "assistant")  # "gpt", ...
 CONTROL_TOKEN_TEXT = "control_token_text"  # BadDataReport kind: a turn spells a control token ("<|im_end|>")
 NO_SUPERVISED_TOKENS = "no_supervised_tokens"  # BadDataReport kind: every label ignored after truncation
+# BadDataReport kind of a record kept with a change: its first turn (after a system turn) was the assistant's
+LEADING_ASSISTANT_TURN_DROPPED = "leading_assistant_turn_dropped"
+DUPLICATE_IDS_SHOWN = 5  # duplicated ids named in load_records' warning
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "configs" / "datasets.yaml"
 
 
@@ -106,13 +124,30 @@ def validate_record(record, source: str, index: int, image_token: str = IMAGE_TO
                                   f"assistant turn (from {turn['from']!r}); it belongs in a user turn")
     if "image" in record and (not isinstance(record["image"], str) or not record["image"].strip()):
         raise DataFormatError(f"{where}: field 'image' must be a non-empty string path")
-    if not any(turn["from"] in ASSISTANT_SOURCES for turn in conversations):
-        raise DataFormatError(f"{where}: 'conversations' has no assistant turn (from 'gpt'): nothing to train on")
+    leading = leading_assistant_turn(conversations)
+    if not any(turn["from"] in ASSISTANT_SOURCES for t, turn in enumerate(conversations) if t != leading):
+        dropped = "" if leading is None else (f" after its leading one (conversations[{leading}], before any user "
+                                              "turn, which is dropped as LLaVA's preprocessing does)")
+        raise DataFormatError(f"{where}: 'conversations' has no assistant turn (from 'gpt'){dropped}: nothing to "
+                              "train on")
     placeholders = sum(turn["value"].count(image_token) for turn in conversations)
     expected = 1 if "image" in record else 0
     if placeholders != expected:
         raise DataFormatError(f"{where}: {placeholders} {image_token!r} placeholders in 'conversations' "
                               f"but {'one image' if expected else 'no image'}")
+
+
+def leading_assistant_turn(conversations: list) -> int | None:
+    """The index of an assistant turn that opens the conversation (after an optional system turn), else None.
+    LLaVA's `preprocess` drops such a turn (`if roles[source[0]["from"]] != roles["human"]: source = source[1:]`);
+    `ConversationDataset` drops it too and counts it. Tolerates malformed turns (they are reported elsewhere)."""
+    def source(turn):
+        return turn.get("from") if isinstance(turn, dict) else None
+
+    first = 1 if conversations and source(conversations[0]) == "system" else 0
+    if first < len(conversations) and source(conversations[first]) in ASSISTANT_SOURCES:
+        return first
+    return None
 
 
 def _decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
@@ -147,8 +182,11 @@ def load_records(path: str | Path, image_token: str = IMAGE_TOKEN) -> list[dict]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
+    lines = None  # JSONL: the file line of each record
     if path.suffix.lower() == ".jsonl":
-        records = [record for _, record in _iter_jsonl(path)]
+        numbered = list(_iter_jsonl(path))
+        lines = [lineno for lineno, _ in numbered]
+        records = [record for _, record in numbered]
     else:
         try:
             records = json.loads(_decode_utf8(path.read_bytes(), path))
@@ -158,7 +196,28 @@ def load_records(path: str | Path, image_token: str = IMAGE_TOKEN) -> list[dict]
             raise DataFormatError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     for i, record in enumerate(records):
         validate_record(record, str(path), i, image_token)
+    _warn_duplicate_ids(records, path, lines)
     return records
+
+
+def _warn_duplicate_ids(records: list[dict], path: Path, lines: list[int] | None = None) -> None:
+    """Warn (not an error: LLaVA's own files hold a few) when record ids repeat within one file, with the count and
+    the first few ids and where they are (file lines for JSONL, else record positions): the bad-data report and
+    several messages name a record by its id, which is then ambiguous. Ids compare as the report writes them,
+    `str(id)`."""
+    positions: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        positions.setdefault(str(record["id"]), []).append(lines[i] if lines is not None else i)
+    repeated = [(record_id, where) for record_id, where in positions.items() if len(where) > 1]
+    if not repeated:
+        return
+    unit = "lines" if lines is not None else "records"
+    shown = "; ".join(f"{record_id!r} at {unit} {', '.join(map(str, where))}"
+                      for record_id, where in repeated[:DUPLICATE_IDS_SHOWN])
+    more = f" (and {len(repeated) - DUPLICATE_IDS_SHOWN} more)" if len(repeated) > DUPLICATE_IDS_SHOWN else ""
+    logger.warning("%s: %d record ids occur more than once (%d records); the bad-data report names records by id, "
+                   "so their entries are ambiguous: %s%s", path, len(repeated), sum(len(w) for _, w in repeated),
+                   shown, more)
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -286,6 +345,38 @@ def mix_datasets(spec: str, registry: str | Path = DEFAULT_REGISTRY, data_root: 
     return mixed
 
 
+def _check_record_count(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"max_records (--max-samples) must be a positive number of records, got {n!r}")
+
+
+def _proportional_quotas(sizes: np.ndarray, n: int) -> np.ndarray:
+    """n split over groups in proportion to `sizes` (largest remainder; ties go to the earlier group): sums to n."""
+    exact = n * sizes / sizes.sum()  # (n_groups,)
+    quotas = np.floor(exact).astype(np.int64)
+    extra = np.argsort(-(exact - quotas), kind="stable")[: n - int(quotas.sum())]
+    quotas[extra] += 1
+    return quotas
+
+
+def sample_records(mixed: Sequence[SourcedRecord], n: int, seed: int = 0) -> list[SourcedRecord]:
+    """`n` records of the mix drawn with `seed`, each dataset contributing in proportion to its share of the mix
+    (a quick run sees every dataset, not only the first), kept in mix order. All of them when n >= len(mixed).
+
+    Deterministic for (mix, n, seed); a stream of its own (not the ratios' per-dataset ones)."""
+    _check_record_count(n)
+    if n >= len(mixed):
+        return list(mixed)
+    groups: dict[str, list[int]] = {}  # dataset -> its positions in the mix
+    for position, item in enumerate(mixed):
+        groups.setdefault(item.dataset, []).append(position)
+    sizes = np.array([len(g) for g in groups.values()], dtype=np.int64)
+    rng = np.random.default_rng([seed, zlib.crc32(b"max_records")])
+    quotas = _proportional_quotas(sizes, n)
+    picked = [np.asarray(g)[rng.permutation(len(g))[:q]] for g, q in zip(groups.values(), quotas)]
+    return [mixed[int(i)] for i in np.sort(np.concatenate(picked))]
+
+
 class PackedRecords(Sequence):
     """A read-only sequence of SourcedRecords kept compactly: every distinct record's JSON in one byte buffer and
     its origin in integer arrays, so that a dataset of 665k records is about the size of its JSON, not five times
@@ -340,27 +431,36 @@ class PackedRecords(Sequence):
 # ---------------------------------------------------------------------------------------- bad data
 @dataclass
 class BadDataReport:
-    """Counts and a list of (file, record id, reason) for skipped records: bad images, and records left with
-    no supervised token after truncation."""
+    """Counts and a list of (file, record id, reason) for skipped records: bad images, records left with no
+    supervised token after truncation, records spelling a control token; and, apart, records kept with a counted
+    change (`changed`: a dropped leading assistant turn). `counts` has one entry per kind of either list;
+    "skipped" counts only the skipped records."""
 
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)  # parallel to `skipped`
     checked: int = 0
+    changed: list[tuple[str, str, str, str]] = field(default_factory=list)  # (data file, id, reason, kind), kept
 
     def add(self, file: str, record_id: str, reason: str, kind: str) -> None:
-        """`kind` is "missing" (no such image file), "unreadable" (cannot be decoded) or
-        NO_SUPERVISED_TOKENS (`file` is then the data file)."""
+        """A skipped record. `kind` is "missing" (no such image file), "unreadable" (cannot be decoded),
+        NO_SUPERVISED_TOKENS or CONTROL_TOKEN_TEXT (`file` is then the data file)."""
         self.skipped.append((file, record_id, reason))
         self.kinds.append(kind)
 
+    def add_change(self, file: str, record_id: str, reason: str, kind: str) -> None:
+        """A record kept with a change, e.g. kind LEADING_ASSISTANT_TURN_DROPPED; `file` is the data file."""
+        self.changed.append((file, record_id, reason, kind))
+
     @property
     def counts(self) -> dict[str, int]:
-        return {"checked": self.checked, "skipped": len(self.skipped), **dict(Counter(self.kinds))}
+        return {"checked": self.checked, "skipped": len(self.skipped), **dict(Counter(self.kinds)),
+                **dict(Counter(kind for *_, kind in self.changed))}
 
     def to_dict(self) -> dict:
         return {"counts": self.counts,
                 "skipped": [{"file": f, "id": i, "kind": k, "reason": r}
-                            for (f, i, r), k in zip(self.skipped, self.kinds)]}
+                            for (f, i, r), k in zip(self.skipped, self.kinds)],
+                "changed": [{"file": f, "id": i, "kind": k, "reason": r} for f, i, r, k in self.changed]}
 
     def write(self, path: str | Path) -> None:
         """Write the report all or nothing (`atomic_write_text`): a crash mid-write keeps the previous report."""
@@ -369,12 +469,78 @@ class BadDataReport:
         atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")
 
 
+# ------------------------------------------------------------------------------------------ checks
+LABEL_CHECK_CHUNK = 512  # records whose check texts are tokenised in one batched call
+IMAGE_CHECK_AHEAD = 4  # images queued per image-check thread
+
+
+def default_image_workers() -> int:
+    """Threads decoding images in the build-time check: the CPUs this process may use, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _image_status(path: Path) -> tuple[BadImageError, str] | None:
+    """None when the image at `path` decodes fully, else (error, kind "missing" | "unreadable")."""
+    try:
+        load_image(path)
+        return None
+    except BadImageError as err:
+        return err, ("unreadable" if path.is_file() else "missing")
+
+
+def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """fn(item) for every item, yielded in order; computed `workers` at a time in threads with a bounded queue (a
+    few per thread, not one future per item of a 665k list), or inline for workers=1. Closing the iterator early
+    cancels what is queued and waits for what is running."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="parrot-image-check")
+    try:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers * IMAGE_CHECK_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _PretokenizedSegments:
+    """The tokenizer as the build-time label check sees it: `tokenizer(text, add_special_tokens=False)` is answered
+    from ids tokenised beforehand for a chunk of records in one batched call (`fill`), everything else (a text not
+    foreseen, other arguments, attributes) goes to the tokenizer. One call per text costs ~0.1 ms of Python around the
+    tokeniser, several per record; a batched call gives the same ids as single calls."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._ids: dict[str, list[int]] = {}
+
+    def fill(self, texts: Iterable[str]) -> None:
+        """Tokenise the distinct `texts` in one call, replacing what was there (memory stays one chunk's worth)."""
+        unique = list(dict.fromkeys(texts))
+        self._ids = dict(zip(unique, self._tokenizer(unique, add_special_tokens=False)["input_ids"])) if unique else {}
+
+    def __call__(self, text, add_special_tokens: bool = True, **kwargs):
+        ids = self._ids.get(text) if isinstance(text, str) and not add_special_tokens and not kwargs else None
+        if ids is None:
+            return self._tokenizer(text, add_special_tokens=add_special_tokens, **kwargs)
+        return {"input_ids": ids}
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
 # ------------------------------------------------------------------------------------------ dataset
 class ConversationDataset(Dataset):
     """SourcedRecords -> {"input_ids", "labels", "pixel_values" (3, H, W) or None}.
 
     `image_transform` is any callable PIL image -> tensor (3, H, W), e.g. `parrot.data.images.ImageTransform`.
-    Images are decoded once at construction to apply `on_bad_image` (see module docstring).
+    Images are decoded once at construction to apply `on_bad_image` (see module docstring), by `image_workers`
+    threads (None: `default_image_workers()`; 1: in this thread); the result does not depend on the count.
+    A leading assistant turn is dropped (as LLaVA does) and counted in `report.changed`.
     """
 
     def __init__(
@@ -388,6 +554,7 @@ class ConversationDataset(Dataset):
         report: BadDataReport | None = None,
         system: str | None = None,
         image_token: str = IMAGE_TOKEN,
+        image_workers: int | None = None,
     ):
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
@@ -401,39 +568,69 @@ class ConversationDataset(Dataset):
         self.system = system
         self.image_token = image_token
         self.report = report if report is not None else BadDataReport()
+        if image_workers is not None and (isinstance(image_workers, bool)
+                                          or not isinstance(image_workers, numbers.Integral) or image_workers < 1):
+            raise ValueError(f"image_workers must be a positive number of threads (or None), got {image_workers!r}")
+        self.image_workers = default_image_workers() if image_workers is None else image_workers
         without_transform = next((r for r in records if r.image_path is not None), None) if image_transform is None \
             else None
         if without_transform is not None:
             raise ValueError(f"{without_transform.where}: has an image but the dataset has no image_transform")
         # Text first: it is cheap and its errors (a malformed conversation, a placeholder truncation would cut) stop
         # the build before every image has been decoded; a record skipped for its text needs no image check.
+        records = self._drop_leading_assistant_turns(records)
         text_ok = self._drop_unsupervised(self._drop_control_text(records))
         self.records = PackedRecords(self._check_images(text_ok, on_bad_image))
 
+    def _drop_leading_assistant_turns(self, records: Sequence[SourcedRecord]) -> list[SourcedRecord]:
+        """`records`, each conversation that opens with an assistant turn (after an optional system turn) without
+        that turn, as LLaVA's `preprocess` does (`source = source[1:]`), each drop counted in `report.changed` (kind
+        LEADING_ASSISTANT_TURN_DROPPED): real LLaVA files hold a few, and they train unedited. The turn answers no
+        question; it never holds the image placeholder (`validate_record` refuses one in an assistant turn)."""
+        out = []
+        dropped = 0
+        for item in records:
+            turn = leading_assistant_turn(item.record["conversations"])
+            if turn is None:
+                out.append(item)
+                continue
+            dropped += 1
+            conversations = item.record["conversations"]
+            record = {**item.record, "conversations": conversations[:turn] + conversations[turn + 1:]}
+            out.append(SourcedRecord(record, item.source, item.index, item.image_dir, item.dataset))
+            self.report.add_change(item.source, str(item.record["id"]),
+                                   f"{item.where}: conversations[{turn}] is an assistant turn before any user turn; "
+                                   "dropped (as LLaVA's preprocessing does)", LEADING_ASSISTANT_TURN_DROPPED)
+        if dropped:
+            logger.warning("dropped the leading assistant turn of %d records (kept; listed in the bad-data report)",
+                           dropped)
+        return out
+
     def _check_images(self, records: list[SourcedRecord], on_bad_image: str) -> list[SourcedRecord]:
+        """Decode every distinct image once (`image_workers` threads: PIL releases the GIL while decoding JPEG), then
+        walk the records in order, so the kept list, the report and the first error are those of a serial check."""
+        paths = [item.image_path for item in records]  # None: a text-only record
+        distinct = dict.fromkeys(str(path) for path in paths if path is not None)  # first-use order
+        statuses = _ordered_map(_image_status, map(Path, distinct), self.image_workers)
         kept = []
         skipped_before = len(self.report.skipped)
         failures: dict[str, tuple[BadImageError, str] | None] = {}  # image path -> (error, kind); None: it loads
-        for item in tqdm(records, desc="checking images", disable=len(records) < 5000):
-            path = item.image_path
-            if path is None:
+        with closing(statuses):
+            for item, path in zip(tqdm(records, desc="checking images", disable=len(records) < 5000), paths):
+                if path is None:
+                    kept.append(item)
+                    continue
+                self.report.checked += 1
+                key = str(path)
+                if key not in failures:  # first use: the next status is this path's (same order as `distinct`)
+                    failures[key] = next(statuses)
+                if failures[key] is not None:
+                    err, kind = failures[key]
+                    if on_bad_image == "error":
+                        raise BadImageError(f"{item.where}: {err}") from err
+                    self.report.add(key, str(item.record["id"]), str(err), kind)
+                    continue
                 kept.append(item)
-                continue
-            self.report.checked += 1
-            key = str(path)
-            if key not in failures:  # an image shared by records (or a record repeated by a ratio) is decoded once
-                try:
-                    load_image(path)
-                    failures[key] = None
-                except BadImageError as err:
-                    failures[key] = (err, "unreadable" if path.is_file() else "missing")
-            if failures[key] is not None:
-                err, kind = failures[key]
-                if on_bad_image == "error":
-                    raise BadImageError(f"{item.where}: {err}") from err
-                self.report.add(key, str(item.record["id"]), str(err), kind)
-                continue
-            kept.append(item)
         skipped = len(self.report.skipped) - skipped_before
         if skipped:
             logger.warning("skipped %d records with bad images (%s)", skipped, self.report.counts)
@@ -466,27 +663,46 @@ class ConversationDataset(Dataset):
     def _drop_unsupervised(self, records: list[SourcedRecord]) -> list[SourcedRecord]:
         """Skip, counted in the report, records whose labels are all ignored after truncation (a first user
         turn longer than max_length, or no assistant turn): they teach nothing and give a NaN loss when a
-        whole batch is made of them."""
+        whole batch is made of them. Chunk by chunk, the texts the check will tokenise are tokenised in one batched
+        call first (`_PretokenizedSegments`); the records are then decided one by one, in order."""
         kept = []
-        for item in tqdm(records, desc="checking labels", disable=len(records) < 5000):
-            if self._keeps_supervised_token(item):
-                kept.append(item)
-                continue
-            self.report.add(item.source, str(item.record["id"]),
-                            f"{item.where}: no assistant token within max_length={self.max_length} "
-                            "(first user turn too long, or no assistant turn)", NO_SUPERVISED_TOKENS)
+        tokenizer = _PretokenizedSegments(self.tokenizer)
+        progress = tqdm(total=len(records), desc="checking labels", disable=len(records) < 5000)
+        for start in range(0, len(records), LABEL_CHECK_CHUNK):
+            chunk = records[start:start + LABEL_CHECK_CHUNK]
+            tokenizer.fill(text for item in chunk for text in self._check_texts(item))
+            for item in chunk:
+                if self._keeps_supervised_token(item, tokenizer):
+                    kept.append(item)
+                else:
+                    self.report.add(item.source, str(item.record["id"]),
+                                    f"{item.where}: no assistant token within max_length={self.max_length} "
+                                    "(first user turn too long, or no assistant turn)", NO_SUPERVISED_TOKENS)
+                progress.update()
+        progress.close()
         skipped = len(records) - len(kept)
         if skipped:
             logger.warning("skipped %d records with no supervised token within max_length=%d (%s)",
                            skipped, self.max_length, self.report.counts)
         return kept
 
-    def _keeps_supervised_token(self, item: SourcedRecord) -> bool:
+    def _check_texts(self, item: SourcedRecord) -> list[str]:
+        """The texts `_keeps_supervised_token(item)` will likely tokenise; none for a malformed conversation (its
+        error is raised in order, by the check itself)."""
+        try:
+            messages = llava_to_messages(item.record["conversations"], record_id=item.where)
+            return self.template.check_texts(messages, self.tokenizer, system=self.system)
+        except ValueError:
+            return []
+
+    def _keeps_supervised_token(self, item: SourcedRecord, tokenizer=None) -> bool:
         """`_tokenize(item)` keeps a labelled token; decided from a prefix of the conversation (usually up to the
-        first answer), as `__getitem__` tokenises the whole record again anyway. Raises what `_tokenize` raises."""
+        first answer), as `__getitem__` tokenises the whole record again anyway. Raises what `_tokenize` raises.
+        `tokenizer`: a stand-in giving the same ids (`_PretokenizedSegments`), else the dataset's."""
         messages = llava_to_messages(item.record["conversations"], record_id=item.where)
-        return self.template.keeps_supervised_token(messages, self.tokenizer, self.max_length, self.image_token,
-                                                    system=self.system, record_id=item.where)
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        return self.template.keeps_supervised_token(messages, tokenizer, self.max_length,
+                                                    self.image_token, system=self.system, record_id=item.where)
 
     def _tokenize(self, item: SourcedRecord) -> tuple[list[int], list[int]]:
         messages = llava_to_messages(item.record["conversations"], record_id=item.where)
@@ -547,13 +763,29 @@ class DataConfig:
     on_bad_image: str = "error"
     bad_data_report: str | None = None  # JSON file for BadDataReport
     seed: int = 0
+    # Draw this many records of the mix (`sample_records`: every dataset in proportion, with `seed`) before any
+    # check, so a quick run decodes and tokenises only those; skips are counted after the draw, so fewer may remain.
+    max_records: int | None = None
+
+    def __post_init__(self):
+        if self.max_records is not None:
+            _check_record_count(self.max_records)
 
 
 def build_dataset(config: DataConfig, tokenizer, image_transform=None) -> ConversationDataset:
-    """Mix, check and wrap the datasets of `config`; writes the bad-data report when a path is given."""
+    """Mix (and draw `max_records` of), check and wrap the datasets of `config`; writes the bad-data report when a
+    path is given."""
     records = mix_datasets(config.spec, config.registry, config.data_root, config.seed)
+    if config.max_records is not None:
+        drawn = sample_records(records, config.max_records, config.seed)
+        logger.info("max_records=%d: %d of the mix's %d records drawn (%s)", config.max_records, len(drawn),
+                    len(records), ", ".join(f"{name} {n}" for name, n in Counter(r.dataset for r in drawn).items()))
+        records = drawn
     dataset = ConversationDataset(records, tokenizer, config.template, config.max_length, image_transform,
                                   config.on_bad_image)
+    if config.max_records is not None:
+        logger.info("max_records=%d: %d records remain after the checks (%s)", config.max_records, len(dataset),
+                    dataset.report.counts)
     if config.bad_data_report:
         dataset.report.write(config.bad_data_report)
     return dataset

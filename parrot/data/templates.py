@@ -90,7 +90,10 @@ def control_token_strings(tokenizer) -> tuple[str, ...]:
     return tuple(sorted((special | set(tokenizer.all_special_tokens)) - {""}, key=lambda s: (-len(s), s)))
 
 
-def _yields_tokens(text: str, tokenizer, probe_chars: int = 32) -> bool:
+PROBE_CHARS = 32  # head of an answer tokenised to learn whether it gives a token at all
+
+
+def _yields_tokens(text: str, tokenizer, probe_chars: int = PROBE_CHARS) -> bool:
     """Whether `text` tokenises to at least one id, judged from its head when that gives one (a tokenizer that
     emits an id for a prefix emits one for the whole text): an answer's first token is all a check needs."""
     return bool(tokenizer(text[:probe_chars], add_special_tokens=False)["input_ids"]) \
@@ -178,6 +181,18 @@ class ChatTemplate:
         if image_id is not None and ids.count(image_id) != n_images:
             raise _cut_placeholder_error(name, max_length, image_token)
         return ids, labels
+
+    def check_texts(self, messages: list[dict], tokenizer, system: str | None = None) -> list[str]:
+        """The texts `keeps_supervised_token` usually tokenises for `messages`: every segment before the first
+        labelled one, and that one's head. A caller can tokenise them for many conversations in one batched call
+        beforehand (the Python around each tokenizer call costs more than tokenising a short text); a text not
+        foreseen here is simply tokenised on demand, so this is a speed hint and never changes a decision."""
+        texts = []
+        for seg in self.with_special_tokens(tokenizer).segments(messages, False, system):
+            if seg.labelled:
+                return texts + [seg.text[:PROBE_CHARS]]
+            texts.append(seg.text)
+        return texts
 
     def keeps_supervised_token(self, messages: list[dict], tokenizer, max_length: int,
                                image_token: str = IMAGE_TOKEN, system: str | None = None,
@@ -310,6 +325,8 @@ def llava_to_messages(conversations: list[dict], record_id: str | None = None) -
     for i, m in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
+            hint = ("; drop that leading assistant turn (ConversationDataset does, as LLaVA's preprocessing, and "
+                    "counts it in its BadDataReport)") if i == 0 else ""
             raise ValueError(f"{name}: turns must alternate user/assistant starting with user; "
-                             f"turn {i + len(messages) - len(body)} is {m['role']!r}")
+                             f"turn {i + len(messages) - len(body)} is {m['role']!r}{hint}")
     return messages

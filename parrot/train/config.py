@@ -86,7 +86,10 @@ class TrainConfig:
     data_root: str | None = _opt(None, "resolve the registry's relative paths against this folder")
     on_bad_image: str = _opt("error", "missing/unreadable image: stop with an error, or skip the record and count "
                                       "it in <output_dir>/bad_data_report.json", BAD_IMAGE_POLICIES)
-    max_samples: int | None = _opt(None, "use only the first N records of the mix (quick runs)")
+    max_samples: int | None = _opt(None, "quick runs: draw N records of the mix with --seed (every dataset in "
+                                         "proportion, in mix order) before the image and label checks, so only "
+                                         "those are checked; skips are counted after the draw, so fewer than N "
+                                         "may remain (logged)")
     # --- optimisation ----------------------------------------------------------------------------------------
     learning_rate: float = _opt(1e-3, "peak learning rate (paper: 1e-3 stage 1, 2e-5 stage 2)")
     global_batch_size: int = _opt(256, "samples per optimizer step over all processes (paper: 256 stage 1, "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -100,12 +100,12 @@ def build_train_dataset(cfg: TrainConfig, processor: ParrotProcessor, output_dir
         spec=cfg.data, registry=cfg.data_registry or str(DEFAULT_REGISTRY), data_root=cfg.data_root,
         max_length=text_budget, template=settings.template, on_bad_image=cfg.on_bad_image,
         bad_data_report=str(output_dir / BAD_DATA_REPORT) if is_rank_zero() else None, seed=cfg.seed,
+        max_records=cfg.max_samples,  # drawn from the whole mix before the checks: a quick run checks only those
     )
-    full = build_dataset(data_config, processor.tokenizer, processor.image_transform)
-    dataset = full if cfg.max_samples is None else Subset(full, range(min(cfg.max_samples, len(full))))
+    dataset = build_dataset(data_config, processor.tokenizer, processor.image_transform)
     if len(dataset) == 0:
         raise ValueError(f"--data {cfg.data!r}: no usable records")
-    return dataset, full.report
+    return dataset, dataset.report
 
 
 def gradient_accumulation(cfg: TrainConfig, processes: int) -> int:
