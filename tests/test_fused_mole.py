@@ -9,6 +9,7 @@ kernels compute the routing in float32, hence the tolerances.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -671,3 +672,99 @@ def test_fused_and_eager_bfloat16_layers_route_alike_on_cuda(name):
         assert 0.02 < flags_e.float().mean() < 0.98
         assert (flags_e == flags_f).float().mean() > 0.999
     assert (outs[1][same] - outs[0][same]).abs().max() / outs[0].abs().max() < 3e-2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Router settings changed after a first forward; GW-MoE's balance loss against a naive reference
+# ---------------------------------------------------------------------------------------------------------
+
+SETTINGS_CHANGES = {  # (config, the change applied to both layers' routers after a first fused forward)
+    "topk-top_k": ("topk", lambda router: setattr(router, "top_k", 3)),
+    "dynmole-entropy_threshold": ("dynmole", lambda router: setattr(router, "entropy_threshold", 0.6)),
+    "gwmoe-eval": ("gwmoe", lambda router: router.eval()),
+    "gwmoe-uniform": ("gwmoe", lambda router: setattr(router, "broadcast_weights", "uniform")),
+    "mor-balance_coef": ("mor", lambda router: setattr(router, "balance_coef", 0.5)),
+}
+
+
+@on_cpu
+@pytest.mark.parametrize("change", list(SETTINGS_CHANGES))
+def test_fused_path_follows_router_settings_changed_after_a_forward(change):
+    """The fused layer builds its plan (the kernels' compile-time settings) at its first forward and memoises it;
+    a router setting changed afterwards (top_k, a threshold, the broadcast weights, a loss coefficient, the
+    training mode) must take effect as in the eager router: values, gradients, aux losses and routing equal."""
+    name, apply = SETTINGS_CHANGES[change]
+    eager, twin = _pair(CONFIGS[name], "cpu")
+    x = torch.randn(T, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    before = twin.adapter(x, None, base=twin.base(x)).detach()  # the first forward builds and memoises the plan
+    aux_before = {k: float(v.detach()) for k, v in twin.last_routing.aux_losses.items()}
+    for layer in (eager, twin):
+        apply(layer.router)
+    _check(eager, twin, "cpu", torch.float64, True, 2e-6)
+    after = eager.adapter(x, None, base=eager.base(x)).detach()
+    aux_after = {k: float(v.detach()) for k, v in eager.last_routing.aux_losses.items()}
+    assert not torch.equal(after, before) or aux_after != aux_before  # the change changes the result
+
+
+@on_cpu
+def test_fused_plan_memo_builds_once_per_settings(monkeypatch):
+    """The memo is still a memo: one plan per distinct settings (the host cost per forward matters), kept when the
+    settings return to an earlier state."""
+    _, twin = _pair(CONFIGS["topk"], "cpu")
+    built = []
+    real = fused.build_plan
+    monkeypatch.setattr(fused, "build_plan",
+                        lambda router, experts: built.append(router.top_k) or real(router, experts))
+    x = torch.randn(4, D_IN, dtype=torch.float64)
+    plans = []
+    for top_k in (2, 2, 3, 3, 2, 3):
+        twin.router.top_k = top_k
+        plans.append(fused.fused_plan(twin.fused, twin.router, twin.experts, x, twin._fused_plans))
+    assert built == [2, 3]
+    assert [p.spec.top_k for p in plans] == [2, 2, 3, 3, 2, 3]
+    assert plans[0] is plans[4] and plans[2] is plans[5]
+
+
+def _naive_gwmoe_balance(logits: torch.Tensor, mask: torch.Tensor, top_k: int, coef: float) -> torch.Tensor:
+    """Switch balance loss, one token at a time in float64, counting every valid token's top-k experts (also of
+    broadcast tokens: the official GW-MoE rule): coef * E * sum_e f_e P_e, f from the counts, P the mean p."""
+    num_experts = logits.shape[1]
+    counts, prob_sums, valid = [0.0] * num_experts, [0.0] * num_experts, 0
+    for t in range(logits.shape[0]):
+        if not bool(mask[t]):
+            continue
+        valid += 1
+        z = [float(v) for v in logits[t]]
+        top = max(z)
+        ex = [math.exp(v - top) for v in z]
+        p = [v / sum(ex) for v in ex]
+        for e in sorted(range(num_experts), key=lambda e: (-z[e], e))[:top_k]:
+            counts[e] += 1.0
+        for e in range(num_experts):
+            prob_sums[e] += p[e]
+    total = sum(counts)
+    return torch.tensor(coef * num_experts * sum(counts[e] / total * prob_sums[e] / valid for e in range(num_experts)),
+                        dtype=torch.float64)
+
+
+@on_cpu
+@pytest.mark.parametrize("name", ["gwmoe", "gwmoe-uniform-normalized"])
+def test_fused_gwmoe_balance_counts_broadcast_tokens_by_their_top_k(name):
+    """GW-MoE in training with a mask, broadcast tokens among the valid and the padded ones: the fused and the eager
+    balance loss equal a per-token float64 reference that counts each valid token's top-k experts."""
+    config = dict(CONFIGS[name], balance_coef=0.25)
+    eager, twin = _pair(config, "cpu")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, D_IN, generator=g, dtype=torch.float64)
+    x = x * torch.linspace(0.1, 2.0, T, dtype=torch.float64)[:, None]
+    mask = torch.rand(T, generator=g) > 0.25
+    _check(eager, twin, "cpu", torch.float64, True, 2e-6)  # values and gradients (on its own inputs)
+    for layer in (eager, twin):
+        layer.adapter(x, mask, base=layer.base(x))
+    broadcast = twin.last_routing.stats["broadcast"].bool()
+    assert broadcast[mask].any() and (~broadcast[mask]).any() and broadcast[~mask].any()
+    logits = x @ eager.router.gate.weight.detach().t()
+    expected = _naive_gwmoe_balance(logits, mask, 2, 0.25)
+    for layer in (eager, twin):
+        torch.testing.assert_close(layer.last_routing.aux_losses["balance"].detach().double(), expected,
+                                   rtol=1e-6, atol=0)

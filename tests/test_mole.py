@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -356,12 +358,12 @@ def test_grouped_execution_under_bfloat16_autocast_equals_stacked(with_base):
     indices = torch.topk(weights, 2, -1).indices
     weights = torch.zeros_like(weights).scatter(1, indices, weights.gather(1, indices))
     base = torch.randn(40, D_OUT) if with_base else None
-    outs = []
+    outs, reference_state = [], None
     for execution in ("grouped", "stacked"):
         experts = LoRAExperts(E, D_IN, D_OUT, R, ALPHA, execution=execution)
         with torch.no_grad():
             experts.lora_B.normal_(0, 0.3)
-        if outs:  # the same weights for both executors
+        if reference_state is not None:  # the same weights for both executors
             experts.load_state_dict(reference_state)
         reference_state = experts.state_dict()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -541,3 +543,164 @@ def test_injected_and_loaded_layers_take_the_model_mode(tmp_path, kind):
     trained = _tiny("qwen2", seed=7).train()  # and a training-mode model gets training-mode layers
     inject_mole(trained, cfg)
     assert all(m.training for m in trained.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# load_mole into a model that already has MoLE layers: the saved settings must be the layers' settings
+# ---------------------------------------------------------------------------------------------------------
+
+_SAVED = dict(target_modules=("q_proj", "v_proj"), num_experts=[3, 4], rank=4, alpha=8.0, dropout=0.0)
+_DYN = RouterConfig(kind="dynmole", entropy_threshold=0.8, top_p=0.6, keep_top_k=1)
+_GW = RouterConfig(kind="gwmoe", top_k=2, gw_quantile=0.8)
+_TOPK = RouterConfig(kind="topk", top_k=2)
+
+LOAD_MISMATCHES = {  # (saved router, model's settings that differ, the lines the error must hold)
+    # same tensors (names and shapes) on both sides: the earlier load_mole loaded these silently
+    "kind": (_TOPK, dict(router=RouterConfig(kind="dynmole")),  # (the resolved renormalize defaults differ too)
+             [r"router\.kind: saved 'topk', model 'dynmole'", r"router\.renormalize: saved True, model False"]),
+    "top_k": (_TOPK, dict(router=RouterConfig(kind="topk", top_k=1)), [r"router\.top_k: saved 2, model 1"]),
+    "renormalize": (_TOPK, dict(router=RouterConfig(kind="topk", top_k=2, renormalize=False)),
+                    [r"router\.renormalize: saved True, model False"]),
+    "dynmole": (_DYN, dict(router=RouterConfig(kind="dynmole", entropy_threshold=0.9, top_p=0.6, keep_top_k=2)),
+                [r"router\.entropy_threshold: saved 0\.8, model 0\.9", r"router\.keep_top_k: saved 1, model 2"]),
+    "gw_quantile": (_GW, dict(router=RouterConfig(kind="gwmoe", top_k=2, gw_quantile=0.6)),
+                    [r"router\.gw_quantile: saved 0\.8, model 0\.6"]),
+    "gw_threshold": (RouterConfig(kind="gwmoe", top_k=2, gw_threshold=1.0),
+                     dict(router=RouterConfig(kind="gwmoe", top_k=2, gw_threshold=1.5)),
+                     [r"router\.gw_threshold: saved 1\.0, model 1\.5"]),
+    "coefficients": (_TOPK, dict(router=RouterConfig(kind="topk", top_k=2, balance_coef=0.01, z_loss_coef=0.1)),
+                     [r"router\.balance_coef: saved 0\.001, model 0\.01",
+                      r"router\.z_loss_coef: saved 0\.0, model 0\.1"]),
+    "alpha": (_TOPK, dict(router=_TOPK, alpha=16.0), [r"alpha: saved 8\.0, model 16\.0"]),
+    "dropout": (_TOPK, dict(router=_TOPK, dropout=0.1), [r"dropout: saved 0\.0, model 0\.1"]),
+    # other tensors: the earlier load_mole failed with a key / shape error that named no setting
+    "num_experts": (_TOPK, dict(router=_TOPK, num_experts=3),
+                    [r"num_experts: saved 4, model 3 \(layers model\.layers\.1\.self_attn\.q_proj, "
+                     r"model\.layers\.1\.self_attn\.v_proj\)"]),
+    "rank": (_TOPK, dict(router=_TOPK, rank=2), [r"rank: saved 4, model 2"]),
+    "bias": (_TOPK, dict(router=RouterConfig(kind="topk", top_k=2, bias=True)),
+             [r"router\.bias: saved False, model True"]),
+    "target_modules": (_TOPK, dict(router=_TOPK, target_modules=("q_proj", "k_proj")),
+                       [r"target_modules: saved \['q_proj', 'v_proj'\] .*select 4 layers, the model has 4 MoLE layers; "
+                        r"saved only: model\.layers\.0\.self_attn\.v_proj, model\.layers\.1\.self_attn\.v_proj; "
+                        r"model only: model\.layers\.0\.self_attn\.k_proj, model\.layers\.1\.self_attn\.k_proj"]),
+    "kind-and-experts": (_GW, dict(router=_TOPK, num_experts=[3, 3], rank=2),
+                         [r"router\.kind: saved 'gwmoe', model 'topk'", r"rank: saved 4, model 2",
+                          r"num_experts: saved 4, model 3 \(layers"]),
+}
+
+
+@pytest.mark.parametrize("case", list(LOAD_MISMATCHES))
+def test_load_mole_into_an_injected_model_names_every_differing_setting(tmp_path, case):
+    """An adapter saved with other settings than the MoLE layers a model already has: a ValueError listing each
+    differing field with its saved and model value, and no weight loaded (the model's adapters unchanged)."""
+    router, changes, lines = LOAD_MISMATCHES[case]
+    saved_cfg = MoLEConfig(**_SAVED, router=router)
+    model = _tiny("qwen2", seed=7)
+    inject_mole(model, saved_cfg)
+    _randomize_adapters(model)
+    save_mole(model, saved_cfg, tmp_path / "adapter")
+
+    target = _tiny("qwen2", seed=7)
+    inject_mole(target, MoLEConfig(**{**_SAVED, **changes}))
+    before = mole_state_dict(target)
+    with pytest.raises(ValueError, match=r"was saved with other settings than the model's MoLE layers") as info:
+        load_mole(target, tmp_path / "adapter")
+    message = str(info.value)
+    for line in lines:
+        assert re.search(r"^  " + line, message, flags=re.M), (line, message)
+    assert len(message.splitlines()) == 1 + len(lines), message  # nothing else reported
+    after = mole_state_dict(target)
+    assert after.keys() == before.keys()
+    for key in before:  # (an uncalibrated GW-MoE threshold is NaN)
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, equal_nan=True)
+
+
+def test_load_mole_into_an_injected_model_with_the_same_settings(tmp_path):
+    """The same settings load (the saved model's outputs reproduced), also when only what does not change the
+    outputs differs: the execution, the fused path, another spelling of the same targets; a GW-MoE adapter's
+    calibrated threshold comes from the adapter weights (the model's is unset before)."""
+    cfg = MoLEConfig(**_SAVED, router=_GW)
+    model = _tiny("qwen2", seed=7)
+    inject_mole(model, cfg)
+    _randomize_adapters(model)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(2))
+    calibrate_gwmoe(model, [{"input_ids": ids}])
+    model.train()
+    ref = model(input_ids=ids).logits  # training mode: the threshold decides the broadcast
+    save_mole(model, cfg, tmp_path / "adapter")
+
+    target = _tiny("qwen2", seed=7).train()
+    inject_mole(target, MoLEConfig(**{**_SAVED, "target_modules": ("self_attn.v_proj", "self_attn.q_proj")},
+                                   router=_GW, expert_execution="grouped", fused="never"))
+    assert load_mole(target, tmp_path / "adapter") == cfg
+    torch.testing.assert_close(target(input_ids=ids).logits, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_mole_config_differences_follow_live_router_settings():
+    """A setting changed on a layer's router after injection is the layer's setting (what it routes with)."""
+    cfg = MoLEConfig(**_SAVED, router=_TOPK)
+    model = _tiny("qwen2", seed=7)
+    inject_mole(model, cfg)
+    assert mole_module.mole_config_differences(model, cfg) == []
+    model.get_submodule("model.layers.0.self_attn.q_proj").router.top_k = 1
+    assert mole_module.mole_config_differences(model, cfg) == [
+        "router.top_k: saved 2, model 1 (layers model.layers.0.self_attn.q_proj)"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GW-MoE thresholds in bfloat16 models and adapter files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_gwmoe_threshold_survives_bfloat16_models_and_adapter_files(tmp_path):
+    """A bfloat16 model keeps each GW-MoE threshold in float32 (not rounded to bfloat16's ~3 digits), saves it so
+    and loads it back exactly; an adapter written before (thresholds stored in bfloat16) still loads, with its
+    stored value."""
+    from safetensors.torch import load_file, save_file
+
+    value = 1.2345678
+    exact = torch.tensor(value, dtype=torch.float32)
+    assert exact.to(torch.bfloat16).float() != exact
+    cfg = MoLEConfig(target_modules=("q_proj",), num_experts=3, rank=2, dropout=0.0,
+                     router=RouterConfig(kind="gwmoe", top_k=1, gw_threshold=value))
+    model = _tiny("qwen2", seed=7)
+    inject_mole(model, cfg)
+    model.to(torch.bfloat16)
+    routers = [m.router for m in model.modules() if isinstance(m, MoLELinear)]
+    assert routers and all(r.gate.weight.dtype == torch.bfloat16 for r in routers)
+    assert all(r.threshold.dtype == torch.float32 and torch.equal(r.threshold, exact) for r in routers)
+    save_mole(model, cfg, tmp_path / "adapter")
+    stored = load_file(str(tmp_path / "adapter" / mole_module.ADAPTER_WEIGHTS_NAME))
+    thresholds = [k for k in stored if k.endswith("router.threshold")]
+    assert len(thresholds) == 2 and all(torch.equal(stored[k], exact) for k in thresholds)
+
+    fresh = _tiny("qwen2", seed=7).to(torch.bfloat16)
+    load_mole(fresh, tmp_path / "adapter")  # injects into the bfloat16 model, then loads
+    assert all(torch.equal(m.router.threshold, exact) for m in fresh.modules() if isinstance(m, MoLELinear))
+
+    old = {k: (v.to(torch.bfloat16) if k in thresholds else v) for k, v in stored.items()}  # the earlier files
+    save_file(old, str(tmp_path / "adapter" / mole_module.ADAPTER_WEIGHTS_NAME))
+    older = _tiny("qwen2", seed=7).to(torch.bfloat16)
+    load_mole(older, tmp_path / "adapter")
+    for m in older.modules():
+        if isinstance(m, MoLELinear):
+            assert m.router.threshold.dtype == torch.float32
+            assert m.router.threshold.item() == exact.to(torch.bfloat16).item()
+
+
+def test_load_mole_names_a_per_layer_expert_list_without_a_layer(tmp_path):
+    """A saved per-layer `num_experts` list (e.g. edited by hand) that has no entry for one of the model's MoLE layers
+    is reported as that field's difference, not as an error of another function."""
+    import json
+
+    cfg = MoLEConfig(**_SAVED, router=_TOPK)
+    model = _tiny("qwen2", seed=7)
+    inject_mole(model, cfg)
+    save_mole(model, cfg, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / mole_module.ADAPTER_CONFIG_NAME
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), num_experts=[3])))
+    expected = (r"(?m)^  num_experts: saved \[3\] \(no entry for this layer\), model 4 "
+                r"\(layers model\.layers\.1\.self_attn\.q_proj, model\.layers\.1\.self_attn\.v_proj\)$")
+    with pytest.raises(ValueError, match=expected):
+        load_mole(model, tmp_path / "adapter")

@@ -224,25 +224,29 @@ def test_gwmoe_router_matches_naive(broadcast_weights):
     toks = valid_tokens(mask)
 
     def reference(training: bool):
-        logits, probs, weights, indices = [], [], [], []
+        logits, probs, weights, indices, top = [], [], [], [], []
         for t in range(T):
             z = W @ x[t]
             p = softmax_t(z)
+            top.append(order_desc(p)[:k])
             if training and uncertainty(p.tolist()) >= threshold:
                 sel = list(range(E))
                 w = p if broadcast_weights == "softmax" else torch.full((E,), 1 / E, dtype=torch.float64) + 0 * p
             else:
-                sel = order_desc(p)[:k]
+                sel = top[t]
                 denom = sum(p[e] for e in sel)
                 w = torch.stack([p[e] / denom if e in sel else p[e] * 0 for e in range(E)])
             logits.append(z), probs.append(p), weights.append(w), indices.append(sel)
-        aux = {"balance": 0.01 * switch_balance(probs, indices, toks), "z": 0.001 * z_loss(logits, toks)}
+        # The balance loss counts each token's top-k, broadcast or not (the official GW-MoE code counts the Switch
+        # top-1 index of every token): not the experts a broadcast token reaches.
+        aux = {"balance": 0.01 * switch_balance(probs, top, toks), "z": 0.001 * z_loss(logits, toks)}
         return weights, indices, aux
 
     router.train()
     weights, indices, aux = reference(True)
     n_broadcast = sum(len(i) == E for i in indices)
     assert 0 < n_broadcast < T
+    assert any(len(indices[t]) == E for t in toks) and any(len(indices[t]) == E for t in range(T) if not mask[t])
     out = check_against_reference(router, weights, indices, aux, x, mask, combine, [W])
     assert out.stats["broadcast"].sum().item() == n_broadcast
     ref_unc = torch.tensor([float(uncertainty(softmax_t(W @ x[t]).tolist())) for t in range(T)], dtype=torch.float64)
@@ -481,8 +485,9 @@ def test_balance_loss_without_mask_matches_reference(kind):
     if kind == "gwmoe_train":
         router.threshold.fill_(sorted(router.uncertainty(out.probs).tolist())[T // 2])  # half the tokens broadcast
         out = router(x)
-        probs, chosen = list(out.probs), [[int(e) for e in row if e >= 0] for row in out.indices]
-        assert 0 < sum(len(c) == E for c in chosen) < T
+        probs = list(out.probs)
+        assert 0 < sum(int(e) >= 0 for e in out.indices[:, -1]) < T  # some tokens broadcast to all E experts
+        chosen = [order_desc(p)[:2] for p in probs]  # counted by their top-k all the same (GWMoERouter docstring)
     expected = 0.01 * switch_balance(probs, chosen, list(range(T)))
     torch.testing.assert_close(out.aux_losses["balance"], expected, rtol=1e-10, atol=1e-12)
     grads = torch.autograd.grad(out.aux_losses["balance"], list(router.parameters()), retain_graph=True)
@@ -622,3 +627,68 @@ def test_bfloat16_routing_decides_in_float32(kind):
         assert 0.1 < broadcast[clear].float().mean() < 0.9  # both branches occur
         assert torch.equal(out.stats["broadcast"].bool()[clear], broadcast[clear])
     assert torch.equal((out.weights > 0)[clear], selected[clear])
+
+
+# ---------------------------------------------------------------- GW-MoE threshold precision
+
+
+def test_gwmoe_threshold_stays_float32_when_the_router_is_cast_to_bfloat16():
+    """Calibrated in float32, then `.to(torch.bfloat16)` (what a bfloat16 model does): the threshold keeps the
+    calibrated float32 value (a bfloat16 buffer rounds it to ~3 digits), and the bfloat16 router's broadcast
+    decisions compare with it: equal to a float64 reference from the same bfloat16 gate logits, on data where the
+    bfloat16-rounded threshold would route some tokens otherwise."""
+    num_tokens, eps = 4000, 1e-5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(num_tokens, D, generator=g)
+    router = GWMoERouter(D, E, top_k=2, quantile=0.437)
+    _randomize(router, 5, 0.35)
+    router.eval()
+    uncertainty = router(x).stats["uncertainty"]
+    value = router.calibrate(uncertainty)
+    calibrated = torch.tensor(torch.quantile(uncertainty.double(), 0.437).item(), dtype=torch.float32)
+    assert router.threshold.dtype == torch.float32 and value == calibrated.item()
+
+    router.to(torch.bfloat16)
+    assert router.gate.weight.dtype == torch.bfloat16
+    assert router.threshold.dtype == torch.float32 and router.threshold.item() == calibrated.item()
+    rounded = calibrated.to(torch.bfloat16).double()
+    assert rounded != calibrated.double()  # the value a bfloat16 buffer would hold
+
+    router.train()
+    xb = x.to(torch.bfloat16)
+    out = router(xb)
+    with torch.no_grad():
+        logits = router.gate(xb).double()  # the router's bfloat16 logits, then float64
+    reference = []
+    for t in range(num_tokens):
+        p = softmax_list(logits[t].tolist())
+        reference.append(-sum(pe * math.log(pe + eps) for pe in p))
+    reference = torch.tensor(reference, dtype=torch.float64)
+    threshold = calibrated.double()
+    assert (reference - threshold).abs().min() > 1e-5  # no token within float32 rounding of the boundary
+    low, high = min(threshold, rounded), max(threshold, rounded)
+    assert ((reference >= low) & (reference < high)).any()  # tokens a bfloat16 threshold would route otherwise
+    expected = reference >= threshold
+    assert 0.3 < expected.double().mean() < 0.8
+    assert torch.equal(out.stats["broadcast"].bool(), expected)
+    assert torch.equal(out.indices[:, -1] >= 0, expected)  # broadcast rows hold all E experts
+
+    router.float()
+    assert router.threshold.item() == calibrated.item()
+    router.double()  # widening casts apply
+    assert router.threshold.dtype == torch.float64 and router.threshold.item() == calibrated.item()
+
+
+def test_gwmoe_threshold_loads_from_older_narrower_states():
+    """State dicts keep working both ways: the float32 threshold saves as float32, and a state saved before (the
+    threshold in the model's dtype, e.g. bfloat16) loads as its value, kept float32, also with assign=True."""
+    router = GWMoERouter(D, E, top_k=2, threshold=1.2345678).to(torch.bfloat16)
+    state = router.state_dict()
+    assert state["threshold"].dtype == torch.float32
+    assert state["threshold"].item() == torch.tensor(1.2345678, dtype=torch.float32).item()
+    old = dict(state, threshold=torch.tensor(1.2345678, dtype=torch.bfloat16))  # what the earlier code saved
+    for assign in (False, True):
+        fresh = GWMoERouter(D, E, top_k=2, quantile=0.5).to(torch.bfloat16)
+        fresh.load_state_dict(old, assign=assign)
+        assert fresh.threshold.dtype == torch.float32
+        assert fresh.threshold.item() == old["threshold"].float().item()

@@ -107,6 +107,7 @@ class LoRAExperts(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
+        self.alpha = alpha  # the LoRA scaling numerator as configured (`load_mole` compares it)
         self.scaling = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features))  # (E, r, D_in)
         self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank))  # (E, D_out, r)

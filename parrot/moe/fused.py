@@ -107,7 +107,13 @@ def _hook_managed(router: nn.Module, experts: LoRAExperts) -> bool:
     """Whether module hooks materialise these weights at each module call (DeepSpeed ZeRO-3 partitions, accelerate
     offloading leaves them on "meta"): a path that reads several modules' weights at once cannot use them. Checked
     on every call (ZeRO-3 may start after the first forward)."""
-    weights = (experts.lora_A, experts.lora_B, *(g.weight for g in _gates(router)))
+    # From the parameter dicts (every child module of a router is a gate), not one nn.Module.__getattr__ per weight:
+    # this runs on every forward. A weight that is not in them (a parametrisation's property) by attribute.
+    params = experts._parameters
+    weights = [params.get("lora_A"), params.get("lora_B"),
+               *(gate._parameters.get("weight") for gate in router._modules.values())]
+    if any(w is None for w in weights):
+        weights = [experts.lora_A, experts.lora_B, *(g.weight for g in _gates(router))]
     return any(hasattr(w, "ds_id") or w.is_meta for w in weights)
 
 
@@ -150,14 +156,31 @@ def fused_applies(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.T
     return fused_plan(mode, router, experts, x) is not None
 
 
+def _settings_key(router: nn.Module, experts: LoRAExperts) -> tuple:
+    """Everything a plan is built from: the router's class and plain attributes (training mode, top_k, thresholds,
+    coefficients, ...: every public non-module attribute, so a setting added to a router later is covered too),
+    whether each gate has a bias, and the experts' plain attributes (execution, sizes, scaling, `act` when None)."""
+    return (type(router), *[v for k, v in router.__dict__.items() if k[0] != "_"],
+            *[m._parameters.get("bias") is None for m in router._modules.values()],
+            *[v for k, v in experts.__dict__.items() if k[0] != "_"])
+
+
+_MAX_PLANS = 16  # per layer: a memo that settings changes keep growing is cleared (a rebuild costs 20-30 us)
+
+
 def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tensor,
                cache: dict | None = None) -> FusedPlan | None:
     """The layer's `FusedPlan` if the fused path serves this call, else None.
 
-    `cache` (a dict the caller keeps per layer) memoises the plan by training mode: the layer's configuration is
-    fixed after construction, and this runs on every forward. Device, dtype and ZeRO-3 partitioning (which may
-    start after the first forward) are checked on every call. While `torch.compile` traces, the cache is read but
-    not written: a write would fail the guard on its contents at the next call and recompile the whole model once.
+    `cache` (a dict the caller keeps per layer) memoises the plans by the settings they are built from
+    (`_settings_key`: the router's and experts' plain attributes, training mode included), so that a setting
+    changed after the first forward (top_k, a threshold, a coefficient, train / eval) gets its own plan, as the
+    eager router would route with it. Host cost, CPU time on this project's 2-core container: the key ~3 us per
+    call (rebuilding the plan instead: 20-30 us); with `_hook_managed` reading the parameter dicts, a whole call
+    takes 8.4-9.2 us against 7.8-9.6 us for the earlier memo by training mode alone. Device, dtype and ZeRO-3
+    partitioning (which may start after the first forward) are checked on every call. While `torch.compile`
+    traces, the plan is built without the memo: the compiled graph guards on the router's attributes it reads
+    (a changed setting recompiles), and a memo write would fail a guard on its contents at the next call.
     """
     if mode == "never" or kernels is None:
         return None
@@ -167,13 +190,23 @@ def fused_plan(mode: str, router: nn.Module, experts: LoRAExperts, x: torch.Tens
         return None  # the interpreter computes in NumPy: no bfloat16
     if _hook_managed(router, experts):
         return None
-    key = router.training
-    if cache is not None and key in cache:
+    if cache is None or torch.compiler.is_compiling():
+        return _plan_for(router, experts)
+    key = _settings_key(router, experts)
+    try:
         return cache[key]
-    plan = build_plan(router, experts) if experts.act is None and experts.always_stacked() else None
-    if cache is not None and not torch.compiler.is_compiling():
-        cache[key] = plan
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable attribute value: no memo
+        return _plan_for(router, experts)
+    if len(cache) >= _MAX_PLANS:
+        cache.clear()
+    plan = cache[key] = _plan_for(router, experts)
     return plan
+
+
+def _plan_for(router: nn.Module, experts: LoRAExperts) -> FusedPlan | None:
+    return build_plan(router, experts) if experts.act is None and experts.always_stacked() else None
 
 
 def shared_gemm_applies(router: nn.Module, experts: LoRAExperts) -> bool:
@@ -313,9 +346,9 @@ class _FusedMoLE(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class FusedPlan:
-    """Everything about the fused path that is fixed for a layer and router mode (built once per layer and mode):
-    the router's spec, the sizes and the kernels' compile-time arguments. `op_ints` / `op_floats` encode it for
-    the `parrot::mole_route` ops (`plan_from_op_args` decodes them)."""
+    """Everything about the fused path that is fixed for a layer and its router's settings (built once per layer and
+    settings, see `fused_plan`): the router's spec, the sizes and the kernels' compile-time arguments. `op_ints` /
+    `op_floats` encode it for the `parrot::mole_route` ops (`plan_from_op_args` decodes them)."""
 
     spec: RoutingSpec
     num_experts: int
@@ -561,20 +594,22 @@ def compile_kernels(plan: FusedPlan, dtype: torch.dtype = torch.float32, arch: i
 
     if kernels.INTERPRETED:
         raise RuntimeError("compile_kernels needs TRITON_INTERPRET unset (the interpreter compiles nothing)")
-    # Pointer types as `_FusedMoLE` passes them: an absent mask / threshold / loss gradient is replaced by x, and the
-    # routers' threshold buffer has the model's dtype.
+    # Pointer types as `_FusedMoLE` passes them: an absent mask / threshold / loss gradient is replaced by x, and
+    # GW-MoE's threshold buffer is float32 (float64 in a float64 model), whatever the model's dtype.
     data = "*" + _TRITON_DTYPES[dtype]
+    wide = _TRITON_DTYPES[torch.promote_types(dtype, torch.float32)]
+    threshold = "*" + wide if plan.spec.kind == kernels.GWMOE else data
     mask = "*i1" if masked else data
     G = plan.gate_width
     shared = dict(gate_ptr=data, stride_gate="i32", h_ptr=data, stride_h="i32")
     launches = [
         (kernels._mole_route_fwd,
-         dict(shared, mask_ptr=mask, thr_ptr=data, hs_ptr=data, routed_ptr=data, idx_ptr="*i64", work_ptr="*fp32",
+         dict(shared, mask_ptr=mask, thr_ptr=threshold, hs_ptr=data, routed_ptr=data, idx_ptr="*i64", work_ptr="*fp32",
               T="i32"),
          dict(plan.fwd_constexprs, HAS_MASK=masked, H_OFFSET=G)),
         (kernels._mole_route_finalize, dict(work_ptr="*fp32", NB="i32"), dict(plan.finalize_constexprs, BLOCK_NB=64)),
         (kernels._mole_route_bwd,
-         dict(shared, dhs_ptr=data, mask_ptr=mask, thr_ptr=data, work_ptr="*fp32", NB="i32",
+         dict(shared, dhs_ptr=data, mask_ptr=mask, thr_ptr=threshold, work_ptr="*fp32", NB="i32",
               g_losses_ptr="*fp32" if loss_grads else data, dgate_ptr=data, stride_dgate="i32", dh_ptr=data,
               stride_dh="i32", T="i32"),
          dict(plan.bwd_constexprs, HAS_MASK=masked, HAS_G_LOSSES=loss_grads, H_OFFSET=G, DH_OFFSET=G)),

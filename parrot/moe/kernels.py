@@ -13,9 +13,10 @@ sub-routers M (MP).
 Layout: the gate logits (G per token: E; MoR: M*E sub-router logits then M main-router logits) and the experts'
 rank hidden x A^T (E*R per token) are usually the two column ranges of one (T, G + E*R) GEMM output (the hidden at
 column H_OFFSET = G), or two tensors (H_OFFSET = 0) when LoRA dropout gives the experts another input. The float32
-`work` buffer starts with each program's partial sums (NB, 4, EP): [sum m*sel, sum m*p, sum m*p*sel, (sum m*S,
-sum m*z^2, sum m)], m = token mask; `_mole_route_finalize` reduces them to the three aux losses stored after them,
-then the vectors the backward reads. `_route_tile` is the routing of one token block, shared by the forward and
+`work` buffer starts with each program's partial sums (NB, 4, EP): [sum m*counted, sum m*p, sum m*p*sel, (sum m*S,
+sum m*z^2, sum m)], m = token mask, sel = the selection, counted = the selection the balance loss counts (GW-MoE:
+the top-k, also of broadcast tokens); `_mole_route_finalize` reduces them to the three aux losses stored after
+them, then the vectors the backward reads. `_route_tile` is the routing of one token block, shared by the forward and
 backward kernels so that the backward recomputes exactly the forward's selection.
 """
 
@@ -78,7 +79,9 @@ def _distribution(gate_rows, rows_ok, cols, cols_ok, KIND: tl.constexpr, E: tl.c
 def _select(p, score, cols, cols_ok, thr_ptr, top_p, dyn_threshold, eps, tsallis_scale, q, entropy_scale,
             KIND: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr, KEEP: tl.constexpr,
             BROADCAST: tl.constexpr, BLOCK_T: tl.constexpr):
-    """-> selected (BT, EP) bool, slots (BT, EP) expert id per slot (-1 empty), broadcast (BT,) bool, S (BT,).
+    """-> selected (BT, EP) bool, slots (BT, EP) expert id per slot (-1 empty), broadcast (BT,) bool, S (BT,),
+    counted (BT, EP) bool: the selection the Switch balance loss counts (GW-MoE: the top-k, also for broadcast tokens,
+    the official rule, see `GWMoERouter`; the others: `selected`).
 
     Slots are in descending score order, as the eager routers' indices. S is DynMoLE's normalised Tsallis
     entropy (0 for the others).
@@ -107,6 +110,7 @@ def _select(p, score, cols, cols_ok, thr_ptr, top_p, dyn_threshold, eps, tsallis
             selected = selected | (hit & active[:, None])
             slots = tl.where(cols[None, :] == i, tl.where(active, idx, -1)[:, None], slots)
             remaining = tl.where(hit, -2.0, remaining)
+        counted = selected
     else:
         remaining = score
         for i in tl.static_range(K):
@@ -116,12 +120,13 @@ def _select(p, score, cols, cols_ok, thr_ptr, top_p, dyn_threshold, eps, tsallis
             selected = selected | hit
             slots = tl.where(cols[None, :] == i, idx[:, None], slots)
             remaining = tl.where(hit, float("-inf"), remaining)
+        counted = selected
         if BROADCAST:  # GW-MoE training: uncertain tokens go to every expert
             entropy = -tl.sum(tl.where(cols_ok[None, :], p * tl.log(p + eps), 0.0), 1) * entropy_scale
             broadcast = entropy >= tl.load(thr_ptr).to(tl.float32)
             selected = selected | (broadcast[:, None] & cols_ok[None, :])
             slots = tl.where(broadcast[:, None], cols[None, :], slots)
-    return selected, slots, broadcast, tsallis
+    return selected, slots, broadcast, tsallis, counted
 
 
 @triton.jit
@@ -154,12 +159,14 @@ def _route_tile(gate_ptr, stride_gate, thr_ptr, T, top_p, dyn_threshold, eps, ts
     cols = tl.arange(0, EP)
     cols_ok = cols < E
     p, score, zsq, lse, sub, wm = _distribution(gate_ptr + rows64 * stride_gate, rows_ok, cols, cols_ok, KIND, E, M, MP)
-    selected, slots, broadcast, tsallis = _select(p, score, cols, cols_ok, thr_ptr, top_p, dyn_threshold, eps,
-                                                  tsallis_scale, q, entropy_scale, KIND, E, EP, K, KEEP,
-                                                  BROADCAST, BLOCK_T)
+    selected, slots, broadcast, tsallis, counted = _select(p, score, cols, cols_ok, thr_ptr, top_p, dyn_threshold,
+                                                           eps, tsallis_scale, q, entropy_scale, KIND, E, EP, K, KEEP,
+                                                           BROADCAST, BLOCK_T)
     selected = selected & cols_ok[None, :]
+    counted = counted & cols_ok[None, :]
     w = _weights(p, selected, broadcast, KIND, E, RENORM, BROADCAST, UNIFORM)
-    return pid, rows, rows_ok, rows64, cols, cols_ok, p, zsq, lse, sub, wm, selected, slots, broadcast, tsallis, w
+    return (pid, rows, rows_ok, rows64, cols, cols_ok, p, zsq, lse, sub, wm, selected, slots, broadcast, tsallis, w,
+            counted)
 
 
 @triton.jit
@@ -175,9 +182,9 @@ def _mole_route_fwd(
     """routed = [weights; probs; (MoR) log p] (2 or 3, T, E); work starts with the (NB, 4, EP) partial sums.
     The experts' hidden of token t is at h_ptr + t * stride_h + H_OFFSET (H_OFFSET = G when it shares the
     gate logits' GEMM output)."""
-    pid, rows, rows_ok, rows64, cols, cols_ok, p, zsq, lse, sub, wm, selected, slots, broadcast, tsallis, w = _route_tile(
-        gate_ptr, stride_gate, thr_ptr, T, top_p, dyn_threshold, eps, tsallis_scale, q, entropy_scale, KIND, E, EP, M,
-        MP, K, KEEP, RENORM, BROADCAST, UNIFORM, BLOCK_T)
+    (pid, rows, rows_ok, rows64, cols, cols_ok, p, zsq, lse, sub, wm, selected, slots, broadcast, tsallis, w,
+     counted) = _route_tile(gate_ptr, stride_gate, thr_ptr, T, top_p, dyn_threshold, eps, tsallis_scale, q,
+                            entropy_scale, KIND, E, EP, M, MP, K, KEEP, RENORM, BROADCAST, UNIFORM, BLOCK_T)
 
     # The experts' rank hidden times (routing weight * alpha / r), per rank block.
     js = tl.arange(0, RP)
@@ -202,12 +209,11 @@ def _mole_route_fwd(
         m = tl.load(mask_ptr + rows, mask=rows_ok, other=0).to(tl.float32)
     else:
         m = rows_ok.to(tl.float32)
-    sel_f = selected.to(tl.float32)
     tl.static_assert(EP >= 3, "a partial-sum row holds three scalars: EP must be at least 3")
     part = work_ptr + pid * (4 * EP) + cols
-    tl.store(part, tl.sum(m[:, None] * sel_f, 0))
+    tl.store(part, tl.sum(m[:, None] * counted.to(tl.float32), 0))
     tl.store(part + EP, tl.sum(m[:, None] * p, 0))
-    tl.store(part + 2 * EP, tl.sum(m[:, None] * sel_f * p, 0))
+    tl.store(part + 2 * EP, tl.sum(m[:, None] * selected.to(tl.float32) * p, 0))
     scalars = tl.where(cols == 0, tl.sum(m * tsallis, 0), tl.where(cols == 1, tl.sum(m * zsq, 0),
                                                                     tl.where(cols == 2, tl.sum(m, 0), 0.0)))
     tl.store(part + 3 * EP, scalars)
@@ -269,9 +275,9 @@ def _mole_route_bwd(
     """d(gate logits) and d(rank hidden) from d(scaled hidden) and the losses' gradient (3,); the routing is
     recomputed (same code, same result). Offsets as in the forward kernel."""
     saved_ptr = work_ptr + NB * 4 * EP + 3
-    pid, rows, rows_ok, rows64, cols, cols_ok, p, zsq, lse, sub, wm, selected, slots, broadcast, tsallis, w = _route_tile(
-        gate_ptr, stride_gate, thr_ptr, T, top_p, dyn_threshold, eps, tsallis_scale, q, entropy_scale, KIND, E, EP, M,
-        MP, K, KEEP, RENORM, BROADCAST, UNIFORM, BLOCK_T)
+    (pid, rows, rows_ok, rows64, cols, cols_ok, p, zsq, lse, sub, wm, selected, slots, broadcast, tsallis, w,
+     counted) = _route_tile(gate_ptr, stride_gate, thr_ptr, T, top_p, dyn_threshold, eps, tsallis_scale, q,
+                            entropy_scale, KIND, E, EP, M, MP, K, KEEP, RENORM, BROADCAST, UNIFORM, BLOCK_T)
 
     js = tl.arange(0, RP)
     hmask = rows_ok[:, None, None] & cols_ok[None, :, None] & (js < R)[None, None, :]

@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from .experts import LoRAExperts
 from .fused import FUSED_MODES, fused_mole, fused_plan, shared_gemm_applies, shared_gemm_mole
-from .routers import RouterConfig, RouterOutput, build_router
+from .routers import RouterConfig, RouterOutput, build_router, router_settings
 
 ADAPTER_WEIGHTS_NAME = "mole_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "mole_config.json"
@@ -143,7 +143,7 @@ class MoLELinear(nn.Module):
             self.router.to(dtype=weight.dtype)
         self.last_routing: RouterOutput | None = None
         self.token_mask: torch.Tensor | None = None  # (B, S_total) attention mask of the current model call
-        self._fused_plans: dict = {}  # fused_plan's memo, by training mode
+        self._fused_plans: dict = {}  # fused_plan's memo, by the router's and experts' settings
         # The mode of the layer it replaces (so of the model around it): a new module starts in training mode,
         # and injected into (or loaded by `load_mole` into) an eval-mode model it would otherwise apply LoRA
         # dropout and GW-MoE's training-only broadcast at inference.
@@ -379,12 +379,79 @@ def save_mole(model: nn.Module, config: MoLEConfig, directory: str | Path) -> Pa
                                ADAPTER_CONFIG_NAME)
 
 
+def _listed(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def mole_config_differences(model: nn.Module, config: MoLEConfig) -> list[str]:
+    """How the MoLE layers of `model` differ from what `config` would inject: one line per differing setting,
+    "field: saved X, model Y" (field names as in `MoLEConfig` / `RouterConfig`, "router." for the latter), with the
+    layers it concerns when it is not all of them. Empty when they agree.
+
+    Compared: the layers `target_modules` / `exclude_modules` select (by name: two spellings that select the same
+    layers agree), each layer's `num_experts`, `rank`, `alpha`, `dropout`, and every router setting the router's
+    kind reads (`router_settings`: kind, top_k, renormalize, coefficients, thresholds and hyper-parameters), from
+    the live modules, so a setting changed after injection counts. Not compared: `expert_execution`, `fused` (the
+    same outputs either way, tested) and `freeze_base` (an injection-time action)."""
+    layers = dict(_mole_modules(model))
+    differences: list[str] = []
+    prefixes = tuple(name + "." for name in layers)  # the wrapped nn.Linear of a MoLE layer is "<layer>.base"
+    candidates = [name for name, module in model.named_modules()
+                  if name and isinstance(module, (nn.Linear, MoLELinear)) and not name.startswith(prefixes)
+                  and not any(part in name for part in config.exclude_modules)]
+    selected = {n for n in candidates if any(target_matches(n, t) for t in config.target_modules)}
+    if selected != set(layers):
+        only_saved = [n for n in candidates if n in selected and n not in layers]
+        only_model = [n for n in layers if n not in selected]
+        differences.append(
+            f"target_modules: saved {list(config.target_modules)} (exclude_modules {list(config.exclude_modules)}) "
+            f"select {len(selected)} layers, the model has {len(layers)} MoLE layers"
+            + (f"; saved only: {_listed(only_saved)}" if only_saved else "")
+            + (f"; model only: {_listed(only_model)}" if only_model else ""))
+    saved_routers: dict[int, dict[str, object]] = {}
+    found: dict[tuple[str, str, str], list[str]] = {}  # (field, saved value, model value) -> layers
+    shared = [name for name in layers if name in selected]
+    for name in shared:
+        layer = layers[name]
+        try:
+            num_experts = config.experts_for(name)
+        except ValueError:  # a per-layer list without this layer
+            saved_count = f"{config.num_experts!r} (no entry for this layer)"
+            found.setdefault(("num_experts", saved_count, repr(layer.experts.num_experts)), []).append(name)
+            continue
+        if num_experts not in saved_routers:  # the router the saved config builds (on "meta": no memory, no init)
+            with torch.device("meta"):
+                saved_routers[num_experts] = router_settings(build_router(config.router, 1, num_experts))
+        dropout = layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
+        saved = {"num_experts": num_experts, "rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
+                 **{f"router.{k}": v for k, v in saved_routers[num_experts].items()}}
+        current = {"num_experts": layer.experts.num_experts, "rank": layer.experts.rank, "alpha": layer.experts.alpha,
+                   "dropout": dropout, **{f"router.{k}": v for k, v in router_settings(layer.router).items()}}
+        for field_name in [k for k in saved if k in current]:  # another kind's own settings: its kind is reported
+            if saved[field_name] != current[field_name]:
+                found.setdefault((field_name, repr(saved[field_name]), repr(current[field_name])), []).append(name)
+    for (field_name, ours, theirs), names in found.items():
+        where = "" if len(names) == len(shared) else f" (layers {_listed(names)})"
+        differences.append(f"{field_name}: saved {ours}, model {theirs}{where}")
+    return differences
+
+
 def load_mole(model: nn.Module, directory: str | Path) -> MoLEConfig:
-    """Inject MoLE layers from the saved config if the model has none yet, then load the saved weights."""
+    """Inject MoLE layers from the saved config if the model has none yet, then load the saved weights.
+
+    A model that already has MoLE layers must have been injected with the saved settings: every difference
+    (`mole_config_differences`: targets, experts, rank, alpha, dropout, router kind and hyper-parameters) is a
+    ValueError listing each differing field with its saved and model value, before any weight is loaded; shapes
+    that happen to fit would otherwise load weights trained for another routing."""
     raw, tensors = read_adapter_files(directory, ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, "MoLE adapter")
     config = MoLEConfig(**raw)
     if not _mole_modules(model):
         inject_mole(model, config)
+    else:
+        differences = mole_config_differences(model, config)
+        if differences:
+            raise ValueError(f"load_mole: the MoLE adapter in {directory} was saved with other settings than the "
+                             f"model's MoLE layers (saved vs model):\n  " + "\n  ".join(differences))
     load_mole_state_dict(model, tensors)
     return config
 

@@ -494,7 +494,18 @@ class GWMoERouter(nn.Module):
     so inference costs nothing extra. The official scripts use threshold 1.6 nats for Switch-base-8
     (`run_glue.sh`); here it is set directly (`threshold`) or as a quantile of the entropies measured
     before fine-tuning (`calibrate(entropies, quantile)`; `parrot.moe.mole.calibrate_gwmoe` runs that pass).
-    The threshold is a buffer, so it is saved with the adapter weights.
+    The threshold is a buffer, so it is saved with the adapter weights. It stays in at least float32 whatever
+    dtype the module is cast to (`_apply`): a bfloat16 threshold (8 significant bits) would move the broadcast
+    boundary by up to ~0.4% and route tokens near it otherwise than calibrated; the uncertainty it is compared with
+    is computed in float32 as well (`_softmax_exact`). A saved state with a narrower threshold (adapters written
+    before this rule) loads into it as its (already rounded) value.
+    Balance loss (training and eval alike): the Switch loss over each token's top-k selection, broadcast tokens
+    counted by their top-k experts, not as selecting every expert. This is the official rule: the official
+    Switch-Transformers code returns each token's top-1 `expert_index` (`torch.argmax(router_mask)`) from the
+    sparse MLP whether or not the token was broadcast, and `load_balancing_loss_func` counts only that index
+    (WaitHZ/GW-MoE, `transformers/models/switch_transformers/modeling_switch_transformers.py`, verified); top-k
+    is its generalisation to our k. The broadcast is an extra pass for uncertain tokens, so it does not push
+    the router towards the experts that broadcast tokens happen to reach.
     Deviation: the official code also caps broadcast tokens per sequence (`max_num_slots`); we do not cap.
     """
 
@@ -530,10 +541,31 @@ class GWMoERouter(nn.Module):
         self.balance_coef = balance_coef
         self.z_loss_coef = z_loss_coef
         self.gate = nn.Linear(hidden_size, num_experts, bias=bias)
-        self.register_buffer("threshold", torch.tensor(float("nan") if threshold is None else float(threshold)))
+        self.threshold_setting = None if threshold is None else float(threshold)  # RouterConfig.gw_threshold
+        self.register_buffer("threshold", torch.tensor(float("nan") if threshold is None else float(threshold),
+                                                       dtype=torch.float32))
         # (the threshold tensor, its version counter) when last found set: the NaN check reads the
         # value on the host (a device sync on GPUs), so it runs again only after the buffer changed.
         self._threshold_checked: tuple[weakref.ref, int] | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # A dtype cast of the module (`.to(torch.bfloat16)`, `.half()`) must not round the threshold: keep it in at
+        # least float32 (the value before the cast, on the device after it). Widening casts (`.double()`) apply.
+        before = self._buffers["threshold"]
+        super()._apply(fn, recurse)
+        self._keep_threshold_exact(before)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # `load_state_dict(assign=True)` installs the saved tensor itself: widen a narrower saved threshold.
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._keep_threshold_exact(self._buffers["threshold"])
+
+    def _keep_threshold_exact(self, source: torch.Tensor) -> None:
+        current = self._buffers["threshold"]
+        wide = torch.promote_types(current.dtype, torch.float32)
+        if current.dtype != wide:
+            self._buffers["threshold"] = source.to(device=current.device, dtype=wide)
 
     def uncertainty(self, probs: torch.Tensor) -> torch.Tensor:
         entropy = -(probs * (probs + self.entropy_eps).log()).sum(-1)
@@ -543,16 +575,16 @@ class GWMoERouter(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, entropies: torch.Tensor, quantile: float | None = None) -> float:
-        """Set the threshold to the `quantile` of `entropies` (uncertainties of valid tokens, any shape)."""
+        """Set the threshold to the `quantile` of `entropies` (uncertainties of valid tokens, any shape); returns the
+        stored threshold (the quantile in the buffer's dtype, float32 unless the router is float64)."""
         quantile = self.quantile if quantile is None else quantile
         if quantile is None:
             raise ValueError("GWMoERouter.calibrate needs a quantile (argument or RouterConfig.gw_quantile)")
         values = entropies.detach().reshape(-1).double()
         if values.numel() == 0:
             raise ValueError("GWMoERouter.calibrate got no entropies (empty calibration pass?)")
-        value = torch.quantile(values, quantile).item()
-        self.threshold.fill_(value)
-        return value
+        self.threshold.fill_(torch.quantile(values, quantile).item())
+        return self.threshold.item()  # the value routing compares with (float32 unless the router is float64)
 
     def _require_threshold(self) -> None:
         if torch.compiler.is_compiling():  # no host read inside a compiled graph: a device-side assert instead
@@ -577,6 +609,7 @@ class GWMoERouter(nn.Module):
         # The uncertainty (thresholded, and read by calibration) from p in at least float32 (`_softmax_exact`).
         exact, probs = _softmax_exact(logits, dtype or logits.dtype)
         weights, indices = topk_weights(probs, self.top_k, self.renormalize, logits)
+        selection = weights  # the top-k selection, which the balance loss counts (see the class docstring)
         if self.training:
             self._require_threshold()
             uncertainty = self.uncertainty(exact.detach())  # (T,), no gradient (a decision and a statistic)
@@ -596,9 +629,8 @@ class GWMoERouter(nn.Module):
                                                        uncertainty=self.uncertainty(exact_now).to(probs_now.dtype)))
         tokens = token_weights(mask, probs.dtype)
         aux: dict[str, torch.Tensor] = {}
-        if self.balance_coef:  # broadcast tokens select every expert: the count per token varies in training
-            fixed_k = None if self.training else self.top_k
-            aux["balance"] = _switch_balance(probs, weights, tokens, self.balance_coef, fixed_k)
+        if self.balance_coef:  # broadcast tokens count as their top-k (the official rule): k experts per token
+            aux["balance"] = _switch_balance(probs, selection, tokens, self.balance_coef, self.top_k)
         if self.z_loss_coef:
             aux["z"] = self.z_loss_coef * token_mean(_z_term(logits, probs.dtype), tokens)
         return RouterOutput(weights, indices, probs, logits, aux, stats)
@@ -781,3 +813,33 @@ def build_router(config: RouterConfig, hidden_size: int, num_experts: int) -> nn
         renormalize=True if config.renormalize is None else config.renormalize,
         balance_coef=config.balance_coef, z_loss_coef=config.z_loss_coef, bias=config.bias,
     )
+
+
+_KINDS_OF = {TopKRouter: "topk", DynMoLERouter: "dynmole", GWMoERouter: "gwmoe", MixtureOfRoutersRouter: "mor"}
+
+
+def router_settings(router: nn.Module) -> dict[str, object]:
+    """The settings that decide `router`'s routing and aux losses, as the router holds them, by `RouterConfig` field
+    name (defaults resolved as `build_router` resolves them, e.g. `renormalize`, DynMoLE's clamped `keep_top_k`).
+    Only the fields the router's kind reads are present (DynMoLE has no `top_k`, top-k no `tsallis_q`). GW-MoE's
+    `gw_threshold` is the configured value, not the threshold buffer (which calibration sets, and which the
+    adapter weights carry). `load_mole` compares these between a saved adapter and an injected model."""
+    kind = _KINDS_OF.get(type(router))
+    if kind is None:
+        raise TypeError(f"router_settings: {type(router).__name__} is not one of the library's routers")
+    settings: dict[str, object] = {"kind": kind, "balance_coef": router.balance_coef,
+                                   "z_loss_coef": router.z_loss_coef, "bias": router.gate.bias is not None,
+                                   "renormalize": router.renormalize}
+    if kind != "dynmole":
+        settings["top_k"] = router.top_k
+    if kind == "dynmole":
+        settings.update(tsallis_q=router.tsallis_q, entropy_threshold=router.entropy_threshold, top_p=router.top_p,
+                        keep_top_k=router.keep_top_k, dyn_loss_coef=router.dyn_loss_coef,
+                        entropy_eps=router.entropy_eps, normalize_entropy=router.normalize_entropy)
+    elif kind == "gwmoe":
+        settings.update(gw_threshold=router.threshold_setting, gw_quantile=router.quantile,
+                        gw_broadcast_weights=router.broadcast_weights, gw_normalize_entropy=router.normalize_entropy,
+                        entropy_eps=router.entropy_eps)
+    elif kind == "mor":
+        settings["num_routers"] = router.num_routers
+    return settings
