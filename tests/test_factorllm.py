@@ -1,6 +1,9 @@
 """FactorLLM: exact factorisation of a dense SwiGLU FFN, top-k routing and the Prior-Approximate loss (float64)."""
 
 import copy
+import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -238,3 +241,24 @@ def test_sparse_inference_path_under_bfloat16_autocast():
     assert sparse.dtype == full.dtype == torch.bfloat16
     torch.testing.assert_close(sparse.float(), reference, rtol=0.05, atol=0.02)
     torch.testing.assert_close(sparse, full, rtol=0.02, atol=0.01)
+
+
+@pytest.mark.parametrize("command", ["factorllm", "router_lens"])
+def test_method_commands_run_their_module_once(command):
+    """`python -m parrot.moe.methods.<command>` runs the module as __main__ only: the package does not import it
+    first (runpy would warn that it found the module in sys.modules, and two copies of it would exist)."""
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", f"parrot.moe.methods.{command}",
+                           "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
+
+
+def test_methods_package_exports_resolve():
+    import parrot.moe.methods as methods
+
+    for name in methods.__all__:
+        module = importlib.import_module(f"parrot.moe.methods.{methods._MODULE_OF[name]}")
+        assert getattr(methods, name) is getattr(module, name)
+    assert methods.perft is importlib.import_module("parrot.moe.methods.perft")
+    with pytest.raises(AttributeError, match="no_such_name"):
+        methods.no_such_name

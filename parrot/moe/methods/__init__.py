@@ -27,53 +27,46 @@ Stage-2 trainer entry point (`--tuning perft-r|perft-e|perft-d|perft-s|factorllm
 See `parrot.moe.methods.tuning` for each method's settings.
 """
 
-from .factorllm import (
-    FactorizedMLP,
-    FactorLLMConfig,
-    collect_factorllm_routing,
-    factorllm_report,
-    inject_factorllm,
-    prior_approximate_loss,
-    set_factorllm_top_k,
-)
-from .moe_blocks import find_moe_blocks, is_moe_block
-from .perft import (
-    PERFT_VARIANTS,
-    bottleneck_experts,
-    PerftConfig,
-    collect_perft_routing,
-    inject_perft,
-    load_perft,
-    load_perft_state_dict,
-    perft_adapters,
-    perft_aux_loss,
-    perft_state_dict,
-    save_perft,
-)
-from .router_lens import (
-    CEFTExperts,
-    ContextTaskConfig,
-    ExpertScore,
-    RouterLensResult,
-    load_ranking_csv,
-    make_context_copy_batches,
-    merge_ceft,
-    prepare_ceft,
-    rank_experts,
-    router_tune,
-    routing_frequency,
-    run_router_lens,
-    select_context_experts,
-    write_router_lens_outputs,
-)
-from .tuning import TUNING_METHODS, TuningSetup, prepare_for_tuning
+import importlib
 
-__all__ = [
-    "PERFT_VARIANTS", "TUNING_METHODS", "bottleneck_experts", "CEFTExperts", "ContextTaskConfig", "ExpertScore",
-    "FactorLLMConfig", "FactorizedMLP", "PerftConfig", "RouterLensResult", "TuningSetup", "collect_factorllm_routing",
-    "collect_perft_routing", "factorllm_report", "find_moe_blocks", "inject_factorllm", "inject_perft", "is_moe_block",
-    "load_perft", "load_perft_state_dict", "load_ranking_csv", "make_context_copy_batches", "merge_ceft",
-    "perft_adapters", "perft_aux_loss", "perft_state_dict", "prepare_ceft", "prepare_for_tuning",
-    "prior_approximate_loss", "rank_experts", "router_tune", "routing_frequency", "run_router_lens", "save_perft",
-    "select_context_experts", "set_factorllm_top_k", "write_router_lens_outputs",
-]
+# Names exported here, by submodule. They are imported on first use (PEP 562), not with the package: so that
+# `python -m parrot.moe.methods.factorllm` / `.router_lens` run their module once, as __main__, instead of after a
+# copy of it was imported by this package (runpy's "found in sys.modules" warning, and two module objects).
+_EXPORTS = {
+    "factorllm": (
+        "FactorizedMLP", "FactorLLMConfig", "collect_factorllm_routing", "factorllm_report", "inject_factorllm",
+        "prior_approximate_loss", "set_factorllm_top_k",
+    ),
+    "perft": (
+        "PERFT_VARIANTS", "bottleneck_experts", "PerftConfig", "collect_perft_routing", "inject_perft", "load_perft",
+        "load_perft_state_dict", "perft_adapters", "perft_aux_loss", "perft_state_dict", "save_perft",
+    ),
+    "router_lens": (
+        "CEFTExperts", "ContextTaskConfig", "ExpertScore", "RouterLensResult", "load_ranking_csv",
+        "make_context_copy_batches", "merge_ceft", "prepare_ceft", "rank_experts", "router_tune", "routing_frequency",
+        "run_router_lens", "select_context_experts", "write_router_lens_outputs",
+    ),
+    "moe_blocks": (
+        "find_moe_blocks", "is_moe_block",
+    ),
+    "tuning": (
+        "TUNING_METHODS", "TuningSetup", "prepare_for_tuning",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:  # a submodule: `methods.perft`
+        return importlib.import_module(f".{name}", __name__)
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
