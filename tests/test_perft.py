@@ -89,6 +89,29 @@ def test_forward_equals_base_moe_plus_hand_computed_branch(kind, variant):
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("variant", PERFT_VARIANTS)
+def test_branch_gradient_wrt_block_input_matches_hand_computed_branch(kind, variant):
+    """d(branch)/d(block input) includes the routing's dependence on the input: PERFT-E's gates are the frozen
+    router's scores g_j(h), so the gradient reaching h (and every trainable parameter upstream: earlier layers'
+    PEFT experts) carries dg_j/dh * E_j(h) as the base experts' outputs do. Reference: the float64 naive branch,
+    differentiated by autograd; the branch gradient of the model is the block's input gradient minus the base
+    block's."""
+    model = _build(kind)
+    config = PerftConfig(variant=variant, num_experts=3, rank=2, alpha=4.0, router=RouterConfig(kind="topk", top_k=2))
+    names = inject_perft(model, config)
+    _randomize_adapters(model)
+    block = model.get_submodule(names[0])
+    torch.manual_seed(4)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, 16, dtype=torch.float64)
+    base_grad, = torch.autograd.grad((type(block).forward(block, x) * w).sum(), x)  # the frozen block alone
+    naive = _naive_branch(block.perft, block, x.reshape(-1, 16), config).view_as(x)
+    expected, = torch.autograd.grad((naive * w).sum(), x)
+    total_grad, = torch.autograd.grad((block(x) * w).sum(), x)  # block + PERFT branch (hooks)
+    torch.testing.assert_close(total_grad - base_grad, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", PERFT_VARIANTS)
 def test_only_peft_parameters_receive_gradients(variant):
     model = _build("qwen2_moe")
@@ -119,6 +142,66 @@ def test_state_dict_save_load_roundtrip(tmp_path):
     torch.testing.assert_close(fresh(input_ids=ids).logits, expected)
     # base parameter names are unchanged by injection (the adapter lives under `<block>.perft`)
     assert set(_build("olmoe").state_dict()) <= set(fresh.state_dict())
+
+
+def test_load_into_adapters_injected_with_other_settings_is_refused(tmp_path):
+    """load_perft on a model that already has PERFT adapters: weights whose shapes fit but were trained under another
+    activation / alpha / router top-k would run silently wrong; every differing setting must be named instead, before
+    any weight is loaded. The same settings load (and reproduce the saved model)."""
+    model = _build("olmoe")
+    config = PerftConfig(variant="perft-r", num_experts=3, rank=2, alpha=8.0, activation="silu",
+                         router=RouterConfig(kind="topk", top_k=2))
+    inject_perft(model, config)
+    _randomize_adapters(model)
+    save_perft(model, config, tmp_path / "perft")
+    other = _build("olmoe")
+    inject_perft(other, PerftConfig(variant="perft-r", num_experts=3, rank=2, router=RouterConfig(kind="topk", top_k=1)))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="saved with other settings") as err:
+        load_perft(other, tmp_path / "perft")
+    message = str(err.value)
+    for line in ("alpha: saved 8.0, model 16.0", "activation: saved 'silu', model 'identity'", "router.top_k: saved 2, model 1"):
+        assert line in message
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # nothing loaded
+    dense = _build("olmoe")
+    inject_perft(dense, PerftConfig(variant="perft-e", rank=2, alpha=8.0, activation="silu"))
+    with pytest.raises(ValueError, match="variant: saved 'perft-r', model 'perft-e'"):
+        load_perft(dense, tmp_path / "perft")
+    same = _build("olmoe")
+    inject_perft(same, config)
+    load_perft(same, tmp_path / "perft")
+    ids = torch.randint(3, 40, (2, 5))
+    torch.testing.assert_close(same(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("variant", ["perft-e", "perft-s"])
+def test_blocks_returning_tuples(variant):
+    """An MoE block that returns (hidden, router_logits) (transformers 4.x style, kept by some 5.x blocks) gets the
+    branch added to the hidden states, the rest passed through; one whose output is not the input's (B, S, D)
+    shape (Ernie-4.5-VL's block returns the tokens flattened) is refused by name, not with an AttributeError."""
+    model = _build("olmoe")
+    inject_perft(model, PerftConfig(variant=variant, rank=2))
+    _randomize_adapters(model)
+    block = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    expected = block(x)  # the tensor-returning block + branch
+    plain = type(block)
+
+    class TupleBlock(plain):
+        def forward(self, hidden_states):
+            return plain.forward(self, hidden_states), torch.arange(3)
+
+    class FlatBlock(plain):
+        def forward(self, hidden_states):
+            return plain.forward(self, hidden_states).flatten(), torch.arange(3)
+
+    block.__class__ = TupleBlock
+    out, logits = block(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert torch.equal(logits, torch.arange(3))
+    block.__class__ = FlatBlock
+    with pytest.raises(TypeError, match=r"FlatBlock maps hidden states \(2, 5, 16\) to \(160,\).*needs an MoE block"):
+        block(x)
 
 
 def test_padding_is_excluded_from_routing_statistics():

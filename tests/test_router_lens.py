@@ -1,6 +1,7 @@
 """Router Lens (routing frequency on context tokens, router-only tuning, ranking) and CEFT on a tiny OLMoE."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +162,52 @@ def test_ranking_recovers_planted_context_sensitive_expert(tmp_path):
     assert paths["heatmap"].stat().st_size > 0 and paths["tuned_load"].stat().st_size > 0
 
 
+def test_outputs_are_replaced_whole_when_a_rewrite_fails(tmp_path, monkeypatch):
+    """A failure while rewriting the outputs (disk full, a crash in the plotting) keeps the previous files whole: a
+    truncated ranking CSV would read back as a shorter ranking and CEFT would tune other experts without a word."""
+    import csv as csv_module
+
+    from parrot.moe.methods import router_lens as lens
+
+    model = _olmoe()
+    batches = make_context_copy_batches(TASK)
+    blocks, base = routing_frequency(model, batches)
+    tuned = base.clone()
+    tuned[1, 0] += 0.25
+    result = RouterLensResult(blocks, base, tuned, rank_experts(blocks, base, tuned), [1.0])
+    paths = write_router_lens_outputs(result, tmp_path)
+    before = {kind: path.read_bytes() for kind, path in paths.items()}
+    real_writer = csv_module.writer
+
+    class DiesMidTable:  # writes the header and a few rows, then the disk is full
+        def __init__(self, fh):
+            self.writer = real_writer(fh)
+
+        def writerow(self, row):
+            self.writer.writerow(row)
+
+        def writerows(self, rows):
+            self.writer.writerows(list(rows)[:3])
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(lens.csv, "writer", DiesMidTable)
+    with pytest.raises(OSError, match="No space left"):
+        write_router_lens_outputs(result, tmp_path)
+    monkeypatch.setattr(lens.csv, "writer", real_writer)
+    assert paths["csv"].read_bytes() == before["csv"]
+    assert len(load_ranking_csv(paths["csv"])) == len(result.ranking)
+
+    def dies_mid_plot(stats, path, title=""):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(lens, "plot_expert_load", dies_mid_plot)
+    with pytest.raises(OSError, match="No space left"):
+        write_router_lens_outputs(result, tmp_path)
+    assert {kind: path.read_bytes() for kind, path in paths.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())  # no staged leftovers
+
+
 @pytest.mark.parametrize("seed", [0, 5])
 def test_router_tuning_end_to_end_recovers_planted_context_faithful_expert(seed):
     """A layer-1 expert is planted to help the context task: router tuning must route more to it.
@@ -211,6 +258,19 @@ def test_run_router_lens_restores_routers_and_ranks_every_expert():
     gates = [layer.mlp.gate.weight.detach().clone() for layer in model.model.layers]
     result = run_router_lens(model, make_context_copy_batches(TASK), steps=3, lr=1e-2)
     assert len(result.ranking) == 8 and len(result.losses) == 3
+    assert all(torch.equal(layer.mlp.gate.weight, g) for layer, g in zip(model.model.layers, gates))
+
+
+def test_run_router_lens_restores_routers_when_tuning_fails_part_way():
+    """CEFT starts from the original routers: a failure after some tuning steps (here a batch with an id outside
+    the vocabulary at step 3; in practice an OOM or an interrupt) must not leave the routers tuned."""
+    model = _olmoe(dtype=torch.float32)
+    gates = [layer.mlp.gate.weight.detach().clone() for layer in model.model.layers]
+    batches = make_context_copy_batches(TASK)
+    bad = {**batches[0], "input_ids": batches[0]["input_ids"].clone()}
+    bad["input_ids"][0, 0] = 10_000
+    with pytest.raises(IndexError):
+        run_router_lens(model, batches[:2] + [bad], eval_batches=batches[:2], steps=5, lr=1e-2)
     assert all(torch.equal(layer.mlp.gate.weight, g) for layer, g in zip(model.model.layers, gates))
 
 
@@ -275,6 +335,30 @@ def test_bad_inputs_are_rejected(tmp_path):
     bad.write_text("rank,block\n1,x\n")
     with pytest.raises(ValueError, match="lacks columns"):
         load_ranking_csv(bad)
+
+
+def test_ceft_refuses_a_ranking_of_another_model_before_changing_anything(tmp_path):
+    """A ranking CSV written for another model (the command's default: 4 layers x 8 experts) given to CEFT on a
+    2-layer x 4-expert model: the error names each block and expert id that does not fit and the model's expert
+    count, and the model is left as it was (not half-wrapped and all frozen)."""
+    big = _tiny_olmoe(64, 0)
+    blocks, base = routing_frequency(big, make_context_copy_batches(TASK))
+    tuned = base.clone()
+    tuned[:, 6] += 0.5  # expert 6 (absent from the small model) rises in every layer
+    csv_path = write_router_lens_outputs(RouterLensResult(blocks, base, tuned, rank_experts(blocks, base, tuned), [1.0]),
+                                         tmp_path)["csv"]
+    small = _olmoe()
+    ranking = [r for r in load_ranking_csv(csv_path) if r.layer < 2]  # layers that exist in the small model
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp has 4 experts \(ids 0..3\), the selection asks for \[6\]") as err:
+        prepare_for_tuning(small, "ceft", ranking=ranking, top_n=2)
+    assert "model.layers.1.mlp has 4 experts" in str(err.value)
+    with pytest.raises(ValueError, match=r"model.layers.2.mlp.*not MoE blocks.*its 2 MoE blocks"):
+        prepare_for_tuning(small, "ceft", ranking_path=csv_path, top_n=2)
+    # only the second block's ids do not fit: the first block must not be wrapped, nothing frozen
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp has 4 experts.*\[7\]"):
+        prepare_ceft(small, {"model.layers.0.mlp": [1], "model.layers.1.mlp": [0, 7]})
+    assert not any(isinstance(m, CEFTExperts) for m in small.modules())
+    assert all(p.requires_grad for p in small.parameters())
 
 
 def test_router_tuning_leaves_the_routers_gradients_as_it_found_them():

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..experts import LoRAExperts
 from ..mole import install_mask_hooks, mole_aux_loss, read_adapter_files, write_adapter_files
-from ..routers import RouterConfig, RouterOutput, build_router, lazy_routing_stats
+from ..routers import RouterConfig, RouterOutput, build_router, lazy_routing_stats, router_settings
 from .moe_blocks import find_moe_blocks
 
 PERFT_VARIANTS: tuple[str, ...] = ("perft-r", "perft-e", "perft-d", "perft-s")
@@ -144,7 +144,10 @@ class PerftAdapter(nn.Module):
             raise RuntimeError("PERFT-E: the base router produced no output in this forward (gate hook missing?)")
         logits, scores, indices = self._gate_output
         self._gate_output = None
-        logits, scores, indices = logits.reshape(T, -1).detach(), scores.reshape(T, -1).detach(), indices.reshape(T, -1)
+        # The scores stay attached: g_j(h) depends on h through the frozen router, so the gradient reaching h (and
+        # every trainable parameter upstream, e.g. earlier layers' PEFT experts) includes dg_j/dh * E_j(h), exactly as
+        # the base experts' outputs carry it. Only the logits (diagnostics) are detached.
+        logits, scores, indices = logits.reshape(T, -1).detach(), scores.reshape(T, -1), indices.reshape(T, -1)
         weights = torch.zeros(T, self.num_experts, dtype=dtype, device=scores.device).scatter(1, indices, scores.to(dtype))
         probs = F.softmax(logits.float(), dim=-1).to(dtype)
         return RouterOutput(weights, indices, probs, logits, {}, lazy_routing_stats(probs, indices, mask))
@@ -169,10 +172,22 @@ class PerftAdapter(nn.Module):
         return delta.view_as(hidden)
 
 
-def _add_perft_branch(block: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook on an MoE block: output + PEFT branch of the block's input."""
+def _add_perft_branch(block: nn.Module, args: tuple, kwargs: dict, output):
+    """Forward hook on an MoE block: output + PEFT branch of the block's input.
+
+    A block that returns a tuple (hidden, router_logits, ...) -- transformers 4.x style, kept by some 5.x MoE
+    blocks -- gets the branch added to its first element, the rest passed through. A block whose (first) output
+    is not the input's (B, S, D) shape (e.g. Ernie-4.5-VL's flattened, modality-split tokens) is refused by name.
+    """
     hidden = args[0] if args else kwargs["hidden_states"]
-    return output + block.perft(hidden).to(output.dtype)
+    main = output[0] if isinstance(output, tuple) else output
+    if not isinstance(main, torch.Tensor) or hidden.dim() != 3 or main.shape != hidden.shape:
+        got = tuple(main.shape) if isinstance(main, torch.Tensor) else type(main).__name__
+        raise TypeError(f"PERFT: {type(block).__name__} maps hidden states {tuple(hidden.shape)} to {got}"
+                        f"{' (first of a tuple)' if isinstance(output, tuple) else ''}; PERFT needs an MoE block "
+                        "mapping (B, S, D) -> (B, S, D) (OLMoE, Mixtral, Qwen2-MoE and their relatives)")
+    main = main + block.perft(hidden).to(main.dtype)
+    return (main, *output[1:]) if isinstance(output, tuple) else main
 
 
 def perft_adapters(model: nn.Module) -> list[tuple[str, PerftAdapter]]:
@@ -246,11 +261,65 @@ def save_perft(model: nn.Module, config: PerftConfig, directory: str | Path) -> 
                                PERFT_CONFIG_NAME)
 
 
+def _adapter_settings(adapter: PerftAdapter) -> dict[str, object]:
+    """The settings that decide an adapter's output, read from the live modules (by `PerftConfig` field name)."""
+    act = adapter.experts.act
+    activation = "identity" if act is None else next((name for name, cls in _ACTIVATIONS.items() if type(act) is cls),
+                                                      type(act).__name__)
+    settings: dict[str, object] = {
+        "variant": adapter.variant, "rank": adapter.experts.rank, "alpha": adapter.experts.alpha, "activation": activation,
+        "dropout": adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0}
+    if adapter.variant in ("perft-r", "perft-d"):
+        settings["num_experts"] = adapter.num_experts
+    if adapter.router is not None:
+        settings.update({f"router.{k}": v for k, v in router_settings(adapter.router).items()})
+    return settings
+
+
+def perft_config_differences(model: nn.Module, config: PerftConfig) -> list[str]:
+    """How the PERFT adapters of `model` differ from what `config` injects: one line per differing setting,
+    "field: saved X, model Y" (variant, num_experts for R / D, rank, alpha, activation, dropout and, for PERFT-R,
+    every router setting, "router." prefixed), with the blocks it concerns when not all. Empty when they agree."""
+    adapters = perft_adapters(model)
+    found: dict[tuple[str, object, object], list[str]] = {}
+    saved_router: dict[int, dict[str, object]] = {}
+    for name, adapter in adapters:
+        saved: dict[str, object] = {"variant": config.variant, "rank": config.rank, "alpha": config.alpha,
+                                    "activation": config.activation, "dropout": config.dropout}
+        if config.variant in ("perft-r", "perft-d"):
+            saved["num_experts"] = config.num_experts
+        if config.variant == "perft-r":
+            if config.num_experts not in saved_router:  # the router the saved config builds (on "meta": no memory)
+                with torch.device("meta"):
+                    saved_router[config.num_experts] = router_settings(build_router(config.router, 1, config.num_experts))
+            saved.update({f"router.{k}": v for k, v in saved_router[config.num_experts].items()})
+        current = _adapter_settings(adapter)
+        for key in [k for k in saved if k in current]:  # another variant's own fields: its variant is reported
+            if saved[key] != current[key]:
+                found.setdefault((key, saved[key], current[key]), []).append(name)
+    lines = []
+    for (key, ours, theirs), names in found.items():
+        where = "" if len(names) == len(adapters) else f" (blocks {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+        lines.append(f"{key}: saved {ours!r}, model {theirs!r}{where}")
+    return lines
+
+
 def load_perft(model: nn.Module, directory: str | Path) -> PerftConfig:
-    """Inject PERFT adapters from the saved config if the model has none, then load the saved weights."""
+    """Inject PERFT adapters from the saved config if the model has none, then load the saved weights.
+
+    A model that already has PERFT adapters must have been injected with the saved settings: every difference
+    (`perft_config_differences`: variant, experts, rank, alpha, activation, dropout, PERFT-R's router) is a
+    ValueError listing each field with its saved and model value, before any weight is loaded (weights whose
+    shapes happen to fit would otherwise run under another alpha / activation / routing, silently).
+    """
     raw, tensors = read_adapter_files(directory, PERFT_WEIGHTS_NAME, PERFT_CONFIG_NAME, "PERFT")
     config = PerftConfig(**raw)
     if not perft_adapters(model):
         inject_perft(model, config)
+    else:
+        differences = perft_config_differences(model, config)
+        if differences:
+            raise ValueError(f"load_perft: the PERFT adapter in {directory} was saved with other settings than the "
+                             f"model's PERFT adapters (saved vs model):\n  " + "\n  ".join(differences))
     load_perft_state_dict(model, tensors)
     return config

@@ -9,7 +9,9 @@ Mixture-of-Experts LLMs" (arXiv 2508.19594; official code bigai-nlco/RouterLens,
   `num_act_experts`). The most activated experts after router tuning are the context-faithful experts.
   Our ranking score is the RISE of that activation frequency from the untuned to the router-tuned model,
   measured on the context-dependent tokens (positions whose next token must be copied from the passage);
-  `score="tuned"` ranks by the tuned frequency alone, as the official count does (over all tokens).
+  `score="tuned"` ranks by the tuned frequency alone, as the official count does; the official count is over
+  all tokens of the prompt and answer, ours over the batches' `context_mask` tokens (give batches without a
+  `context_mask` to count every real token, as the official code).
 - CEFT: fine-tune only the selected experts' weights (official `ceft-N`: the top-N experts
   of EVERY layer by that count, their gate/up/down projections), everything else frozen, starting from
   the original (not router-tuned) model.
@@ -41,6 +43,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from ...fileio import atomic_file, atomic_write_text
 from ..diagnostics import plot_expert_load
 from ..routers import selection_from_indices
 from .moe_blocks import find_moe_blocks, layer_index
@@ -281,17 +284,19 @@ def run_router_lens(model: nn.Module, train_batches: list[dict[str, torch.Tensor
     """Measure routing on context tokens, tune the routers, measure again, rank (layer, expert).
 
     With `restore_routers` the original router weights are put back afterwards (CEFT starts from the
-    original model, as in the paper).
+    original model, as in the paper), also when tuning or measuring fails part-way (an exception, an interrupt).
     """
     eval_batches = eval_batches or train_batches
     saved = {n: p.detach().clone() for n, p in router_parameters(model)}
-    blocks, base = routing_frequency(model, eval_batches)
-    losses = router_tune(model, train_batches, steps, lr)
-    _, tuned = routing_frequency(model, eval_batches)
-    if restore_routers:
-        with torch.no_grad():
-            for n, p in router_parameters(model):
-                p.copy_(saved[n])
+    try:
+        blocks, base = routing_frequency(model, eval_batches)
+        losses = router_tune(model, train_batches, steps, lr)
+        _, tuned = routing_frequency(model, eval_batches)
+    finally:
+        if restore_routers:
+            with torch.no_grad():
+                for n, p in router_parameters(model):
+                    p.copy_(saved[n])
     logger.info("router tuning loss %.4f -> %.4f over %d steps", losses[0] if losses else float("nan"),
                 losses[-1] if losses else float("nan"), steps)
     return RouterLensResult(blocks, base, tuned, rank_experts(blocks, base, tuned, score), losses)
@@ -305,7 +310,9 @@ _TABLE_HEADER = ["rank", "block", "layer", "expert", "base_frequency", "tuned_fr
 
 
 def write_router_lens_outputs(result: RouterLensResult, out_dir: str | Path) -> dict[str, Path]:
-    """router_lens_ranking.csv / .md, router_lens_rise.png (layer x expert rise), router_lens_tuned_load.png."""
+    """router_lens_ranking.csv / .md, router_lens_rise.png (layer x expert rise), router_lens_tuned_load.png,
+    router_lens_losses.json; each file is replaced whole (`parrot.fileio.atomic_file`): a failure mid-write keeps
+    the previous file, never a truncated table that CEFT would read as a shorter ranking."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,14 +324,14 @@ def write_router_lens_outputs(result: RouterLensResult, out_dir: str | Path) -> 
     paths = {"csv": out_dir / "router_lens_ranking.csv", "markdown": out_dir / "router_lens_ranking.md",
              "heatmap": out_dir / "router_lens_rise.png", "tuned_load": out_dir / "router_lens_tuned_load.png",
              "losses": out_dir / "router_lens_losses.json"}
-    with paths["csv"].open("w", newline="") as fh:
+    with atomic_file(paths["csv"]) as staged, staged.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(_TABLE_HEADER)
         writer.writerows(rows)
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(_TABLE_HEADER) + " |", "|" + "---|" * len(_TABLE_HEADER)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    paths["markdown"].write_text("\n".join(lines) + "\n")
+    atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
 
     rise = (result.tuned_frequency - result.base_frequency).numpy()
     bound = max(float(abs(rise).max()), 1e-6)
@@ -338,11 +345,15 @@ def write_router_lens_outputs(result: RouterLensResult, out_dir: str | Path) -> 
     ax.set_title("Router Lens: rise of routing frequency on context tokens")
     fig.colorbar(image, ax=ax, label="tuned - base frequency")
     fig.tight_layout()
-    fig.savefig(paths["heatmap"], dpi=100)
-    plt.close(fig)
-    plot_expert_load({b: result.tuned_frequency[i].tolist() for i, b in enumerate(result.blocks)}, paths["tuned_load"],
-                     title="Routing frequency on context tokens after router tuning")
-    paths["losses"].write_text(json.dumps({"router_tuning": result.losses}))
+    try:
+        with atomic_file(paths["heatmap"]) as staged:
+            fig.savefig(staged, dpi=100)
+    finally:
+        plt.close(fig)
+    with atomic_file(paths["tuned_load"]) as staged:
+        plot_expert_load({b: result.tuned_frequency[i].tolist() for i, b in enumerate(result.blocks)}, staged,
+                         title="Routing frequency on context tokens after router tuning")
+    atomic_write_text(paths["losses"], json.dumps({"router_tuning": result.losses}))
     return paths
 
 
@@ -420,17 +431,35 @@ class CEFTExperts(nn.Module):
 
 
 def prepare_ceft(model: nn.Module, selection: dict[str, list[int]]) -> list[str]:
-    """Freeze the model and make only the selected experts trainable; return the trainable parameter names."""
+    """Freeze the model and make only the selected experts trainable; return the trainable parameter names.
+
+    The whole selection is checked against the model before anything changes (a selection from a ranking of another
+    model -- more layers, more experts -- is refused naming each block and expert id that does not fit, and the
+    model is left as it was)."""
     blocks = dict(find_moe_blocks(model))
     unknown = sorted(set(selection) - set(blocks))
     if unknown:
-        raise ValueError(f"prepare_ceft: {unknown} are not MoE blocks of {type(model).__name__} (have {sorted(blocks)[:4]}...)")
+        raise ValueError(f"prepare_ceft: {unknown} are not MoE blocks of {type(model).__name__} (its {len(blocks)} MoE "
+                         f"blocks: {sorted(blocks)[:4]}{' ...' if len(blocks) > 4 else ''}); a ranking of another model?")
+    problems = []
+    for name, ids in selection.items():
+        num_experts = blocks[name].gate.num_experts
+        ids = list(ids)
+        out_of_range = [e for e in ids if not hasattr(e, "__index__") or not 0 <= e.__index__() < num_experts]
+        if out_of_range:
+            problems.append(f"{name} has {num_experts} experts (ids 0..{num_experts - 1}), the selection asks for "
+                            f"{out_of_range}")
+        elif not ids or len(set(ids)) != len(ids):
+            problems.append(f"{name}: expert ids {ids} must be a non-empty list of distinct ids")
+        if isinstance(blocks[name].experts, CEFTExperts):
+            problems.append(f"{name} already has CEFT experts")
+    if problems:
+        raise ValueError(f"prepare_ceft: the selection does not fit {type(model).__name__} (a ranking of another "
+                         f"model?):\n  " + "\n  ".join(problems))
     for p in model.parameters():
         p.requires_grad_(False)
     for name, ids in selection.items():
-        if isinstance(blocks[name].experts, CEFTExperts):
-            raise ValueError(f"prepare_ceft: {name} already has CEFT experts")
-        blocks[name].experts = CEFTExperts(blocks[name].experts, ids)
+        blocks[name].experts = CEFTExperts(blocks[name].experts, [e.__index__() for e in ids])
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -507,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
         selection = select_context_experts(result.ranking, args.ceft_top_n)
         trainable = prepare_ceft(model, selection)
         losses = train_steps(model, [_model_inputs(b, next(model.parameters()).device) for b in train], args.ceft_steps, args.ceft_lr)
-        (Path(args.out) / "ceft.json").write_text(json.dumps({"selection": selection, "trainable": trainable, "losses": losses}, indent=2))
+        atomic_write_text(Path(args.out) / "ceft.json", json.dumps({"selection": selection, "trainable": trainable, "losses": losses}, indent=2))
         logger.info("CEFT (%d tensors) loss %.4f -> %.4f", len(trainable), losses[0], losses[-1])
     for kind, path in paths.items():
         logger.info("wrote %s: %s", kind, path)
