@@ -116,3 +116,9 @@ def test_merge_matches_reference_on_random_batches():
             assert torch.equal(merged.inputs_embeds, ref)
             assert torch.equal(merged.attention_mask, ref_mask) and torch.equal(merged.labels, ref_labels)
             assert int(merged.visual_mask.sum()) == n_images * n_visual
+
+
+def test_placeholder_mismatch_names_the_samples():
+    embeds, ids, mask, _, labels = make_batch("left")  # samples 0..3 hold 2, 1, 0, 1 placeholders
+    with pytest.raises(ValueError, match=r"sample 0: 2, sample 1: 1, sample 3: 1"):
+        merge_visual_tokens(embeds, ids, mask, torch.randn(3, 3, 6), IMG, labels)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
 
 from parrot.model import ParrotConfig, ParrotForCausalLM
 from parrot.model.vision import build_open_clip_visual
@@ -162,7 +162,7 @@ def test_wrong_config_names_the_field(overrides, field):
 def test_image_placeholder_errors():
     model = ParrotForCausalLM(tiny_parrot_config()).eval()
     ids, mask, pixels = prompt_batch()
-    with pytest.raises(ValueError, match="placeholder"):  # more images than placeholders
+    with pytest.raises(ValueError, match="placeholder.*sample 0: 1, sample 1: 1"):  # more images than placeholders
         model(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(3, 3, 32, 32))
     no_placeholder = ids.masked_fill(ids == IMAGE_TOKEN_ID, 1)
     with pytest.raises(ValueError, match="placeholder"):  # image given, prompt without <image>
@@ -211,3 +211,166 @@ def test_from_parts_loads_local_checkpoints(tmp_path):
     )
     for name, p in visual.state_dict().items():
         assert torch.equal(model.vision_tower.model.state_dict()[name], p), name
+
+
+@pytest.mark.parametrize("text", ["qwen2", "qwen2_moe"])
+def test_from_parts_language_model_is_the_loaded_one_causal(tmp_path, text):
+    """from_parts hands the loaded LLM's own config to ParrotConfig; it used to reset that config's attention (and
+    experts) implementation to None, leaving the LLM without a causal mask: stage 1 from local checkpoints trained
+    on a model that attends to later tokens, and its logits differed from the LLM's."""
+    reference = tiny_parrot_config()
+    settings = dict(reference.text_config.to_dict(), model_type=text)
+    if text == "qwen2_moe":
+        settings.update(moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+                        num_experts_per_tok=2)
+    llm_config = AutoConfig.for_model(text, **{k: v for k, v in settings.items() if k != "model_type"})
+    AutoModelForCausalLM.from_config(llm_config).save_pretrained(tmp_path / "llm")
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "llm").eval()
+    CLIPVisionModel(reference.vision_config).save_pretrained(tmp_path / "clip")
+    model = ParrotForCausalLM.from_parts(str(tmp_path / "llm"), str(tmp_path / "clip"), image_token_id=IMAGE_TOKEN_ID)
+    lm = model.language_model.eval()
+    ids = torch.tensor([[1, 2, 3, 4, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, llm(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(lm(input_ids=ids[:, :3]).logits, lm(input_ids=ids).logits[:, :3])  # causal
+    assert lm.config._attn_implementation == llm.config._attn_implementation
+    # an implementation requested for the Parrot config still reaches the sub-configs
+    config = ParrotConfig(text_config=llm.config, vision_config=reference.vision_config,
+                          image_token_id=IMAGE_TOKEN_ID, attn_implementation="eager")
+    assert config.text_config._attn_implementation == "eager"
+
+
+def test_return_dict_false_gives_the_tuple():
+    """return_dict=False (HF's convention, e.g. for tracing) used to fail: the LLM returned a tuple and forward read
+    `.loss` from it."""
+    model = ParrotForCausalLM(tiny_parrot_config()).eval()
+    ids, mask, pixels = prompt_batch("right")
+    labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, -100)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels, use_cache=False)
+        tup = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels, use_cache=False,
+                    return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == len(out.to_tuple())
+    for got, expected in zip(tup, out.to_tuple()):
+        assert torch.equal(got, expected)
+    model.config.return_dict = False
+    with torch.no_grad():
+        assert isinstance(model(input_ids=ids, attention_mask=mask, pixel_values=pixels), tuple)
+
+
+def test_half_precision_tower_and_llm_beside_float32_projector_and_moe():
+    """A frozen tower (and LLM) kept in bfloat16 beside a float32 projector and MoE (LLaVA keeps its tower in half
+    precision) used to fail with a dtype mismatch in the projector, then in the MoE's text attention."""
+    model = ParrotForCausalLM(tiny_parrot_config()).eval()
+    ids, mask, pixels = prompt_batch()
+    model.vision_tower.bfloat16()
+    model.language_model.bfloat16()
+    reference = ParrotForCausalLM(tiny_parrot_config()).eval()  # float32 with the same (rounded) weights
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        ref = reference(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    assert out.logits.dtype == torch.bfloat16 and out.router_probs.dtype == torch.float32
+    torch.testing.assert_close(out.router_probs, ref.router_probs, rtol=0, atol=2e-2)
+    torch.testing.assert_close(out.logits.float(), ref.logits, rtol=0, atol=5e-2)
+
+
+def _zero3_world(monkeypatch, model):
+    """Make `model` look partitioned by DeepSpeed ZeRO-3 in a 2-process run (the attribute ZeRO-3 gives parameters)."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    for p in model.parameters():
+        p.ds_id = 0
+
+
+def test_text_only_batch_under_zero3_runs_the_visual_path(monkeypatch):
+    """Under ZeRO-3 each module's forward all-gathers its weights (a collective): a process whose batch has no image
+    skipped the tower, projector and MoE while the others ran them, and the collectives no longer matched (gloo aborts,
+    NCCL hangs; the 2-process run is test_zero3_two_processes_with_and_without_images). Now it runs them on a blank
+    image whose tokens join the sequence as an empty slice: same logits, zero gradients on the visual path."""
+    model = ParrotForCausalLM(tiny_parrot_config())
+    ids = torch.tensor([[1, 2, 3, 4], [6, 7, 8, 9]])
+    labels = ids.clone()
+    expected = model(input_ids=ids, labels=labels)
+    _zero3_world(monkeypatch, model)
+    called = []
+    for part in (model.vision_tower, model.mm_projector, model.moe):
+        part.register_forward_hook(lambda module, args, out: called.append(type(module).__name__))
+    out = model(input_ids=ids, labels=labels)
+    assert called == ["VisionTower", "Sequential", "ParrotMoEProjector"]
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=0)
+    out.loss.backward()
+    for name, p in [*model.mm_projector.named_parameters(), *model.moe.named_parameters()]:
+        assert p.grad is not None and p.grad.abs().max() == 0, name
+    called.clear()
+    with torch.no_grad():
+        model.eval().generate(input_ids=ids, max_new_tokens=2)
+    assert called == ["VisionTower", "Sequential", "ParrotMoEProjector"]  # once, at the prefill
+
+
+_ZERO3_SCRIPT = '''
+import os, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {repo!r})
+import deepspeed
+from deepspeed.utils import safe_get_full_grad
+from tests.conftest import tiny_parrot_config, IMAGE_TOKEN_ID
+from parrot.model import ParrotForCausalLM
+deepspeed.init_distributed(dist_backend="gloo")
+rank = int(os.environ["RANK"])
+torch.manual_seed(0)
+model = ParrotForCausalLM(tiny_parrot_config())
+model.vision_tower.requires_grad_(False)
+reference = ParrotForCausalLM(tiny_parrot_config())
+reference.load_state_dict(model.state_dict())
+batches = [dict(input_ids=torch.tensor([[1, IMAGE_TOKEN_ID, 3, 4]]), pixel_values=torch.randn(1, 3, 32, 32),
+                labels=torch.tensor([[-100, -100, 3, 4]])),
+           dict(input_ids=torch.tensor([[1, 2, 3, 4, 7]]), labels=torch.tensor([[-100, 2, 3, 4, 7]]))]
+config = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3}}, "zero_allow_untested_optimizer": True,
+          "steps_per_print": 10**6}}
+optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+engine.backward(engine(**batches[rank]).loss)  # rank 0: an image batch, rank 1: a text-only batch
+(sum(reference(**b).loss for b in batches) / 2).backward()
+worst = 0.0
+for name, p in engine.module.named_parameters():
+    if p.requires_grad:
+        worst = max(worst, (safe_get_full_grad(p) - reference.get_parameter(name).grad).abs().max().item())
+print(f"rank {{rank}} worst gradient difference {{worst:.3g}}", flush=True)
+assert worst < 1e-5, worst
+'''
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_with_and_without_images(tmp_path):
+    """2 processes under DeepSpeed ZeRO-3 (CPU, gloo), one with an image batch, one text-only: used to abort with a
+    collective size mismatch; now their averaged gradients equal one process's on both batches."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("deepspeed")
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "zero3_text_only.py"
+    script.write_text(_ZERO3_SCRIPT.format(repo=str(repo)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), str(script)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("worst gradient difference") == 2
+
+
+def test_pixel_values_of_no_image_is_a_text_only_batch():
+    """pixel_values (0, 3, H, W) (a batch whose prompts hold no image) used to crash inside the CLIP tower."""
+    model = ParrotForCausalLM(tiny_parrot_config()).eval()
+    ids = torch.tensor([[1, 2, 3], [4, 6, 7]])
+    none = torch.zeros(0, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, pixel_values=none).logits, model(input_ids=ids).logits)
+        assert torch.equal(model.generate(input_ids=ids, pixel_values=none, max_new_tokens=2, do_sample=False),
+                           model.generate(input_ids=ids, max_new_tokens=2, do_sample=False))

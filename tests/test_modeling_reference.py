@@ -153,3 +153,27 @@ def test_position_ids_with_images_are_refused_by_name():
     pixels = torch.randn(1, 3, model.config.image_size, model.config.image_size)
     with pytest.raises(ValueError, match="position_ids cannot be given with pixel_values"):
         model(input_ids=ids, pixel_values=pixels, position_ids=torch.arange(4)[None])
+
+
+def test_manual_decoding_with_the_cache_needs_the_merged_mask():
+    """Decoding by hand after a prefill with images: the cache holds the merged sequence, so the next step's mask
+    extends output.attention_mask. Extending the prompt's (shorter) mask instead used to run silently with the
+    wrong positions masked; it is refused, and the merged mask gives generate()'s tokens."""
+    model = strong_moe_model()
+    pixels = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    ids, mask = pad(PROMPTS, "left")
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
+                                  min_new_tokens=3, do_sample=False)
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+        merged_mask, tokens = out.attention_mask, []
+        for _ in range(3):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+            if len(tokens) == 1:
+                with pytest.raises(ValueError, match="output.attention_mask"):
+                    model(input_ids=token, attention_mask=torch.cat([mask, torch.ones_like(token)], 1),
+                          cache=out.cache)
+            merged_mask = torch.cat([merged_mask, torch.ones_like(token)], 1)
+            out = model(input_ids=token, attention_mask=merged_mask, cache=out.cache)
+    assert torch.equal(torch.cat(tokens, 1), expected)

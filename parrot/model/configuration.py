@@ -108,7 +108,20 @@ class ParrotConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # PreTrainedConfig's init sets its own attention / experts implementation (None unless requested) on every
+        # sub-config. A sub-config given as an object may be a loaded model's own config (`from_parts` passes the
+        # LLM's): reset to None, that model would run with no causal mask (attention over later tokens) and no experts
+        # dispatch. Such a sub-config keeps what it holds unless an implementation is requested here.
+        kept = {key: (sub._attn_implementation, sub._experts_implementation)
+                for key in ("text_config", "vision_config")
+                if isinstance(sub := getattr(self, key), PreTrainedConfig)}
         super().__post_init__(**kwargs)
+        for key, (attn, experts) in kept.items():
+            sub = getattr(self, key)
+            if "attn_implementation" not in kwargs and sub._attn_implementation is None:
+                sub._attn_implementation = attn
+            if "experts_implementation" not in kwargs and sub._experts_implementation is None:
+                sub._experts_implementation = experts
         if self.text_config.tie_word_embeddings:
             self.tie_word_embeddings = True
         self.image_mean = list(self.image_mean)

@@ -56,6 +56,18 @@ class _PlaceRows(torch.autograd.Function):
         return grad_text, grad_image, None, None, None, None
 
 
+def placeholder_mismatch(is_image: torch.Tensor, num_images: int, image_token_id: int) -> ValueError:
+    """The error for `num_images` images against the placeholders of `is_image` (B, T) bool, naming per sample how many
+    placeholders it holds (images are matched to them in reading order, so that shows where one is missing)."""
+    counts = is_image.sum(1).tolist()
+    held = ", ".join(f"sample {b}: {n}" for b, n in enumerate(counts) if n) or "none"
+    return ValueError(
+        f"got {num_images} images but the batch holds {sum(counts)} '<image>' placeholder tokens "
+        f"(image_token_id={image_token_id}); placeholders per sample ({len(counts)} samples, others none): {held}; "
+        "every image needs exactly one placeholder in its prompt, pixel_values in the order of the samples"
+    )
+
+
 def merge_visual_tokens(
     inputs_embeds: torch.Tensor,
     input_ids: torch.Tensor,
@@ -80,10 +92,7 @@ def merge_visual_tokens(
     new_len = end[:, -1]  # (B,)
     num_placeholders, new_T = torch.stack([is_image.sum(), new_len.max()]).tolist()  # one host sync for both
     if num_placeholders != num_images:
-        raise ValueError(
-            f"got {num_images} images but the batch holds {num_placeholders} '<image>' placeholder tokens "
-            f"(image_token_id={image_token_id}); every image needs exactly one placeholder in its prompt"
-        )
+        raise placeholder_mismatch(is_image, num_images, image_token_id)
     if padding_side == "left":
         start = start + (new_T - new_len)[:, None]
 

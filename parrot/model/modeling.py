@@ -19,10 +19,11 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
 
 from ..moe.experts import SwiGLUExperts
 from .configuration import OpenCLIPVisionConfig, ParrotConfig
-from .merge import IGNORE_INDEX, merge_visual_tokens
+from .merge import IGNORE_INDEX, merge_visual_tokens, placeholder_mismatch
 from .parrot_moe import ParrotMoEProjector
 from .projector import build_projector
 from .vision import VisionTower, load_pretrained_vision_model
@@ -96,9 +97,35 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         self.language_model.set_output_embeddings(value)
 
     # --- multimodal prefill -------------------------------------------------------------------------------------
+    def _visual_path_on_every_rank(self) -> bool:
+        """True under DeepSpeed ZeRO-3 with several processes. There every module's forward all-gathers its
+        partitioned weights, a collective: a process whose batch has no image must still run the tower, projector and
+        MoE, or its collectives no longer match the others' (gloo aborts with a size mismatch, NCCL hangs). This is
+        why LLaVA gives text-only samples a blank image, and the official Parrot code runs the MoE on them."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):
+            return False
+        return hasattr(next(self.vision_tower.parameters()), "ds_id")  # a ZeRO-3 partitioned parameter
+
+    def _with_idle_visual_path(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """inputs_embeds (B, T, D) unchanged in value, joined to the visual path run on one blank image: an empty
+        slice of its tokens is appended, so every trained part of that path gets a (zero) gradient as well."""
+        size = self.config.image_size
+        visual = self.encode_images(inputs_embeds.new_zeros(1, 3, size, size))  # (1, N_v, D)
+        if self.config.use_moe:
+            no_text = torch.zeros(1, inputs_embeds.shape[1], dtype=torch.bool, device=inputs_embeds.device)
+            visual, _ = self.moe(visual, inputs_embeds[:1], no_text)
+        empty = visual[:, :0].to(inputs_embeds.dtype).expand(inputs_embeds.shape[0], 0, -1)  # (B, 0, D)
+        return torch.cat([inputs_embeds, empty], dim=1)
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (n, 3, H, W) -> projected visual tokens (n, N_v, D) (before the MoE)."""
-        return self.mm_projector(self.vision_tower(pixel_values))
+        """pixel_values (n, 3, H, W) -> projected visual tokens (n, N_v, D) (before the MoE).
+
+        The tower's features go to the projector in the projector's dtype: a frozen tower is often kept in half
+        precision beside a float32 projector (as LLaVA does)."""
+        features = self.vision_tower(pixel_values)  # (n, N_v, D_v), the tower's dtype
+        weight = next(self.mm_projector.parameters(), None)  # None for the identity projector
+        return self.mm_projector(features if weight is None else features.to(weight.dtype))
 
     def prepare_multimodal_inputs(
         self,
@@ -125,10 +152,7 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
                 text_mask &= labels == IGNORE_INDEX
             image_sample, _ = torch.nonzero(is_image, as_tuple=True)  # (n,) sample of each image, reading order
             if image_sample.numel() != visual.shape[0]:
-                raise ValueError(
-                    f"got {visual.shape[0]} images but the batch holds {image_sample.numel()} '<image>' "
-                    f"placeholder tokens (image_token_id={self.config.image_token_id})"
-                )
+                raise placeholder_mismatch(is_image, visual.shape[0], self.config.image_token_id)
             visual, routing = self.moe(visual, inputs_embeds[image_sample], text_mask[image_sample])
             router_probs = routing.probs
         padding_side = "left" if bool(valid[:, -1].all()) else "right"
@@ -137,6 +161,7 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         )
         return MultimodalInputs(merged.inputs_embeds, merged.attention_mask, merged.labels, router_probs)
 
+    @can_return_tuple  # return_dict=False (argument or config): the output as a tuple, HF's convention
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -153,6 +178,8 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         """input_ids (B, T) with one `<image>` token per image, pixel_values (n_images, 3, H, W)."""
         if "past_key_values" in kwargs:  # the pre-5.x name
             cache = kwargs.pop("past_key_values")
+        if pixel_values is not None and pixel_values.shape[0] == 0:  # no image in the batch
+            pixel_values = None
         router_probs = merged_mask = None
         if pixel_values is not None:
             if input_ids is None:
@@ -166,6 +193,21 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
             router_probs = prep.router_probs
         elif input_ids is not None and bool((input_ids == self.config.image_token_id).any()) and cache is None:
             raise ValueError("input_ids contain '<image>' placeholders but no pixel_values were given")
+        elif cache is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            # A decoding step after a prefill with images: the cache holds the merged sequence (each <image> took
+            # num_image_tokens positions), so the mask must extend the merged mask (output.attention_mask), not the
+            # prompt's; a shorter one is not refused by the LLM and silently masks the wrong positions.
+            past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+            new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            if attention_mask.shape[1] < past + new:
+                raise ValueError(
+                    f"attention_mask has {attention_mask.shape[1]} positions but the cache holds {past} and {new} "
+                    "new token(s) follow: after a prefill with images, extend the merged mask the model returned "
+                    "(output.attention_mask), not the prompt's"
+                )
+        if pixel_values is None and input_ids is not None and self._visual_path_on_every_rank() and (
+                cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)):  # no decode step
+            input_ids, inputs_embeds = None, self._with_idle_visual_path(self.get_input_embeddings()(input_ids))
         out = self.language_model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -175,6 +217,7 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            return_dict=True,  # read by name below
             **kwargs,
         )
         return ParrotCausalLMOutput(
@@ -206,6 +249,8 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
             return super().generate(attention_mask=attention_mask, **kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if pixel_values is not None and pixel_values.shape[0] == 0:  # no image in the batch
+            pixel_values = None
         # The prompt goes to HF generation as embeddings, so its right-padding warning never fires: check here,
         # with or without images (right padding would decode the short prompts after their padding).
         if not bool(attention_mask[:, -1].all()):
@@ -217,6 +262,8 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
             if bool(((input_ids == self.config.image_token_id) & attention_mask.bool()).any()):
                 raise ValueError("input_ids contain '<image>' placeholders but no pixel_values were given")
             inputs_embeds = self.get_input_embeddings()(input_ids)
+            if self._visual_path_on_every_rank():
+                inputs_embeds = self._with_idle_visual_path(inputs_embeds)
         return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     # --- building from real checkpoints on local disk -------------------------------------------------------

@@ -49,7 +49,11 @@ class ParrotMoEProjector(nn.Module):
     def forward(
         self, visual: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
     ) -> tuple[torch.Tensor, RouterOutput]:
-        """visual (B, N_v, D) with CLS first, text_embeds (B, T, D), text_mask (B, T) -> (B, N_v, D), routing."""
+        """visual (B, N_v, D) with CLS first, text_embeds (B, T, D), text_mask (B, T) -> (B, N_v, D), routing.
+
+        Computed in the dtype of the MoE's weights (the projector or the LLM's embeddings may be kept in another)."""
+        dtype = self.router.gate.weight.dtype
+        visual, text_embeds = visual.to(dtype), text_embeds.to(dtype)
         pooled = self.pool_text(visual[:, 0], text_embeds, text_mask)  # (B, D)
         routing = self.router(pooled)
         dense = self.router.top_k is None
