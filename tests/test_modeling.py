@@ -374,3 +374,21 @@ def test_pixel_values_of_no_image_is_a_text_only_batch():
         assert torch.equal(model(input_ids=ids, pixel_values=none).logits, model(input_ids=ids).logits)
         assert torch.equal(model.generate(input_ids=ids, pixel_values=none, max_new_tokens=2, do_sample=False),
                            model.generate(input_ids=ids, max_new_tokens=2, do_sample=False))
+
+
+def test_generate_max_length_counts_the_prompt_as_given():
+    """max_length / min_length count the caller's input_ids (T tokens), not the merged embeddings HF receives (where
+    each image takes num_image_tokens positions): max_length=T+3 gives what max_new_tokens=3 gives."""
+    config = tiny_parrot_config()
+    config.text_config.eos_token_id = None  # decode a fixed number of steps
+    model = ParrotForCausalLM(config).eval()
+    ids, mask, pixels = prompt_batch("left")
+    T = ids.shape[1]
+    expected = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
+                              min_new_tokens=3, do_sample=False)
+    got = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_length=T + 3,
+                         min_length=T + 3, do_sample=False)
+    assert expected.shape == (2, 3)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match=r"max_length=6\) leaves no room after the 6-token prompt"):
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_length=T)

@@ -244,9 +244,20 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         `prompt_labels` (B, T): the prompt's labels as training would have them (earlier assistant answers of a
         multi-turn chat keep their ids, the rest is IGNORE_INDEX), so the MoE router skips those answers as it
         does in training; None routes by the whole prompt.
+
+        `max_length` / `min_length` count the prompt as given (`input_ids`, T tokens), as with a text-only HF model:
+        they become `max_new_tokens` / `min_new_tokens` = length - T. (HF would count them over the merged
+        embeddings it receives, where each image takes num_image_tokens positions.)
         """
         if input_ids is None:
             return super().generate(attention_mask=attention_mask, **kwargs)
+        for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            if kwargs.get(total) is not None and kwargs.get(new) is None:
+                length = kwargs.pop(total)
+                if total == "max_length" and length <= input_ids.shape[1]:
+                    raise ValueError(f"generate(max_length={length}) leaves no room after the {input_ids.shape[1]}"
+                                     "-token prompt (max_length counts the prompt's input_ids); use max_new_tokens")
+                kwargs[new] = max(length - input_ids.shape[1], 0)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if pixel_values is not None and pixel_values.shape[0] == 0:  # no image in the batch
