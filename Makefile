@@ -31,7 +31,7 @@ quickstart: install
 	$(PY) -m parrot.quickstart
 
 test: install system-packages
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
