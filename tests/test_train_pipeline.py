@@ -236,6 +236,9 @@ def test_stage2_mole_keeps_llm_base_and_saves_adapter(ws, stage1, tmp_path):
     state = {f"language_model.{k}": v for k, v in adapter.items()}
     for key, value in state.items():
         torch.testing.assert_close(model.state_dict()[key], value)
+    # A run cannot start from it: loaded without its adapter, the model would lose what this run trained.
+    with pytest.raises(ValueError, match=rf"--model {out} holds a model trained with a mole adapter"):
+        train(config(ws, tmp_path / "again", stage=2, model=str(out), data="qa", tuning="full"))
 
 
 # --- resume and checkpoints ---------------------------------------------------------------------------------
@@ -495,6 +498,84 @@ def test_load_trained_applies_only_the_recorded_adapter(stage1, tmp_path):
 
     model, _ = load_trained(_finished_copy(stage1, tmp_path / "lora", "lora"))  # folded: no adapter files
     assert not any(isinstance(m, MoLELinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("tuning", ["mole", "perft-r", "factorllm"])
+def test_a_run_refuses_to_start_from_a_model_with_an_adapter(ws, stage1, tmp_path, tuning):
+    """A MoLE / PERFT / FactorLLM output keeps its adapter beside the base weights. A stage-2 run given that folder
+    as --model used to load the base weights alone (only warning that the folder was no stage-1 output) and train
+    on, silently dropping what that run had trained."""
+    from parrot.train.export import ADAPTER_FILES, adapter_kind_of
+
+    kind = adapter_kind_of(tuning)
+    done = _finished_copy(stage1, tmp_path / "done", tuning)
+    info = json.loads((done / "parrot_training.json").read_text())
+    (done / "parrot_training.json").write_text(json.dumps({**info, "stage": 2}))
+    for name in ADAPTER_FILES[kind]:
+        (done / name).write_text("{}")  # their presence is what counts here
+    out = tmp_path / "again"
+    with pytest.raises(ValueError, match=rf"--model {done} holds a model trained with a {kind} adapter "
+                                         rf"\({', '.join(ADAPTER_FILES[kind])} beside the base weights\)"):
+        train(config(ws, out, stage=2, model=str(done), data="qa", tuning="full"))
+    assert not (out / "model.safetensors").exists()
+
+
+def test_llm_and_vision_are_refused_where_they_would_be_ignored(ws, stage1, tmp_path):
+    """--llm / --vision only reach a real-scale recipe in stage 1; with a tiny recipe a run used to train a random
+    tiny model, and with a saved directory the folder's own model, without a word about the paths given."""
+    cases = [(1, TINY_RECIPE, "a tiny recipe"), (1, ws["init"], "a saved model directory"),
+             (2, stage1, "a saved model directory")]
+    for i, (stage, model, what) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        with pytest.raises(ValueError, match=rf"--llm and --vision would be ignored: --model {model} is {what}"):
+            train(config(ws, out, stage=stage, model=str(model), llm=str(tmp_path / "llm"),
+                         vision=str(tmp_path / "clip")))
+        assert not (out / "model.safetensors").exists()
+    with pytest.raises(ValueError, match=r"^--vision would be ignored"):
+        train(config(ws, tmp_path / "run", stage=2, model=str(stage1), vision=str(tmp_path / "clip")))
+
+
+_AFTER_ZERO3 = """
+import json, sys
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from parrot.train import TrainConfig, load_trained, train
+settings, first, second, zero3 = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+train(TrainConfig(output_dir=first, deepspeed=zero3, **settings))
+print("zero3 flag after the run:", is_deepspeed_zero3_enabled())
+model, _ = load_trained(first)
+weight = model.get_input_embeddings().weight
+print("load_trained:", weight.dtype, tuple(weight.shape), hasattr(weight, "ds_id"))
+train(TrainConfig(output_dir=second, **settings))  # the next run of the process, without DeepSpeed
+print("second run done")
+"""
+
+
+@pytest.mark.slow
+def test_a_zero3_run_leaves_the_models_built_after_it_whole(ws, stage1, tmp_path):
+    """train() under ZeRO-3 used to leave transformers' process-wide ZeRO-3 flag on: load_trained of its result gave
+    an empty (partitioned) bfloat16 model, and the next run in the process (stage 1 then stage 2 in one script, a
+    sweep) loaded its --model partitioned: it failed without DeepSpeed ("'weight' must be 2-D") and, under ZeRO-3,
+    trained and saved a bfloat16 model from the float32 stage-1 output."""
+    import os
+    import subprocess
+    import sys
+
+    settings = dataclasses.asdict(config(ws, tmp_path, stage=2, model=str(stage1), data="qa", max_steps=1,
+                                         global_batch_size=4, bf16=True))
+    del settings["output_dir"], settings["deepspeed"]
+    first, second = tmp_path / "zero3", tmp_path / "after"
+    launcher_keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_keys}  # one process, own rendezvous
+    proc = subprocess.run([sys.executable, "-c", _AFTER_ZERO3, json.dumps(settings), str(first), str(second),
+                           str(REPO / "configs/deepspeed/zero3.json")], cwd=REPO, capture_output=True, text=True,
+                          env=dict(env, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"), timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    model_tokens = json.loads((stage1 / "config.json").read_text())["text_config"]["vocab_size"]
+    hidden = json.loads((stage1 / "config.json").read_text())["text_config"]["hidden_size"]
+    assert "zero3 flag after the run: False" in proc.stdout
+    assert f"load_trained: torch.float32 ({model_tokens}, {hidden}) False" in proc.stdout
+    assert "second run done" in proc.stdout
+    assert {t.dtype for t in weights(second).values()} == {torch.float32}
 
 
 def test_resume_refuses_changed_settings(ws, stage1, tmp_path):

@@ -33,8 +33,8 @@ from ..moe import calibrate_gwmoe, collect_router_outputs
 from . import checkpoints
 from .callbacks import LossCurveCallback, ProgressLogCallback, RouterDiagnosticsCallback
 from .config import RESUME_FREE_FIELDS, TrainConfig
-from .export import (FINAL_SAVE_MARKER, FINISHED_MODEL_FILES, TRAINING_INFO, final_save_interrupted,
-                     interrupted_save_message, save_final_model)
+from .export import (ADAPTER_FILES, FINAL_SAVE_MARKER, FINISHED_MODEL_FILES, TRAINING_INFO, final_save_interrupted,
+                     interrupted_save_message, save_final_model, saved_adapter_kind)
 from .stages import StagePlan, apply_stage, describe_trainable
 from .trainer import ParrotTrainer
 
@@ -72,19 +72,40 @@ def epoch_end_repeats(num_records: int, per_device_batch_size: int, processes: i
 
 
 def load_model(cfg: TrainConfig) -> tuple[ParrotForCausalLM, ParrotProcessor]:
-    """Stage 1: recipe YAML (tiny: random init; real: --llm/--vision) or an init dir. Stage 2: the stage-1 dir."""
+    """Stage 1: recipe YAML (tiny: random init; real: --llm/--vision) or an init dir. Stage 2: the stage-1 dir.
+
+    --llm / --vision are refused where they would not be used (a tiny recipe builds its own random LLM and tower;
+    a saved directory holds them already): ignored, the run would train another model than the one named. A saved
+    directory whose model carries a MoLE / PERFT / FactorLLM adapter beside its base weights is refused too: it
+    would load without that adapter, dropping what the run that saved it trained."""
     path = Path(cfg.model)
-    if cfg.stage == 2 or path.suffix not in (".yaml", ".yml"):
+    from_dir = cfg.stage == 2 or path.suffix not in (".yaml", ".yml")
+    recipe = None if from_dir else load_recipe(path)
+    if (cfg.llm or cfg.vision) and (from_dir or recipe.is_tiny):
+        given = " and ".join(flag for flag, value in (("--llm", cfg.llm), ("--vision", cfg.vision)) if value)
+        source = ("a saved model directory, which holds its own LLM and vision tower" if from_dir
+                  else "a tiny recipe, which builds a random LLM and vision tower of its own")
+        raise ValueError(f"{given} would be ignored: --model {path} is {source}. Only stage 1 with a real-scale "
+                         "recipe (e.g. configs/parrot-7b.yaml) loads the checkpoints --llm / --vision name; drop "
+                         f"{given} or give such a recipe")
+    if from_dir:
         if not (path / "config.json").is_file():
             what = "the stage-1 output directory" if cfg.stage == 2 else "a recipe YAML or a saved model directory"
             raise FileNotFoundError(f"--model {path}: no config.json there; stage {cfg.stage} expects {what}")
+        adapter = saved_adapter_kind(path)  # also refuses a folder whose recorded adapter files are missing / mixed
+        if adapter is not None:
+            raise ValueError(f"--model {path} holds a model trained with a {adapter} adapter "
+                             f"({', '.join(ADAPTER_FILES[adapter])} beside the base weights); a run cannot start "
+                             "from it: it would load the base weights without the adapter and silently drop what "
+                             f"that run trained. Stage {cfg.stage} starts from "
+                             + ("the stage-1 output directory" if cfg.stage == 2 else "a recipe or a saved model "
+                                "without an adapter") + " (load_trained evaluates this model)")
         info_path = path / TRAINING_INFO
         if cfg.stage == 2 and info_path.is_file():
             if read_json_mapping(info_path, "a training record").get("stage") != 1:
                 logger.warning("%s was not produced by a stage-1 run (%s)", path, info_path)
         model, processor = load_pretrained(path)
         return model.train(), processor
-    recipe = load_recipe(path)
     if recipe.is_tiny:
         return build_tiny(recipe, seed=cfg.seed)
     if not (cfg.llm and cfg.vision):
@@ -262,7 +283,23 @@ def checkpoint_is_final(checkpoint: Path) -> bool:
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
-    """Run one stage; `callbacks`: extra `TrainerCallback`s (tests use them to interrupt or poison a run)."""
+    """Run one stage; `callbacks`: extra `TrainerCallback`s (tests use them to interrupt or poison a run).
+
+    A ZeRO-3 config switches transformers' process-wide "ZeRO-3 is on" flag (set by `TrainingArguments`, kept alive
+    by the DeepSpeed state after the run); it is put back as it was when the run ends, also on an error. Left on,
+    every later model built in the process went through `deepspeed.zero.Init`: `load_trained` of the result gave a
+    partitioned (empty) bfloat16 model, and a following run in the same process (stage 1 then stage 2, a sweep)
+    loaded its --model in bfloat16 and saved that, or, without DeepSpeed, failed on the empty weights."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    try:
+        return _train(cfg, callbacks)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def _train(cfg: TrainConfig, callbacks: list | None) -> TrainResult:
     _setup_logging()
     output_dir = Path(cfg.output_dir)
     main = is_rank_zero()
