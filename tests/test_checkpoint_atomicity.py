@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -303,13 +304,17 @@ def _run_child(script: Path, out: Path, kill_at: str, resume: bool) -> subproces
 def test_sigkill_while_saving_never_publishes_a_partial_folder_and_resume_is_exact(ws, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(repo=str(REPO), registry=str(ws["registry"]), init=str(ws["init"])))
-    reference = _run_child(script, tmp_path / "reference", "none", False)
+    kill_points = ("checkpoint", "rotation", "final", "moving")
+    # Independent runs, each in its own folder: two at a time (most of a child's time is its imports, one core each).
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda kill_at: _run_child(script, tmp_path / kill_at, kill_at, False),
+                              ("none", *kill_points)))
+    reference, killed_runs = runs[0], dict(zip(kill_points, runs[1:]))
     assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = load_file(str(tmp_path / "reference" / "model.safetensors"))
+    expected = load_file(str(tmp_path / "none" / "model.safetensors"))
 
-    for kill_at in ("checkpoint", "rotation", "final", "moving"):
+    for kill_at, killed in killed_runs.items():
         out = tmp_path / kill_at
-        killed = _run_child(script, out, kill_at, False)
         assert killed.returncode == -signal.SIGKILL, (kill_at, killed.stderr[-3000:])
         published = _assert_published_checkpoints_complete(out)
         assert published, kill_at
@@ -318,7 +323,11 @@ def test_sigkill_while_saving_never_publishes_a_partial_folder_and_resume_is_exa
         if kill_at == "moving":  # the new weights without the rest: refused by name
             with pytest.raises(IncompleteFinalModelError, match="interrupted"):
                 load_pretrained(out)
-        resumed = _run_child(script, out, "none", True)
+    with ThreadPoolExecutor(2) as pool:
+        resumed_runs = dict(zip(kill_points, pool.map(
+            lambda kill_at: _run_child(script, tmp_path / kill_at, "none", True), kill_points)))
+    for kill_at, resumed in resumed_runs.items():
+        out = tmp_path / kill_at
         assert resumed.returncode == 0, (kill_at, resumed.stderr[-3000:])
         assert _assert_published_checkpoints_complete(out) == ["checkpoint-3", "checkpoint-4"]
         assert not [p.name for p in out.iterdir() if p.name.startswith(".")], kill_at
