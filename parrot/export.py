@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -49,7 +47,7 @@ import torch
 from .data.processor import PROCESSOR_FILE, ParrotProcessor
 from .model import ParrotForCausalLM
 from .moe.mole import ADAPTER_CONFIG_NAME as MOLE_CONFIG_NAME
-from .fileio import publish
+from .fileio import output_folder_problem, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -319,15 +317,9 @@ def check_base_is_plain(base_dir: Path) -> None:
 
 def check_destination(dst: Path, src: Path, base_dir: Path) -> None:
     """The output folder must not be (or lie inside) the adapter or base folder, and must be new or empty."""
-    resolved = dst.resolve()
-    for name, folder in (("--src", src), ("--base", base_dir)):
-        folder = folder.resolve()
-        if resolved == folder or folder in resolved.parents:
-            raise ExportError(f"--dst {dst}: is (or lies inside) the {name} folder {folder}; writing the merged model "
-                              "there would replace or mix with the files it is made from. Choose a new folder")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ExportError(f"--dst {dst}: exists and is not empty; choose a new folder or delete this one first "
-                          "(the export never overwrites files)")
+    problem = output_folder_problem(dst, {"--src": src, "--base": base_dir})
+    if problem:
+        raise ExportError(problem)
 
 
 def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = None) -> Path:
@@ -345,21 +337,12 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
     dtype = saved_dtype(base_dir)
     model = merge_lora(model, src)
     model.to(dtype).eval()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    with staged_folder(dst) as staging:  # renamed to dst when complete (flushed first); removed on failure
         model.save_pretrained(staging)
         if (base_dir / PROCESSOR_FILE).is_file():
             ParrotProcessor.from_pretrained(base_dir).save_pretrained(staging)
         else:
             logger.warning("%s has no %s: wrote the model only", base_dir, PROCESSOR_FILE)
-        publish(staging, dst)  # flushed, then renamed over the (empty, check_destination) dst
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return dst
 
 

@@ -5,6 +5,8 @@
 - `publish`: move a fully written staging folder to its name (flushed first, so the rename never outlives the
   data; a rename within one file system is atomic, POSIX `rename(2)`), replacing an older folder of that name.
 - `discard`: delete a folder without ever leaving it half-deleted under its name.
+- `output_folder_problem` / `staged_folder`: a command that writes a new model folder (conversion, export) checks
+  that its output is new and apart from its inputs, then writes everything into a staging folder published whole.
 - `fsync`, `fsync_tree`, `remove_file`: the flushes these are made of.
 - `read_json_mapping`: a JSON object file, with errors naming the file and what it should hold.
 """
@@ -107,6 +109,42 @@ def publish(staged: Path, final: Path) -> Path:
     if replaced.exists():
         discard(replaced)
     return final
+
+
+def output_folder_problem(dst: Path, inputs: dict[str, Path | None]) -> str | None:
+    """Why `dst` cannot take a new folder made from `inputs` ({"--src": folder, ...}; None values are skipped), or
+    None: it must not be (or lie inside) an input, whose files it would replace or mix with, and it must be new or
+    empty (such commands never overwrite files)."""
+    resolved = dst.resolve()
+    for flag, folder in inputs.items():
+        if folder is None:
+            continue
+        folder = folder.resolve()
+        if resolved == folder or folder in resolved.parents:
+            return (f"--dst {dst}: is (or lies inside) the {flag} folder {folder}; writing there would replace or mix "
+                    "with the files the output is made from. Choose a new folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        return (f"--dst {dst}: exists and is not empty; choose a new folder or delete this one first (nothing is "
+                "overwritten)")
+    return None
+
+
+@contextmanager
+def staged_folder(dst: Path) -> Iterator[Path]:
+    """A fresh staging folder beside `dst` (`.<name>.partial-<pid>`) to write a whole folder into: published as `dst`
+    (`publish`: flushed, then renamed) when the block ends, removed when it raises. A failed or interrupted writer
+    leaves no `dst`, never a half-written folder that looks complete."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+        publish(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def read_json_mapping(path: Path, what: str) -> dict:

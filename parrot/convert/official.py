@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +49,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, GenerationConfig, PreTrainedTokenizerBase
 
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
-from ..fileio import publish
+from ..fileio import output_folder_problem, staged_folder
 from ..model import ParrotConfig, ParrotForCausalLM
 from ..model.parrot_moe import ParrotMoEProjector
 from ..model.vision import load_pretrained_vision_model
@@ -424,14 +422,9 @@ def convert_official(
         if tuple(tensor.shape) != expected[name]:
             raise ConversionError(f"{name}: shape {tuple(tensor.shape)} from --vision, expected {expected[name]}")
 
-    # Written into a staging folder beside dst and renamed when complete: a failed or interrupted conversion leaves
-    # no dst (never a half-written folder that looks like a model).
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    # Written into a staging folder beside dst, renamed when complete: a failed or interrupted conversion leaves no
+    # dst (never a half-written folder that looks like a model).
+    with staged_folder(dst) as staging:
         config.save_pretrained(staging)
         GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
@@ -439,10 +432,6 @@ def convert_official(
         save_torch_state_dict({k: v.contiguous() for k, v in mapped.items()}, staging, max_shard_size=max_shard_size)
         max_length = model_max_length or settings.model_max_length or 2048
         ParrotProcessor.for_model(tokenizer, config, template, max_length).save_pretrained(staging)
-        publish(staging, dst)  # flushed, then renamed over the (empty, check_destination) dst
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return dst
 
 
@@ -450,18 +439,9 @@ def check_destination(dst: Path, src: Path, vision_dir: Path | None) -> None:
     """dst must be a new or empty folder that is not (and does not lie inside) --src or --vision: the conversion
     never overwrites files (writing into the source would delete its weight shards, which share their names with
     the output's)."""
-    resolved = dst.resolve()
-    for name, folder in (("--src", src), ("--vision", vision_dir)):
-        if folder is None:
-            continue
-        folder = folder.resolve()
-        if resolved == folder or folder in resolved.parents:
-            raise ConversionError(f"--dst {dst}: is (or lies inside) the {name} folder {folder}; writing the "
-                                  "converted model there would replace or mix with the files it is made from. "
-                                  "Choose a new folder")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ConversionError(f"--dst {dst}: exists and is not empty; choose a new folder or delete this one first "
-                              "(the conversion never overwrites files)")
+    problem = output_folder_problem(dst, {"--src": src, "--vision": vision_dir})
+    if problem:
+        raise ConversionError(problem)
 
 
 def main_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
