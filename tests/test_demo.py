@@ -336,6 +336,38 @@ def test_stream_reply_streams_the_greedy_answer(engine, image_file):
     assert len(pieces) > 1 and all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))  # cumulative stream
 
 
+class Scripted(LogitsProcessor):
+    """Forces the i-th new token to be script[i] (the prompt goes to generate() as embeddings: input_ids holds only
+    the new tokens)."""
+
+    def __init__(self, script: list[int]):
+        self.script = script
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.script[min(input_ids.shape[1], len(self.script) - 1)]] = 0.0
+        return forced
+
+
+def test_a_chatml_answer_ends_at_im_end_whatever_the_eos(engine, image_file, monkeypatch):
+    """Training closes each ChatML answer with `<|im_end|>`. A model built on an LLM whose eos is another token (a
+    base Qwen's tokenizer ends text with `<|endoftext|>`) answers "Red.<|im_end|>" all the same: the answer ends there,
+    instead of running on to max_new_tokens and showing the next turn the model invents."""
+    tokenizer = engine.processor.tokenizer
+    assert tokenizer.pad_token == "<|endoftext|>"
+    monkeypatch.setattr(engine.model.generation_config, "eos_token_id", tokenizer.pad_token_id)
+    based = ChatEngine(engine.model, engine.processor)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    script = ids("Red.") + ids("<|im_end|>") + ids("\n<|im_start|>user\nAnd the square?<|im_end|>")
+    assert len(ids("<|im_end|>")) == 1
+    real_generate = engine.model.generate
+    monkeypatch.setattr(engine.model, "generate", lambda **kwargs: real_generate(
+        **kwargs, logits_processor=LogitsProcessorList([Scripted(script)])))
+    prepared = based.prepare(open_upload(str(image_file)), Conversation(), "What colour is the circle?")
+    *_, answer = based.stream_reply(prepared, GenerationSettings(max_new_tokens=len(script)))
+    assert answer == "Red."
+
+
 def test_stream_reply_keeps_within_the_context(engine, image_file, monkeypatch):
     image = open_upload(str(image_file))
     prepared = engine.prepare(image, Conversation(), "blue " * 40)
@@ -492,6 +524,26 @@ def test_routing_weights_match_the_model_forward(engine, image_file):
     plain = ChatEngine(ParrotForCausalLM(config), engine.processor)
     assert plain.num_experts is None
     assert plain.routing_weights(plain.prepare(image, Conversation(), "hi")) is None
+
+
+def test_router_panel_shows_the_experts_a_top_k_moe_uses(engine, image_file):
+    """With `moe_top_k=k` the MoE combines only the k selected experts, renormalised: the panel shows those weights
+    (the ones the answer's forward used), not the router's full distribution over all experts."""
+    model = copy.deepcopy(engine.model)
+    model.config.moe_top_k = model.moe.router.top_k = 2
+    top_k = ChatEngine(model, engine.processor)
+    prepared = top_k.prepare(open_upload(str(image_file)), Conversation(), "What colour is the circle?")
+    used = []
+    model.moe.router.register_forward_hook(lambda module, args, out: used.append(out.weights[0].double()))
+    list(top_k.stream_reply(prepared, GenerationSettings(max_new_tokens=1)))
+    assert len(used) == 1 and int((used[0] > 0).sum()) == 2
+    weights = top_k.routing_weights(prepared)
+    np.testing.assert_allclose(weights, used[0].numpy(), atol=1e-6)
+    assert sum(w > 0 for w in weights) == 2 and sum(weights) == pytest.approx(1.0, abs=1e-6)
+    plot, note = DemoHandlers(top_k).route(str(image_file), "What colour is the circle?", None)
+    top = int(np.argmax(used[0].numpy()))
+    assert f"**expert {top}** (weight {used[0][top].item():.3f})" in note
+    np.testing.assert_allclose(plot["weight"].to_numpy(), used[0].numpy(), atol=1e-6)
 
 
 # --- handlers (what the Gradio events call) ------------------------------------------------------------------

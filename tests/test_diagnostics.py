@@ -207,3 +207,80 @@ def test_layer_stats_of_an_empty_layer_measure_nothing_and_the_heat_map_leaves_i
     only_empty.update(2, {"A": out})  # nothing measured at all: a blank map, not an error at the end of a run
     assert plot_expert_load(only_empty, tmp_path / "blank.png").is_file()
     assert only_empty.to_dict()["mean_load"] == {} and only_empty.to_dict()["num_skipped"] == 1
+
+
+def test_bfloat16_routing_statistics_match_a_float64_count():
+    """A bfloat16 model's routers report their statistics in bfloat16: a load computed there (a masked mean of 0/1
+    selections with bfloat16 weights 1/n) is up to ~1% off the share of tokens that selected each expert. The
+    tracker's load and entropy match a float64 count over the valid tokens (padding masked) of the same routing."""
+    from parrot.moe.diagnostics import layer_stats
+
+    torch.manual_seed(0)
+    x = torch.randn(3001, 16) * 2
+    mask = torch.ones(3001, dtype=torch.bool)
+    mask[-700:] = False
+    for router in (TopKRouter(16, 6, top_k=2), DynMoLERouter(16, 6, entropy_threshold=0.5, keep_top_k=1, top_p=0.5)):
+        out = router.to(torch.bfloat16).eval()(x.to(torch.bfloat16), mask)
+        record = layer_stats(0, "layer", out, 10)
+        valid = mask.nonzero().flatten().tolist()
+        chosen = [set(out.indices[t].tolist()) - {-1} for t in valid]
+        assert record.load == pytest.approx([sum(e in c for c in chosen) / len(valid) for e in range(6)], abs=1e-12)
+        p = out.probs.detach().double()[mask]
+        assert record.entropy_mean == pytest.approx(float(-(p * p.clamp_min(1e-300).log()).sum(-1).mean()), abs=1e-12)
+
+
+def test_the_heat_map_colour_scale_starts_at_zero(tmp_path, monkeypatch):
+    """Loads are fractions of tokens: a balanced layer (0.1% apart) must not span the colour map from its smallest
+    load to its largest, which reads as a strongly imbalanced router."""
+    import matplotlib.axes
+
+    images = []
+    real_imshow = matplotlib.axes.Axes.imshow
+
+    def spy(self, *args, **kwargs):
+        images.append(real_imshow(self, *args, **kwargs))
+        return images[-1]
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
+    plot_expert_load({"layers.0.q_proj": [0.1668, 0.1666, 0.1667, 0.1667, 0.1666, 0.1666],
+                      "layers.1.q_proj": [0.34, 0.33, 0.33]}, tmp_path / "load.png")
+    (image,) = images
+    assert image.norm.vmin == 0.0 and image.norm.vmax == pytest.approx(0.34)
+    colours = image.to_rgba(image.get_array())[0, :6]  # the balanced layer's cells: one colour, to 1%
+    assert float(abs(colours - colours[0]).max()) < 0.01
+
+
+def test_a_resumed_run_keeps_the_router_statistics_of_its_earlier_steps(tmp_path):
+    """Logging every 3 steps, a checkpoint at step 6, a crash at step 7, --resume from checkpoint-6: router_stats.json
+    and the heat map cover steps 1, 3, 6 and 9 (as the uninterrupted run), not only the steps after the resume."""
+    from types import SimpleNamespace
+
+    from parrot.train.callbacks import EXPERT_LOAD_PNG, ROUTER_STATS_JSON, RouterDiagnosticsCallback
+
+    routing_by_step = {step: _outputs(seed=step)[0] for step in (1, 3, 6, 9)}  # layers with 6 and 3 experts
+    args = SimpleNamespace(logging_steps=3)
+
+    def session(out, first, last, save_at=(), crash_after=None):
+        current = {}
+        callback = RouterDiagnosticsCallback(out, routing_fn=lambda: routing_by_step[current["step"]])
+        state = SimpleNamespace(global_step=first - 1, is_world_process_zero=True)
+        callback.on_train_begin(args, state, None)
+        for step in range(first, last + 1):
+            state.global_step = current["step"] = step
+            callback.on_step_end(args, state, None)
+            if step in save_at:
+                callback.on_save(args, state, None)
+            if step == crash_after:
+                return
+        callback.on_train_end(args, state, None)
+
+    session(tmp_path / "full", 1, 9, save_at=(6,))
+    session(tmp_path / "cut", 1, 9, save_at=(6,), crash_after=7)
+    session(tmp_path / "cut", 7, 9)
+    full, resumed = (json.loads((tmp_path / run / ROUTER_STATS_JSON).read_text()) for run in ("full", "cut"))
+    assert sorted({r["step"] for r in resumed["records"]}) == [1, 3, 6, 9]
+    assert resumed == full
+    assert (tmp_path / "cut" / EXPERT_LOAD_PNG).is_file()
+    reloaded = RouterStatsTracker.from_dict(full, up_to_step=6)  # what a resume from checkpoint-6 starts from
+    assert sorted({r.step for r in reloaded.records}) == [1, 3, 6]
+    assert list(reloaded.load_grid()) == list(routing_by_step[1])

@@ -28,8 +28,10 @@ layer-step is not recorded as a measurement: `update` counts it in `skipped` (a 
 a warning, so every aggregate (`mean_load`, the `scalars`, the heat map) covers measured layer-steps only
 and `records` holds no fabricated zeros. router_stats.json lists them under "skipped" ({"step", "layer",
 "num_experts"}) with their count "num_skipped", and "mean_load_steps" gives the number of measured steps
-behind each layer's "mean_load". `scalars` reports "router/skipped_layers" for a step that skipped any
-layer; a layer never measured has no mean_load entry and a blank row in the heat map.
+behind each layer's "mean_load"; "layers" maps every layer seen to its expert count (the heat map's rows).
+`RouterStatsTracker.from_dict` reads the file back (a resumed run continues it). `scalars` reports
+"router/skipped_layers" for a step that skipped any layer; a layer never measured has no mean_load entry and a
+blank row in the heat map.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Mapping
 import torch
 
 from ..fileio import atomic_write_text
-from .routers import RouterOutput
+from .routers import RouterOutput, selection_from_indices, shannon_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -87,20 +89,25 @@ def layer_stats(step: int, layer: str, routing: RouterOutput, num_bins: int) -> 
             f"RouterStatsTracker: layer {layer!r} returned a RouterOutput without stats at step {step}; "
             "routers must fill RouterOutput.stats (e.g. parrot.moe.routers.lazy_routing_stats(probs, indices, mask))"
         )
-    entropy = stats["entropy"].detach().double()
-    valid = stats["mask"] if "mask" in stats else torch.ones_like(entropy, dtype=torch.bool)
+    # Entropy and load from the routing itself (`probs`, the selected `indices`), in float64 like the other means:
+    # the router's own statistics are in its dtype, and in a bfloat16 model their load (a masked mean of 0/1
+    # selections over bfloat16 weights 1/n) is up to ~1% off the count of tokens that selected each expert.
+    probs = routing.probs.detach().double()  # (T, E)
+    num_experts = probs.shape[-1]
+    entropy = shannon_entropy(probs)  # (T,)
+    valid = stats["mask"].to(torch.bool) if "mask" in stats else torch.ones_like(entropy, dtype=torch.bool)
     entropy = entropy[valid]
-    num_experts = routing.probs.shape[-1]
     scale = math.log(num_experts) if num_experts > 1 else 1.0
-    hist = torch.histc((entropy / scale).clamp(0.0, 1.0).float().cpu(), bins=num_bins, min=0.0, max=1.0) if entropy.numel() else torch.zeros(num_bins)
+    hist = torch.histc((entropy / scale).clamp(0.0, 1.0).cpu(), bins=num_bins, min=0.0, max=1.0) if entropy.numel() else torch.zeros(num_bins)
     count = int(valid.sum())
+    load = selection_from_indices(routing.indices, num_experts)[valid].double().mean(0) if count else None  # (E,)
     return LayerStepStats(
         step=step,
         layer=layer,
         num_tokens=count,
         entropy_mean=float(entropy.mean()) if count else float("nan"),
         entropy_hist=[int(v) for v in hist.tolist()],
-        load=[float(v) for v in stats["load"].detach().double().cpu().tolist()] if count else [float("nan")] * num_experts,
+        load=[float(v) for v in load.cpu().tolist()] if count else [float("nan")] * num_experts,
         broadcast_fraction=float(stats["broadcast"].detach().double()[valid].mean()) if count else float("nan"),
         mean_active=float(stats["num_active"].detach().double()[valid].mean()) if count else float("nan"),
         aux={name: float(value.detach()) for name, value in routing.aux_losses.items()},
@@ -203,15 +210,35 @@ class RouterStatsTracker:
         """`mean_load` of every layer seen, in order of first appearance, NaN for a layer never measured (a blank
         heat-map row rather than a row of zeros or a missing layer)."""
         mean = self.mean_load()
-        experts = dict(self._experts)
-        for r in self.records:  # records appended by hand, not through `update`
-            experts.setdefault(r.layer, len(r.load))
-        return {layer: mean.get(layer, [float("nan")] * num) for layer, num in experts.items()}
+        return {layer: mean.get(layer, [float("nan")] * num) for layer, num in self._layers().items()}
 
     def to_dict(self) -> dict:
         return {"num_bins": self.num_bins, "records": [asdict(r) for r in self.records], "mean_load": self.mean_load(),
                 "mean_load_steps": self.mean_load_steps(), "num_skipped": len(self.skipped),
-                "skipped": [asdict(s) for s in self.skipped]}
+                "skipped": [asdict(s) for s in self.skipped], "layers": self._layers()}
+
+    def _layers(self) -> dict[str, int]:
+        """Every layer seen, in order of first appearance -> its expert count (the heat map's rows)."""
+        experts = dict(self._experts)
+        for r in self.records:  # records appended by hand, not through `update`
+            experts.setdefault(r.layer, len(r.load))
+        return experts
+
+    @classmethod
+    def from_dict(cls, data: Mapping, up_to_step: int | None = None) -> "RouterStatsTracker":
+        """The tracker that wrote `data` (`to_dict()`, router_stats.json), without the steps after `up_to_step`: a
+        run resumed from its checkpoint at that step records the later ones again."""
+        keep = lambda step: up_to_step is None or step <= up_to_step  # noqa: E731
+        tracker = cls(num_bins=int(data["num_bins"]))
+        tracker.records = [LayerStepStats(**r) for r in data["records"] if keep(r["step"])]
+        tracker.skipped = [SkippedLayerStep(**s) for s in data["skipped"] if keep(s["step"])]
+        kept = [(r.step, r.layer, len(r.load)) for r in tracker.records] + \
+               [(s.step, s.layer, s.num_experts) for s in tracker.skipped]
+        seen = {layer: num for _, layer, num in sorted(kept, key=lambda entry: entry[0])}
+        order = [layer for layer in data.get("layers", {}) if layer in seen] + list(seen)  # saved order, if any
+        tracker._experts = {layer: seen[layer] for layer in dict.fromkeys(order)}
+        tracker._last_step = max((step for step, _, _ in kept), default=None)
+        return tracker
 
     def write_json(self, path: str | Path) -> Path:
         """Write `to_dict()` all or nothing (`atomic_write_text`): a crash mid-write keeps the previous file."""
@@ -242,7 +269,11 @@ def plot_expert_load(stats: RouterStatsTracker | Mapping[str, list[float]], path
     for i, layer in enumerate(layers):
         grid[i, : len(load[layer])] = load[layer]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * width + 3), max(3.0, 0.22 * len(layers) + 1.5)))
-    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
+    # The colour scale starts at 0: from the smallest load up, a balanced layer's 0.1% differences would span the
+    # whole colour map and read as imbalance.
+    top = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest", vmin=0.0,
+                      vmax=top if top > 0 else 1.0)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_xticks(range(width))

@@ -31,6 +31,7 @@ from ..data.templates import IMAGE_TOKEN, control_token_strings
 from ..model.builder import build_tiny
 from ..train.export import load_trained
 from ..model.modeling import ParrotForCausalLM
+from ..moe.routers import topk_weights
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,28 @@ class PreparedPrompt:
     labels: torch.Tensor | None = None
 
 
+def end_of_answer_ids(model: ParrotForCausalLM, processor: ParrotProcessor) -> list[int]:
+    """Token ids that end an answer: the model's generation eos id(s), then the chat template's end of an answer as
+    training labels it (ChatML's `<|im_end|>`, the Llama template's eos) when the tokenizer has it as one token.
+
+    A ChatML model whose eos is another token (an LLM whose tokenizer ends text with `<|endoftext|>`, e.g. a base
+    Qwen) was still trained to close each answer with `<|im_end|>`; stopping only at its eos, the demo would go on
+    past the answer and show the next turn it invents ("user\n...", the control tokens skipped)."""
+    configured = model.generation_config.eos_token_id
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    sentinel = "\x00answer\x00"
+    closing = [s.text.split(sentinel, 1)[1].strip() for s in processor.template.segments(
+        [{"role": "user", "content": "question"}, {"role": "assistant", "content": sentinel}]) if sentinel in s.text]
+    for text in closing:
+        end = processor.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if len(end) == 1 and end[0] not in ids:
+            ids.append(end[0])
+        elif len(end) > 1:
+            logger.warning("the chat template ends an answer with %r, which this tokenizer splits into %d tokens: "
+                           "answers end only at the model's eos %s", text, len(end), ids)
+    return ids
+
+
 def reserved_strings(tokenizer) -> tuple[str, ...]:
     """Texts the tokenizer turns into control tokens (`control_token_strings`) and the image placeholder."""
     return tuple(sorted({*control_token_strings(tokenizer), IMAGE_TOKEN}))
@@ -118,6 +141,7 @@ class ChatEngine:
         # Fast tokenizers may raise "Already borrowed" when two threads encode at once; encoding is cheap.
         self._encode_lock = threading.Lock()
         self._reserved = reserved_strings(processor.tokenizer)
+        self._end_ids = end_of_answer_ids(self.model, processor)
 
     @property
     def context_length(self) -> int:
@@ -222,7 +246,7 @@ class ChatEngine:
                 self.model.generate(
                     **prepared.batch, prompt_labels=prepared.labels, max_new_tokens=max_new_tokens,
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
-                    **settings.generate_kwargs(),
+                    **({"eos_token_id": list(self._end_ids)} if self._end_ids else {}), **settings.generate_kwargs(),
                 )
             except BaseException as err:  # re-raised in the caller's thread below
                 failures.append(err)
@@ -243,7 +267,9 @@ class ChatEngine:
 
     @torch.inference_mode()
     def routing_weights(self, prepared: PreparedPrompt) -> list[float] | None:
-        """The Parrot MoE routing distribution (E,) for this image + prompt; None without MoE or image.
+        """The weights (E,) the Parrot MoE combines its experts with for this image + prompt; None without MoE or
+        image. Dense routing (the default): the router's distribution. With `moe_top_k=k`: the k selected experts'
+        renormalised weights and 0 for the others (the full distribution would show experts the answer never used).
 
         Earlier assistant answers are left out of the router's text guidance, as in training (`prepared.labels`).
         """
@@ -252,7 +278,11 @@ class ChatEngine:
         batch = prepared.batch
         inputs = self.model.prepare_multimodal_inputs(batch["input_ids"], batch["attention_mask"],
                                                       batch["pixel_values"], prepared.labels)
-        return inputs.router_probs[0].double().tolist()  # (E,)
+        probs = inputs.router_probs[:1].double()  # (1, E)
+        router = self.model.moe.router
+        if router.top_k is not None:  # the router's own selection and renormalisation (`TopKRouter.route`)
+            probs, _ = topk_weights(probs, router.top_k, router.renormalize)
+        return probs[0].tolist()  # (E,)
 
 
 def load_model(model_dir: str | Path | None) -> tuple[ParrotForCausalLM, ParrotProcessor, str]:

@@ -121,6 +121,10 @@ class RouterDiagnosticsCallback(TrainerCallback):
     (entropy mean + histogram, expert load, soft-routed / broadcast fraction, aux losses), adds the scalar
     summary to the logs, and at the end writes `router_stats.json` and the layer x expert load heat map
     `expert_load.png` into the output directory. Steps in between read nothing (router stats are lazy).
+
+    `router_stats.json` is also written at every checkpoint save, and a run resumed from a checkpoint starts from
+    its steps up to that checkpoint, so the final statistics and heat map cover the whole run, not only the steps
+    after the resume.
     """
 
     def __init__(self, output_dir: str | Path, routing_fn):
@@ -130,6 +134,25 @@ class RouterDiagnosticsCallback(TrainerCallback):
         self.routing_fn = routing_fn
         self.tracker = RouterStatsTracker()
         self._last_step: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from ..moe import RouterStatsTracker
+
+        path = self.output_dir / ROUTER_STATS_JSON
+        if not state.global_step or not path.is_file():  # a fresh run (or a resumed one that saved no statistics)
+            return
+        try:
+            self.tracker = RouterStatsTracker.from_dict(json.loads(path.read_text()), up_to_step=state.global_step)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            logger.warning("router diagnostics: cannot read the interrupted run's %s (%s: %s); the statistics "
+                           "start again at step %d", path, type(err).__name__, err, state.global_step)
+            return
+        self._last_step = self.tracker._last_step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self._last_step is not None:  # what a resumed run starts from
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.tracker.write_json(self.output_dir / ROUTER_STATS_JSON)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
