@@ -92,6 +92,8 @@ class ParrotMCQModel(MCQModel):
         self.model = model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
         self.device = torch.device(device)
         self.max_new_tokens = max_new_tokens
+        # Answers end at the model's eos or at the chat template's end of an answer (<|im_end|> where eos differs)
+        self.end_ids = self.processor.end_of_answer_ids(self.model.generation_config.eos_token_id)
         self.weights_id = weights_fingerprint(self.model)
         self._letter_token_ids: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -105,7 +107,7 @@ class ParrotMCQModel(MCQModel):
         """What besides the weights decides the answers in `mode` ("generate" or "likelihood"), as stable text."""
         settings: dict[str, object] = {"processor": asdict(self.processor.settings)}
         if mode == "generate":
-            settings |= {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+            settings |= {"max_new_tokens": self.max_new_tokens, "do_sample": False, "end_ids": self.end_ids}
         return json.dumps(settings, sort_keys=True, default=str)
 
     def reserved_texts(self) -> tuple[str, ...]:
@@ -115,7 +117,7 @@ class ParrotMCQModel(MCQModel):
     @torch.inference_mode()
     def generate(self, prompts: list[str], images: list[Image.Image]) -> list[str]:
         new_tokens = self.model.generate(**self._batch(prompts, images), max_new_tokens=self.max_new_tokens,
-                                         do_sample=False)  # (B, n_new)
+                                         do_sample=False, eos_token_id=self.end_ids or None)  # (B, n_new)
         return self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
     def letter_token_ids(self, letters: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,12 @@
 """ParrotMCQModel on a real (tiny, random) saved Parrot checkpoint: batched left-padded likelihood scores
 equal one-prompt-at-a-time scores computed directly from the model, generation returns one text per prompt,
 and the whole evaluator runs on it."""
+import json
+import shutil
+
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from mmmb.evaluate import EvalConfig, build_queries, evaluate_mmmb
 from mmmb.models import ParrotMCQModel
@@ -191,3 +195,40 @@ def test_fingerprint_covers_buffers():
     with torch.no_grad():
         model.running_mean[2] = 0.5
     assert weights_fingerprint(model) != reference
+
+
+class _Scripted(LogitsProcessor):
+    """Forces the i-th new token to be script[i] (generate() gets the prompt as embeddings: input_ids holds only the
+    new tokens)."""
+
+    def __init__(self, script: list[int]):
+        self.script = script
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.script[min(input_ids.shape[1], len(self.script) - 1)]] = 0.0
+        return forced
+
+
+def test_generated_answer_ends_at_the_templates_end_of_answer(model_dir, tmp_path, monkeypatch):
+    """A ChatML model whose eos is another token (an LLM whose tokenizer ends text with `<|endoftext|>`) still closes
+    its answers with `<|im_end|>`, as training labels them: the answer ends there instead of running on into a next
+    turn the model invents (whose letters the extractor could read)."""
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    adapter = ParrotMCQModel(model_dir, max_new_tokens=8)
+    tokenizer = adapter.processor.tokenizer
+    config["eos_token_id"] = tokenizer.pad_token_id  # "<|endoftext|>"
+    (copy / "generation_config.json").write_text(json.dumps(config))
+    adapter = ParrotMCQModel(copy, max_new_tokens=8)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert adapter.end_ids == [tokenizer.pad_token_id, im_end]
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    script = ids("A") + [im_end] + ids("\n<|im_start|>user\nB")
+    real_generate = adapter.model.generate
+    monkeypatch.setattr(adapter.model, "generate", lambda **kwargs: real_generate(
+        **kwargs, logits_processor=LogitsProcessorList([_Scripted(script)])))
+    data = toy_mmmb(n_items=1, seed=2, languages=("en",))
+    query = build_queries(data["en"], "en", False)[0]
+    assert adapter.generate([query.prompt], [query.record.load_image()]) == ["A"]

@@ -15,6 +15,7 @@ with "\n"); prefer messages.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .images import ImageTransform, load_image
 from .templates import IGNORE_INDEX, IMAGE_TOKEN, get_template
+
+logger = logging.getLogger(__name__)
 
 PROCESSOR_FILE = "parrot_processor.json"
 
@@ -170,6 +173,27 @@ class ParrotProcessor:
 
     def batch_decode(self, token_ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def end_of_answer_ids(self, eos_token_id: int | list[int] | None) -> list[int]:
+        """Token ids that end a generated answer: the model's eos id(s) (`generation_config.eos_token_id`), then the
+        chat template's end of an answer as training labels it (ChatML's `<|im_end|>`, the Llama template's eos) when
+        the tokenizer has it as one token. Pass them to `generate(eos_token_id=...)`.
+
+        A ChatML model whose eos is another token (an LLM whose tokenizer ends text with `<|endoftext|>`, e.g. a base
+        Qwen) was still trained to close each answer with `<|im_end|>`; stopping only at its eos, generation goes on
+        past the answer into a next turn it invents ("user\n...", the control tokens skipped when decoded)."""
+        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        sentinel = "\x00answer\x00"
+        closing = [s.text.split(sentinel, 1)[1].strip() for s in self.template.segments(
+            [{"role": "user", "content": "question"}, {"role": "assistant", "content": sentinel}]) if sentinel in s.text]
+        for text in closing:
+            end = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            if len(end) == 1 and end[0] not in ids:
+                ids.append(end[0])
+            elif len(end) > 1:
+                logger.warning("the chat template ends an answer with %r, which this tokenizer splits into %d tokens: "
+                               "answers end only at the model's eos %s", text, len(end), ids)
+        return ids
 
     # --- persistence ---------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

@@ -110,8 +110,11 @@ class ParrotVLMEval:
         model, self.processor = load_trained(model_path)
         self.model = model.to(device=self.device, dtype=dtype).eval()
         tokenizer = self.processor.tokenizer
+        eos = self.model.generation_config.eos_token_id
+        # the model's eos and the chat template's end of an answer (<|im_end|> where the eos is another token)
+        end_ids = self.processor.end_of_answer_ids(tokenizer.eos_token_id if eos is None else eos)
         self.generation_kwargs = dict(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                      eos_token_id=end_ids or None, pad_token_id=tokenizer.pad_token_id)
         self.generation_kwargs.update(generation_kwargs)
         self.dump_image_func: Callable | None = None
         # Texts that would be tokenised as control tokens; the adapter places the image placeholder itself.

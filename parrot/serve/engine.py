@@ -94,28 +94,6 @@ class PreparedPrompt:
     labels: torch.Tensor | None = None
 
 
-def end_of_answer_ids(model: ParrotForCausalLM, processor: ParrotProcessor) -> list[int]:
-    """Token ids that end an answer: the model's generation eos id(s), then the chat template's end of an answer as
-    training labels it (ChatML's `<|im_end|>`, the Llama template's eos) when the tokenizer has it as one token.
-
-    A ChatML model whose eos is another token (an LLM whose tokenizer ends text with `<|endoftext|>`, e.g. a base
-    Qwen) was still trained to close each answer with `<|im_end|>`; stopping only at its eos, the demo would go on
-    past the answer and show the next turn it invents ("user\n...", the control tokens skipped)."""
-    configured = model.generation_config.eos_token_id
-    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
-    sentinel = "\x00answer\x00"
-    closing = [s.text.split(sentinel, 1)[1].strip() for s in processor.template.segments(
-        [{"role": "user", "content": "question"}, {"role": "assistant", "content": sentinel}]) if sentinel in s.text]
-    for text in closing:
-        end = processor.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        if len(end) == 1 and end[0] not in ids:
-            ids.append(end[0])
-        elif len(end) > 1:
-            logger.warning("the chat template ends an answer with %r, which this tokenizer splits into %d tokens: "
-                           "answers end only at the model's eos %s", text, len(end), ids)
-    return ids
-
-
 def reserved_strings(tokenizer) -> tuple[str, ...]:
     """Texts the tokenizer turns into control tokens (`control_token_strings`) and the image placeholder."""
     return tuple(sorted({*control_token_strings(tokenizer), IMAGE_TOKEN}))
@@ -141,7 +119,7 @@ class ChatEngine:
         # Fast tokenizers may raise "Already borrowed" when two threads encode at once; encoding is cheap.
         self._encode_lock = threading.Lock()
         self._reserved = reserved_strings(processor.tokenizer)
-        self._end_ids = end_of_answer_ids(self.model, processor)
+        self._end_ids = processor.end_of_answer_ids(self.model.generation_config.eos_token_id)
 
     @property
     def context_length(self) -> int:
