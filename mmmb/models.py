@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from parrot.data.templates import IMAGE_TOKEN, control_token_strings
+from parrot.data.templates import reserved_prompt_texts
 
 
 class MCQModel(Protocol):
@@ -112,7 +112,7 @@ class ParrotMCQModel(MCQModel):
 
     def reserved_texts(self) -> tuple[str, ...]:
         """The tokenizer's control-token texts (as training's `control_token_strings`) and the image placeholder."""
-        return tuple(sorted({*control_token_strings(self.processor.tokenizer), IMAGE_TOKEN}))
+        return reserved_prompt_texts(self.processor.tokenizer)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], images: list[Image.Image]) -> list[str]:

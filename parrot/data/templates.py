@@ -90,6 +90,12 @@ def control_token_strings(tokenizer) -> tuple[str, ...]:
     return tuple(sorted((special | set(tokenizer.all_special_tokens)) - {""}, key=lambda s: (-len(s), s)))
 
 
+def reserved_prompt_texts(tokenizer) -> tuple[str, ...]:
+    """Texts a prompt written by a user or read from a benchmark may not spell (the demo, MMMB and the VLMEvalKit
+    adapter refuse them): the tokenizer's control-token texts and the image placeholder, which the code places."""
+    return tuple(sorted({*control_token_strings(tokenizer), IMAGE_TOKEN}))
+
+
 PROBE_CHARS = 32  # head of an answer tokenised to learn whether it gives a token at all
 
 

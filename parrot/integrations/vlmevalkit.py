@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..data.processor import IMAGE_TOKEN
-from ..data.templates import control_token_strings
+from ..data.templates import reserved_prompt_texts
 
 # Dataset families VLMEvalKit evaluates as single-image multiple choice (used when VLMEvalKit's own
 # `DATASET_TYPE` cannot be imported).
@@ -118,7 +118,7 @@ class ParrotVLMEval:
         self.generation_kwargs.update(generation_kwargs)
         self.dump_image_func: Callable | None = None
         # Texts that would be tokenised as control tokens; the adapter places the image placeholder itself.
-        self.reserved_texts = tuple(sorted({*control_token_strings(tokenizer), IMAGE_TOKEN}))
+        self.reserved_texts = reserved_prompt_texts(tokenizer)
 
     # --- VLMEvalKit prompt hooks ----------------------------------------------------------------------------
     def set_dump_image(self, dump_image_func: Callable) -> None:

@@ -27,7 +27,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from ..data.images import BadImageError
 from ..data.processor import ParrotProcessor
-from ..data.templates import IMAGE_TOKEN, control_token_strings
+from ..data.templates import IMAGE_TOKEN, reserved_prompt_texts
 from ..model.builder import build_tiny
 from ..train.export import load_trained
 from ..model.modeling import ParrotForCausalLM
@@ -94,11 +94,6 @@ class PreparedPrompt:
     labels: torch.Tensor | None = None
 
 
-def reserved_strings(tokenizer) -> tuple[str, ...]:
-    """Texts the tokenizer turns into control tokens (`control_token_strings`) and the image placeholder."""
-    return tuple(sorted({*control_token_strings(tokenizer), IMAGE_TOKEN}))
-
-
 class _StopWhenSet(StoppingCriteria):
     """Ends generate() at its next token once `event` is set (the reader of the stream has gone away)."""
 
@@ -118,7 +113,7 @@ class ChatEngine:
         self.stream_timeout_s = stream_timeout_s
         # Fast tokenizers may raise "Already borrowed" when two threads encode at once; encoding is cheap.
         self._encode_lock = threading.Lock()
-        self._reserved = reserved_strings(processor.tokenizer)
+        self._reserved = reserved_prompt_texts(processor.tokenizer)
         self._end_ids = processor.end_of_answer_ids(self.model.generation_config.eos_token_id)
 
     @property
