@@ -408,32 +408,53 @@ def mole_config_differences(model: nn.Module, config: MoLEConfig) -> list[str]:
             f"select {len(selected)} layers, the model has {len(layers)} MoLE layers"
             + (f"; saved only: {_listed(only_saved)}" if only_saved else "")
             + (f"; model only: {_listed(only_model)}" if only_model else ""))
-    saved_routers: dict[int, dict[str, object]] = {}
-    found: dict[tuple[str, str, str], list[str]] = {}  # (field, saved value, model value) -> layers
     shared = [name for name in layers if name in selected]
+    compared = []  # (layer, saved settings, model settings)
     for name in shared:
         layer = layers[name]
-        try:
-            num_experts = config.experts_for(name)
-        except ValueError:  # a per-layer list without this layer
-            saved_count = f"{config.num_experts!r} (no entry for this layer)"
-            found.setdefault(("num_experts", saved_count, repr(layer.experts.num_experts)), []).append(name)
-            continue
-        if num_experts not in saved_routers:  # the router the saved config builds (on "meta": no memory, no init)
-            with torch.device("meta"):
-                saved_routers[num_experts] = router_settings(build_router(config.router, 1, num_experts))
         dropout = layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
-        saved = {"num_experts": num_experts, "rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
-                 **{f"router.{k}": v for k, v in saved_routers[num_experts].items()}}
         current = {"num_experts": layer.experts.num_experts, "rank": layer.experts.rank, "alpha": layer.experts.alpha,
                    "dropout": dropout, **{f"router.{k}": v for k, v in router_settings(layer.router).items()}}
-        for field_name in [k for k in saved if k in current]:  # another kind's own settings: its kind is reported
+        try:
+            num_experts = config.experts_for(name)
+        except ValueError:  # a per-layer list without this layer: only that is reported for it
+            compared.append((name, {"num_experts": _NoEntry(config.num_experts)}, current))
+            continue
+        saved = {"num_experts": num_experts, "rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
+                 **{f"router.{k}": v for k, v in built_router_settings(config.router, num_experts).items()}}
+        compared.append((name, saved, current))
+    return differences + settings_differences(compared, len(shared), "layers")
+
+
+class _NoEntry:
+    """A per-layer expert count list's missing entry: differs from every count, shown with the list."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"{self.value!r} (no entry for this layer)"
+
+
+def built_router_settings(config: RouterConfig, num_experts: int) -> dict[str, object]:
+    """`router_settings` of the router that `config` builds for `num_experts` experts (defaults resolved as
+    `build_router` resolves them), for comparing a saved config with live routers. Built on "meta": no memory."""
+    with torch.device("meta"):
+        return router_settings(build_router(config, 1, num_experts))
+
+
+def settings_differences(compared: Iterable[tuple[str, dict, dict]], total: int, unit: str) -> list[str]:
+    """One line per differing (field, saved value, model value) over `compared` ((name, saved settings, model
+    settings) per layer or block): "field: saved X, model Y", with the `unit` names it concerns when not all `total`.
+    A field only one side has is skipped: it is another kind's own setting, and the kind itself differs."""
+    found: dict[tuple[str, str, str], list[str]] = {}
+    for name, saved, current in compared:
+        for field_name in [k for k in saved if k in current]:
             if saved[field_name] != current[field_name]:
                 found.setdefault((field_name, repr(saved[field_name]), repr(current[field_name])), []).append(name)
-    for (field_name, ours, theirs), names in found.items():
-        where = "" if len(names) == len(shared) else f" (layers {_listed(names)})"
-        differences.append(f"{field_name}: saved {ours}, model {theirs}{where}")
-    return differences
+    return [f"{field_name}: saved {ours}, model {theirs}"
+            + ("" if len(names) == total else f" ({unit} {_listed(names)})")
+            for (field_name, ours, theirs), names in found.items()]
 
 
 def load_mole(model: nn.Module, directory: str | Path) -> MoLEConfig:

@@ -48,7 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..experts import LoRAExperts
-from ..mole import install_mask_hooks, mole_aux_loss, read_adapter_files, write_adapter_files
+from ..mole import (built_router_settings, install_mask_hooks, mole_aux_loss, read_adapter_files, settings_differences,
+                    write_adapter_files)
 from ..routers import RouterConfig, RouterOutput, build_router, lazy_routing_stats, router_settings
 from .moe_blocks import find_moe_blocks
 
@@ -281,27 +282,17 @@ def perft_config_differences(model: nn.Module, config: PerftConfig) -> list[str]
     "field: saved X, model Y" (variant, num_experts for R / D, rank, alpha, activation, dropout and, for PERFT-R,
     every router setting, "router." prefixed), with the blocks it concerns when not all. Empty when they agree."""
     adapters = perft_adapters(model)
-    found: dict[tuple[str, object, object], list[str]] = {}
-    saved_router: dict[int, dict[str, object]] = {}
+    compared = []  # (block, saved settings, model settings)
     for name, adapter in adapters:
         saved: dict[str, object] = {"variant": config.variant, "rank": config.rank, "alpha": config.alpha,
                                     "activation": config.activation, "dropout": config.dropout}
         if config.variant in ("perft-r", "perft-d"):
             saved["num_experts"] = config.num_experts
         if config.variant == "perft-r":
-            if config.num_experts not in saved_router:  # the router the saved config builds (on "meta": no memory)
-                with torch.device("meta"):
-                    saved_router[config.num_experts] = router_settings(build_router(config.router, 1, config.num_experts))
-            saved.update({f"router.{k}": v for k, v in saved_router[config.num_experts].items()})
-        current = _adapter_settings(adapter)
-        for key in [k for k in saved if k in current]:  # another variant's own fields: its variant is reported
-            if saved[key] != current[key]:
-                found.setdefault((key, saved[key], current[key]), []).append(name)
-    lines = []
-    for (key, ours, theirs), names in found.items():
-        where = "" if len(names) == len(adapters) else f" (blocks {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
-        lines.append(f"{key}: saved {ours!r}, model {theirs!r}{where}")
-    return lines
+            router = built_router_settings(config.router, config.num_experts)
+            saved.update({f"router.{k}": v for k, v in router.items()})
+        compared.append((name, saved, _adapter_settings(adapter)))
+    return settings_differences(compared, len(adapters), "blocks")
 
 
 def load_perft(model: nn.Module, directory: str | Path) -> PerftConfig:
