@@ -6,6 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from transformers import LogitsProcessor
 
 from parrot.model import ParrotConfig
 
@@ -51,6 +52,19 @@ def save_tiny_parrot_for(tokenizer, directory, **overrides):
     model.save_pretrained(directory)
     ParrotProcessor.for_model(tokenizer, config, model_max_length=1024).save_pretrained(directory)
     return directory
+
+
+class ScriptedTokens(LogitsProcessor):
+    """Forces the i-th new token to be script[i] (a Parrot model's generate() gets the prompt as embeddings, so
+    input_ids holds only the new tokens)."""
+
+    def __init__(self, script: list[int]):
+        self.script = script
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.script[min(input_ids.shape[1], len(self.script) - 1)]] = 0.0
+        return forced
 
 
 def pytest_configure(config):

@@ -37,6 +37,8 @@ from parrot.serve.engine import (
 from parrot.serve.examples import write_examples
 from parrot.serve.uploads import open_upload
 
+from .conftest import ScriptedTokens
+
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,19 +338,6 @@ def test_stream_reply_streams_the_greedy_answer(engine, image_file):
     assert len(pieces) > 1 and all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))  # cumulative stream
 
 
-class Scripted(LogitsProcessor):
-    """Forces the i-th new token to be script[i] (the prompt goes to generate() as embeddings: input_ids holds only
-    the new tokens)."""
-
-    def __init__(self, script: list[int]):
-        self.script = script
-
-    def __call__(self, input_ids, scores):
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.script[min(input_ids.shape[1], len(self.script) - 1)]] = 0.0
-        return forced
-
-
 def test_a_chatml_answer_ends_at_im_end_whatever_the_eos(engine, image_file, monkeypatch):
     """Training closes each ChatML answer with `<|im_end|>`. A model built on an LLM whose eos is another token (a
     base Qwen's tokenizer ends text with `<|endoftext|>`) answers "Red.<|im_end|>" all the same: the answer ends there,
@@ -362,7 +351,7 @@ def test_a_chatml_answer_ends_at_im_end_whatever_the_eos(engine, image_file, mon
     assert len(ids("<|im_end|>")) == 1
     real_generate = engine.model.generate
     monkeypatch.setattr(engine.model, "generate", lambda **kwargs: real_generate(
-        **kwargs, logits_processor=LogitsProcessorList([Scripted(script)])))
+        **kwargs, logits_processor=LogitsProcessorList([ScriptedTokens(script)])))
     prepared = based.prepare(open_upload(str(image_file)), Conversation(), "What colour is the circle?")
     *_, answer = based.stream_reply(prepared, GenerationSettings(max_new_tokens=len(script)))
     assert answer == "Red."

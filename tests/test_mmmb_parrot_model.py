@@ -6,14 +6,14 @@ import shutil
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from mmmb.evaluate import EvalConfig, build_queries, evaluate_mmmb
 from mmmb.models import ParrotMCQModel
 from mmmb.toy import toy_mmmb
 from parrot.data.tokenizer import build_tiny_tokenizer
 
-from .conftest import save_tiny_parrot_for
+from .conftest import ScriptedTokens, save_tiny_parrot_for
 
 
 @pytest.fixture(scope="module")
@@ -197,19 +197,6 @@ def test_fingerprint_covers_buffers():
     assert weights_fingerprint(model) != reference
 
 
-class _Scripted(LogitsProcessor):
-    """Forces the i-th new token to be script[i] (generate() gets the prompt as embeddings: input_ids holds only the
-    new tokens)."""
-
-    def __init__(self, script: list[int]):
-        self.script = script
-
-    def __call__(self, input_ids, scores):
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.script[min(input_ids.shape[1], len(self.script) - 1)]] = 0.0
-        return forced
-
-
 def test_generated_answer_ends_at_the_templates_end_of_answer(model_dir, tmp_path, monkeypatch):
     """A ChatML model whose eos is another token (an LLM whose tokenizer ends text with `<|endoftext|>`) still closes
     its answers with `<|im_end|>`, as training labels them: the answer ends there instead of running on into a next
@@ -228,7 +215,7 @@ def test_generated_answer_ends_at_the_templates_end_of_answer(model_dir, tmp_pat
     script = ids("A") + [im_end] + ids("\n<|im_start|>user\nB")
     real_generate = adapter.model.generate
     monkeypatch.setattr(adapter.model, "generate", lambda **kwargs: real_generate(
-        **kwargs, logits_processor=LogitsProcessorList([_Scripted(script)])))
+        **kwargs, logits_processor=LogitsProcessorList([ScriptedTokens(script)])))
     data = toy_mmmb(n_items=1, seed=2, languages=("en",))
     query = build_queries(data["en"], "en", False)[0]
     assert adapter.generate([query.prompt], [query.record.load_image()]) == ["A"]
