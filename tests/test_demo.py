@@ -671,12 +671,43 @@ def test_cli_defaults_are_local_and_private():
         main(["--model", "/nonexistent/parrot-model"])
 
 
+def test_cli_device_and_dtype(capsys):
+    """--device defaults to the GPU when there is one (else the CPU, the saved dtype kept), --dtype auto to bfloat16
+    on a GPU; a CUDA device where none exists is refused by name."""
+    args = parse_args([])
+    assert (args.device, args.dtype) == (("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", None))
+    args = parse_args(["--device", "cpu", "--dtype", "bfloat16"])
+    assert (args.device, args.dtype) == ("cpu", torch.bfloat16)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            parse_args(["--device", "cuda"])
+        assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "nowhere"])
+    assert "--device 'nowhere'" in capsys.readouterr().err
+
+
+def test_a_model_loaded_in_bfloat16_chats_with_inputs_on_its_device(engine, image_file, monkeypatch):
+    """load_model(dtype=...) casts the model; the engine's tensors go to the model's device (the CPU here, a GPU
+    with --device cuda), and a bfloat16 model answers and fills the router panel."""
+    monkeypatch.setattr(engine_module, "DEFAULT_MODEL_DIR", Path("/nonexistent"))
+    model, processor, _ = load_model(None, "cpu", torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not model.training
+    bf16 = ChatEngine(model, processor)
+    prepared = bf16.prepare(open_upload(str(image_file)), Conversation(), "What colour is the circle?")
+    assert all(t.device == model.device for t in (*prepared.batch.values(), prepared.labels))
+    *_, answer = bf16.stream_reply(prepared, GenerationSettings(max_new_tokens=4))
+    assert isinstance(answer, str)
+    weights = bf16.routing_weights(prepared)
+    assert weights is not None and abs(float(sum(weights)) - 1) < 1e-2
+
+
 def test_cli_refuses_bad_ports_and_names_a_taken_one(engine, monkeypatch, capsys):
     for port in ("0", "65536", "-5"):
         with pytest.raises(SystemExit):
             parse_args(["--port", port])
         assert "--port must be in [1, 65535]" in capsys.readouterr().err
-    monkeypatch.setattr(engine_module, "load_model", lambda model_dir: (engine.model, engine.processor, "test"))
+    monkeypatch.setattr(engine_module, "load_model", lambda *args: (engine.model, engine.processor, "test"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -16,6 +16,8 @@ import tempfile
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype choices (torch dtype names)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from .engine import DEFAULT_MODEL_DIR
@@ -31,11 +33,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=2, help="generations running at once; others queue")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more are refused")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default=None,
+                        help="where the model runs, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="model dtype (default auto: bfloat16 on a GPU, the saved dtype on the CPU)")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_queue < 1:
         parser.error("--concurrency and --max-queue must be >= 1")
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be in [1, 65535], got {args.port}")
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    if args.dtype == "auto":
+        args.dtype = torch.bfloat16 if device.type == "cuda" else None
+    else:
+        args.dtype = getattr(torch, args.dtype)
     return args
 
 
@@ -50,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, processor, source = load_model(args.model)
+        model, processor, source = load_model(args.model, args.device, args.dtype)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"parrot.serve.demo: cannot load --model: {err}") from err
     engine = ChatEngine(model, processor, source=source)

@@ -185,6 +185,7 @@ class ChatEngine:
                     f"is {self.context_length} tokens. Please shorten it."
                 )
             batch = self._tensors(messages, image)
+        batch = {name: tensor.to(self.model.device) for name, tensor in batch.items()}  # (pixels: the tower casts)
         labels = batch.pop("labels")  # earlier answers' ids: training leaves them out of the router's guidance
         return PreparedPrompt(batch, length, len(conversation.turns) - len(turns), labels)
 
@@ -258,21 +259,23 @@ class ChatEngine:
         return probs[0].tolist()  # (E,)
 
 
-def load_model(model_dir: str | Path | None) -> tuple[ParrotForCausalLM, ParrotProcessor, str]:
-    """(model, processor, description): `model_dir`, else the quickstart output, else a fresh tiny model.
+def load_model(model_dir: str | Path | None, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[ParrotForCausalLM, ParrotProcessor, str]:
+    """(model, processor, description): `model_dir`, else the quickstart output, else a fresh tiny model, in eval
+    mode on `device` (in `dtype`; None keeps the saved one). `ChatEngine` sends its inputs to the model's device.
 
     The fresh tiny model is built with the Parrot MoE on (random weights) so the router panel has something
     to show; its answers are noise until trained (`python -m parrot.quickstart`).
     """
     if model_dir is not None:
         model, processor = load_trained(model_dir)
-        return model, processor, f"model from {model_dir}"
-    if (DEFAULT_MODEL_DIR / "config.json").is_file():
+        source = f"model from {model_dir}"
+    elif (DEFAULT_MODEL_DIR / "config.json").is_file():
         logger.info("loading the quickstart model from %s", DEFAULT_MODEL_DIR)
         model, processor = load_trained(DEFAULT_MODEL_DIR)
-        return model, processor, f"quickstart model ({DEFAULT_MODEL_DIR})"
-    logger.info("no trained model at %s; building an untrained tiny model", DEFAULT_MODEL_DIR)
-    model, processor = build_tiny(use_moe=True)
-    return model.eval(), processor, (
-        "untrained tiny model (random weights: answers are noise; run `python -m parrot.quickstart` first)"
-    )
+        source = f"quickstart model ({DEFAULT_MODEL_DIR})"
+    else:
+        logger.info("no trained model at %s; building an untrained tiny model", DEFAULT_MODEL_DIR)
+        model, processor = build_tiny(use_moe=True)
+        source = "untrained tiny model (random weights: answers are noise; run `python -m parrot.quickstart` first)"
+    return model.to(device=device, dtype=dtype).eval(), processor, source
