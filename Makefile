@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# Retries: CI's network has dropped a large download mid-way (--resume-retries needs pip >= 25.1, so
+# the venv's own pip is upgraded first without it).
+NET := --retries 10 --resume-retries 20
 STAMP := $(VENV)/.installed
 
 .PHONY: install system-packages quickstart test test-fast clean-venv
@@ -21,9 +24,9 @@ system-packages:
 $(STAMP): requirements.txt requirements-torch.txt requirements-deepspeed.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements-torch.txt
-	$(PIP) install -q -r requirements.txt
-	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -r requirements-deepspeed.txt
+	$(PIP) install -q $(NET) -r requirements-torch.txt
+	$(PIP) install -q $(NET) -r requirements.txt
+	DS_BUILD_OPS=0 $(PIP) install -q $(NET) --no-build-isolation -r requirements-deepspeed.txt
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
