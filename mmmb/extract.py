@@ -158,13 +158,15 @@ def _whole_text_letter(text: str) -> str | None:
     return _to_letter(core) if len(core) == 1 and (core.isascii() and core.isalpha() or core in _HOMOGLYPHS) else None
 
 
-def _leading_label(text: str) -> str | None:
+def _leading_label(text: str, valid: str) -> str | None:
     """The label that opens the output, unless several lines open with different labels (echoed options, or
-    "A\nB")."""
+    "A\nB"); "" (decided, no answer) when a second label is joined to it ("(A) or (B)", "A), B)")."""
     match = _LEADING_LABEL.match(text)
     if match is None or len({_to_letter(m.group("letter")) for m in _LINE_LABEL.finditer(text)}) > 1:
         return None
-    return _to_letter(match.group("letter"))
+    letter = _to_letter(match.group("letter"))
+    second = _alternative_letter(text, match.end(), valid)
+    return "" if second is not None and second != letter else letter
 
 
 def _reads_as_word(text: str, raw_letter: str, end: int) -> bool:
@@ -305,7 +307,9 @@ def extract_answer(text: str, options: Sequence[str]) -> str | None:
     decided, answer = _decide(labels(_cue_letters(text, strong, valid + "".join(named))), valid)
     if decided:
         return answer
-    leading = _leading_label(text)
+    leading = _leading_label(text, valid)
+    if leading == "":
+        return None
     if leading is not None:
         leading = named.get(leading, leading)
         return leading if leading in valid else None

@@ -75,3 +75,17 @@ def test_build_from_local_checkpoints_adds_image_token(tmp_path):
     assert processor.settings.num_image_tokens == 5  # (32/16)^2 patches + CLS
     batch = processor([processor.build_prompt("what colour ?")], [Image.new("RGB", (32, 32))])
     assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1] + 4
+
+
+def test_tiny_tokenizer_advertises_a_chat_template_only_for_chatml():
+    """HF's apply_chat_template must not render ChatML for a model trained on another template."""
+    import dataclasses
+
+    from parrot.model.builder import TINY_RECIPE
+
+    _, chatml = build_tiny(TINY_RECIPE)
+    messages = [{"role": "user", "content": "What colour?"}]
+    assert chatml.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        chatml.build_prompt("What colour?", with_image=False)
+    _, llama = build_tiny(dataclasses.replace(load_recipe(TINY_RECIPE), template="llama"))
+    assert llama.tokenizer.chat_template is None

@@ -110,7 +110,11 @@ SECOND_LETTER = [
     ("答案是（A）和（B）", ZH, NO), ("答案是A、B", ZH, NO), ("A、B", ZH, NO),
     ("A resposta é (A) ou (B)", PT, NO), ("الإجابة هي A وB", AR, NO), ("الإجابة هي (أ) أو (ب)", AR, NO),
     ("Cevap A ile B", TR, NO), ("Cevap (A) veya (B)", TR, NO), ("Ответ: (А) или (В)", RU, NO),
+    # no cue: a label opening the output with a second one joined to it
+    ("(A) or (B)", EN, NO), ("A) or B)", EN, NO), ("A. or B.", EN, NO), ("(A), (B)", EN, NO),
+    ("(B) and (C)", EN, NO), ("B) 或 C)", ZH, NO), ("(A) или (B)", RU, NO),
     # one answer, wrapped or repeated
+    ("(B) and I am sure", EN, "B"), ("B. blue\nbecause it is the sky", EN, "B"),
     ("The answer is (B).", EN, "B"), ("B\nB", EN, "B"), ("答案是（C），因为是绿色", ZH, "C"),
     ("The answer is (B), A is wrong.", EN, "B"),
 ]

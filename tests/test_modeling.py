@@ -70,8 +70,10 @@ def test_generate_with_cache_equals_no_cache_greedy(vision, text):
     assert torch.equal(got, expected)
 
 
-def test_left_padded_batch_equals_single_samples():
-    model = ParrotForCausalLM(tiny_parrot_config()).eval()
+@pytest.mark.parametrize("text", ["qwen2", "gpt2"])  # gpt2: learned absolute positions, which RoPE's invariance hid
+def test_left_padded_batch_equals_single_samples(text):
+    torch.manual_seed(0)
+    model = ParrotForCausalLM(tiny_parrot_config(text=text)).eval()
     ids, mask, pixels = prompt_batch("left")
     batched = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -1]
     for b in range(2):

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
+from ..data.templates import get_template
 from ..fileio import publish
 from .configuration import ParrotConfig
 from .modeling import ParrotForCausalLM
@@ -107,6 +108,10 @@ def build_tiny(
     model = ParrotForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if get_template(recipe.template).name != "chatml":
+        # build_tiny_tokenizer attaches the ChatML Jinja; a model built for another template must not advertise it
+        # (HF's apply_chat_template would render prompts the model is never trained on)
+        tokenizer.chat_template = None
     processor = ParrotProcessor.for_model(tokenizer, config, recipe.template, recipe.model_max_length)
     return model, processor
 

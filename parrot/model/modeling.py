@@ -208,6 +208,13 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         if pixel_values is None and input_ids is not None and self._visual_path_on_every_rank() and (
                 cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)):  # no decode step
             input_ids, inputs_embeds = None, self._with_idle_visual_path(self.get_input_embeddings()(input_ids))
+        if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 \
+                and bool(attention_mask[:, -1].all()) and not bool(attention_mask.all()):
+            # Left padding (likelihood scoring, a hand-written decoding loop): number each row's real tokens from 0,
+            # as generate() does. The LM's default arange(T) starts a row at its pad count, which RoPE forgives but
+            # learned absolute positions (GPT-2, OPT, ...) do not: the scores would depend on the batch.
+            new = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
         out = self.language_model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
