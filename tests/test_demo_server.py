@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
+from gradio_client.utils import Status
 from PIL import Image
 
 from parrot.data.templates import IGNORE_INDEX
@@ -415,6 +416,12 @@ def test_browser_renders_the_chat_and_answers(server, demo_files, tmp_path):
         # of the answer writing the old one back. Two long API answers (the server runs two at once) keep this one
         # waiting in the queue when Clear is pressed 0.2 s after Send, so the answer surely comes after the Clear.
         busy = [client(server).submit(None, "Tell a long story.", 1.0, 1.0, 255, api_name="/chat") for _ in range(2)]
+        # Both must hold their slots before Send (the client joins the queue from a thread: on a loaded machine the
+        # browser's message could otherwise start first, and the test would be about a running answer instead).
+        deadline = time.monotonic() + 60
+        while not all(job.status().code in (Status.PROCESSING, Status.ITERATING) for job in busy):
+            assert time.monotonic() < deadline, [job.status().code for job in busy]
+            time.sleep(0.02)
         browser.evaluate(TYPE_MESSAGE_JS % json.dumps("Describe the picture."))
         browser.evaluate("document.querySelector('#parrot-send').click(); "
                          "setTimeout(() => document.querySelector('#parrot-clear').click(), 200); true")

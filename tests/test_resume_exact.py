@@ -72,7 +72,8 @@ def _assert_same_files(a: Path, b: Path, names) -> None:
 
 
 @pytest.mark.parametrize("case", [
-    dict(stage=1, max_steps=6, save_steps=3, dataloader_workers=2),
+    # logging every 2 steps, saving every 3: the logged losses too (a resumed run's first window starts at its checkpoint)
+    dict(stage=1, max_steps=6, save_steps=3, logging_steps=2, dataloader_workers=2),
     dict(stage=2, data="qa", tuning="lora", lora_dropout=0.3, lora_targets="q_proj,v_proj", max_steps=6,
          save_steps=4, learning_rate=3e-3),
     dict(stage=2, data="qa", tuning="mole", router="gwmoe", lora_dropout=0.2, lora_targets="q_proj", mole_experts=2,

@@ -84,6 +84,19 @@ def plot_loss_curve(log_history: list[dict], path: str | Path, title: str = "tra
     return path
 
 
+class LogAtCheckpointsCallback(TrainerCallback):
+    """Logs at every checkpoint step, so that `--resume` reproduces the logged losses. A resumed run's first
+    logging window starts at its checkpoint (HF restarts its loss accumulator there); where save_steps is not a
+    multiple of logging_steps, the uninterrupted run's window had started earlier and averaged other steps. HF
+    logs before it saves, so with this the checkpoint's log history ends exactly where the resumed run starts.
+    Added after HF's DefaultFlowCallback, which decides `should_save` in the same event."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+        return control
+
+
 class LossCurveCallback(TrainerCallback):
     """Writes `loss_curve.png` and `loss_history.json` into the output dir at every save and at the end
     (the history survives a resume: it lives in the restored `TrainerState`)."""
