@@ -726,3 +726,183 @@ def test_duplicate_ids_in_a_file_are_a_warning_naming_them(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="parrot.data.datasets"):
         load_records(unique)
     assert caplog.records == []
+
+
+# ---------------------------------------------------------------------------------- text budget per record
+def _growing_conversation(tokenizer, first_user_prefix: str, lower: int, upper: int) -> list[dict]:
+    """Short exchanges until the whole conversation tokenises to more than `lower` and at most `upper` tokens."""
+    turns = []
+    for i in range(200):
+        prefix = first_user_prefix if i == 0 else ""
+        turns += [{"from": "human", "value": f"{prefix}Colour {i}?"}, {"from": "gpt", "value": "Blue."}]
+        n = len(get_template("chatml").tokenize(llava_to_messages(turns), tokenizer, 10 ** 6)[0])
+        if n > lower:
+            assert n <= upper, (lower, n, upper)
+            return turns
+    raise AssertionError("conversation never grew past the lower bound")
+
+
+def test_only_a_record_with_an_image_gives_up_the_visual_tokens_positions(tokenizer, tmp_path):
+    """max_length counts LLM positions: a text-only record is truncated at max_length text tokens (as LLaVA does at
+    model_max_length); only a record with an image keeps image_extra_tokens fewer (its <image> expands to that many
+    more positions). Reference: the template's truncation at those lengths, applied to the raw conversation."""
+    max_length, extra = 128, 40
+    template = get_template("chatml")
+    text_turns = _growing_conversation(tokenizer, "", max_length - extra, max_length)
+    image_turns = _growing_conversation(tokenizer, "<image>\n", max_length - extra, max_length)
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    records = [{"id": "text", "conversations": text_turns},
+               {"id": "img", "image": "a.png", "conversations": image_turns}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    registry = write_registry(tmp_path, {"d": {"path": "d.json", "image_dir": str(tmp_path)}})
+    report = tmp_path / "bad.json"
+    config = DataConfig(spec="d", registry=str(registry), max_length=max_length, image_extra_tokens=extra,
+                        bad_data_report=str(report))
+    built = build_dataset(config, tokenizer, to_tensor)
+    direct = ConversationDataset(mix_datasets("d", registry), tokenizer, "chatml", max_length, to_tensor,
+                                 image_extra_tokens=extra)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    for dataset in (built, direct):
+        assert [r.record["id"] for r in dataset.records] == ["text", "img"]
+        expected = ((dataset[0], text_turns, max_length), (dataset[1], image_turns, max_length - extra))
+        for item, turns, budget in expected:
+            ids, labels = template.tokenize(llava_to_messages(turns), tokenizer, budget)
+            assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
+        text_ids, image_ids = dataset[0]["input_ids"].tolist(), dataset[1]["input_ids"].tolist()
+        # the text-only record is whole (it fits max_length); the image record is cut, and fits once expanded
+        assert text_ids == template.tokenize(llava_to_messages(text_turns), tokenizer, 10 ** 6)[0]
+        assert len(text_ids) > max_length - extra
+        assert image_ids.count(image_id) == 1 and len(image_ids) + extra <= max_length
+        assert dataset.text_budget(dataset.records[0]) == max_length
+        assert dataset.text_budget(dataset.records[1]) == max_length - extra
+    assert json.loads(report.read_text())["counts"] == {"checked": 1, "skipped": 0}
+    # image_extra_tokens=0 (the default) counts text tokens only: the image record is then kept whole as well
+    plain = ConversationDataset(mix_datasets("d", registry), tokenizer, "chatml", max_length, to_tensor)
+    assert plain[1]["input_ids"].tolist() == template.tokenize(llava_to_messages(image_turns), tokenizer, 10 ** 6)[0]
+
+
+def test_label_check_uses_the_records_own_text_budget(tokenizer, tmp_path):
+    """A first user turn that fits max_length but not max_length - image_extra_tokens: the text-only record keeps its
+    answer, the same text with an image loses it and is a counted skip naming its budget. Reference: the template's
+    own truncation of each conversation at the LLaVA budget."""
+    max_length, extra = 96, 48
+    template = get_template("chatml")
+    question = "What colour is it? " * 6
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    text = _qa("text", image=None, user=question, answer="Blue.")
+    with_image = _qa("img", user="<image>\n" + question.strip(), answer="Blue.")
+    for record, budget in ((text, max_length), (with_image, max_length - extra)):
+        labels = template.tokenize(llava_to_messages(record["conversations"]), tokenizer, budget)[1]
+        assert any(label != IGNORE_INDEX for label in labels) == (record is text)  # what LLaVA's budget decides
+    items = [SourcedRecord(r, "train.json", i, tmp_path, "d") for i, r in enumerate([text, with_image])]
+    dataset = ConversationDataset(items, tokenizer, "chatml", max_length, to_tensor, image_extra_tokens=extra)
+    assert [r.record["id"] for r in dataset.records] == ["text"]
+    assert dataset.report.counts == {"checked": 0, "skipped": 1, "no_supervised_tokens": 1}
+    (entry,) = dataset.report.to_dict()["skipped"]
+    assert entry["id"] == "img"
+    assert f"within {max_length - extra} text tokens (max_length={max_length}" in entry["reason"]
+
+
+@pytest.mark.parametrize("extra, message", [(-1, "image_extra_tokens must be"), (1.5, "image_extra_tokens must be"),
+                                            (True, "image_extra_tokens must be"), (64, "leaves no text token")])
+def test_image_extra_tokens_must_leave_room(tokenizer, extra, message):
+    with pytest.raises(ValueError, match=message):
+        ConversationDataset([], tokenizer, "chatml", 64, image_extra_tokens=extra)
+
+
+# ------------------------------------------------------------------------- image placeholder position
+def _llava_preprocess_multimodal(conversations):
+    """LLaVA v1.5 `llava/train/train.py` preprocess_multimodal (mm_use_im_start_end off), on a copy."""
+    out = []
+    for sentence in conversations:
+        value = sentence["value"]
+        if "<image>" in value:
+            value = value.replace("<image>", "").strip()
+            value = "<image>" + "\n" + value
+            value = value.strip()
+        out.append({**sentence, "value": value})
+    return out
+
+
+def test_image_placeholder_goes_to_the_front_of_its_turn_as_in_llava(tokenizer, tmp_path):
+    """A record written "question\\n<image>" trains with the placeholder first, as LLaVA's preprocess_multimodal
+    lays it out and inference prompts it; the checks tokenise that text too, and the changed records are listed in
+    the report. Reference: LLaVA's preprocess_multimodal (re-implemented above), then the template."""
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    records = [
+        _qa("after", user="What colour is it?\n<image>"),
+        _qa("front", user="<image>\nWhat colour is it?"),
+        _qa("middle", user="What colour  <image>  is it? "),
+        _qa("text", image=None, user="What colour is it?\n"),  # no image: left alone, as in LLaVA
+        {"id": "second", "image": "a.png", "conversations": [
+            {"from": "human", "value": "Hello."}, {"from": "gpt", "value": "Hi."},
+            {"from": "human", "value": "And this one?  <image>"}, {"from": "gpt", "value": "Red."}]},
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    texts = []
+
+    class Counting:
+        def __call__(self, text, **kwargs):
+            texts.extend([text] if isinstance(text, str) else text)
+            return tokenizer(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    loaded = [SourcedRecord(r, str(path), i, tmp_path, "d") for i, r in enumerate(load_records(path))]
+    dataset = ConversationDataset(loaded, Counting(), "chatml", 256, to_tensor)
+    assert len(dataset) == len(records)
+    template = get_template("chatml")
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    for i, record in enumerate(records):
+        conversations = record["conversations"]
+        expected = _llava_preprocess_multimodal(conversations) if "image" in record else conversations
+        ids, labels = template.tokenize(llava_to_messages(expected), tokenizer, 256)
+        assert dataset[i]["input_ids"].tolist() == ids and dataset[i]["labels"].tolist() == labels, record["id"]
+    # "after" trains exactly as the same question written image-first (inference's layout)
+    assert torch.equal(dataset[0]["input_ids"], dataset[1]["input_ids"])
+    user = tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    ids = dataset[0]["input_ids"].tolist()
+    assert ids[ids.index(image_id) - len(user):ids.index(image_id)] == user
+    # the build-time checks tokenised the moved text, never the record's original layout
+    assert not any("is it?\n<image>" in t or "<image>  is" in t or "?  <image>" in t for t in texts)
+    assert any("user\n<image>\nWhat colour is it?<" in t for t in texts)
+    assert dataset.report.counts == {"checked": 4, "skipped": 0, "image_placeholder_moved_to_front": 3}
+    changed = dataset.report.to_dict()["changed"]
+    assert [(e["file"], e["id"], e["kind"]) for e in changed] == [
+        (str(path), rid, "image_placeholder_moved_to_front") for rid in ("after", "middle", "second")]
+    assert "record 0 (id 'after'): conversations[0]" in changed[0]["reason"]
+    assert "conversations[2]" in changed[2]["reason"]
+
+
+def test_several_placeholders_are_never_collapsed():
+    """Only the one-placeholder case is normalised; a conversation with several (not loadable: one image per
+    record) is returned as it is, never with two placeholders merged into one."""
+    from parrot.data.datasets import image_placeholder_first
+
+    one = [{"from": "human", "value": "Q?\n<image>"}, {"from": "gpt", "value": "A."}]
+    assert image_placeholder_first(one) == _llava_preprocess_multimodal(one)
+    assert one[0]["value"] == "Q?\n<image>"  # not modified in place
+    for several in ([{"from": "human", "value": "<image> vs <image>?"}, {"from": "gpt", "value": "A."}],
+                    [{"from": "human", "value": "Q\n<image>"}, {"from": "gpt", "value": "A."},
+                     {"from": "human", "value": "R\n<image>"}, {"from": "gpt", "value": "B."}]):
+        assert image_placeholder_first(several) is several
+    front = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]
+    assert image_placeholder_first(front) is front
+
+
+def test_report_lists_a_bounded_number_of_changes_per_kind_and_counts_all(monkeypatch):
+    """A change can concern most records of a large mix: listed up to the cap per kind, counted in full."""
+    from parrot.data import datasets
+
+    monkeypatch.setattr(datasets, "CHANGES_LISTED_PER_KIND", 3)
+    report = datasets.BadDataReport()
+    for i in range(5):
+        report.add_change("a.json", str(i), "moved", datasets.IMAGE_PLACEHOLDER_MOVED_TO_FRONT)
+    report.add_change("a.json", "x", "dropped", datasets.LEADING_ASSISTANT_TURN_DROPPED)
+    written = report.to_dict()
+    assert written["counts"][datasets.IMAGE_PLACEHOLDER_MOVED_TO_FRONT] == 5
+    assert written["counts"][datasets.LEADING_ASSISTANT_TURN_DROPPED] == 1
+    assert [c["id"] for c in written["changed"]] == ["0", "1", "2", "x"]
+    assert written["changed_listed_per_kind"] == 3

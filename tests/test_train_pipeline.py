@@ -413,6 +413,47 @@ def test_max_samples_draws_from_the_whole_mix_before_the_checks(ws, tmp_path):
     assert report.checked == 8 and json.loads((tmp_path / BAD_DATA_REPORT).read_text())["counts"]["checked"] == 8
 
 
+def test_text_only_records_keep_model_max_length_and_image_records_give_up_the_visual_tokens(ws, tmp_path):
+    """The run truncates as LLaVA does: a text-only record at model_max_length text tokens, a record with an image
+    num_image_tokens - 1 fewer (its <image> takes num_image_tokens positions in the LLM). Reference: the template's
+    truncation at those lengths, from the processor's own settings."""
+    from parrot.data.templates import get_template, llava_to_messages
+    from parrot.model.builder import load_pretrained
+    from parrot.train.run import build_train_dataset
+
+    _, processor = load_pretrained(ws["init"])
+    tokenizer, settings = processor.tokenizer, processor.settings
+    template = get_template(settings.template)
+    length, image_budget = settings.model_max_length, settings.model_max_length - (settings.num_image_tokens - 1)
+    assert settings.num_image_tokens > 1
+
+    def full_length(turns):
+        return len(template.tokenize(llava_to_messages(turns), tokenizer, 10 ** 6)[0])
+
+    def conversation(prefix):  # short exchanges until it no longer fits the image budget (but fits the model)
+        turns = []
+        while not turns or full_length(turns) <= image_budget:
+            turns += [{"from": "human", "value": f"{prefix if not turns else ''}Colour {len(turns)}?"},
+                      {"from": "gpt", "value": "Blue."}]
+        assert full_length(turns) <= length
+        return turns
+
+    data = tmp_path / "data"
+    data.mkdir()
+    image = next((Path(ws["registry"]).parent / "images").iterdir())
+    records = [{"id": "text", "conversations": conversation("")},
+               {"id": "img", "image": str(image), "conversations": conversation("<image>\n")}]
+    (data / "d.json").write_text(json.dumps(records))
+    (data / "reg.yaml").write_text(yaml.safe_dump({"root": ".", "datasets": {"d": {"path": "d.json"}}}))
+    dataset, _ = build_train_dataset(config(ws, tmp_path / "out", data="d", data_registry=str(data / "reg.yaml")),
+                                     processor, tmp_path / "out")
+    for item, record, budget in ((dataset[0], records[0], length), (dataset[1], records[1], image_budget)):
+        ids, labels = template.tokenize(llava_to_messages(record["conversations"]), tokenizer, budget)
+        assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels, record["id"]
+    assert len(dataset[0]["input_ids"]) > image_budget  # the text-only record was not cut to the image budget
+    assert len(dataset[1]["input_ids"]) + settings.num_image_tokens - 1 <= length  # the image record fits the LLM
+
+
 def test_global_batch_must_divide(ws, tmp_path):
     with pytest.raises(ValueError, match="not a multiple"):
         train(config(ws, tmp_path / "run", global_batch_size=6, per_device_batch_size=4))

@@ -24,8 +24,14 @@ record and counts it in a `BadDataReport` (written to JSON with `BadDataReport.w
 dataset is built, so a skip never happens silently mid-training; the kept records, the report and the first error
 are those of a one-thread check.
 
+Length: `max_length` counts the LLM's positions (the model's `model_max_length`), as LLaVA's truncation does. A
+text-only record keeps up to `max_length` text tokens; a record with an image keeps `image_extra_tokens` fewer, the
+positions its `<image>` placeholder takes in the LLM beyond its own token (num_image_tokens - 1), so both fit the
+model. A record holds at most one image (one placeholder), so its text budget is max_length or
+max_length - image_extra_tokens.
+
 Nothing to learn from: a record without an assistant turn is a DataFormatError when files are loaded; a record
-whose answer lies wholly past `max_length` after truncation (an over-long first user turn) is skipped when the
+whose answer lies wholly past its text budget after truncation (an over-long first user turn) is skipped when the
 dataset is built and counted in the same report (kind "no_supervised_tokens"). So is a record whose text spells
 one of the tokenizer's control tokens, e.g. a literal "<|im_end|>" in a scraped answer (kind "control_token_text"):
 tokenised, it would become that token and end the turn mid-answer.
@@ -34,6 +40,12 @@ A conversation that opens with an assistant turn (after an optional system turn)
 `preprocess` (`source = source[1:]`; real LLaVA files hold a few such records): the record is kept and counted in
 the report's `changed` list (kind "leading_assistant_turn_dropped"), so LLaVA data trains unedited and the drop is
 visible; a record with no assistant turn after it is a DataFormatError at load.
+
+The `<image>` placeholder goes to the front of its turn, as in LLaVA's `preprocess_multimodal`: the turn becomes
+"<image>\\n" + the rest of its text, stripped (so "question\\n<image>" trains as "<image>\\nquestion", the layout
+`ParrotProcessor.build_messages` gives at inference). A record whose text this changes is kept and listed in the
+report's `changed` list (kind "image_placeholder_moved_to_front"); one already written "<image>\\n" + stripped text
+is unchanged and not listed.
 
 Files are UTF-8 (a byte-order mark is allowed); JSONL lines end at "\n" only (JSON strings may hold U+2028 or
 U+0085 raw). A `<image>` placeholder belongs in a user turn; a spec naming a dataset twice, a ratio that is not a
@@ -86,6 +98,10 @@ CONTROL_TOKEN_TEXT = "control_token_text"  # BadDataReport kind: a turn spells a
 NO_SUPERVISED_TOKENS = "no_supervised_tokens"  # BadDataReport kind: every label ignored after truncation
 # BadDataReport kind of a record kept with a change: its first turn (after a system turn) was the assistant's
 LEADING_ASSISTANT_TURN_DROPPED = "leading_assistant_turn_dropped"
+# BadDataReport kind of a record kept with a change: its turn holding the image placeholder was rewritten as LLaVA's
+# preprocess_multimodal does ("<image>\n" + the rest, stripped)
+IMAGE_PLACEHOLDER_MOVED_TO_FRONT = "image_placeholder_moved_to_front"
+CHANGES_LISTED_PER_KIND = 1000  # kept-with-a-change records listed by name in the report, per kind (all counted)
 DUPLICATE_IDS_SHOWN = 5  # duplicated ids named in load_records' warning
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "configs" / "datasets.yaml"
 
@@ -148,6 +164,26 @@ def leading_assistant_turn(conversations: list) -> int | None:
     if first < len(conversations) and source(conversations[first]) in ASSISTANT_SOURCES:
         return first
     return None
+
+
+def image_placeholder_first(conversations: list[dict], image_token: str = IMAGE_TOKEN) -> list[dict]:
+    """LLaVA's `preprocess_multimodal` (mm_use_im_start_end off): the turn holding the image placeholder becomes
+    `(image_token + "\\n" + value.replace(image_token, "").strip()).strip()`, so training sees the placeholder where
+    inference puts it (`ParrotProcessor.build_messages`: first, then a newline, then the question).
+
+    Only a conversation holding exactly one placeholder is normalised (a record has at most one image, and
+    `validate_record` refuses any other count): with several, moving each to the front of its turn would collapse
+    the placeholders of one turn into one and orphan an image, so such a conversation is returned unchanged.
+    Returns `conversations` itself when nothing changes, else a new list (the turns are not modified in place)."""
+    holding = [t for t, turn in enumerate(conversations) if image_token in turn["value"]]
+    if len(holding) != 1 or conversations[holding[0]]["value"].count(image_token) != 1:
+        return conversations
+    t = holding[0]
+    value = conversations[t]["value"]
+    normalised = (image_token + "\n" + value.replace(image_token, "").strip()).strip()
+    if normalised == value:
+        return conversations
+    return conversations[:t] + [{**conversations[t], "value": normalised}] + conversations[t + 1:]
 
 
 def _decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
@@ -433,13 +469,16 @@ class PackedRecords(Sequence):
 class BadDataReport:
     """Counts and a list of (file, record id, reason) for skipped records: bad images, records left with no
     supervised token after truncation, records spelling a control token; and, apart, records kept with a counted
-    change (`changed`: a dropped leading assistant turn). `counts` has one entry per kind of either list;
-    "skipped" counts only the skipped records."""
+    change (`changed`: a dropped leading assistant turn, an image placeholder moved to the front of its turn).
+    `counts` has one entry per kind of either list; "skipped" counts only the skipped records."""
 
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)  # parallel to `skipped`
     checked: int = 0
-    changed: list[tuple[str, str, str, str]] = field(default_factory=list)  # (data file, id, reason, kind), kept
+    # (data file, id, reason, kind) of kept records, the first CHANGES_LISTED_PER_KIND of each kind: a change can
+    # concern most of a large mix (LLaVA-665k writes many questions before their "<image>"); all are counted.
+    changed: list[tuple[str, str, str, str]] = field(default_factory=list)
+    changed_counts: Counter = field(default_factory=Counter)
 
     def add(self, file: str, record_id: str, reason: str, kind: str) -> None:
         """A skipped record. `kind` is "missing" (no such image file), "unreadable" (cannot be decoded),
@@ -448,19 +487,24 @@ class BadDataReport:
         self.kinds.append(kind)
 
     def add_change(self, file: str, record_id: str, reason: str, kind: str) -> None:
-        """A record kept with a change, e.g. kind LEADING_ASSISTANT_TURN_DROPPED; `file` is the data file."""
-        self.changed.append((file, record_id, reason, kind))
+        """A record kept with a change, kind LEADING_ASSISTANT_TURN_DROPPED or IMAGE_PLACEHOLDER_MOVED_TO_FRONT;
+        `file` is the data file. Counted always; listed in `changed` while the kind has fewer than
+        CHANGES_LISTED_PER_KIND entries there."""
+        if self.changed_counts[kind] < CHANGES_LISTED_PER_KIND:
+            self.changed.append((file, record_id, reason, kind))
+        self.changed_counts[kind] += 1
 
     @property
     def counts(self) -> dict[str, int]:
         return {"checked": self.checked, "skipped": len(self.skipped), **dict(Counter(self.kinds)),
-                **dict(Counter(kind for *_, kind in self.changed))}
+                **dict(self.changed_counts)}
 
     def to_dict(self) -> dict:
         return {"counts": self.counts,
                 "skipped": [{"file": f, "id": i, "kind": k, "reason": r}
                             for (f, i, r), k in zip(self.skipped, self.kinds)],
-                "changed": [{"file": f, "id": i, "kind": k, "reason": r} for f, i, r, k in self.changed]}
+                "changed": [{"file": f, "id": i, "kind": k, "reason": r} for f, i, r, k in self.changed],
+                "changed_listed_per_kind": CHANGES_LISTED_PER_KIND}
 
     def write(self, path: str | Path) -> None:
         """Write the report all or nothing (`atomic_write_text`): a crash mid-write keeps the previous report."""
@@ -540,7 +584,13 @@ class ConversationDataset(Dataset):
     `image_transform` is any callable PIL image -> tensor (3, H, W), e.g. `parrot.data.images.ImageTransform`.
     Images are decoded once at construction to apply `on_bad_image` (see module docstring), by `image_workers`
     threads (None: `default_image_workers()`; 1: in this thread); the result does not depend on the count.
-    A leading assistant turn is dropped (as LLaVA does) and counted in `report.changed`.
+    A leading assistant turn is dropped and the image placeholder moved to the front of its turn (as LLaVA does),
+    each record so changed counted in `report.changed`.
+
+    `max_length` counts LLM positions (the model's `model_max_length`): a text-only record is truncated to
+    `max_length` text tokens, a record with an image to `max_length - image_extra_tokens` (`image_extra_tokens`: the
+    positions one `<image>` adds in the LLM beyond its placeholder token, num_image_tokens - 1; 0 counts text tokens
+    only). See `text_budget`.
     """
 
     def __init__(
@@ -555,15 +605,24 @@ class ConversationDataset(Dataset):
         system: str | None = None,
         image_token: str = IMAGE_TOKEN,
         image_workers: int | None = None,
+        image_extra_tokens: int = 0,
     ):
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
         if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
-            raise ValueError(f"max_length must be a positive number of text tokens, got {max_length!r} (the model's "
-                             "max length minus the visual tokens of an image)")
+            raise ValueError(f"max_length must be a positive number of LLM positions, got {max_length!r} (the "
+                             "model's model_max_length)")
+        if isinstance(image_extra_tokens, bool) or not isinstance(image_extra_tokens, numbers.Integral) \
+                or image_extra_tokens < 0:
+            raise ValueError(f"image_extra_tokens must be a number of positions >= 0, got {image_extra_tokens!r} "
+                             "(num_image_tokens - 1)")
+        if image_extra_tokens >= max_length:
+            raise ValueError(f"max_length={max_length} leaves no text token to a record with an image, whose "
+                             f"placeholder takes {image_extra_tokens} more positions (image_extra_tokens)")
         self.tokenizer = tokenizer
         self.template = get_template(template) if isinstance(template, str) else template
         self.max_length = max_length
+        self.image_extra_tokens = image_extra_tokens
         self.image_transform = image_transform
         self.system = system
         self.image_token = image_token
@@ -578,9 +637,39 @@ class ConversationDataset(Dataset):
             raise ValueError(f"{without_transform.where}: has an image but the dataset has no image_transform")
         # Text first: it is cheap and its errors (a malformed conversation, a placeholder truncation would cut) stop
         # the build before every image has been decoded; a record skipped for its text needs no image check.
-        records = self._drop_leading_assistant_turns(records)
+        records = self._drop_leading_assistant_turns(self._move_image_placeholders_to_front(records))
         text_ok = self._drop_unsupervised(self._drop_control_text(records))
         self.records = PackedRecords(self._check_images(text_ok, on_bad_image))
+
+    def _move_image_placeholders_to_front(self, records: Sequence[SourcedRecord]) -> list[SourcedRecord]:
+        """`records`, the placeholder of each record with an image moved to the front of its turn as LLaVA's
+        `preprocess_multimodal` does (`image_placeholder_first`), each record whose text that changes counted in
+        `report.changed` (kind IMAGE_PLACEHOLDER_MOVED_TO_FRONT). The stored record is the normalised one, so the
+        checks and the training tokenisation all build their messages from the same text."""
+        out = []
+        moved = 0
+        for item in records:
+            conversations = item.record["conversations"]
+            normalised = image_placeholder_first(conversations, self.image_token) if "image" in item.record \
+                else conversations
+            if normalised is conversations:
+                out.append(item)
+                continue
+            moved += 1
+            turn = next(t for t, (old, new) in enumerate(zip(conversations, normalised)) if old != new)
+            before = conversations[turn]["value"].split(self.image_token)[0]
+            what = "moved to the front of the turn" if before.strip() else "already first; whitespace normalised"
+            layout = self.image_token + "\n"
+            out.append(SourcedRecord({**item.record, "conversations": normalised}, item.source, item.index,
+                                     item.image_dir, item.dataset))
+            self.report.add_change(item.source, str(item.record["id"]),
+                                   f"{item.where}: conversations[{turn}]: {self.image_token!r} placeholder {what} "
+                                   f"(the turn is now {layout!r} + its text, as in LLaVA's preprocess_multimodal)",
+                                   IMAGE_PLACEHOLDER_MOVED_TO_FRONT)
+        if moved:
+            logger.warning("moved the image placeholder to the front of its turn in %d records (kept; listed in the "
+                           "bad-data report)", moved)
+        return out
 
     def _drop_leading_assistant_turns(self, records: Sequence[SourcedRecord]) -> list[SourcedRecord]:
         """`records`, each conversation that opens with an assistant turn (after an optional system turn) without
@@ -662,9 +751,9 @@ class ConversationDataset(Dataset):
 
     def _drop_unsupervised(self, records: list[SourcedRecord]) -> list[SourcedRecord]:
         """Skip, counted in the report, records whose labels are all ignored after truncation (a first user
-        turn longer than max_length, or no assistant turn): they teach nothing and give a NaN loss when a
-        whole batch is made of them. Chunk by chunk, the texts the check will tokenise are tokenised in one batched
-        call first (`_PretokenizedSegments`); the records are then decided one by one, in order."""
+        turn longer than the record's `text_budget`, or no assistant turn): they teach nothing and give a NaN loss
+        when a whole batch is made of them. Chunk by chunk, the texts the check will tokenise are tokenised in one
+        batched call first (`_PretokenizedSegments`); the records are then decided one by one, in order."""
         kept = []
         tokenizer = _PretokenizedSegments(self.tokenizer)
         progress = tqdm(total=len(records), desc="checking labels", disable=len(records) < 5000)
@@ -676,21 +765,45 @@ class ConversationDataset(Dataset):
                     kept.append(item)
                 else:
                     self.report.add(item.source, str(item.record["id"]),
-                                    f"{item.where}: no assistant token within max_length={self.max_length} "
+                                    f"{item.where}: no assistant token within {self._budget_text(item)} "
                                     "(first user turn too long, or no assistant turn)", NO_SUPERVISED_TOKENS)
                 progress.update()
         progress.close()
         skipped = len(records) - len(kept)
         if skipped:
-            logger.warning("skipped %d records with no supervised token within max_length=%d (%s)",
-                           skipped, self.max_length, self.report.counts)
+            logger.warning("skipped %d records with no supervised token within their text budget (max_length=%d, "
+                           "image_extra_tokens=%d) (%s)", skipped, self.max_length, self.image_extra_tokens,
+                           self.report.counts)
         return kept
+
+    def _placeholders(self, item: SourcedRecord) -> int:
+        """Image placeholders in the record's text: 1 for a record with an image, 0 for a text-only one
+        (`validate_record`)."""
+        return sum(turn["value"].count(self.image_token) for turn in item.record["conversations"])
+
+    def text_budget(self, item: SourcedRecord) -> int:
+        """The text tokens `item` keeps at most: `max_length` LLM positions less `image_extra_tokens` per image
+        placeholder (each expands to that many more positions in the LLM), so a text-only record keeps `max_length`,
+        as LLaVA truncates at model_max_length. The checks and `_tokenize` all truncate to this."""
+        return self.max_length - self.image_extra_tokens * self._placeholders(item)
+
+    def _budget_text(self, item: SourcedRecord) -> str:
+        budget = self.text_budget(item)
+        if budget == self.max_length:
+            return f"max_length={self.max_length} text tokens"
+        return (f"{budget} text tokens (max_length={self.max_length} less {self.max_length - budget} positions of "
+                "the image's visual tokens)")
+
+    def _messages(self, item: SourcedRecord) -> list[dict]:
+        """The messages of a stored record (its placeholder already moved to the front at build): the one place the
+        checks and the training tokenisation build them, so they cannot disagree."""
+        return llava_to_messages(item.record["conversations"], record_id=item.where)
 
     def _check_texts(self, item: SourcedRecord) -> list[str]:
         """The texts `_keeps_supervised_token(item)` will likely tokenise; none for a malformed conversation (its
         error is raised in order, by the check itself)."""
         try:
-            messages = llava_to_messages(item.record["conversations"], record_id=item.where)
+            messages = self._messages(item)
             return self.template.check_texts(messages, self.tokenizer, system=self.system)
         except ValueError:
             return []
@@ -699,14 +812,14 @@ class ConversationDataset(Dataset):
         """`_tokenize(item)` keeps a labelled token; decided from a prefix of the conversation (usually up to the
         first answer), as `__getitem__` tokenises the whole record again anyway. Raises what `_tokenize` raises.
         `tokenizer`: a stand-in giving the same ids (`_PretokenizedSegments`), else the dataset's."""
-        messages = llava_to_messages(item.record["conversations"], record_id=item.where)
+        messages = self._messages(item)
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        return self.template.keeps_supervised_token(messages, tokenizer, self.max_length,
+        return self.template.keeps_supervised_token(messages, tokenizer, self.text_budget(item),
                                                     self.image_token, system=self.system, record_id=item.where)
 
     def _tokenize(self, item: SourcedRecord) -> tuple[list[int], list[int]]:
-        messages = llava_to_messages(item.record["conversations"], record_id=item.where)
-        return self.template.tokenize(messages, self.tokenizer, self.max_length, self.image_token,
+        messages = self._messages(item)
+        return self.template.tokenize(messages, self.tokenizer, self.text_budget(item), self.image_token,
                                       system=self.system, record_id=item.where)
 
     def __len__(self) -> int:
@@ -758,7 +871,11 @@ class DataConfig:
     spec: str
     registry: str = str(DEFAULT_REGISTRY)
     data_root: str | None = None
+    # LLM positions per record (the model's model_max_length): a text-only record keeps this many text tokens, a
+    # record with an image `image_extra_tokens` fewer (the positions its <image> adds beyond the placeholder token,
+    # num_image_tokens - 1; 0 counts text tokens only)
     max_length: int = 512
+    image_extra_tokens: int = 0
     template: str = "chatml"
     on_bad_image: str = "error"
     bad_data_report: str | None = None  # JSON file for BadDataReport
@@ -782,7 +899,7 @@ def build_dataset(config: DataConfig, tokenizer, image_transform=None) -> Conver
                     len(records), ", ".join(f"{name} {n}" for name, n in Counter(r.dataset for r in drawn).items()))
         records = drawn
     dataset = ConversationDataset(records, tokenizer, config.template, config.max_length, image_transform,
-                                  config.on_bad_image)
+                                  config.on_bad_image, image_extra_tokens=config.image_extra_tokens)
     if config.max_records is not None:
         logger.info("max_records=%d: %d records remain after the checks (%s)", config.max_records, len(dataset),
                     dataset.report.counts)

@@ -115,11 +115,12 @@ def load_model(cfg: TrainConfig) -> tuple[ParrotForCausalLM, ParrotProcessor]:
 
 def build_train_dataset(cfg: TrainConfig, processor: ParrotProcessor, output_dir: Path):
     settings = processor.settings
-    # The template truncates text tokens; each <image> expands to num_image_tokens positions in the LLM.
-    text_budget = settings.model_max_length - max(settings.num_image_tokens - 1, 0)
+    # As LLaVA: a record is truncated at model_max_length text tokens; only a record with an image loses the
+    # num_image_tokens - 1 positions its <image> placeholder expands to in the LLM beyond its own token.
     data_config = DataConfig(
         spec=cfg.data, registry=cfg.data_registry or str(DEFAULT_REGISTRY), data_root=cfg.data_root,
-        max_length=text_budget, template=settings.template, on_bad_image=cfg.on_bad_image,
+        max_length=settings.model_max_length, image_extra_tokens=max(settings.num_image_tokens - 1, 0),
+        template=settings.template, on_bad_image=cfg.on_bad_image,
         bad_data_report=str(output_dir / BAD_DATA_REPORT) if is_rank_zero() else None, seed=cfg.seed,
         max_records=cfg.max_samples,  # drawn from the whole mix before the checks: a quick run checks only those
     )
