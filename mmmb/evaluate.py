@@ -6,8 +6,9 @@
 Writes to ``--out``: ``<model>_MMMB_<lang>.xlsx`` and ``.tsv`` (VLMEvalKit's names: ``cn`` for Chinese) with the
 prediction of every prompt, ``<model>_MMMB_acc.csv|.md|.png`` (category × language accuracy, ``Avg`` column)
 and ``summary.json`` (read by :mod:`mmmb.leaderboard`). Predictions are cached per prompt in
-``cache/<mode>/<lang>.jsonl`` so an interrupted run resumes where it stopped. The cache is tied to the model name,
-its weights (``EvalConfig.model_weights``: a hash of every weight byte), its settings (the adapter's
+``cache/<mode>/<lang>.jsonl`` so an interrupted run resumes where it stopped; an ``--out`` whose ``summary.json``
+records another mode or circular setting is refused (the run would replace those results). The cache is tied to
+the model name, its weights (``EvalConfig.model_weights``: a hash of every weight byte), its settings (the adapter's
 ``settings_id(mode)``: processor, chat template, ``max_new_tokens``), each prompt's text and each item's image: a
 cache made otherwise is refused, never reused; ``--fresh`` discards it. A path-based item's image file is read once
 per use and decoded from the bytes that were hashed.
@@ -46,6 +47,7 @@ from mmmb.prompts import (format_question, prompt_fields, reserved_text_in, rese
 from mmmb.report import AVERAGE, OVERALL, accuracy_table, plot_accuracy, to_markdown
 from mmmb.tsv import (OPTION_LETTERS, MCQRecord, MMMBFormatError, check_alignment, decode_image,
                       decode_image_bytes, read_mmmb)
+from parrot.fileio import read_json_mapping
 
 logger = logging.getLogger(__name__)
 MODES = ("generate", "likelihood")
@@ -349,6 +351,25 @@ def _write_excel(frame: pd.DataFrame, path: Path) -> None:
                     cell.data_type = "s"
 
 
+def _setting_name(mode: object, circular: object) -> str:
+    return f"{mode}{' circular' if circular else ''}"
+
+
+def check_out_dir(out_dir: Path, mode: str, circular: bool) -> None:
+    """Refuse an ``out_dir`` whose ``summary.json`` records another (mode, circular): the run would replace that
+    evaluation's summary and tables with its own (the default folders are per mode, an explicit ``--out`` may be
+    re-used). A re-run of the same setting continues there (its cache is per mode)."""
+    previous = out_dir / "summary.json"
+    if not previous.is_file():
+        return
+    old = read_json_mapping(previous, "an earlier evaluation's summary")
+    if (old.get("mode"), bool(old.get("circular"))) != (mode, circular):
+        raise ValueError(f"{out_dir} holds the results of a {_setting_name(old.get('mode'), old.get('circular'))} "
+                         f"evaluation ({previous}); this {_setting_name(mode, circular)} run would "
+                         "replace its summary and tables: use another --out (the default folder is per mode), or "
+                         "delete that folder first")
+
+
 def evaluate_mmmb(model: MCQModel, data: dict[str, list[MCQRecord]], out_dir: str | Path,
                   config: EvalConfig) -> EvalResult:
     """Evaluate ``model`` on the aligned per-language ``data`` and write all outputs to ``out_dir``."""
@@ -363,6 +384,7 @@ def evaluate_mmmb(model: MCQModel, data: dict[str, list[MCQRecord]], out_dir: st
         raise TypeError(f"{type(model).__name__}.settings_id({config.mode!r}) returned {type(settings).__name__}, "
                         "not str")
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, config.mode, config.circular)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Categories come from one reference language so translated category names still share a table row.
     reference = "en" if "en" in data else next(iter(data))
@@ -416,14 +438,15 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
     from mmmb.models import ParrotMCQModel
 
     model_name = args.model_name or Path(args.model).resolve().name
+    # Default folder per (model, mode) so a likelihood or circular run never overwrites a generation run.
+    suffix = ("" if args.mode == "generate" else f"_{args.mode}") + ("_circular" if args.circular else "")
+    out_dir = Path(args.out or Path("results") / f"{model_name}{suffix}")
+    check_out_dir(out_dir, args.mode, args.circular)  # before the model loads and --fresh deletes anything there
     data = read_mmmb(args.data, languages=args.languages)
     model = ParrotMCQModel(args.model, device=args.device, max_new_tokens=args.max_new_tokens,
                            dtype=getattr(torch, args.dtype) if args.dtype else None)
     config = EvalConfig(model_name=model_name, mode=args.mode, circular=args.circular, batch_size=args.batch_size,
                         model_weights=model.weights_id)
-    # Default folder per (model, mode) so a likelihood or circular run never overwrites a generation run.
-    suffix = ("" if args.mode == "generate" else f"_{args.mode}") + ("_circular" if args.circular else "")
-    out_dir = Path(args.out or Path("results") / f"{model_name}{suffix}")
     if args.fresh:
         shutil.rmtree(out_dir / "cache" / args.mode, ignore_errors=True)
     result = evaluate_mmmb(model, data, out_dir, config)

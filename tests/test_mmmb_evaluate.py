@@ -222,6 +222,35 @@ def test_cache_of_another_model_is_refused(tmp_path, setup):
         evaluate_mmmb(KnownAnswersStub(behaviour, true_text), {"en": data["en"]}, tmp_path, EvalConfig("model-two"))
 
 
+def test_an_out_folder_of_another_mode_or_circular_setting_is_refused(tmp_path, setup):
+    """An explicit --out re-used for another (mode, circular) would replace the first evaluation's summary and
+    tables: refused before any inference, naming the folder and both settings; the same setting runs again there."""
+    data, behaviour, true_text = setup
+    data = {"en": data["en"]}
+    first = evaluate_mmmb(KnownAnswersStub(behaviour, true_text), data, tmp_path, EvalConfig("stub"))
+    summary = (tmp_path / "summary.json").read_text()
+    table = (tmp_path / "stub_MMMB_acc.csv").read_text()
+    for config, setting in ((EvalConfig("stub", mode="likelihood"), "likelihood"),
+                            (EvalConfig("stub", circular=True), "generate circular"),
+                            (EvalConfig("other-model", mode="likelihood", circular=True), "likelihood circular")):
+        model = KnownAnswersStub(behaviour, true_text)
+        with pytest.raises(ValueError) as err:
+            evaluate_mmmb(model, data, tmp_path, config)
+        message = str(err.value)
+        assert str(tmp_path) in message and "a generate evaluation" in message and f"this {setting} run" in message
+        assert "of this model" not in message
+        assert model.asked == []
+    assert (tmp_path / "summary.json").read_text() == summary  # the first results are left as they were
+    assert (tmp_path / "stub_MMMB_acc.csv").read_text() == table
+    again = KnownAnswersStub(behaviour, true_text)
+    pd.testing.assert_frame_equal(evaluate_mmmb(again, data, tmp_path, EvalConfig("stub")).table, first.table)
+    assert again.asked == []  # the same setting re-runs from its cache
+    # a summary that cannot be read is an error naming it (not a JSONDecodeError traceback)
+    (tmp_path / "summary.json").write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'summary.json'}: cannot read"):
+        evaluate_mmmb(KnownAnswersStub(behaviour, true_text), data, tmp_path, EvalConfig("stub"))
+
+
 def test_misaligned_data_is_refused_before_any_inference(tmp_path, setup):
     data, behaviour, true_text = setup
     model = KnownAnswersStub(behaviour, true_text)

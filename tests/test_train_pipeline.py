@@ -282,6 +282,27 @@ def test_resume_continues_exactly(ws, stage1, tmp_path):
         "model.layers.0.self_attn.q_proj.experts.lora_B"])
 
 
+def test_resume_follows_the_new_save_and_logging_steps(ws, tmp_path):
+    """--save-steps / --logging-steps may change on --resume (train_config.json records the new ones): the resumed
+    steps save and log at the new cadence, not at the one HF restores from the checkpoint's trainer state."""
+    common = dict(max_steps=6, keep_last=0)
+    out = tmp_path / "run"
+    with pytest.raises(_Crash):
+        train(config(ws, out, save_steps=2, logging_steps=1, **common), callbacks=[CrashAtStep(3)])
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-2"]
+    save, log = 3, 2
+    resumed = train(config(ws, out, resume=True, save_steps=save, logging_steps=log, **common))
+
+    steps = range(3, 7)  # the resumed steps; every checkpoint step is also a logging step (LogAtCheckpointsCallback)
+    saved = [step for step in steps if step % save == 0]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-2"] + [f"checkpoint-{s}" for s in saved]
+    assert [step for step, _ in resumed.losses] == [1, 2] + [s for s in steps if s % log == 0 or s in saved]
+    state = json.loads((out / f"checkpoint-{saved[-1]}" / "trainer_state.json").read_text())
+    assert (state["save_steps"], state["logging_steps"]) == (save, log)
+    assert {k: json.loads((out / "train_config.json").read_text())[k] for k in ("save_steps", "logging_steps")} == \
+        {"save_steps": save, "logging_steps": log}
+
+
 def test_crash_during_save_leaves_no_published_checkpoint(ws, tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = {"n": 0}
@@ -460,8 +481,12 @@ def test_global_batch_must_divide(ws, tmp_path):
 
 
 @pytest.mark.parametrize("router", ["topk", "dynmole", "gwmoe", "mor"])
-def test_stage2_mole_each_router_trains_and_writes_diagnostics(ws, stage1, tmp_path, router):
-    """A tiny stage-2 MoLE run per router: the loss falls and the router diagnostics + heat map are written."""
+def test_stage2_mole_each_router_trains_and_writes_diagnostics(ws, stage1, tmp_path, router, capsys):
+    """A tiny stage-2 MoLE run per router: the loss falls and the router diagnostics + heat map are written; the
+    router scalars of each logging step are printed and saved with its loss (loss_history.json), as the statistics
+    router_stats.json records for that step give them."""
+    from parrot.moe import RouterStatsTracker
+
     out = tmp_path / router
     result = train(config(ws, out, stage=2, model=str(stage1), data="qa", tuning="mole", router=router,
                           lora_targets="q_proj,v_proj", mole_experts=3, max_steps=12, per_device_batch_size=8,
@@ -476,6 +501,16 @@ def test_stage2_mole_each_router_trains_and_writes_diagnostics(ws, stage1, tmp_p
     for record in stats["records"]:
         assert abs(sum(record["load"]) - record["mean_active"]) < 1e-4  # load: share of tokens per expert
     assert (out / "expert_load.png").stat().st_size > 1000
+    tracker = RouterStatsTracker.from_dict(stats)
+    history = json.loads((out / "loss_history.json").read_text())
+    assert [entry["step"] for entry in history] == steps
+    printed = capsys.readouterr().err
+    for entry in history:
+        expected = tracker.scalars(entry["step"])
+        assert expected and {k: v for k, v in entry.items() if k.startswith("router/")} == pytest.approx(expected)
+        line = next(line for line in printed.splitlines() if f"step {entry['step']}/12 |" in line)
+        assert (f"router H {expected['router/entropy_mean']:.3f}, max load {expected['router/max_load_ratio']:.2f}"
+                in line)
 
 
 def test_stage2_mole_trains_under_torch_compile(ws, stage1, tmp_path):
@@ -767,6 +802,165 @@ def test_stage_script_refuses_a_config_of_the_other_stage(tmp_path, script, yaml
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "do not pass --stage" in proc.stderr
     assert not out.exists()  # nothing trained
+
+
+def _launch(tmp_path: Path, script: str, *args: str, cwd: Path, gpus: int = 0, check: bool = True):
+    """Runs scripts/<script> from `cwd` with a stand-in interpreter ($PYTHON) and a stand-in `deepspeed` launcher
+    beside it: the launcher's GPU probe gets `gpus`, its YAML stage check runs on this interpreter, and the training
+    command writes the directory it was started in, its program and its arguments to a file. -> (process, directory,
+    arguments of parrot.train)."""
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("python", "deepspeed"):
+        stub = bin_dir / name
+        stub.write_text('#!/bin/sh\ncase "$1" in\n  -c) echo "$FAKE_GPUS" ;;\n  -) exec "$REAL_PYTHON" "$@" ;;\n'
+                        '  *) printf "%s\\n" "$PWD" "${0##*/}" "$@" > "$ARGV_FILE" ;;\nesac\n')
+        stub.chmod(0o755)
+    argv_file = tmp_path / "argv.txt"
+    argv_file.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHON": str(bin_dir / "python"), "REAL_PYTHON": sys.executable, "FAKE_GPUS": str(gpus),
+           "ARGV_FILE": str(argv_file)}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+    if not check:
+        return proc, None, None
+    assert proc.returncode == 0, proc.stderr
+    directory, launched, *argv = argv_file.read_text().splitlines()
+    assert launched == ("deepspeed" if gpus else "python")  # GPUs: the deepspeed launcher; CPU: one process
+    return proc, Path(directory), argv[argv.index("parrot.train") + 1:]
+
+
+def test_deepspeed_none_overrides_a_yaml_deepspeed_config(tmp_path):
+    """`--deepspeed none` (what the scripts' --no-deepspeed passes) trains without DeepSpeed even where the YAML sets
+    a config, as both parrot7b_stage*.yaml do; any case, or an empty value, too."""
+    zero2 = REPO / "configs/deepspeed/zero2.json"
+    yaml_file = tmp_path / "ds.yaml"
+    yaml_file.write_text(f"stage: 1\ndeepspeed: {zero2}\n")
+    assert parse_args(["--config", str(yaml_file)]).deepspeed == str(zero2)
+    for off in ("none", "None", "NONE", "", " none "):
+        assert parse_args(["--config", str(yaml_file), "--deepspeed", off]).deepspeed is None, repr(off)
+    for paper in ("parrot7b_stage1.yaml", "parrot7b_stage2.yaml"):
+        path = REPO / "configs/train" / paper
+        assert load_yaml_defaults(path)["deepspeed"]
+        assert parse_args(["--config", str(path), "--deepspeed", "none"]).deepspeed is None, paper
+
+
+@pytest.mark.parametrize("gpus", [0, 2], ids=["cpu", "gpus"])
+def test_no_deepspeed_overrides_the_configs_deepspeed_in_the_scripts(tmp_path, monkeypatch, gpus):
+    """scripts/train_stage2.sh --no-deepspeed with parrot7b_stage2.yaml (deepspeed: zero3.json): the run it starts
+    has no DeepSpeed config, on GPUs (no default config added either) and on CPU."""
+    _, directory, train_args = _launch(tmp_path, "train_stage2.sh", "--no-deepspeed", "--config",
+                                       "configs/train/parrot7b_stage2.yaml", cwd=REPO, gpus=gpus)
+    monkeypatch.chdir(directory)
+    assert parse_args(train_args).deepspeed is None
+    _, _, with_deepspeed = _launch(tmp_path, "train_stage2.sh", "--config", "configs/train/parrot7b_stage2.yaml",
+                                   cwd=REPO, gpus=gpus)
+    assert parse_args(with_deepspeed).deepspeed == "configs/deepspeed/zero3.json"  # the YAML's (or the default)
+    proc, _, _ = _launch(tmp_path, "train_stage2.sh", "--help", cwd=REPO, check=False)
+    assert "--no-deepspeed   train without DeepSpeed" in proc.stdout
+    # a YAML's own deepspeed: is not replaced by the script's default (stage 2: zero3) on GPUs
+    own = tmp_path / "own.yaml"
+    own.write_text("stage: 2\ndeepspeed: configs/deepspeed/zero2.json\n")
+    _, _, with_own = _launch(tmp_path, "train_stage2.sh", "--config", str(own), cwd=REPO, gpus=gpus)
+    assert parse_args(with_own).deepspeed == "configs/deepspeed/zero2.json"
+
+
+def test_scripts_resolve_relative_paths_in_the_callers_directory(tmp_path, monkeypatch):
+    """scripts/_launch.sh runs training in the repository: a relative path typed elsewhere keeps its meaning there
+    (a file of the caller's directory, an output folder to create), while a path found only under the repository
+    (configs/...) is taken from there; both `--opt value` and `--opt=value`; the caller's --deepspeed config is
+    used, with no default added."""
+    import shutil
+
+    caller = tmp_path / "elsewhere"
+    (caller / "data").mkdir(parents=True)
+    (caller / "my.yaml").write_text("stage: 1\nmax_steps: 1\n")
+    shutil.copy(REPO / "configs/deepspeed/zero2.json", caller / "ds.json")
+    _, directory, args = _launch(tmp_path, "train_stage1.sh", "--config", "my.yaml", "--output-dir", "out",
+                                 "--data-root=data", "--model", "configs/tiny.yaml",
+                                 "--data-registry=configs/datasets.yaml", "--deepspeed", "ds.json", cwd=caller,
+                                 gpus=2)
+    assert directory == REPO
+    assert args == ["--stage", "1", "--config", str(caller / "my.yaml"), "--output-dir", str(caller / "out"),
+                    f"--data-root={caller / 'data'}", "--model", "configs/tiny.yaml",
+                    "--data-registry=configs/datasets.yaml", "--deepspeed", str(caller / "ds.json")]
+    monkeypatch.chdir(directory)
+    cfg = parse_args(args)
+    assert (cfg.max_steps, cfg.output_dir, cfg.deepspeed) == (1, str(caller / "out"), str(caller / "ds.json"))
+    # the stage check reads the caller's config too (it used to look for my.yaml in the repository and skip)
+    (caller / "other.yaml").write_text("stage: 2\n")
+    proc, _, _ = _launch(tmp_path, "train_stage1.sh", "--config=other.yaml", cwd=caller, check=False)
+    assert proc.returncode == 2 and f"{caller / 'other.yaml'} sets stage: 2" in proc.stderr
+    # typed in the repository, relative paths stay as typed (train_config.json records them so)
+    _, _, args = _launch(tmp_path, "train_stage1.sh", "--output-dir", "runs/x", "--config",
+                         "configs/train/tiny_stage1.yaml", cwd=REPO)
+    assert args == ["--stage", "1", "--output-dir", "runs/x", "--config", "configs/train/tiny_stage1.yaml"]
+
+
+def test_resume_compares_path_settings_as_paths(tmp_path, monkeypatch):
+    """'runs/s1/' and 'runs/s1' (or a relative and an absolute spelling) name one folder: a --resume accepts
+    either; another folder is still a difference."""
+    from parrot.train.run import check_resume_settings
+
+    monkeypatch.chdir(tmp_path)
+    first = TrainConfig(stage=2, model=str(tmp_path / "s1"), data_root="data", data_registry="./reg/../reg.yaml",
+                        output_dir=str(tmp_path / "out"))
+    first.save(tmp_path / "train_config.json")
+    same = dataclasses.replace(first, resume=True, model=str(tmp_path / "s1") + "/", data_root=str(tmp_path / "data"),
+                               data_registry="reg.yaml")
+    assert same.resume_differences(first.to_dict()) == []
+    check_resume_settings(same, tmp_path / "train_config.json")
+    other = dataclasses.replace(same, model=str(tmp_path / "s2"), data_root=None)
+    assert other.resume_differences(first.to_dict()) == [f"model: {first.model!r} -> {other.model!r}",
+                                                         "data_root: 'data' -> None"]
+
+
+def _other_value(f: dataclasses.Field):
+    """A value of the setting's type other than its default."""
+    if f.metadata.get("choices"):
+        return next(choice for choice in f.metadata["choices"] if choice != f.default)
+    if f.default is None or isinstance(f.default, str):
+        return "other"
+    if isinstance(f.default, bool):
+        return not f.default
+    return f.default + 1 if isinstance(f.default, int) else f.default / 2
+
+
+def test_stage1_refuses_stage2_settings(tmp_path, monkeypatch, capsys):
+    """Stage 1 trains the projector only (`apply_stage`): a stage-2 setting given there (--tuning mole --router gwmoe)
+    would be ignored while train_config.json records it, so each one off its default is refused by name. The
+    stage-1 configs still load, and a stage-1 --resume does not compare settings that train nothing there."""
+    with pytest.raises(ValueError) as err:
+        TrainConfig(stage=1, tuning="mole", router="gwmoe")
+    assert "stage 1" in str(err.value) and "tuning='mole'" in str(err.value) and "router='gwmoe'" in str(err.value)
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "1", "--tuning", "mole", "--router", "gwmoe"])
+    assert "tuning='mole', router='gwmoe'" in capsys.readouterr().err
+    from parrot.train.config import STAGE2_FIELDS
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert STAGE2_FIELDS <= fields.keys()
+    for name in sorted(STAGE2_FIELDS):
+        value = _other_value(fields[name])
+        with pytest.raises(ValueError, match=rf"stage 1 .*{name}={value!r}"):
+            TrainConfig(stage=1, **{name: value})
+        assert getattr(TrainConfig(stage=2, **{name: value}), name) == value
+    # the stage-2 help texts name the stage or the stage-2 method each setting belongs to
+    assert not [name for name in STAGE2_FIELDS if not any(word in fields[name].metadata["help"] for word in (
+        "stage 2", "LoRA", "MoLE", "GW-MoE", "PERFT", "FactorLLM", "CEFT"))]
+    monkeypatch.chdir(REPO)  # parrot7b_stage1.yaml names its DeepSpeed config relative to the repository
+    stage1_configs = sorted((REPO / "configs/train").glob("*stage1*.yaml"))
+    assert stage1_configs
+    for path in stage1_configs:
+        assert parse_args(["--config", str(path)]).stage == 1, path
+    saved = {**TrainConfig(stage=1).to_dict(), "tuning": "mole", "router": "gwmoe"}  # recorded before the refusal
+    assert TrainConfig(stage=1).resume_differences(saved) == []
+    assert TrainConfig(stage=2).resume_differences({**saved, "stage": 2}) == ["tuning: 'mole' -> 'full'",
+                                                                             "router: 'gwmoe' -> 'topk'"]
 
 
 @pytest.mark.parametrize("enabled", [True, False])

@@ -26,6 +26,7 @@ import yaml
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
+from ..convert.official import image_normalisation
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
 from ..data.templates import get_template
 from ..fileio import publish
@@ -121,7 +122,11 @@ def build_from_local(
 ) -> tuple[ParrotForCausalLM, ParrotProcessor]:
     """Stage-1 initialisation from a local LLM checkpoint (with its tokenizer) and a local CLIP tower.
 
-    `<image>` is added to the LLM's tokenizer as a special token when missing (the embeddings grow by one row).
+    `<image>` is added to the LLM's tokenizer as a special token when missing (the embeddings grow by one row,
+    unless the LLM's embedding matrix is padded beyond its tokenizer, as Qwen's is, and already has a row for it).
+    Images are normalised with the tower's `image_mean` / `image_std` when its folder has a `preprocessor_config.json`
+    (as `parrot.convert` reads them: a tower trained with other statistics than CLIP's keeps them); values the recipe
+    or `parrot_overrides` give explicitly win.
     """
     if not isinstance(recipe, ModelRecipe):
         recipe = load_recipe(recipe)
@@ -130,9 +135,15 @@ def build_from_local(
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tower_dir = Path(vision_path)
+    try:
+        normalisation = image_normalisation(tower_dir) if tower_dir.is_dir() else {}  # an open_clip file has none
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{tower_dir / 'preprocessor_config.json'}: cannot read the tower's image_mean / image_std "
+                         f"({type(err).__name__}: {err})") from err
     model = ParrotForCausalLM.from_parts(
         llm_path, vision_path, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vocab_size=len(tokenizer), **{**recipe.parrot, **parrot_overrides},
+        vocab_size=len(tokenizer), **{**normalisation, **recipe.parrot, **parrot_overrides},
     )
     processor = ParrotProcessor.for_model(tokenizer, model.config, recipe.template, recipe.model_max_length)
     return model, processor

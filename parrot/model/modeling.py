@@ -299,10 +299,12 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
 
         `vision_path`: an HF CLIP/CLIPVision checkpoint directory, or (with `vision_config` an
         `OpenCLIPVisionConfig`) an open_clip state-dict file. Projector and MoE are freshly initialised.
-        `vocab_size`: grow the LLM's embeddings to this size first (after adding `<image>` to its tokenizer).
+        `vocab_size`: grow the LLM's embeddings to at least this size first (after adding `<image>` to its
+        tokenizer). Never shrink them: a padded vocabulary (Qwen: 151936 rows for ~151646 tokens) keeps its rows,
+        which are trained weights and already have one for `<image>`.
         """
         language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32)
-        if vocab_size is not None and vocab_size != language_model.get_input_embeddings().num_embeddings:
+        if vocab_size is not None and vocab_size > language_model.get_input_embeddings().num_embeddings:
             language_model.resize_token_embeddings(vocab_size)
         if vision_config is None:
             vision_config = AutoConfig.from_pretrained(vision_path)

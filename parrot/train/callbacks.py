@@ -25,7 +25,8 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLogCallback(TrainerCallback):
-    """Logs `step s/N | loss | lr | tokens/s | ETA` on the main process at every logging step.
+    """Logs `step s/N | loss | lr | tokens/s | ETA` on the main process at every logging step (runs with routers:
+    `| router H <mean entropy>, max load <max/mean expert load>` before the ETA, from RouterDiagnosticsCallback).
 
     tokens/s counts every non-padding position the LLM processed (text + visual tokens, all processes); the
     trainer puts it in the logs as `tokens_per_s`. ETA extrapolates the mean time per step of this session.
@@ -51,6 +52,8 @@ class ProgressLogCallback(TrainerCallback):
             parts.append(f"lr {float(logs['learning_rate']):.2e}")
         if "tokens_per_s" in logs:
             parts.append(f"{logs['tokens_per_s']:,.0f} tok/s")
+        if "router/entropy_mean" in logs:  # RouterDiagnosticsCallback, registered before this one
+            parts.append(f"router H {logs['router/entropy_mean']:.3f}, max load {logs['router/max_load_ratio']:.2f}")
         parts.append(f"ETA {format_duration(eta)}" if done else "ETA ?")
         logger.info(" | ".join(parts))
 
@@ -82,6 +85,15 @@ def plot_loss_curve(log_history: list[dict], path: str | Path, title: str = "tra
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class CadenceFromArgsCallback(TrainerCallback):
+    """A resumed run logs and saves at the --logging-steps / --save-steps it was given (a `--resume` may change
+    them): HF's resume replaces the TrainerState with the checkpoint's, whose logging_steps / save_steps would win
+    (HF only warns). Recomputed from the arguments as HF does for a fresh run (`TrainerState.compute_steps`)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
 
 
 class LogAtCheckpointsCallback(TrainerCallback):
@@ -177,7 +189,12 @@ class RouterDiagnosticsCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self._last_step == state.global_step:
-            logs.update(self.tracker.scalars(state.global_step))
+            scalars = self.tracker.scalars(state.global_step)
+            logs.update(scalars)  # for the callbacks after this one (the progress line)
+            # Trainer.log appended a copy of `logs` to log_history before calling the callbacks: the scalars go
+            # there too, so that loss_history.json and the checkpoints' trainer_state.json keep them
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(scalars)
 
     def on_train_end(self, args, state, control, **kwargs):
         from ..moe import plot_expert_load

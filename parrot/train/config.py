@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.stage == 1:  # stage 1 trains the projector only: a stage-2 setting would be silently ignored
+            given = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                     if f.name in STAGE2_FIELDS and getattr(self, f.name) != f.default]
+            if given:
+                raise ValueError(f"stage 1 trains only the projector (LLM frozen, MoE off), so {', '.join(given)} "
+                                 "would be ignored: these are stage-2 settings; drop them, or train stage 2 "
+                                 "(--stage 2, scripts/train_stage2.sh)")
         if self.output_dir is None:  # per stage: a stage-2 run must not land in (or be refused by) stage 1's folder
             self.output_dir = f"runs/stage{self.stage}"
         if self.tuning not in TUNING_MODES:
@@ -150,6 +158,8 @@ class TrainConfig:
         # HF reads warmup_steps >= 1 as a step count, so a ratio of 1 or more would silently become a few steps
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1) (a share of the training steps), got {self.warmup_ratio}")
+        if self.deepspeed is not None and self.deepspeed.strip().lower() in ("", "none"):
+            self.deepspeed = None  # `--deepspeed none` (the scripts' --no-deepspeed) overrides a YAML's deepspeed:
         if self.deepspeed is not None:  # before any model is built: a run that cannot train fails at once
             check_deepspeed_config(self.deepspeed)
 
@@ -166,13 +176,19 @@ class TrainConfig:
 
     def resume_differences(self, saved: dict[str, Any]) -> list[str]:
         """'field: saved -> now' for every setting that differs from the run's saved `train_config.json`,
-        except those in `RESUME_FREE_FIELDS` (a resumed run must train exactly what the first run started)."""
+        except those in `RESUME_FREE_FIELDS` (a resumed run must train exactly what the first run started). Paths
+        (`PATH_FIELDS`) are compared as absolute paths: 'runs/s1/' names the folder 'runs/s1' names. In stage 1 the
+        stage-2 settings are not compared: they train nothing there (a run saved before stage 1 refused them may
+        have recorded other values)."""
         missing = object()
         diffs = []
         for name, value in self.to_dict().items():
-            if name in RESUME_FREE_FIELDS:
+            if name in RESUME_FREE_FIELDS or (self.stage == 1 and name in STAGE2_FIELDS):
                 continue
             before = saved.get(name, missing)
+            if name in PATH_FIELDS and isinstance(value, str) and isinstance(before, str) \
+                    and os.path.abspath(value) == os.path.abspath(before):
+                continue
             if before is missing:
                 diffs.append(f"{name}: (not saved) -> {value!r}")
             elif before != value:
@@ -186,6 +202,15 @@ class TrainConfig:
 # steps, precision, DeepSpeed, compile) must match the saved train_config.json, or the resumed run would silently
 # mix two trainings. Note: logging_steps also sets the steps the router diagnostics sample.
 RESUME_FREE_FIELDS = frozenset({"resume", "output_dir", "logging_steps", "progress_bar", "save_steps", "keep_last"})
+# Settings that name a file or folder: a resume compares them as absolute paths (relative to the working directory).
+PATH_FIELDS = frozenset({"model", "llm", "vision", "data_registry", "data_root", "deepspeed", "ceft_ranking"})
+# Settings only stage 2 uses (its LLM tuning: LoRA / MoLE and routers, the MoE tuning methods): stage 1 trains the
+# projector alone (`stages.apply_stage`), so a stage-1 config refuses any of them that is not at its default.
+STAGE2_FIELDS = frozenset({
+    "tuning", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "router", "mole_experts", "mole_top_k",
+    "mole_fused", "gw_quantile", "gw_calibration_batches", "perft_experts", "perft_rank", "perft_alpha",
+    "perft_top_k", "factorllm_experts", "factorllm_top_k", "ceft_ranking", "ceft_top_n", "ceft_per_layer",
+})
 
 
 def _field_type(f: dataclasses.Field) -> type:

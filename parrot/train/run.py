@@ -338,11 +338,11 @@ def _train(cfg: TrainConfig, callbacks: list | None) -> TrainResult:
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_QuietProgressCallback)
     title = f"Parrot stage {cfg.stage}" + (f" ({cfg.tuning})" if cfg.stage == 2 else "")
+    routing_fn = _routing_source(model, plan)
+    if routing_fn is not None:  # first: its scalars join the logs that the next two print and save
+        trainer.add_callback(RouterDiagnosticsCallback(output_dir, routing_fn))
     trainer.add_callback(ProgressLogCallback())
     trainer.add_callback(LossCurveCallback(output_dir, title))
-    routing_fn = _routing_source(model, plan)
-    if routing_fn is not None:
-        trainer.add_callback(RouterDiagnosticsCallback(output_dir, routing_fn))
     for callback in callbacks or ():
         trainer.add_callback(callback)
     if main:

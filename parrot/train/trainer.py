@@ -33,7 +33,7 @@ from ..moe import collect_router_outputs, mole_aux_loss
 from ..moe.methods import TuningSetup
 from ..fileio import publish
 from . import checkpoints
-from .callbacks import LogAtCheckpointsCallback
+from .callbacks import CadenceFromArgsCallback, LogAtCheckpointsCallback
 from .deepspeed_setup import check_deepspeed_offload, warn_about_deepspeed_optimizer
 
 logger = logging.getLogger("parrot.train")
@@ -99,6 +99,7 @@ class ParrotTrainer(Trainer):
             if isinstance(hook, AuxLossHook):
                 del self.model._forward_hooks[key]
         self.model.register_forward_hook(AuxLossHook(self._aux_loss))
+        self.add_callback(CadenceFromArgsCallback())  # a --resume may change --logging-steps / --save-steps
         self.add_callback(LogAtCheckpointsCallback())  # resumed runs log the same losses
 
     def _routing(self) -> dict:
