@@ -897,12 +897,46 @@ def test_report_lists_a_bounded_number_of_changes_per_kind_and_counts_all(monkey
     from parrot.data import datasets
 
     monkeypatch.setattr(datasets, "CHANGES_LISTED_PER_KIND", 3)
+    monkeypatch.setattr(datasets, "SKIPS_LISTED_PER_KIND", 2)
     report = datasets.BadDataReport()
     for i in range(5):
         report.add_change("a.json", str(i), "moved", datasets.IMAGE_PLACEHOLDER_MOVED_TO_FRONT)
+        report.add(f"img{i}.png", str(i), "no such file", "missing")  # e.g. a wrong image folder: every image
     report.add_change("a.json", "x", "dropped", datasets.LEADING_ASSISTANT_TURN_DROPPED)
+    report.add("a.json", "y", "too long", datasets.NO_SUPERVISED_TOKENS)
     written = report.to_dict()
     assert written["counts"][datasets.IMAGE_PLACEHOLDER_MOVED_TO_FRONT] == 5
     assert written["counts"][datasets.LEADING_ASSISTANT_TURN_DROPPED] == 1
     assert [c["id"] for c in written["changed"]] == ["0", "1", "2", "x"]
     assert written["changed_listed_per_kind"] == 3
+    assert (written["counts"]["skipped"], written["counts"]["missing"], written["counts"][datasets.NO_SUPERVISED_TOKENS]) \
+        == (6, 5, 1)
+    assert [(s["id"], s["kind"]) for s in written["skipped"]] == [("0", "missing"), ("1", "missing"),
+                                                                   ("y", datasets.NO_SUPERVISED_TOKENS)]
+    assert written["skipped_listed_per_kind"] == 2
+
+
+def test_building_a_dataset_pauses_the_cyclic_gc_and_restores_it(monkeypatch):
+    """The build pauses the cyclic collector (its many JSON containers hold no cycles) and puts it back as it
+    was, also when the build fails."""
+    import gc
+
+    from parrot.data import datasets
+
+    seen = []
+    monkeypatch.setattr(datasets, "_build_dataset", lambda *a, **k: seen.append(gc.isenabled()) or "built")
+    try:
+        assert gc.isenabled() and datasets.build_dataset(None, None) == "built" and gc.isenabled()
+        gc.disable()
+        assert datasets.build_dataset(None, None) == "built" and not gc.isenabled()
+        gc.enable()
+
+        def fail(*a, **k):
+            raise DataFormatError("bad")
+        monkeypatch.setattr(datasets, "_build_dataset", fail)
+        with pytest.raises(DataFormatError):
+            datasets.build_dataset(None, None)
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+    assert seen == [False, False]

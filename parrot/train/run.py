@@ -13,6 +13,7 @@ FactorLLM, whose adapter files `load_trained` adds -- see `parrot.train.export`)
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -355,7 +356,16 @@ def _train(cfg: TrainConfig, callbacks: list | None) -> TrainResult:
         # run one optimizer step past max_steps on resume, so only the checkpoint is restored here.
         logger.info("%s holds the run's last step: no steps left, saving its final model", resume_from)
         trainer.no_steps_left = True
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    # Fork-started DataLoader workers share the trainer's pages until they write them; a full collection in a
+    # worker writes the gc header of every object it inherited (~100 MB of pages copied per worker). Frozen
+    # objects are never walked (Python's gc docs: freeze right before forking). Unfrozen after training, so that
+    # a process that trains again (a sweep, the tests) can still collect this run's cycles.
+    gc.collect()
+    gc.freeze()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        gc.unfreeze()
 
     info = {"stage": cfg.stage, "tuning": plan.tuning, "trained_parts": list(plan.trained_parts),
             "router": plan.mole_config.router.kind if plan.mole_config else None,
