@@ -623,24 +623,31 @@ def test_label_check_with_batched_tokenisation_decides_like_the_tokenizer(tokeni
     assert [i for _, i, _ in dataset.report.skipped] == [r.record["id"] for r in records if r not in expected]
 
 
+class CountingTokenizer:
+    """`tokenizer`, recording in `texts` every text it is called on (one or a batch)."""
+
+    def __init__(self, tokenizer, texts: list):
+        self.tokenizer, self.texts = tokenizer, texts
+
+    def __call__(self, text, **kwargs):
+        self.texts.extend([text] if isinstance(text, str) else text)
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
 def test_batched_label_check_still_tokenises_only_the_decision_prefix(tokenizer):
     """Batched or not, the build-time check tokenises the conversation up to the first answer's head, never the later
     turns (counting every text of a batched call; training then tokenises the whole conversation)."""
     texts = []
-
-    class Counting:
-        def __call__(self, text, **kwargs):
-            texts.extend([text] if isinstance(text, str) else text)
-            return tokenizer(text, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
+    counting = CountingTokenizer(tokenizer, texts)
 
     later = "LATER " * 50
     conversations = [{"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Blue. " * 40}] + [
         {"from": source, "value": later} for source in ("human", "gpt") * 3]
     records = [SourcedRecord({"id": f"r{i}", "conversations": conversations}, "inline", i, None, "d") for i in range(5)]
-    dataset = ConversationDataset(records, Counting(), "chatml", 2048)
+    dataset = ConversationDataset(records, counting, "chatml", 2048)
     assert len(dataset) == 5 and texts
     assert not any("LATER" in text for text in texts)
     assert sum(map(len, texts)) < len(get_template("chatml").render(llava_to_messages(conversations)))  # all 5
@@ -841,17 +848,10 @@ def test_image_placeholder_goes_to_the_front_of_its_turn_as_in_llava(tokenizer, 
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records))
     texts = []
-
-    class Counting:
-        def __call__(self, text, **kwargs):
-            texts.extend([text] if isinstance(text, str) else text)
-            return tokenizer(text, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
+    counting = CountingTokenizer(tokenizer, texts)
 
     loaded = [SourcedRecord(r, str(path), i, tmp_path, "d") for i, r in enumerate(load_records(path))]
-    dataset = ConversationDataset(loaded, Counting(), "chatml", 256, to_tensor)
+    dataset = ConversationDataset(loaded, counting, "chatml", 256, to_tensor)
     assert len(dataset) == len(records)
     template = get_template("chatml")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
