@@ -704,3 +704,42 @@ def test_load_mole_names_a_per_layer_expert_list_without_a_layer(tmp_path):
                 r"\(layers model\.layers\.1\.self_attn\.q_proj, model\.layers\.1\.self_attn\.v_proj\)$")
     with pytest.raises(ValueError, match=expected):
         load_mole(model, tmp_path / "adapter")
+
+
+def _tiny_qwen2_moe_with_mole():
+    import transformers as tf
+
+    from parrot.moe.mole import MoLEConfig, inject_mole, mole_parameters
+
+    torch.manual_seed(0)
+    model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+        num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    inject_mole(model, MoLEConfig(num_experts=4, rank=2, dropout=0.0,
+                                  router=RouterConfig(kind="topk", top_k=2, balance_coef=1.0)))
+    with torch.no_grad():
+        for p in mole_parameters(model):
+            p.normal_(0, 0.1)  # large enough to route unevenly; a top-k weight must not underflow to 0 (the
+            # reference below reads the selection from the weights)
+    return model.train()
+
+
+def test_flattened_token_inputs_route_with_the_padding_mask():
+    """Qwen2-MoE's shared-expert MLP gets the call's tokens flattened (B*S, D): its MoLE layers' balance loss must
+    leave padding out, as the 3-D layers' does (reference: the loss over the real tokens' router outputs)."""
+    from parrot.moe.mole import collect_router_outputs
+    from parrot.moe.routers import load_balance_loss
+
+    model = _tiny_qwen2_moe_with_mole()
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones(2, 6, dtype=torch.long)
+    attention_mask[1, :4] = 0
+    model(input_ids=ids, attention_mask=attention_mask)
+    real = attention_mask.bool().reshape(-1)
+    routing = collect_router_outputs(model)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.shared_expert.gate_proj",
+                 "model.layers.1.mlp.shared_expert.down_proj"):
+        r = routing[name]
+        expected = load_balance_loss(r.probs[real], r.weights[real], None)
+        torch.testing.assert_close(r.aux_losses["balance"], expected, msg=name)
+

@@ -143,6 +143,7 @@ class MoLELinear(nn.Module):
             self.router.to(dtype=weight.dtype)
         self.last_routing: RouterOutput | None = None
         self.token_mask: torch.Tensor | None = None  # (B, S_total) attention mask of the current model call
+        self.token_seq: int | None = None  # S of the call's new tokens: places a flattened (B*S, D) input's mask
         self._fused_plans: dict = {}  # fused_plan's memo, by the router's and experts' settings
         # The mode of the layer it replaces (so of the model around it): a new module starts in training mode,
         # and injected into (or loaded by `load_mole` into) an eval-mode model it would otherwise apply LoRA
@@ -162,10 +163,18 @@ class MoLELinear(nn.Module):
         return self.base.weight
 
     def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.token_mask is None or x.dim() != 3:
-            return None
-        batch, seq = x.shape[:2]
         mask = self.token_mask
+        if mask is None:
+            return None
+        if x.dim() == 2 and self.token_seq is not None and mask.dim() == 2 \
+                and x.shape[0] == mask.shape[0] * self.token_seq:
+            # The call's tokens flattened in order (B*S, D), e.g. Qwen2-MoE's shared-expert MLP; a gathered subset
+            # of them (an MoE expert's tokens) has another count and keeps no mask.
+            batch, seq = mask.shape[0], self.token_seq
+        elif x.dim() == 3:
+            batch, seq = x.shape[:2]
+        else:
+            return None
         if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
             raise ValueError(
                 f"MoLE routing mask of shape {tuple(mask.shape)} does not cover hidden states {tuple(x.shape[:2])}"
@@ -223,12 +232,18 @@ class MaskCapture:
         if self.is_root:
             for layer in self.layers:
                 layer.token_mask = None
+                layer.token_seq = None
                 layer.last_routing = None  # routing outputs are per forward
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             mask = mask.to(torch.bool)  # once per model call, not once per routed layer
+            tokens = kwargs.get("inputs_embeds")
+            tokens = kwargs.get("input_ids") if tokens is None else tokens
+            seq = tokens.shape[1] if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
             for layer in self.layers:
                 layer.token_mask = mask
+                if hasattr(layer, "token_seq"):
+                    layer.token_seq = seq
 
 
 def install_mask_hooks(model: nn.Module, routed: list[tuple[str, nn.Module]]) -> None:
