@@ -2,6 +2,8 @@
 
 import sys
 
+import torch
+
 from .config import parse_args
 from .run import train
 from .trainer import NonFiniteLossError
@@ -14,6 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    finally:
+        # A process group left to interpreter shutdown can abort the process after a finished run (gloo's threads:
+        # "terminate called without an active exception", SIGABRT under torchrun): close it while all is alive.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
