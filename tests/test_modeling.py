@@ -154,6 +154,10 @@ def test_identity_projector_needs_equal_widths():
         (dict(vision_select_layer=7), "vision_select_layer"),
         (dict(moe_top_k=4), "moe_top_k"),
         (dict(use_moe=True, vision_select_feature="patch"), "cls_patch"),
+        # NaN / zero std would make every logit NaN without an error
+        (dict(moe_weight=float("nan")), "moe_weight"),
+        (dict(image_std=[0.0, 0.2, 0.2]), "image_std"),
+        (dict(image_mean=[float("nan"), 0.4, 0.4]), "image_mean"),
     ],
 )
 def test_wrong_config_names_the_field(overrides, field):

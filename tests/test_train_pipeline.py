@@ -974,3 +974,19 @@ def test_gradient_checkpointing_reaches_the_trainer_without_a_deprecation_warnin
         warnings.filterwarnings("error", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
         args = training_arguments(cfg, processes=1)
     assert args.gradient_checkpointing is enabled
+
+
+@pytest.mark.parametrize("setting", [
+    dict(epochs=0.0), dict(epochs=-2.0), dict(epochs=float("nan"), max_steps=2), dict(max_grad_norm=float("nan")),
+    dict(max_grad_norm=-1.0), dict(weight_decay=-5.0), dict(weight_decay=float("inf")), dict(learning_rate=0.0),
+    dict(stage=2, tuning="lora", lora_alpha=float("nan")), dict(stage=2, tuning="lora", lora_dropout=1.0),
+])
+def test_training_numbers_out_of_range_are_refused_by_name(setting):
+    """NaN passes every comparison, epochs 0 publishes an untrained model, NaN clipping silently turns clipping off:
+    each is refused naming the setting."""
+    name = next(k for k in setting if k not in ("stage", "tuning", "max_steps"))
+    settings = dict(stage=1, output_dir="unused", max_steps=-1)
+    settings.update(setting)
+    with pytest.raises(ValueError, match=name):
+        TrainConfig(**settings)
+    assert TrainConfig(stage=1, output_dir="unused", epochs=0.0, max_steps=3).epochs == 0.0  # max_steps decides

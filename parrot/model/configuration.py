@@ -9,6 +9,7 @@ A Parrot checkpoint is one `config.json` holding
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -165,6 +166,13 @@ class ParrotConfig(PreTrainedConfig):
             )
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError("image_mean and image_std need 3 values (RGB)")
+        # NaN / inf or a zero std would make every pixel value, hence every logit, NaN without an error
+        if not all(math.isfinite(v) for v in self.image_mean) or not all(
+                math.isfinite(v) and v > 0 for v in self.image_std):
+            raise ValueError(f"image_mean {self.image_mean} must be finite and image_std {self.image_std} finite and "
+                             "> 0")
+        if not math.isfinite(self.moe_weight):
+            raise ValueError(f"moe_weight={self.moe_weight} must be a finite number")
 
     @property
     def vision_backend(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,20 @@ class TrainConfig:
                      "ceft_top_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):  # NaN / inf compare false with every bound below: refuse them first
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"{f.name} must be a finite number, got {getattr(self, f.name)}")
+        for name in ("learning_rate", "lora_alpha", "perft_alpha"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0 (or max_steps > 0), got {self.epochs}: the run would train nothing "
+                             "and publish the untrained model")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError(f"weight_decay ({self.weight_decay}) and max_grad_norm ({self.max_grad_norm}, 0: no "
+                             "clipping) must be >= 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.tuning == "ceft" and not self.ceft_ranking:
             raise ValueError("--tuning ceft needs --ceft-ranking (a Router Lens ranking CSV)")
         if self.save_steps < 0 or self.keep_last < 0:
