@@ -181,6 +181,41 @@ def test_factorllm_routers_train_under_ddp(tmp_path):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.parametrize("tuning", ["mole", "factorllm"])
+def test_aux_losses_under_reentrant_checkpointing_are_refused(tuning):
+    """Reentrant activation checkpointing runs the routed layers under no_grad and recomputes them in the backward,
+    where the aux losses (read from the layers after the forward) are lost: the routers trained without their
+    balance / prior-approximate losses, silently. The trainer's hook refuses it; non-reentrant trains them."""
+    from tests.conftest import IMAGE_TOKEN_ID, tiny_parrot_config
+    from parrot.model import ParrotForCausalLM
+    from parrot.train.stages import apply_stage
+    from parrot.moe import collect_router_outputs, mole_aux_loss
+    from parrot.moe.methods.tuning import train_steps
+    from parrot.train.trainer import AuxLossHook
+
+    batch = dict(input_ids=torch.tensor([[1, IMAGE_TOKEN_ID, 3, 4]]), labels=torch.tensor([[-100, -100, 3, 4]]),
+                 pixel_values=torch.randn(1, 3, 32, 32))
+    for reentrant in (True, False):
+        cfg = TrainConfig(stage=2, tuning=tuning, factorllm_experts=2, factorllm_top_k=1, output_dir="unused")
+        torch.manual_seed(0)
+        model = ParrotForCausalLM(tiny_parrot_config()).train()
+        plan = apply_stage(model, cfg)
+        aux_loss = plan.tuning_setup.aux_loss if plan.tuning_setup is not None else (
+            lambda: mole_aux_loss(collect_router_outputs(model.language_model)))
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant:  # the methods' own loop (router_lens / factorllm commands) refuses it too
+            with pytest.raises(RuntimeError, match="use_reentrant=False"):
+                train_steps(model, [batch], steps=1, lr=1e-3, aux_loss=aux_loss)
+        model.register_forward_hook(AuxLossHook(aux_loss))
+        if reentrant:
+            with pytest.raises(RuntimeError, match="use_reentrant=False"):
+                model(**batch)
+            continue
+        model(**batch).loss.backward()
+        routers = [p for name, p in model.named_parameters() if ".router." in name and p.requires_grad]
+        assert routers and all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
+
+
 @pytest.mark.parametrize("records, per_device, processes", [(30, 4, 2), (32, 4, 2), (37, 3, 4)])
 def test_epoch_end_repeats_counts_what_accelerate_repeats(records, per_device, processes):
     """The number the trainer warns about equals the records accelerate's sharded sampler (even_batches, HF
@@ -486,6 +521,7 @@ def test_stage2_mole_each_router_trains_and_writes_diagnostics(ws, stage1, tmp_p
     router scalars of each logging step are printed and saved with its loss (loss_history.json), as the statistics
     router_stats.json records for that step give them."""
     from parrot.moe import RouterStatsTracker
+    from parrot.train.callbacks import format_duration
 
     out = tmp_path / router
     result = train(config(ws, out, stage=2, model=str(stage1), data="qa", tuning="mole", router=router,
@@ -511,6 +547,8 @@ def test_stage2_mole_each_router_trains_and_writes_diagnostics(ws, stage1, tmp_p
         line = next(line for line in printed.splitlines() if f"step {entry['step']}/12 |" in line)
         assert (f"router H {expected['router/entropy_mean']:.3f}, max load {expected['router/max_load_ratio']:.2f}"
                 in line)
+        if entry["step"] > 1:  # the ETA printed is the one saved (none at the first step: no step timed yet)
+            assert f"ETA {format_duration(entry['eta_s'])}" in line
 
 
 def test_stage2_mole_trains_under_torch_compile(ws, stage1, tmp_path):

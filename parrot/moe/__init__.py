@@ -4,7 +4,7 @@
   `GWMoERouter`, `MixtureOfRoutersRouter` (same interface: hidden (T, D), mask (T,) -> RouterOutput).
 - `experts`: `SwiGLUExperts` (Parrot projector), `LoRAExperts` (MoLE).
 - `mole`: `MoLEConfig`, `MoLELinear`, `inject_mole`, `collect_router_outputs`, `mole_aux_loss`,
-  `mole_state_dict`, `load_mole_state_dict`, `save_mole`, `load_mole`, `calibrate_gwmoe`.
+  `check_aux_loss_trains`, `mole_state_dict`, `load_mole_state_dict`, `save_mole`, `load_mole`, `calibrate_gwmoe`.
 - `fused` (+ `kernels`, Triton): a MoLE layer's router + stacked experts as one autograd node on CUDA
   (`MoLEConfig.fused`); `MoLELinear` picks it by itself.
 - `diagnostics`: `RouterStatsTracker`, `plot_expert_load`.
@@ -16,6 +16,7 @@ from .mole import (
     MoLEConfig,
     MoLELinear,
     calibrate_gwmoe,
+    check_aux_loss_trains,
     collect_router_outputs,
     inject_mole,
     load_mole,
@@ -42,6 +43,6 @@ from .routers import (
 __all__ = [
     "ROUTER_KINDS", "DynMoLERouter", "GWMoERouter", "LayerStepStats", "LoRAExperts", "MixtureOfRoutersRouter",
     "MoLEConfig", "MoLELinear", "RouterConfig", "RouterOutput", "RoutingStats", "RouterStatsTracker", "SwiGLUExperts", "TopKRouter",
-    "build_router", "calibrate_gwmoe", "collect_router_outputs", "inject_mole", "load_mole", "load_mole_state_dict",
+    "build_router", "calibrate_gwmoe", "check_aux_loss_trains", "collect_router_outputs", "inject_mole", "load_mole", "load_mole_state_dict",
     "mole_aux_loss", "mole_parameters", "mole_state_dict", "plot_expert_load", "save_mole", "tsallis_entropy", "lazy_routing_stats",
 ]

@@ -162,29 +162,11 @@ class MoLELinear(nn.Module):
     def weight(self) -> torch.Tensor:  # some HF code reads .weight of projections (dtype/device probes)
         return self.base.weight
 
-    def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        mask = self.token_mask
-        if mask is None:
-            return None
-        if x.dim() == 2 and self.token_seq is not None and mask.dim() == 2 \
-                and x.shape[0] == mask.shape[0] * self.token_seq:
-            # The call's tokens flattened in order (B*S, D), e.g. Qwen2-MoE's shared-expert MLP; a gathered subset
-            # of them (an MoE expert's tokens) has another count and keeps no mask.
-            batch, seq = mask.shape[0], self.token_seq
-        elif x.dim() == 3:
-            batch, seq = x.shape[:2]
-        else:
-            return None
-        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
-            raise ValueError(
-                f"MoLE routing mask of shape {tuple(mask.shape)} does not cover hidden states {tuple(x.shape[:2])}"
-            )
-        return mask[:, -seq:].reshape(-1).to(device=x.device, dtype=torch.bool)  # (B*S,)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         flat = x.reshape(-1, x.shape[-1])  # (T, D_in)
-        out = self.adapter(flat, self._mask_for(x), base=out.reshape(-1, out.shape[-1]))
+        mask = routing_mask(self.token_mask, self.token_seq, x, "MoLE")
+        out = self.adapter(flat, mask, base=out.reshape(-1, out.shape[-1]))
         return out.view(*x.shape[:-1], out.shape[-1])  # (..., D_out); -1 cannot be inferred with no tokens
 
     def adapter(self, flat: torch.Tensor, mask: torch.Tensor | None = None,
@@ -242,8 +224,29 @@ class MaskCapture:
             seq = tokens.shape[1] if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
             for layer in self.layers:
                 layer.token_mask = mask
-                if hasattr(layer, "token_seq"):
-                    layer.token_seq = seq
+                layer.token_seq = seq
+
+
+def routing_mask(mask: torch.Tensor | None, seq: int | None, x: torch.Tensor, who: str) -> torch.Tensor | None:
+    """The (B*S,) bool token mask of a routed module's input `x` from its model call's `MaskCapture` values.
+
+    mask: the call's (B, S_total) attention mask (None: every token counts); seq: S of the call's new tokens.
+    `x` (B, S, D) takes the mask's last S columns (cached generation); `x` (B*S, D), the call's tokens flattened in
+    order (e.g. Qwen2-MoE's shared-expert MLP), takes them too; any other input (a gathered subset of the tokens,
+    e.g. one MoE expert's) has no mask. `who` names the module kind in the error.
+    """
+    if mask is None:
+        return None
+    if x.dim() == 2 and seq is not None and mask.dim() == 2 and x.shape[0] == mask.shape[0] * seq:
+        batch = mask.shape[0]
+    elif x.dim() == 3:
+        batch, seq = x.shape[:2]
+    else:
+        return None
+    if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
+        raise ValueError(f"{who} routing mask of shape {tuple(mask.shape)} does not cover hidden states "
+                         f"{tuple(x.shape[:-1])}")
+    return mask[:, -seq:].reshape(-1).to(device=x.device, dtype=torch.bool)  # (B*S,)
 
 
 def install_mask_hooks(model: nn.Module, routed: list[tuple[str, nn.Module]]) -> None:
@@ -328,6 +331,22 @@ def mole_aux_loss(routing: dict[str, RouterOutput]) -> torch.Tensor | float:
     """
     losses = [r.aux_loss for r in routing.values() if r.aux_losses]
     return sum(losses) / len(losses) if losses else 0.0
+
+
+def check_aux_loss_trains(aux: torch.Tensor | float, loss: torch.Tensor) -> None:
+    """Refuse an aux loss that carries no gradient while the LM loss it is added to does.
+
+    The routed layers then ran under `torch.no_grad` inside a gradient-tracking forward: activation checkpointing
+    with `use_reentrant=True` does that (its backward recomputes the layers, but the aux losses, read from the
+    layers after the forward, are not outputs of the checkpointed function), and the routers would silently train
+    without their balance / Tsallis / prior-approximate losses.
+    """
+    if isinstance(aux, torch.Tensor) and not aux.requires_grad and loss.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "the routers' aux loss has no gradient while the LM loss has one: the routed layers ran under "
+            "torch.no_grad, as activation checkpointing with use_reentrant=True runs them (their aux losses would "
+            "be lost); enable checkpointing with use_reentrant=False (transformers' default, what parrot.train uses)"
+        )
 
 
 def mole_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 
-from ..moe import collect_router_outputs, mole_aux_loss
+from ..moe import check_aux_loss_trains, collect_router_outputs, mole_aux_loss
 from ..moe.methods import TuningSetup
 from ..fileio import publish
 from . import checkpoints
@@ -67,6 +67,7 @@ class AuxLossHook:
         if module.training and getattr(output, "loss", None) is not None:
             aux = self.aux_loss()
             if aux is not None:
+                check_aux_loss_trains(aux, output.loss)
                 output.loss = output.loss + aux
         return output
 

@@ -48,8 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..experts import LoRAExperts
-from ..mole import (built_router_settings, install_mask_hooks, mole_aux_loss, read_adapter_files, settings_differences,
-                    write_adapter_files)
+from ..mole import (built_router_settings, install_mask_hooks, mole_aux_loss, read_adapter_files, routing_mask,
+                    settings_differences, write_adapter_files)
 from ..routers import RouterConfig, RouterOutput, build_router, lazy_routing_stats, router_settings
 from .moe_blocks import find_moe_blocks
 
@@ -124,21 +124,13 @@ class PerftAdapter(nn.Module):
         self.router = build_router(config.router, hidden_size, num_experts) if variant == "perft-r" else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.last_routing: RouterOutput | None = None
-        self.token_mask: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None  # set by the model-level MaskCapture pre-hook
+        self.token_seq: int | None = None
         self._gate_output: tuple[torch.Tensor, ...] | None = None  # PERFT-E: the frozen router's latest output
 
     def capture_gate(self, module: nn.Module, args: tuple, output: tuple[torch.Tensor, ...]) -> None:
         """Forward hook on the base block's `gate`: keep (logits, scores, indices) for PERFT-E."""
         self._gate_output = output
-
-    def _mask_for(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        if self.token_mask is None:
-            return None
-        batch, seq = hidden.shape[:2]
-        mask = self.token_mask
-        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
-            raise ValueError(f"PERFT routing mask of shape {tuple(mask.shape)} does not cover hidden states {(batch, seq)}")
-        return mask[:, -seq:].reshape(-1).to(device=hidden.device, dtype=torch.bool)  # (B*S,)
 
     def _routing_from_base(self, T: int, mask: torch.Tensor | None, dtype: torch.dtype) -> RouterOutput:
         if self._gate_output is None:
@@ -156,7 +148,7 @@ class PerftAdapter(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         T, D = hidden.shape[0] * hidden.shape[1], hidden.shape[-1]
         flat = hidden.reshape(T, D)  # (T, D)
-        mask = self._mask_for(hidden)
+        mask = routing_mask(self.token_mask, self.token_seq, hidden, "PERFT")
         if self.variant == "perft-r":
             routing = self.router(flat, mask)
         elif self.variant == "perft-e":

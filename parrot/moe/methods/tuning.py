@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..mole import mole_aux_loss
+from ..mole import check_aux_loss_trains, mole_aux_loss
 from ..routers import RouterOutput
 from .factorllm import FactorLLMConfig, collect_factorllm_routing, inject_factorllm
 from .perft import PERFT_VARIANTS, PerftConfig, collect_perft_routing, inject_perft, perft_parameter_names, perft_state_dict
@@ -107,7 +107,9 @@ def train_steps(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps:
     losses = []
     for step in tqdm(range(steps), desc=desc, leave=False):
         out = model(**batches[step % len(batches)])
-        loss = out.loss + (aux_loss() if aux_loss is not None else 0.0)
+        aux = aux_loss() if aux_loss is not None else 0.0
+        check_aux_loss_trains(aux, out.loss)
+        loss = out.loss + aux
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
