@@ -41,6 +41,11 @@ class ParrotCausalLMOutput(CausalLMOutputWithPast):
     attention_mask: torch.Tensor | None = None
 
 
+def is_left_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row of a (B, T) mask ends with a real token: left padding, or none (one host sync)."""
+    return bool(attention_mask[:, -1].all())
+
+
 @dataclass
 class MultimodalInputs:
     inputs_embeds: torch.Tensor  # (B, T', D)
@@ -155,7 +160,7 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
                 raise placeholder_mismatch(is_image, visual.shape[0], self.config.image_token_id)
             visual, routing = self.moe(visual, inputs_embeds[image_sample], text_mask[image_sample])
             router_probs = routing.probs
-        padding_side = "left" if bool(valid[:, -1].all()) else "right"
+        padding_side = "left" if is_left_padded(valid) else "right"
         merged = merge_visual_tokens(
             inputs_embeds, input_ids, attention_mask, visual, self.config.image_token_id, labels, padding_side
         )
@@ -209,7 +214,7 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
                 cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)):  # no decode step
             input_ids, inputs_embeds = None, self._with_idle_visual_path(self.get_input_embeddings()(input_ids))
         if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 \
-                and bool(attention_mask[:, -1].all()) and not bool(attention_mask.all()):
+                and bool(attention_mask[:, -1].all() & ~attention_mask.all()):  # left padding, some pads: one sync
             # Left padding (likelihood scoring, a hand-written decoding loop): number each row's real tokens from 0,
             # as generate() does. The LM's default arange(T) starts a row at its pad count, which RoPE forgives but
             # learned absolute positions (GPT-2, OPT, ...) do not: the scores would depend on the batch.
@@ -255,6 +260,9 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         `max_length` / `min_length` count the prompt as given (`input_ids`, T tokens), as with a text-only HF model:
         they become `max_new_tokens` / `min_new_tokens` = length - T. (HF would count them over the merged
         embeddings it receives, where each image takes num_image_tokens positions.)
+
+        The prompt reaches HF generation as embeddings (as in LLaVA), so the logits processors that read token ids
+        (`repetition_penalty`, `no_repeat_ngram_size`) see the generated tokens only, not the prompt's.
         """
         if input_ids is None:
             return super().generate(attention_mask=attention_mask, **kwargs)
@@ -271,7 +279,7 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
             pixel_values = None
         # The prompt goes to HF generation as embeddings, so its right-padding warning never fires: check here,
         # with or without images (right padding would decode the short prompts after their padding).
-        if not bool(attention_mask[:, -1].all()):
+        if not is_left_padded(attention_mask):
             raise ValueError("generate() needs left padding (set padding_side='left' in the processor)")
         if pixel_values is not None:
             prep = self.prepare_multimodal_inputs(input_ids, attention_mask, pixel_values, prompt_labels)

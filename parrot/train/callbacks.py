@@ -47,6 +47,8 @@ class ProgressLogCallback(TrainerCallback):
         elapsed = time.perf_counter() - self._start_time
         eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
         logs["eta_s"] = round(eta, 1) if done else None
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:  # HF saved its copy first
+            state.log_history[-1]["eta_s"] = logs["eta_s"]
         parts = [f"step {state.global_step}/{state.max_steps}", f"loss {logs['loss']:.4f}"]
         if "learning_rate" in logs:
             parts.append(f"lr {float(logs['learning_rate']):.2e}")
