@@ -32,13 +32,18 @@ task (`make_context_copy_batches`): "BOS k1 v1 ... kn vn SEP k ANS -> v", the an
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import csv
+import io
 import json
 import logging
+import math
+import operator
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import torch
 import torch.nn as nn
@@ -211,6 +216,10 @@ def router_tune(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps:
     Every other parameter is frozen for the duration; requires_grad flags, the train/eval mode (of every
     submodule) and the routers' `.grad` (None for a fresh model) are restored afterwards, so no gradient of the
     router tuning leaks into a later optimizer step (CEFT or full fine-tuning of the same model).
+
+    The loss is the LM loss alone, as the official trainer (which computes the cross-entropy itself): a model whose
+    config sets `output_router_logits` (transformers then adds `router_aux_loss_coef` x the load-balancing loss to
+    `.loss`) is run with `output_router_logits=False`, since the load-balancing pull is what router tuning removes.
     """
     from tqdm.auto import tqdm
 
@@ -224,11 +233,13 @@ def router_tune(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam([p for _, p in routers], lr=lr)
     device = next(model.parameters()).device
+    lm_loss_only = {"output_router_logits": False} if getattr(getattr(model, "config", None), "output_router_logits",
+                                                              False) else {}
     model.train()
     losses = []
     try:
         for step in tqdm(range(steps), desc="router tuning", leave=False):
-            loss = model(**_model_inputs(batches[step % len(batches)], device)).loss
+            loss = model(**_model_inputs(batches[step % len(batches)], device), **lm_loss_only).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -262,12 +273,33 @@ def rank_experts(blocks: list[str], base: torch.Tensor, tuned: torch.Tensor, sco
     """All (layer, expert) pairs sorted by `score` ("rise" = tuned - base, or "tuned"), best first."""
     if base.shape != tuned.shape or base.shape[0] != len(blocks):
         raise ValueError(f"rank_experts: shapes {tuple(base.shape)} / {tuple(tuned.shape)} do not match {len(blocks)} blocks")
-    if score not in ("rise", "tuned"):
+    if score not in _RANKING_SCORES:
         raise ValueError(f"rank_experts: score must be 'rise' or 'tuned', got {score!r}")
+    for label, freq in (("base", base), ("tuned", tuned)):
+        bad = (~torch.isfinite(freq)).nonzero().tolist()
+        if bad:  # NaN sorts anywhere: the ranking would be arbitrary
+            raise ValueError(f"rank_experts: {label} frequency is not finite at (block row, expert) {bad[:4]}")
     rows = [ExpertScore(b, layer_index(b), e, float(base[i, e]), float(tuned[i, e]))
             for i, b in enumerate(blocks) for e in range(base.shape[1])]
-    key = (lambda r: (-r.rise, -r.tuned_frequency)) if score == "rise" else (lambda r: (-r.tuned_frequency, -r.rise))
-    return sorted(rows, key=key)
+    return sorted(rows, key=lambda r: _score_key(score, r.rise, r.tuned_frequency))
+
+
+_RANKING_SCORES = ("rise", "tuned")
+
+
+def _score_key(score: str, rise: float, tuned: float) -> tuple[float, float]:
+    """The sort key of `rank_experts` (ascending = best first): by rise, ties by tuned frequency, or the reverse."""
+    return (-rise, -tuned) if score == "rise" else (-tuned, -rise)
+
+
+def _out_of_order(pairs: list[tuple[float, float]]) -> dict[str, int | None]:
+    """pairs: (rise, tuned) of ranked rows, best first -> {score: index of the first row that the score ranks above
+    the row before it, None when the rows follow that score's order} (ties may come in any order)."""
+    out: dict[str, int | None] = {}
+    for score in _RANKING_SCORES:
+        keys = [_score_key(score, *p) for p in pairs]
+        out[score] = next((i for i in range(1, len(keys)) if keys[i] < keys[i - 1]), None)
+    return out
 
 
 @dataclass
@@ -312,19 +344,23 @@ _TABLE_HEADER = ["rank", "block", "layer", "expert", "base_frequency", "tuned_fr
 def write_router_lens_outputs(result: RouterLensResult, out_dir: str | Path) -> dict[str, Path]:
     """router_lens_ranking.csv / .md, router_lens_rise.png (layer x expert rise), router_lens_tuned_load.png,
     router_lens_losses.json; each file is replaced whole (`parrot.fileio.atomic_file`): a failure mid-write keeps
-    the previous file, never a truncated table that CEFT would read as a shorter ranking."""
+    the previous file, never a truncated table that CEFT would read as a shorter ranking.
+
+    The CSV (UTF-8, floats as `repr`) reads back equal with `load_ranking_csv`; a ranking that reader would refuse
+    (see `_check_ranking`: empty, a non-finite value, a repeated expert, rows in neither score's order) is refused
+    here before anything is written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = _check_ranking(result.ranking)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [[i + 1, r.block, r.layer, r.expert, r.base_frequency, r.tuned_frequency, r.rise] for i, r in enumerate(result.ranking)]
     paths = {"csv": out_dir / "router_lens_ranking.csv", "markdown": out_dir / "router_lens_ranking.md",
              "heatmap": out_dir / "router_lens_rise.png", "tuned_load": out_dir / "router_lens_tuned_load.png",
              "losses": out_dir / "router_lens_losses.json"}
-    with atomic_file(paths["csv"]) as staged, staged.open("w", newline="") as fh:
+    with atomic_file(paths["csv"]) as staged, staged.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(_TABLE_HEADER)
         writer.writerows(rows)
@@ -357,22 +393,164 @@ def write_router_lens_outputs(result: RouterLensResult, out_dir: str | Path) -> 
     return paths
 
 
-def load_ranking_csv(path: str | Path) -> list[ExpertScore]:
-    """Read back a ranking written by `write_router_lens_outputs` (in file order)."""
-    path = Path(path)
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = set(_TABLE_HEADER) - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: ranking CSV lacks columns {sorted(missing)}")
-        rows = []
-        for line, rec in enumerate(reader, start=2):
-            try:
-                rows.append(ExpertScore(rec["block"], int(rec["layer"]), int(rec["expert"]),
-                                        float(rec["base_frequency"]), float(rec["tuned_frequency"])))
-            except ValueError as err:
-                raise ValueError(f"{path}:{line}: bad ranking row ({err})") from err
+def _check_ranking(ranking: list[ExpertScore]) -> list[list]:
+    """The CSV rows (rank, block, layer, expert, base, tuned, rise) of a ranking that `load_ranking_csv` will read back
+    equal: refuses (ValueError naming the 1-based row) an empty ranking, a layer / expert id that is not a
+    non-negative integer, a layer that is not its block's, a non-finite frequency or rise, a repeated
+    (block, expert), and rows in neither of `rank_experts`' orders."""
+    if not ranking:
+        raise ValueError("write_router_lens_outputs: the ranking is empty")
+    rows, seen = [], {}
+    for i, r in enumerate(ranking, start=1):
+        where = f"write_router_lens_outputs: ranking row {i} ({r.block!r} expert {r.expert!r})"
+        try:
+            layer, expert = operator.index(r.layer), operator.index(r.expert)
+            base, tuned = float(r.base_frequency), float(r.tuned_frequency)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from err
+        if isinstance(r.layer, bool) or isinstance(r.expert, bool) or layer < 0 or expert < 0:
+            raise ValueError(f"{where}: layer {r.layer!r} / expert {r.expert!r} must be non-negative integers")
+        try:
+            block_layer = layer_index(r.block)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from err
+        if block_layer != layer:
+            raise ValueError(f"{where}: layer {layer} is not its block's ({block_layer})")
+        rise = tuned - base
+        if not all(math.isfinite(v) for v in (base, tuned, rise)):
+            raise ValueError(f"{where}: base {base!r} / tuned {tuned!r} / rise {rise!r} must be finite")
+        if (r.block, expert) in seen:
+            raise ValueError(f"{where}: repeats ranking row {seen[r.block, expert]}")
+        seen[r.block, expert] = i
+        rows.append([i, r.block, layer, expert, base, tuned, rise])
+    bad = _out_of_order([(row[6], row[5]) for row in rows])
+    if all(i is not None for i in bad.values()):
+        i = bad["rise"]
+        raise ValueError(f"write_router_lens_outputs: ranking row {i + 1} (rise {rows[i][6]!r}, tuned {rows[i][5]!r}) "
+                         f"ranks below row {i} (rise {rows[i - 1][6]!r}, tuned {rows[i - 1][5]!r}): the ranking "
+                         f"follows neither the rise nor the tuned order of rank_experts (first out of the tuned "
+                         f"order: row {bad['tuned'] + 1})")
     return rows
+
+
+_ID = re.compile(r"[0-9]+")  # ASCII digits only: no sign, blank, '1.0', '1e2' or non-ASCII digits
+_RISE_TOLERANCE = 1e-9  # |rise column - (tuned - base)|: the writer's column is that difference exactly
+
+
+def _csv_records(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(1-based line where the record starts, fields) of each non-blank CSV record of `text`."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    line = 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise ValueError(f"{path}:{reader.line_num}: not a CSV record ({err})") from err
+        if fields:
+            yield line, fields
+        line = reader.line_num + 1
+
+
+def load_ranking_csv(path: str | Path) -> list[ExpertScore]:
+    """Read back a ranking written by `write_router_lens_outputs`, best first; it reads back equal.
+
+    The rows come in the order of their `rank` column (1..N, each once), whatever their order in the file, and that
+    order must be one the writer writes (`rank_experts`): best first by `rise` (ties by tuned_frequency) or by
+    `tuned_frequency` (ties by rise), judged on the file's columns; the `rise` column must be
+    tuned_frequency - base_frequency (within 1e-9). Refused, with a ValueError naming the file and the 1-based line:
+    bytes that are not UTF-8 (a leading BOM is allowed), a header with unknown, missing or repeated columns, a row
+    with another number of fields than the header, a rank / layer / expert not written as a non-negative integer
+    (ASCII digits), a rank of 0, a layer that is not its block's (`layers.<i>.`), a frequency or rise that is not a
+    finite number, a repeated (block, expert) or rank, a rank above the number of rows, and a file without rows.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = skip + err.start
+        line = raw[:at].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[at]:02x} at offset {at}: "
+                         f"{err.reason}); a ranking CSV of write_router_lens_outputs is UTF-8") from err
+
+    def fail(line: int, message: str) -> NoReturn:
+        raise ValueError(f"{path}:{line}: {message}")
+
+    records = _csv_records(path, text)
+    first = next(records, None)
+    if first is None:
+        fail(1, f"empty ranking CSV (no header); expected the columns {_TABLE_HEADER}")
+    header_line, header = first
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    unknown = [c for c in header if c not in _TABLE_HEADER]
+    missing = [c for c in _TABLE_HEADER if c not in header]
+    if repeated or unknown or missing:
+        problems = [f"lacks columns {missing}"] if missing else []
+        problems += [f"has unknown columns {unknown}"] if unknown else []
+        problems += [f"repeats columns {repeated}"] if repeated else []
+        fail(header_line, f"ranking CSV {' and '.join(problems)}; expected the columns {_TABLE_HEADER}")
+    column = {c: header.index(c) for c in _TABLE_HEADER}
+
+    def integer(line: int, fields: list[str], name: str) -> int:
+        text = fields[column[name]]
+        if not _ID.fullmatch(text):
+            fail(line, f"{name} {text!r} is not a non-negative integer")
+        return int(text)
+
+    def number(line: int, fields: list[str], name: str) -> float:
+        text = fields[column[name]]
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value):
+            fail(line, f"{name} {text!r} is not a finite number")
+        return value
+
+    ranked: dict[int, tuple[int, ExpertScore, float]] = {}  # rank -> (line, row, rise column)
+    lines_of: dict[tuple[str, int], int] = {}
+    for line, fields in records:
+        if len(fields) != len(header):
+            fail(line, f"the row has {len(fields)} fields, the header {len(header)}")
+        rank, layer, expert = (integer(line, fields, c) for c in ("rank", "layer", "expert"))
+        block = fields[column["block"]]
+        try:
+            block_layer = layer_index(block)
+        except ValueError as err:
+            fail(line, f"block: {err}")
+        if layer != block_layer:
+            fail(line, f"layer {layer} is not the layer of block {block!r} ({block_layer})")
+        base, tuned, rise = (number(line, fields, c) for c in ("base_frequency", "tuned_frequency", "rise"))
+        if not abs(rise - (tuned - base)) <= _RISE_TOLERANCE:
+            fail(line, f"rise {rise!r} is not tuned_frequency - base_frequency "
+                       f"({tuned!r} - {base!r} = {tuned - base!r})")
+        if rank == 0:
+            fail(line, "rank 0: ranks count from 1")
+        if rank in ranked:
+            fail(line, f"rank {rank} repeats line {ranked[rank][0]}")
+        if (block, expert) in lines_of:
+            fail(line, f"{block} expert {expert} repeats line {lines_of[block, expert]}")
+        lines_of[block, expert] = line
+        ranked[rank] = (line, ExpertScore(block, layer, expert, base, tuned), rise)
+    if not ranked:
+        fail(header_line, "the ranking CSV has a header but no rows")
+    beyond = [(line, rank) for rank, (line, _, _) in ranked.items() if rank > len(ranked)]
+    if beyond:
+        line, rank = min(beyond)
+        fail(line, f"rank {rank} is outside 1..{len(ranked)} (the file has {len(ranked)} rows, each rank once)")
+    order = [ranked[rank] for rank in range(1, len(ranked) + 1)]
+    bad = _out_of_order([(rise, row.tuned_frequency) for _, row, rise in order])
+    if all(i is not None for i in bad.values()):
+        i, j = bad["rise"], bad["tuned"]
+        (line, row, rise), (prev_line, prev, prev_rise) = order[i], order[i - 1]
+        fail(line, f"rank {i + 1} ({row.block} expert {row.expert}: rise {rise!r}, tuned {row.tuned_frequency!r}) "
+                   f"is ranked below rank {i} (line {prev_line}: rise {prev_rise!r}, tuned {prev.tuned_frequency!r}): "
+                   f"the ranks follow neither the rise order nor the tuned_frequency order (rank {j + 1}, line "
+                   f"{order[j][0]}, is out of that one) that write_router_lens_outputs writes")
+    return [row for _, row, _ in order]
 
 
 # ----------------------------------------------------------------------------------------------------
