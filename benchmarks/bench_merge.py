@@ -25,6 +25,7 @@ import argparse
 
 import torch
 
+from parrot.fileio import positive_int
 from parrot.model.merge import IGNORE_INDEX, merge_visual_tokens
 
 from .harness import BenchSettings, Ratio, add_common_args, check_same, finish, grads_of, profile_cases, settings_from_args, time_cases
@@ -133,10 +134,10 @@ def run(args: argparse.Namespace, settings: BenchSettings):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--text-tokens", type=int, default=128)
-    parser.add_argument("--visual-tokens", type=int, default=576)
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--text-tokens", type=positive_int, default=128)
+    parser.add_argument("--visual-tokens", type=positive_int, default=576)
+    parser.add_argument("--hidden", type=positive_int, default=1024)
     add_common_args(parser, warmup=(1, 3), repeats=(5, 20))
     return parser
 

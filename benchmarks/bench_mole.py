@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from parrot.fileio import positive_int
 from parrot.moe import MoLELinear, RouterConfig
 from parrot.moe.fused import fused_applies, shared_gemm_applies
 from parrot.moe.routers import ROUTER_KINDS
@@ -325,11 +326,11 @@ def run(args: argparse.Namespace, settings: BenchSettings):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--tokens", type=positive_int, default=4096)
+    parser.add_argument("--hidden", type=positive_int, default=1024)
+    parser.add_argument("--experts", type=positive_int, default=8)
+    parser.add_argument("--top-k", type=positive_int, default=2)
+    parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument("--routers", nargs="+", default=list(ROUTER_KINDS), choices=ROUTER_KINDS)
     parser.add_argument("--router-scale", type=float, default=1.0,
                         help="multiply router weights after init (>1 = sharper, more trained-like routing)")

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from parrot.fileio import positive_int
 from parrot.model import ParrotConfig
 from parrot.model.parrot_moe import ParrotMoEProjector
 
@@ -146,12 +147,12 @@ def run(args: argparse.Namespace, settings: BenchSettings):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--visual-tokens", type=int, default=577)
-    parser.add_argument("--text-tokens", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=6)
-    parser.add_argument("--intermediate", type=int, default=1024)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--visual-tokens", type=positive_int, default=577)
+    parser.add_argument("--text-tokens", type=positive_int, default=64)
+    parser.add_argument("--hidden", type=positive_int, default=1024)
+    parser.add_argument("--experts", type=positive_int, default=6)
+    parser.add_argument("--intermediate", type=positive_int, default=1024)
     add_common_args(parser, warmup=(0, 2), repeats=(3, 10))
     return parser
 

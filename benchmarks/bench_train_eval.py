@@ -31,6 +31,7 @@ from mmmb.models import ParrotMCQModel
 from mmmb.prompts import format_question
 from mmmb.toy import toy_mmmb
 from mmmb.tsv import OPTION_LETTERS, decode_image
+from parrot.fileio import positive_int
 from parrot.model.builder import build_tiny, save_pretrained
 
 from .harness import BenchSettings, Ratio, add_common_args, finish, profile_cases, settings_from_args, time_cases
@@ -126,10 +127,10 @@ def run(args: argparse.Namespace, settings: BenchSettings):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8, help="training batch size")
-    parser.add_argument("--eval-batch", type=int, default=8, help="MMMB prompts per model call")
-    parser.add_argument("--eval-items", type=int, default=12, help="toy MMMB items per language (end-to-end run)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch", type=positive_int, default=8, help="training batch size")
+    parser.add_argument("--eval-batch", type=positive_int, default=8, help="MMMB prompts per model call")
+    parser.add_argument("--eval-items", type=positive_int, default=12, help="toy MMMB items per language (end-to-end run)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16)
     add_common_args(parser, warmup=(1, 3), repeats=(5, 20))
     return parser
 

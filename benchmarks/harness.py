@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from parrot.fileio import non_negative_int, positive_int
+
 logger = logging.getLogger("benchmarks")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,15 +67,15 @@ def add_common_args(parser: argparse.ArgumentParser, warmup: tuple[int, int] = (
     """
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--warmup", type=int, default=None,
+    parser.add_argument("--warmup", type=non_negative_int, default=None,
                         help=f"untimed calls per case after the correctness check (default {warmup[0]} CPU, {warmup[1]} CUDA)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help=f"timed calls per case (default {repeats[0]} CPU, {repeats[1]} CUDA)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run, not a claim)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results (and profiles)")
     parser.add_argument("--profile", action="store_true", help="also write a torch.profiler table per case")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="CUDA only: also time capturable cases as CUDA-graph replays (GPU work without launch "
                              "overhead)" + ("" if cuda_graphs else "; not supported by this benchmark (rejected)"))

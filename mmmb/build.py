@@ -29,6 +29,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from mmmb.languages import LANGUAGES, VLMEVALKIT_CODE, canonical_language
+from parrot.fileio import non_negative_int, positive_int
 from mmmb.tsv import (OPTION_LETTERS, MCQRecord, MMMBFormatError, check_alignment, decode_image,
                       encode_image, encode_image_bytes, read_mmmb, write_tsv)
 
@@ -37,15 +38,38 @@ _INHERITED_FIELDS = ("image", "answer", "category", "l2-category")
 
 
 def _load_items(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    """The items of a JSON list, ``{"items": [...]}`` or JSONL file (UTF-8, a leading byte-order mark allowed);
+    MMMBFormatError naming the file, and the 1-based line for text that is not UTF-8 or JSONL that does not parse.
+    JSONL lines end at "\\n" only: JSON strings may hold U+2028, U+2029 or U+0085 raw (``json.dumps(...,
+    ensure_ascii=False)`` writes them so), which ``str.splitlines`` would take for line ends."""
+    data = path.read_bytes()
     try:
-        if path.suffix == ".jsonl":
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        start = error.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # offset within the text after a BOM
+        line = data.count(b"\n", 0, start) + 1
+        raise MMMBFormatError(path, f"line {line}: not UTF-8 text (byte 0x{data[start]:02x}); re-encode the file as "
+                                    "UTF-8") from None
+    if path.suffix == ".jsonl":
+        items = []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise MMMBFormatError(path, f"line {number}: invalid JSON ({error.msg} at column {error.colno})"
+                                      ) from None
+    else:
+        try:
             loaded = json.loads(text)
-            items = loaded["items"] if isinstance(loaded, dict) else loaded
-    except (json.JSONDecodeError, KeyError) as error:
-        raise MMMBFormatError(path, f"not a JSON list / {{'items': [...]}} / JSONL file ({error})") from None
+        except json.JSONDecodeError as error:
+            raise MMMBFormatError(path, f"line {error.lineno}: invalid JSON ({error.msg} at column {error.colno}); "
+                                        "expected a JSON list or {'items': [...]}") from None
+        if isinstance(loaded, dict) and "items" not in loaded:
+            raise MMMBFormatError(path, "a JSON object without an 'items' list; expected a JSON list of items or "
+                                        "{'items': [...]}")
+        items = loaded["items"] if isinstance(loaded, dict) else loaded
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise MMMBFormatError(path, "expected a list of item objects")
     return items
@@ -240,8 +264,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(prog="python -m mmmb.build", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--source", help="multilingual JSON/JSONL file, or folder of <lang>.json files")
-    source.add_argument("--synthetic", type=int, metavar="N", help="build N synthetic items")
-    parser.add_argument("--seed", type=int, default=1234, help="synthetic world seed (keep it held out from training)")
+    source.add_argument("--synthetic", type=positive_int, metavar="N", help="build N synthetic items (N >= 1)")
+    parser.add_argument("--seed", type=non_negative_int, default=1234,
+                        help="synthetic world seed, >= 0 (keep it held out from training)")
     parser.add_argument("--out", required=True, help="output directory for mmmb_<lang>.tsv")
     parser.add_argument("--languages", nargs="+", default=list(LANGUAGES))
     parser.add_argument("--image-format", choices=("PNG", "JPEG"), default="PNG", type=str.upper,

@@ -39,15 +39,21 @@ class PredictionCache:
             self.dropped_partial_line = True
             with self.path.open("r+b") as handle:
                 handle.truncate(complete_end)
-        for line_number, line in enumerate(raw[:complete_end].decode("utf-8").splitlines(), start=1):
-            if not line.strip():
+        # Lines end at b"\n" only (as written by `append`): a prediction may hold U+2028 / U+0085 raw, which
+        # str.splitlines would take for line ends (shifting the line numbers in errors); each line decoded alone, so
+        # bytes that are not UTF-8 are reported with their line.
+        for line_number, data in enumerate(raw[:complete_end].split(b"\n"), start=1):
+            if not data.strip():
                 continue
             try:
-                entry = json.loads(line)
+                entry = json.loads(data.decode("utf-8"))
                 key = entry["key"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
                 raise ValueError(f"{self.path}, line {line_number}: corrupt cache entry ({error}); "
                                  "delete the file to recompute") from None
+            if not isinstance(key, str):
+                raise ValueError(f"{self.path}, line {line_number}: corrupt cache entry (key {key!r} is not text); "
+                                 "delete the file to recompute")
             self.entries[key] = entry
 
     def get(self, key: str, prompt: str, image_sha1: str | None = None) -> dict | None:

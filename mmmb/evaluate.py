@@ -47,7 +47,7 @@ from mmmb.prompts import (format_question, prompt_fields, reserved_text_in, rese
 from mmmb.report import AVERAGE, OVERALL, accuracy_table, plot_accuracy, to_markdown
 from mmmb.tsv import (OPTION_LETTERS, MCQRecord, MMMBFormatError, check_alignment, decode_image,
                       decode_image_bytes, read_mmmb)
-from parrot.fileio import read_json_mapping
+from parrot.fileio import positive_int, read_json_mapping
 
 logger = logging.getLogger(__name__)
 MODES = ("generate", "likelihood")
@@ -424,13 +424,13 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
     parser.add_argument("--data", required=True, nargs="+", help="directory of mmmb_<lang>.tsv and/or TSV files")
     parser.add_argument("--mode", choices=MODES, default="generate")
     parser.add_argument("--circular", action="store_true", help="ask every rotation of the options")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--out", help="output directory (default: results/<model name>[_likelihood][_circular])")
     parser.add_argument("--languages", nargs="+", default=None, help=f"subset of {LANGUAGES} (cn = zh)")
     parser.add_argument("--model-name", help="name used in file names and the leaderboard (default: model dir name)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16)
     parser.add_argument("--fresh", action="store_true", help="discard cached predictions of this mode first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -11,6 +11,10 @@ content hash, ``data_identity`` in ``summary.json``) must equal the others', els
 both files (another benchmark version, a subset of the items, other images). Summaries written before data
 identities were recorded still take part, marked ``unknown`` in the ``data`` column with a warning: only their
 item counts are compared. ``checked``: the entry's identity was compared with every other recorded one.
+
+A summary that cannot be one written by :mod:`mmmb.evaluate` is refused, naming the file and the field: an accuracy
+that is not a number in [0, 100] (percentages; NaN included: a language not evaluated is simply absent), a model
+name or mode that is not text, item counts that are not whole numbers.
 """
 from __future__ import annotations
 
@@ -64,7 +68,7 @@ class DataCheck:
                            "others but marked %r; only its item counts are compared", path, UNKNOWN)
             # "items" (counts per language) is older than data identities, but not in every hand-made summary.
             counts = summary["items"] if "items" in summary else {}
-            identity = {canonical_language(language): {"items": int(count)} for language, count in counts.items()}
+            identity = _read_item_counts(path, counts)
             status = UNKNOWN
         for language in self.languages:
             for field, value in identity.get(language, {}).items():
@@ -79,13 +83,64 @@ class DataCheck:
                              "of the items; rank results of the same data only")
 
 
+def _whole_count(value: object) -> int:
+    """An item count: a whole number >= 0 (JSON 12 or 12.0; not true, 12.5, "12" or -1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        raise ValueError(f"item count {value!r} is not a whole number >= 0")
+    return int(value)
+
+
+def _read_item_counts(path: Path, counts: object) -> dict[str, dict[str, int]]:
+    """``{language: {"items": int}}`` from an older summary's ``items`` (counts per language), checked."""
+    try:
+        return {canonical_language(language): {"items": _whole_count(count)} for language, count in counts.items()}
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as error:
+        raise ValueError(f"{path}: field 'items': malformed item counts ({error})") from None
+
+
 def _read_identity(path: Path, identity: object) -> dict[str, dict[str, object]]:
     """``{language: {"items": int, "digest": str}}`` from a summary's ``data_identity``, checked."""
     try:
-        return {canonical_language(language): {"items": int(value["items"]), "digest": str(value["digest"])}
+        return {canonical_language(language): {"items": _whole_count(value["items"]),
+                                               "digest": _digest(value["digest"])}
                 for language, value in identity.items()}
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as error:
         raise ValueError(f"{path}: malformed data_identity ({error!r})") from None
+
+
+def _digest(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"digest {value!r} is not text")
+    return value
+
+
+def _read_summary(path: Path) -> tuple[str, str, dict[str, float], dict]:
+    """(model name, mode, {language: accuracy %}, the whole summary) of an ``mmmb.evaluate`` summary.json; ValueError
+    naming the file and the field when it is not one: not UTF-8 JSON, a field missing or of the wrong type, or an
+    accuracy that is not a number in [0, 100] (``mmmb.evaluate`` writes percentages; a NaN or 250 is a damaged
+    or hand-edited file, never a score to rank or to show as "not evaluated")."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not an mmmb.evaluate summary (not UTF-8 text: {error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not an mmmb.evaluate summary (invalid JSON at line {error.lineno}, column "
+                         f"{error.colno}: {error.msg})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: not an mmmb.evaluate summary (a JSON {type(summary).__name__}, not an object)")
+    for field, kind in (("model_name", str), ("mode", str), ("accuracy", dict)):
+        if field not in summary:
+            raise ValueError(f"{path}: not an mmmb.evaluate summary (no field {field!r})")
+        if not isinstance(summary[field], kind) or (kind is str and not summary[field].strip()):
+            expected = "a mapping of language -> accuracy %" if kind is dict else "non-empty text"
+            raise ValueError(f"{path}: field {field!r} must be {expected}, got {summary[field]!r}")
+    accuracy = {}
+    for language, value in summary["accuracy"].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 100.0:
+            raise ValueError(f"{path}: field 'accuracy' of language {language!r} is {value!r}, not a percentage in "
+                             "[0, 100]")
+        accuracy[language] = float(value)
+    return summary["model_name"], summary["mode"], accuracy, summary
 
 
 def leaderboard(paths: Sequence[str | Path], languages: Sequence[str] = LANGUAGES) -> pd.DataFrame:
@@ -95,18 +150,14 @@ def leaderboard(paths: Sequence[str | Path], languages: Sequence[str] = LANGUAGE
     rows, origin = [], {}
     data_check = DataCheck(languages)
     for summary_path in find_summaries(paths):
-        try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-            name, mode, accuracy = summary["model_name"], summary["mode"], summary["accuracy"]
-        except (json.JSONDecodeError, KeyError) as error:
-            raise ValueError(f"{summary_path}: not an mmmb.evaluate summary ({error})") from None
+        name, mode, accuracy, summary = _read_summary(summary_path)
         mode += " circular" if summary.get("circular") else ""
         if (name, mode) in origin:
             raise ValueError(f"{summary_path}: model {name!r} ({mode}) also in {origin[(name, mode)]}; "
                              "rename one with --model-name")
         origin[(name, mode)] = summary_path
         data = data_check.add(summary_path, summary)
-        scores = {language: float(accuracy.get(language, "nan")) for language in languages}
+        scores = {language: float(accuracy.get(language, "nan")) for language in languages}  # NaN: not evaluated
         rows.append({"model": name, "mode": mode, **scores, DATA_COLUMN: data})
     table = pd.DataFrame(rows)
     table.insert(2, AVERAGE, table[languages].mean(axis=1, skipna=False))

@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from mmmb.languages import LANGUAGES, canonical_language
-from parrot.data.images import to_rgb
+from parrot.data.images import BadImageError, check_aspect_ratio, to_rgb
 
 OPTION_LETTERS: str = string.ascii_uppercase
 REQUIRED_COLUMNS: tuple[str, ...] = ("index", "question", "A", "B", "answer", "category")
@@ -89,8 +89,12 @@ class MCQRecord:
         if self.image_b64 is not None:
             return decode_image(self.image_b64)
         if self.image_path is not None:
-            with Image.open(self.image_path) as image:
-                return to_rgb(image)
+            if not Path(self.image_path).is_file():
+                raise ValueError(f"{self.image_path}: image file not found")
+            try:
+                return _open_rgb(self.image_path)
+            except ValueError as error:
+                raise ValueError(f"{self.image_path}: {error}") from None
         raise ValueError(f"item {self.index} has neither an image nor an image_path")
 
 
@@ -122,13 +126,28 @@ def decode_image(b64: str) -> Image.Image:
         raise ValueError(f"base64 payload: {error}") from None
 
 
+# What Pillow raises for bytes that are not a usable image: a truncated or corrupt file (OSError, EOFError, and
+# SyntaxError from some plugins), or one declaring more pixels than Image.MAX_IMAGE_PIXELS allows (a bomb).
+_IMAGE_ERRORS = (UnidentifiedImageError, OSError, EOFError, SyntaxError, Image.DecompressionBombError)
+
+
+def _open_rgb(source: str | Path | io.BytesIO) -> Image.Image:
+    """The image in ``source`` as RGB (``to_rgb``); ValueError without the source's name (the caller adds it):
+    Pillow's errors (see ``_IMAGE_ERRORS``), or sides more than ``MAX_ASPECT_RATIO`` apart (from the header,
+    before decoding: the model's "pad" mode would make a square of the longer side)."""
+    try:
+        with Image.open(source) as image:
+            check_aspect_ratio(image.width, image.height)
+            return to_rgb(image)
+    except BadImageError as error:
+        raise ValueError(str(error)) from None
+    except _IMAGE_ERRORS as error:
+        raise ValueError(f"not a decodable image ({type(error).__name__}: {error})") from None
+
+
 def decode_image_bytes(data: bytes) -> Image.Image:
     """Decode the bytes of an image file (JPEG, PNG, ...) to an RGB image; ValueError when they are not one."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"not a decodable image ({error})") from None
+    return _open_rgb(io.BytesIO(data))
 
 
 def read_tsv(path: str | Path, check_images: bool = True) -> list[MCQRecord]:
@@ -292,9 +311,10 @@ def _parse_image(path: Path, where: str, row: dict, images_by_index: dict[int, s
     image_path = Path(raw_path) if Path(raw_path).is_absolute() else path.parent / raw_path
     if check_images:
         try:
-            with Image.open(image_path) as opened:
-                opened.load()
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+            if not image_path.is_file():
+                raise ValueError("file not found")
+            _open_rgb(image_path)
+        except ValueError as error:
             raise MMMBFormatError(path, f"cannot open image {str(image_path)!r} ({error})", row=where,
                                   column="image_path") from None
     return None, str(image_path)
@@ -304,6 +324,8 @@ def write_tsv(path: str | Path, records: Iterable[MCQRecord]) -> Path:
     """Write records in the VLMEvalKit MCQ layout (``image`` if the records carry base64, else ``image_path``)."""
     path = Path(path)
     records = list(records)
+    if not records:  # a header-only file, which every reader (this one included) refuses
+        raise ValueError(f"{path}: no items to write (an MMMB file needs at least one item)")
     n_letters = max(len(record.options) for record in records)
     has_hint = any(record.hint for record in records)
     has_l2 = any(record.l2_category for record in records)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -220,10 +221,28 @@ def adapter_target(model: ParrotForCausalLM, adapter_keys: list[str]) -> torch.n
                       + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
 
 
+def _nonfinite(module: torch.nn.Module) -> set[str]:
+    """Names of the module's floating-point parameters holding a NaN or an infinity."""
+    return {name for name, p in module.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()}
+
+
+def _check_scaling_settings(config, config_path: Path) -> None:
+    """lora_alpha (and alpha_pattern's values) must be finite numbers: merged weights are W + alpha / r * B A, so a
+    NaN or infinite alpha would write NaN / inf weights for every adapted module."""
+    values = {"lora_alpha": config.lora_alpha}
+    values.update({f"alpha_pattern[{key!r}]": value for key, value in (config.alpha_pattern or {}).items()})
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ExportError(f"{config_path}: {name}={value!r} must be a finite number (the merge scales the LoRA "
+                              "update by alpha / r)")
+
+
 def merge_lora(model: ParrotForCausalLM, adapter_dir: str | Path) -> ParrotForCausalLM:
     """Load a peft LoRA adapter onto `model` (or its language model), merge it and remove the LoRA layers.
 
-    Every adapter tensor must find its module and every injected LoRA weight must be loaded (ExportError).
+    Every adapter tensor must find its module and every injected LoRA weight must be loaded (ExportError). Non-finite
+    adapter tensors or scaling settings, and a merge that gives NaN / inf weights, are refused (ExportError naming the
+    file and the tensors): nothing is merged into NaN.
     """
     from peft import LoraConfig, PeftModel, load_peft_weights, set_peft_model_state_dict
 
@@ -236,11 +255,17 @@ def merge_lora(model: ParrotForCausalLM, adapter_dir: str | Path) -> ParrotForCa
     except (TypeError, ValueError, KeyError) as err:
         raise ExportError(f"{config_path}: not a valid peft LoraConfig ({type(err).__name__}: {err})") from err
     config.inference_mode = True
+    _check_scaling_settings(config, config_path)
     try:
         weights = load_peft_weights(str(adapter_dir), device="cpu")
     except Exception as err:  # SafetensorError, unpickling errors, truncated files: name the file
         raise ExportError(f"{weights_path}: cannot read the adapter weights ({type(err).__name__}: {err})") from err
+    bad = sorted(k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise ExportError(f"{weights_path}: {len(bad)} adapter tensor(s) hold NaN / inf values: {bad[:5]}"
+                          + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "") + "; nothing merged")
     target = adapter_target(model, list(weights))
+    nonfinite_before = _nonfinite(target)  # (a base that already holds NaN / inf is not the adapter's doing)
     _untie_adapted_embeddings(model, target, adapter_module_paths(weights), config, config_path)
     try:
         peft_model = PeftModel(target, config)
@@ -258,6 +283,12 @@ def merge_lora(model: ParrotForCausalLM, adapter_dir: str | Path) -> ParrotForCa
         raise ExportError(f"{weights_path}: adapter does not fit the base model or {config_path.name}; unexpected "
                           f"{sorted(result.unexpected_keys)[:5]}, not loaded {sorted(unloaded)[:5]}")
     merged = peft_model.merge_and_unload()
+    bad = sorted(_nonfinite(merged) - nonfinite_before)
+    if bad:  # finite factors whose product overflows float32, e.g. a huge lora_alpha
+        raise ExportError(f"{adapter_dir}: merging the adapter gives NaN / inf weights in {bad[:5]}"
+                          + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+                          + f" (lora_alpha={config.lora_alpha!r}, r={config.r!r} in {config_path.name}); nothing "
+                          "written")
     if target is model.language_model:
         model.language_model = merged
         return model
@@ -335,8 +366,13 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
     logger.info("base model %s, adapter %s", base_dir, src)
     model = load_base_model(base_dir)  # (checks config.json first)
     dtype = saved_dtype(base_dir)
+    nonfinite_before = _nonfinite(model) if dtype != torch.float32 else set()
     model = merge_lora(model, src)
     model.to(dtype).eval()
+    bad = sorted(_nonfinite(model) - nonfinite_before) if dtype != torch.float32 else []
+    if bad:  # merged weights beyond the base dtype's range (float16 ends at 65504) would be saved as inf
+        raise ExportError(f"{src}: the merged weights of {bad[:5]}" + (f" (+{len(bad) - 5} more)" if len(bad) > 5
+                          else "") + f" overflow the base model's dtype {dtype} (NaN / inf); nothing written")
     with staged_folder(dst) as staging:  # renamed to dst when complete (flushed first); removed on failure
         model.save_pretrained(staging)
         if (base_dir / PROCESSOR_FILE).is_file():

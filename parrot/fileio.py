@@ -9,17 +9,24 @@
   that its output is new and apart from its inputs, then writes everything into a staging folder published whole.
 - `fsync`, `fsync_tree`, `remove_file`: the flushes these are made of.
 - `read_json_mapping`: a JSON object file, with errors naming the file and what it should hold.
+- `load_yaml`: a YAML settings file (training config, dataset registry, model recipe) read strictly: a key given
+  twice in one mapping, text that is not UTF-8 and invalid YAML are a `YAMLFileError` naming the file and line.
+- `positive_int` / `non_negative_int`: argparse types for counts, sizes and seeds; a bad value is an argparse error
+  naming the flag.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import yaml
 
 logger = logging.getLogger("parrot")
 
@@ -157,3 +164,90 @@ def read_json_mapping(path: Path, what: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a mapping ({what}), got {type(value).__name__}")
     return value
+
+
+# ------------------------------------------------------------------------------------------------ YAML
+class YAMLFileError(ValueError):
+    """A YAML file that cannot be used as written; the message names the file (and the line where known)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` whose mappings refuse a key given twice (PyYAML, like the YAML 1.1 loaders generally, keeps
+    the last value silently, so `seed: 1` ... `seed: 2` trains with seed 2 without a word). Keys merged in with
+    `<<: *anchor` may still be overridden by the mapping's own keys, as YAML's merge rule says."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # SafeLoader itself refuses an unhashable key, naming it
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise _DuplicateKeyError(key, line, first_line[key])
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"key {key!r} given twice")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+def load_yaml(path: str | Path) -> Any:
+    """The value of the YAML file `path` (None for an empty file), read with `yaml.safe_load`'s rules except that a
+    key given twice in one mapping is refused. YAMLFileError (a ValueError) naming the file, and the line where
+    known, for a duplicate key, text that is not UTF-8, or invalid YAML; OSError (naming the file) when it cannot
+    be read at all."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise YAMLFileError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); re-encode the file as "
+                            "UTF-8") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)  # error marks read 'in "<path>", line N' instead of '"<unicode string>"'
+    try:
+        return loader.get_single_data()
+    except _DuplicateKeyError as err:
+        raise YAMLFileError(f"{path}:{err.line}: key {err.key!r} given twice in one mapping (first at line "
+                            f"{err.first_line}); YAML would silently keep only the last value, remove one") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        if mark is None:  # e.g. a ReaderError (a control character), whose text gives the position
+            raise YAMLFileError(f"{path}: invalid YAML ({err})") from None
+        reason = ": ".join(part for part in (getattr(err, "context", None), err.problem) if part)
+        raise YAMLFileError(f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML ({reason})") from None
+    finally:
+        loader.dispose()
+
+
+# ------------------------------------------------------------------------------------------ command line
+def _whole_number(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for a count or size that must be >= 1; argparse reports a bad value naming the flag
+    ("argument --max-turns: must be >= 1, got 0")."""
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse `type=` for a count that may be 0, or a seed (numpy refuses negative seeds); the flag is named
+    in argparse's error as for `positive_int`."""
+    return _whole_number(text, 0)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from ..fileio import positive_int
 from .official import ConversionError, convert_official
 
 
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     official.add_argument("--vision", help="local HF CLIP checkpoint dir: the tower's config, image normalisation "
                                            "and, when the checkpoint has none, its weights")
     official.add_argument("--template", default="chatml", help="chat template of the processor (default chatml)")
-    official.add_argument("--model-max-length", type=int,
+    official.add_argument("--model-max-length", type=positive_int,
                           help="processor length limit (default: the checkpoint's tokenizer_model_max_length, "
                                "else 2048)")
     args = parser.parse_args(argv)

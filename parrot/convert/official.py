@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, GenerationConfig, PreTrainedTokenizerBase
 
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
+from ..data.templates import TEMPLATES
 from ..fileio import output_folder_problem, staged_folder
 from ..model import ParrotConfig, ParrotForCausalLM
 from ..model.parrot_moe import ParrotMoEProjector
@@ -84,6 +86,40 @@ class ConversionError(ValueError):
     """The source checkpoint cannot be converted; the message names the file, config key or tensors."""
 
 
+def _read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object; ConversionError naming the file when it is unreadable, not UTF-8, not
+    JSON or not an object."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConversionError(f"{path}: cannot read the {what} ({type(err).__name__}: {err})") from err
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path}: the {what} must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _typed(raw: dict, key: str, kind: type, path: Path, default=None, minimum: float | None = None):
+    """raw[key] (or `default` when absent / null) checked to be of `kind`: int (not bool), float (a finite int or
+    float) or bool, and >= `minimum`; ConversionError naming the file and key otherwise (never a silent int("3"),
+    int(2.7) or bool("false"))."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if ok and minimum is not None and value < minimum:
+        ok = False
+    if not ok:
+        wanted = {int: "a whole number", float: "a finite number", bool: "true or false"}.get(kind, kind.__name__)
+        raise ConversionError(f"{path}: {key}={value!r} must be {wanted}"
+                              + (f" >= {minimum}" if minimum is not None else ""))
+    return float(value) if kind is float else value
+
+
 @dataclass(frozen=True)
 class OfficialSettings:
     """What an official `config.json` says beyond the language model."""
@@ -109,7 +145,7 @@ def read_official_config(src: Path) -> tuple[dict, OfficialSettings]:
     path = src / "config.json"
     if not path.is_file():
         raise ConversionError(f"{path}: not found; --src must be an official Parrot checkpoint directory")
-    raw = json.loads(path.read_text())
+    raw = _read_json_object(path, "checkpoint config")
     model_type = raw.get("model_type")
     if model_type not in OFFICIAL_TEXT_MODEL_TYPES:
         raise ConversionError(f"{path}: model_type={model_type!r}; an official Parrot checkpoint has one of "
@@ -135,20 +171,30 @@ def read_official_config(src: Path) -> tuple[dict, OfficialSettings]:
         for key in ("num_experts", "moe_intermediate_size"):
             if raw.get(key) is None:
                 raise ConversionError(f"{path}: key {key!r} is missing but moe_hidden_size is set")
+        num_experts = _typed(raw, "num_experts", int, path, minimum=1)
+    else:  # no MoE in the checkpoint: the fresh (unused) one gets the config's count when it is a usable one
+        value = raw.get("num_experts")
+        num_experts = value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+    for key in ("mm_vision_tower", "mm_projector_type", "mm_vision_select_feature"):
+        if key in raw and not isinstance(raw[key], str):
+            raise ConversionError(f"{path}: {key}={raw[key]!r} must be a string")
+    if raw["mm_vision_select_layer"] is None:
+        raise ConversionError(f"{path}: mm_vision_select_layer=null; it must be a whole number (e.g. -2)")
     settings = OfficialSettings(
-        vision_tower=str(raw["mm_vision_tower"]),
+        vision_tower=raw["mm_vision_tower"],
         projector_type=raw.get("mm_projector_type", "linear"),
-        select_layer=int(raw["mm_vision_select_layer"]),
+        select_layer=_typed(raw, "mm_vision_select_layer", int, path),
         select_feature=raw.get("mm_vision_select_feature", "patch"),
         has_moe=has_moe,
-        use_moe=has_moe and bool(raw.get("use_moe", True)),
-        num_experts=int(raw.get("num_experts") or 1),
-        moe_hidden_size=raw.get("moe_hidden_size"),
-        moe_intermediate_size=raw.get("moe_intermediate_size"),
-        use_moe_residual=bool(raw.get("use_moe_residual", True)),
-        moe_weight=float(raw.get("moe_weight", 1.0)),
+        use_moe=has_moe and _typed(raw, "use_moe", bool, path, default=True),
+        num_experts=num_experts,
+        moe_hidden_size=_typed(raw, "moe_hidden_size", int, path, minimum=1),
+        moe_intermediate_size=_typed(raw, "moe_intermediate_size", int, path, minimum=1),
+        use_moe_residual=_typed(raw, "use_moe_residual", bool, path, default=True),
+        moe_weight=_typed(raw, "moe_weight", float, path, default=1.0),
         image_aspect_mode=image_aspect_mode,
-        model_max_length=raw.get("tokenizer_model_max_length"),
+        # (the processor's prompt-length limit: a NaN / 0 / negative one would turn the length checks off)
+        model_max_length=_typed(raw, "tokenizer_model_max_length", int, path, minimum=1),
     )
     if has_moe and settings.moe_hidden_size != raw.get("hidden_size"):
         raise ConversionError(f"{path}: moe_hidden_size={settings.moe_hidden_size} differs from hidden_size="
@@ -163,7 +209,9 @@ def load_checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = directory / index_name
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            weight_map = _read_json_object(index_path, "checkpoint shard index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ConversionError(f"{index_path}: 'weight_map' must be an object of tensor name -> shard file")
             files = sorted(set(weight_map.values()))
             break
     else:
@@ -209,8 +257,15 @@ def image_normalisation(vision_dir: Path | None) -> dict:
     path = vision_dir / "preprocessor_config.json" if vision_dir is not None else None
     if path is None or not path.is_file():
         return {}
-    raw = json.loads(path.read_text())
-    return {key: raw[key] for key in ("image_mean", "image_std") if key in raw}
+    raw = _read_json_object(path, "vision tower's image preprocessing settings")
+    found = {key: raw[key] for key in ("image_mean", "image_std") if key in raw}
+    for key, value in found.items():  # named here: the model's own check could only name the checkpoint's config
+        if not isinstance(value, list) or len(value) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (key == "image_mean" or v > 0) for v in value):
+            raise ConversionError(f"{path}: {key}={value!r} must be 3 finite numbers (RGB)"
+                                  + (", each > 0" if key == "image_std" else ""))
+    return found
 
 
 # --- mapping ---------------------------------------------------------------------------------------------------
@@ -366,6 +421,13 @@ def convert_official(
     """
     src, dst = Path(src), Path(dst)
     vision_dir = Path(vision) if vision is not None else None
+    if model_max_length is not None and (isinstance(model_max_length, bool) or not isinstance(model_max_length, int)
+                                         or model_max_length < 1):
+        raise ConversionError(f"model_max_length (--model-max-length)={model_max_length!r}: the processor's prompt "
+                              "length limit must be a whole number >= 1 (leave it out for the checkpoint's "
+                              "tokenizer_model_max_length, else 2048)")
+    if template not in TEMPLATES:  # (before reading the checkpoint, not after)
+        raise ConversionError(f"template (--template)={template!r}; use one of {sorted(TEMPLATES)}")
     check_destination(dst, src, vision_dir)
     text_config, settings = read_official_config(src)
     tokenizer = prepare_tokenizer(src)
@@ -430,7 +492,8 @@ def convert_official(
                          pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
         logger.info("writing %d tensors to %s", len(mapped), dst)
         save_torch_state_dict({k: v.contiguous() for k, v in mapped.items()}, staging, max_shard_size=max_shard_size)
-        max_length = model_max_length or settings.model_max_length or 2048
+        # (the first one given: both are checked to be whole numbers >= 1 above, so none is replaced silently)
+        max_length = next(v for v in (model_max_length, settings.model_max_length, 2048) if v is not None)
         ParrotProcessor.for_model(tokenizer, config, template, max_length).save_pretrained(staging)
     return dst
 

@@ -18,11 +18,12 @@ Batches (`DataCollator`): `input_ids`/`labels`/`attention_mask` (B, T) right-pad
 placeholders, which is what `ParrotForCausalLM` expects. Text-only records contribute no image and no
 placeholder; a batch with no image has no `pixel_values` key.
 
-Bad images (missing/unreadable): `on_bad_image="error"` raises naming the file and record; `"skip"` drops the
-record and counts it in a `BadDataReport` (written to JSON with `BadDataReport.write`). Images are checked
-(fully decoded, each distinct file once, by a few threads: PIL releases the GIL while decoding JPEG) when the
-dataset is built, so a skip never happens silently mid-training; the kept records, the report and the first error
-are those of a one-thread check.
+Bad images (missing, unreadable, or too thin: sides more than `images.MAX_ASPECT_RATIO` apart, kind
+"too_thin_image"): `on_bad_image="error"` raises naming the file and record; `"skip"` drops the record and counts
+it in a `BadDataReport` (written to JSON with `BadDataReport.write`). Images are checked (fully decoded, each
+distinct file once, by a few threads: PIL releases the GIL while decoding JPEG) when the dataset is built, so a
+skip never happens silently mid-training; the kept records, the report and the first error are those of a
+one-thread check.
 
 Length: `max_length` counts the LLM's positions (the model's `model_max_length`), as LLaVA's truncation does. A
 text-only record keeps up to `max_length` text tokens; a record with an image keeps `image_extra_tokens` fewer, the
@@ -81,13 +82,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..fileio import atomic_write_text
-from .images import BadImageError, load_image
+from ..fileio import YAMLFileError, atomic_write_text, load_yaml
+from .images import BadImageError, ImageAspectRatioError, load_image
 from .templates import (IGNORE_INDEX, IMAGE_TOKEN, LLAVA_ROLES, ChatTemplate, control_token_strings, get_template,
                         llava_to_messages)
 
@@ -98,6 +98,8 @@ REQUIRED_FIELDS = ("id", "conversations")
 ASSISTANT_SOURCES = tuple(source for source, role in LLAVA_ROLES.items() if role == "assistant")  # "gpt", ...
 CONTROL_TOKEN_TEXT = "control_token_text"  # BadDataReport kind: a turn spells a control token ("<|im_end|>")
 NO_SUPERVISED_TOKENS = "no_supervised_tokens"  # BadDataReport kind: every label ignored after truncation
+# BadDataReport kind of a skipped record whose image's sides are more than `images.MAX_ASPECT_RATIO` apart
+TOO_THIN_IMAGE = "too_thin_image"
 # BadDataReport kind of a record kept with a change: its first turn (after a system turn) was the assistant's
 LEADING_ASSISTANT_TURN_DROPPED = "leading_assistant_turn_dropped"
 # BadDataReport kind of a record kept with a change: its turn holding the image placeholder was rewritten as LLaVA's
@@ -274,9 +276,9 @@ def load_registry(registry: str | Path = DEFAULT_REGISTRY, data_root: str | Path
     (itself relative to the registry file), else the registry file's folder."""
     registry = Path(registry)
     try:
-        raw = yaml.safe_load(registry.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise DataFormatError(f"{registry}: invalid YAML ({err})") from err
+        raw = load_yaml(registry) or {}
+    except YAMLFileError as err:  # a dataset named twice, invalid YAML, not UTF-8: names the file and line
+        raise DataFormatError(str(err)) from err
     if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), dict):
         raise DataFormatError(f"{registry}: expected a mapping with a 'datasets' mapping of name -> entry")
     raw_root = raw.get("root", ".")
@@ -495,7 +497,8 @@ class BadDataReport:
 
     def add(self, file: str, record_id: str, reason: str, kind: str) -> None:
         """A skipped record. `kind` is "missing" (no such image file), "unreadable" (cannot be decoded),
-        NO_SUPERVISED_TOKENS or CONTROL_TOKEN_TEXT (`file` is then the data file)."""
+        TOO_THIN_IMAGE (sides more than `images.MAX_ASPECT_RATIO` apart), NO_SUPERVISED_TOKENS or CONTROL_TOKEN_TEXT
+        (`file` is then the data file)."""
         if self.skipped_counts[kind] < SKIPS_LISTED_PER_KIND:
             self.skipped.append((file, record_id, reason))
             self.kinds.append(kind)
@@ -545,10 +548,12 @@ def default_image_workers() -> int:
 
 
 def _image_status(path: Path) -> tuple[BadImageError, str] | None:
-    """None when the image at `path` decodes fully, else (error, kind "missing" | "unreadable")."""
+    """None when the image at `path` decodes fully, else (error, kind "missing" | "unreadable" | TOO_THIN_IMAGE)."""
     try:
         load_image(path)
         return None
+    except ImageAspectRatioError as err:
+        return err, TOO_THIN_IMAGE
     except BadImageError as err:
         return err, ("unreadable" if path.is_file() else "missing")
 

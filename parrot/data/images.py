@@ -13,10 +13,33 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # at its default: a warning above ~89M pixels, DecompressionBombError above twice that) fires first in Image.open
 # and is reported the same way, as a BadImageError naming the file. Large JPEGs are decoded at reduced size (`draft`).
 MAX_IMAGE_PIXELS = 200_000_000
+# Images whose longer side is more than this many times the shorter are refused (`check_aspect_ratio`). The "pad"
+# mode pads to a square of the longer side before resizing, so a thin image costs up to this many times its own
+# pixels (a 1x12000 PNG of a few KB would take a 12000x12000 canvas, ~430 MB; "crop" mode is as bad: it resizes the
+# shorter side up to the model's input size first), and at 50:1 the content of a 336-pixel input is ~7 pixels thick
+# already. Generous on purpose: panoramas are ~4:1, long screenshots and receipts ~10-20:1, text-line crops ~30:1.
+# The demo applies its own, stricter limit to uploads (`parrot.serve.uploads`).
+MAX_ASPECT_RATIO = 50
 
 
 class BadImageError(ValueError):
     """An image that cannot be used; the message names the file (or upload) and the reason."""
+
+
+class ImageAspectRatioError(BadImageError):
+    """An image too thin to use: its sides are more than `MAX_ASPECT_RATIO` apart (or one of them is 0)."""
+
+
+def check_aspect_ratio(width: int, height: int, name: str | None = None) -> None:
+    """ImageAspectRatioError naming the image (`name`, e.g. its file) and both sides when the longer side is more
+    than `MAX_ASPECT_RATIO` times the shorter; runs on the header's size, before any pixel is decoded."""
+    short, long = min(width, height), max(width, height)
+    if short < 1 or long > MAX_ASPECT_RATIO * short:
+        where = f"{name}: " if name else ""
+        ratio = f"{f'{long / short:.2f}'.rstrip('0').rstrip('.')}:1" if short >= 1 else "an empty side"
+        raise ImageAspectRatioError(
+            f"{where}image too thin ({width}x{height} pixels, {ratio}; the sides may be at most {MAX_ASPECT_RATIO}:1 "
+            "apart: padding it to a square would cost up to that many times its pixels); crop or split it")
 
 
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey PNG / TIFF
@@ -50,12 +73,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(source: str | Path | Image.Image, name: str | None = None) -> Image.Image:
-    """Open an image file (or take a PIL image) as RGB (`to_rgb`); raise BadImageError naming it on any failure.
+    """Open an image file (or take a PIL image) as RGB (`to_rgb`); raise BadImageError naming it on any failure,
+    including an image above `MAX_IMAGE_PIXELS` or one whose sides are more than `MAX_ASPECT_RATIO` apart
+    (ImageAspectRatioError, checked on the file's header before decoding).
 
     The file is closed before returning (an animated GIF/WebP otherwise keeps it open for seeking); of a
     multi-frame file the first frame is used, as LLaVA's `Image.open(path).convert("RGB")` does."""
     label = name or str(source)
     if isinstance(source, Image.Image):
+        check_aspect_ratio(source.width, source.height, label)
         try:
             return to_rgb(source)
         except (OSError, ValueError) as err:
@@ -67,6 +93,7 @@ def load_image(source: str | Path | Image.Image, name: str | None = None) -> Ima
         with Image.open(path) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise BadImageError(f"{label}: image too large ({image.width}x{image.height} pixels)")
+            check_aspect_ratio(image.width, image.height, label)  # from the header: before decoding
             image.draft("RGB", (1024, 1024))  # JPEG: decode at reduced size when the file is huge
             image.load()
             return to_rgb(image)
@@ -77,10 +104,13 @@ def load_image(source: str | Path | Image.Image, name: str | None = None) -> Ima
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Pad the shorter side symmetrically with `background` (LLaVA's `expand2square`)."""
+    """Pad the shorter side symmetrically with `background` (LLaVA's `expand2square`). ImageAspectRatioError for an
+    image whose sides are more than `MAX_ASPECT_RATIO` apart: its square canvas would cost up to that many times its
+    own pixels (`load_image` refuses such images before decoding them)."""
     width, height = image.size
     if width == height:
         return image
+    check_aspect_ratio(width, height)
     side = max(width, height)
     canvas = Image.new(image.mode, (side, side), background)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
@@ -91,8 +121,11 @@ def resize_shortest_side_and_centre_crop(image: Image.Image, size: int) -> Image
     """The centre size x size of the image resized (bicubic) so that its shorter side is `size`, with
     `CLIPImageProcessor`'s arithmetic (its PIL backend, which the official checkpoints were trained with): the longer
     side becomes int(size * long / short), the crop starts at (resized - size) // 2. The whole image is resized
-    first, as there: resampling only the cropped region (PIL's `box`) moves a few pixels by one level."""
+    first, as there: resampling only the cropped region (PIL's `box`) moves a few pixels by one level.
+    ImageAspectRatioError beyond `MAX_ASPECT_RATIO`, as `expand_to_square` (the resized image would be that thin and
+    `size` pixels thick)."""
     width, height = image.size
+    check_aspect_ratio(width, height)
     resized_long = int(size * max(width, height) / min(width, height))
     resized_w, resized_h = (size, resized_long) if width <= height else (resized_long, size)
     image = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC)

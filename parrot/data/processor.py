@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,8 +25,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .images import ImageTransform, load_image
-from .templates import IGNORE_INDEX, IMAGE_TOKEN, get_template
+from .images import IMAGE_MODES, ImageTransform, load_image
+from .templates import IGNORE_INDEX, IMAGE_TOKEN, TEMPLATES, get_template
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,23 @@ class ProcessorSettings:
     model_max_length: int = 2048
 
     def __post_init__(self):
+        # Checked here, so that a bad value (e.g. a NaN model_max_length, which turns every prompt-length check off)
+        # is refused by name when built and when read back (`from_pretrained` adds the file), never saved or used.
+        for name, minimum in (("image_size", 1), ("num_image_tokens", 0), ("model_max_length", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                raise ValueError(f"processor setting {name}={value!r} must be a whole number >= {minimum}")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                raise ValueError(f"processor setting {name}={value!r} must be 3 finite numbers (RGB)")
+        if not all(v > 0 for v in self.image_std):  # pixels are divided by it
+            raise ValueError(f"processor setting image_std={self.image_std!r} must be > 0")
+        if not isinstance(self.image_mode, str) or self.image_mode not in IMAGE_MODES:
+            raise ValueError(f"processor setting image_mode={self.image_mode!r}; use one of {list(IMAGE_MODES)}")
+        if not isinstance(self.template, str) or self.template not in TEMPLATES:
+            raise ValueError(f"processor setting template={self.template!r}; use one of {sorted(TEMPLATES)}")
         # JSON stores tuples as lists; keep one canonical type so settings compare equal after a round trip.
         object.__setattr__(self, "image_mean", tuple(self.image_mean))
         object.__setattr__(self, "image_std", tuple(self.image_std))
@@ -209,9 +228,11 @@ class ParrotProcessor:
         if not settings_path.is_file():
             raise FileNotFoundError(f"{settings_path} not found: not a Parrot model/processor directory")
         try:
-            raw = json.loads(settings_path.read_text())
+            raw = json.loads(settings_path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                raise TypeError(f"expected a JSON object of settings, got {type(raw).__name__}")
             settings = ProcessorSettings(**raw)
-        except (json.JSONDecodeError, TypeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as err:
             raise ValueError(f"{settings_path}: invalid processor settings ({err})") from err
         return cls(AutoTokenizer.from_pretrained(directory), settings)
 

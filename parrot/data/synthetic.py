@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import numbers
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ..fileio import non_negative_int, positive_int
 from .phrasebook import (
     BACKGROUND,
     BACKGROUNDS,
@@ -339,6 +341,10 @@ def make_conversation_records(
     """
     if stage not in ("caption", "qa"):
         raise ValueError(f"stage must be 'caption' or 'qa', got {stage!r}")
+    for name, value, minimum in (("n", n, 0), ("seed", seed, 0), ("image_size", image_size, 1),
+                                 ("max_turns", max_turns, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     unknown = [lang for lang in languages if lang not in LANGUAGES]
     if unknown:
         raise ValueError(f"unknown languages {unknown}; choose from {LANGUAGES}")
@@ -466,11 +472,11 @@ def corpus_texts(seed: int, n: int, languages=LANGUAGES) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the synthetic caption / QA datasets (LLaVA JSON + PNGs).")
     parser.add_argument("--out", default="data/synthetic", help="output folder (caption.json, qa.json, images/)")
-    parser.add_argument("--n-caption", type=int, default=4000)
-    parser.add_argument("--n-qa", type=int, default=4000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--max-turns", type=int, default=1)
+    parser.add_argument("--n-caption", type=non_negative_int, default=4000, help="caption records (0: none)")
+    parser.add_argument("--n-qa", type=non_negative_int, default=4000, help="QA records (0: none)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--image-size", type=positive_int, default=64, help="image side in pixels")
+    parser.add_argument("--max-turns", type=positive_int, default=1, help="most question/answer turns per QA record")
     parser.add_argument("--languages", default=",".join(LANGUAGES))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -22,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
-from ..convert.official import image_normalisation
+from ..convert.official import ConversionError, image_normalisation
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
 from ..data.templates import get_template
-from ..fileio import publish
+from ..fileio import load_yaml, non_negative_int, publish
 from .configuration import ParrotConfig
 from .modeling import ParrotForCausalLM
 
@@ -61,18 +62,25 @@ class ModelRecipe:
 def load_recipe(path: str | Path) -> ModelRecipe:
     """Parse a recipe YAML; unknown keys raise a ValueError naming the file and key."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: invalid YAML ({err})") from err
+    raw = load_yaml(path)  # refuses a key given twice, invalid YAML, non-UTF-8 text, naming the file and line
+    raw = {} if raw is None else raw  # an empty file; `[]` or `0` are refused below, not read as empty
     known = {f.name for f in dataclasses.fields(ModelRecipe)}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of {sorted(known)}, got {type(raw).__name__} ({raw!r:.80})")
     for key in raw:
         if key not in known:
             raise ValueError(f"{path}: unknown key {key!r} (known: {sorted(known)})")
+    for key in ("parrot", "text_config", "vision_config", "tokenizer"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ValueError(f"{path}: '{key}' must be a mapping of settings, got {type(raw[key]).__name__} "
+                             f"({raw[key]!r:.80})")
+    if "parrot" in raw and raw["parrot"] is None:
+        raw["parrot"] = {}  # an empty section: no settings
     parrot_fields = {f.name for f in dataclasses.fields(ParrotConfig)}
-    for key in raw.get("parrot", {}) or {}:
+    for key in raw.get("parrot", {}):
         if key not in parrot_fields or key in ("text_config", "vision_config"):
             raise ValueError(f"{path}: unknown key 'parrot.{key}'")
+    _check_recipe_values(path, raw)
     if raw.get("tokenizer") is not None:
         try:
             raw["tokenizer"] = TokenizerRecipe(**raw["tokenizer"])
@@ -82,6 +90,82 @@ def load_recipe(path: str | Path) -> ModelRecipe:
     if (recipe.text_config is None) != (recipe.vision_config is None):
         raise ValueError(f"{path}: give both 'text_config' and 'vision_config' (tiny recipe) or neither")
     return recipe
+
+
+def _fits(value, annotation: str) -> bool | None:
+    """Whether a YAML value fits a ParrotConfig field's annotation ("int | None", "Literal['pad', 'crop']",
+    "list[float] | tuple[float, ...]", ...); None when the annotation is one this check does not read."""
+    verdicts = []
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None":
+            verdicts.append(value is None)
+        elif part == "bool":
+            verdicts.append(isinstance(value, bool))
+        elif part == "int":
+            verdicts.append(isinstance(value, int) and not isinstance(value, bool))
+        elif part == "float":
+            verdicts.append(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        elif part == "str":
+            verdicts.append(isinstance(value, str))
+        elif part in ("list[float]", "tuple[float, ...]"):
+            verdicts.append(isinstance(value, list) and all(_fits(v, "float") for v in value))
+        elif part.startswith("Literal[") and part.endswith("]"):
+            try:
+                choices = ast.literal_eval(f"({part[len('Literal['):-1]},)")
+            except (ValueError, SyntaxError):
+                verdicts.append(None)
+                continue
+            verdicts.append(isinstance(value, str) and value in choices)
+        else:
+            verdicts.append(None)
+    return True if True in verdicts else None if None in verdicts else False
+
+
+def _check_recipe_values(path: Path, raw: dict) -> None:
+    """Type and range checks of a recipe's values, each error naming the file and the key (`parrot.moe_weight`,
+    `text_config.hidden_size`, ...), before anything is built: a wrong type would otherwise fail deep inside the
+    model or tokenizer code without naming either, or be used silently (`model_max_length: -1`)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    from ..data.templates import TEMPLATES
+    from ..data.tokenizer import SPECIAL_TOKENS
+
+    if "template" in raw and (not isinstance(raw["template"], str) or raw["template"] not in TEMPLATES):
+        raise ValueError(f"{path}: template={raw['template']!r}; use one of {sorted(TEMPLATES)}")
+    length = raw.get("model_max_length", 1)
+    if not _fits(length, "int") or length < 1:
+        raise ValueError(f"{path}: model_max_length={raw['model_max_length']!r} must be a whole number >= 1 (the "
+                         "processor's prompt length limit, visual tokens included)")
+    smallest_vocab = 256 + len(SPECIAL_TOKENS)  # the byte alphabet and the special tokens
+    for key, minimum in (("vocab_size", smallest_vocab), ("seed", 0)):
+        value = (raw.get("tokenizer") or {}).get(key, minimum)
+        if not _fits(value, "int") or value < minimum:
+            raise ValueError(f"{path}: tokenizer.{key}={value!r} must be a whole number >= {minimum}"
+                             + (" (the byte alphabet and the special tokens)" if key == "vocab_size" else ""))
+    annotations = {f.name: f.type for f in dataclasses.fields(ParrotConfig)}
+    for key, value in (raw.get("parrot") or {}).items():
+        annotation = annotations.get(key)
+        if isinstance(annotation, str) and _fits(value, annotation) is False:
+            raise ValueError(f"{path}: parrot.{key}={value!r} must be {annotation}"
+                             + (" with finite numbers" if "float" in annotation else ""))
+    defaults = {"text_config": "qwen2", "vision_config": "clip_vision_model"}  # as ParrotConfig's sub-configs
+    for section, default_type in defaults.items():
+        settings = raw.get(section)
+        if settings is None:
+            continue
+        model_type = settings.get("model_type", default_type)
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise ValueError(f"{path}: {section}.model_type={model_type!r} is not a model type transformers knows")
+        try:  # HF's configs check their fields' types (strict dataclasses); the error names the field
+            AutoConfig.for_model(model_type, **{k: v for k, v in settings.items() if k != "model_type"})
+        except (StrictDataclassError, ValueError, TypeError) as err:
+            message = " ".join(str(err).split())
+            field = re.match(r"Validation error for field '([^']+)': (.*)", message)
+            if field and field.group(1) in settings:
+                raise ValueError(f"{path}: {section}.{field.group(1)}={settings[field.group(1)]!r} is refused "
+                                 f"({field.group(2)})") from err
+            raise ValueError(f"{path}: bad '{section}' ({type(err).__name__}: {message})") from err
 
 
 def build_tiny(
@@ -138,6 +222,8 @@ def build_from_local(
     tower_dir = Path(vision_path)
     try:
         normalisation = image_normalisation(tower_dir) if tower_dir.is_dir() else {}  # an open_clip file has none
+    except ConversionError:
+        raise  # (names preprocessor_config.json and the value already)
     except (OSError, ValueError) as err:
         raise ValueError(f"{tower_dir / 'preprocessor_config.json'}: cannot read the tower's image_mean / image_std "
                          f"({type(err).__name__}: {err})") from err
@@ -273,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default=str(TINY_RECIPE), help="model recipe YAML (configs/)")
     parser.add_argument("--llm", help="local causal-LM checkpoint dir (real recipes)")
     parser.add_argument("--vision", help="local CLIP checkpoint dir or open_clip state file (real recipes)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe)

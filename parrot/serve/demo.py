@@ -14,6 +14,8 @@ import logging
 import os
 import tempfile
 
+from ..fileio import positive_int
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype choices (torch dtype names)
@@ -30,9 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
-    parser.add_argument("--concurrency", type=int, default=2, help="generations running at once; others queue")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more are refused")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--concurrency", type=positive_int, default=2, help="generations running at once; others queue")
+    parser.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting at most; more are refused")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default=None,
                         help="where the model runs, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,

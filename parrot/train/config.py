@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, load_yaml
 from .deepspeed_setup import check_deepspeed_config
 
 # full / lora / mole: the dense-LLM modes of `stages`; the rest: MoE tuning methods of `parrot.moe.methods`
@@ -286,9 +284,10 @@ def load_yaml_defaults(path: str | Path) -> dict[str, Any]:
     raise a ValueError naming the file and the key."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+        raw = load_yaml(path)  # a key given twice, invalid YAML or non-UTF-8 text: ValueError naming the line
+    except OSError as err:
         raise ValueError(f"{path}: cannot read training config ({err})") from err
+    raw = {} if raw is None else raw  # an empty file sets nothing
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of training settings")
     known = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -49,8 +49,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...fileio import non_negative_int, positive_int
 from ..experts import SwiGLUExperts
-from ..mole import install_mask_hooks, match_target_modules, mole_aux_loss
+from ..mole import install_mask_hooks, match_target_modules, mole_aux_loss, routing_mask
 from ..routers import RouterConfig, RouterOutput, build_router
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ class FactorizedMLP(nn.Module):
         router_cfg = replace(config.router, kind="topk", top_k=config.top_k, renormalize=False)
         self.router = build_router(router_cfg, D, E).to(device=weight.device, dtype=weight.dtype)
         self.last_routing: RouterOutput | None = None
-        self.token_mask: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None  # set by the model-level MaskCapture pre-hook
+        self.token_seq: int | None = None
 
     def set_top_k(self, k: int) -> None:
         """Change k at inference (1 <= k <= E)."""
@@ -193,20 +195,10 @@ class FactorizedMLP(nn.Module):
             start += count
         return torch.zeros_like(x) if out is None else out
 
-    def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.token_mask is None or x.dim() != 3:
-            return None
-        batch, seq = x.shape[:2]
-        mask = self.token_mask
-        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
-            raise ValueError(f"FactorLLM routing mask of shape {tuple(mask.shape)} does not cover hidden states "
-                             f"{(batch, seq)}")
-        return mask[:, -seq:].reshape(-1).to(device=x.device, dtype=torch.bool)  # (B*S,)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (T, D)
-        mask = self._mask_for(x)
+        mask = routing_mask(self.token_mask, self.token_seq, x, "FactorLLM")
         routing: RouterOutput = self.router(flat, mask)
         E, k = self.num_experts, self.top_k
         selected = torch.zeros_like(routing.probs).scatter(-1, routing.indices, 1.0)  # (T, E) hard 0/1
@@ -370,20 +362,36 @@ def _synthetic_lm_batches(num: int, batch_size: int, seq_len: int, vocab: int, s
     return batches
 
 
+_DEMO_HEADS = 4  # attention heads of the demo's tiny Llama (2 key/value heads)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="FactorLLM on a tiny Llama: factorise, train routers (PA loss), report k=1..E")
     parser.add_argument("--out", required=True, help="output directory (report CSV/Markdown, training losses JSON)")
-    parser.add_argument("--num-experts", type=int, default=4)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--intermediate", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=97)
-    parser.add_argument("--dense-steps", type=int, default=60)
-    parser.add_argument("--router-steps", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models run fastest on 1)")
+    parser.add_argument("--num-experts", type=positive_int, default=4, help="experts per MLP (divides --intermediate)")
+    parser.add_argument("--top-k", type=positive_int, default=2, help="experts per token (<= --num-experts)")
+    parser.add_argument("--hidden", type=positive_int, default=32,
+                        help=f"hidden size (a multiple of {2 * _DEMO_HEADS})")
+    parser.add_argument("--intermediate", type=positive_int, default=128)
+    parser.add_argument("--layers", type=positive_int, default=2)
+    parser.add_argument("--vocab", type=positive_int, default=97)
+    parser.add_argument("--dense-steps", type=positive_int, default=60)
+    parser.add_argument("--router-steps", type=positive_int, default=40)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch intra-op threads (tiny models run fastest on 1)")
     args = parser.parse_args(argv)
+    # checked before any training, each naming its flags (they would otherwise fail minutes later, unnamed)
+    if args.top_k > args.num_experts:
+        parser.error(f"--top-k {args.top_k} must be <= --num-experts {args.num_experts}")
+    if args.intermediate % args.num_experts:
+        parser.error(f"--intermediate {args.intermediate} must be divisible by --num-experts {args.num_experts} "
+                     "(each expert takes an equal share of the MLP's neurons)")
+    if args.hidden % (2 * _DEMO_HEADS):
+        parser.error(f"--hidden {args.hidden} must be a multiple of {2 * _DEMO_HEADS} (the demo model's {_DEMO_HEADS} "
+                     "attention heads, each of an even size for the rotary embedding)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} exists and is not a folder")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -392,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=args.layers, num_attention_heads=_DEMO_HEADS, num_key_value_heads=2,
                          max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     dense = LlamaForCausalLM(config)
     train_batches = _synthetic_lm_batches(16, 8, 16, args.vocab, args.seed)

@@ -48,7 +48,7 @@ from typing import Iterator, NoReturn
 import torch
 import torch.nn as nn
 
-from ...fileio import atomic_file, atomic_write_text
+from ...fileio import atomic_file, atomic_write_text, non_negative_int, positive_int
 from ..diagnostics import plot_expert_load
 from ..routers import selection_from_indices
 from .moe_blocks import find_moe_blocks, layer_index
@@ -680,17 +680,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Router Lens (router tuning -> ranked context-faithful experts) + optional CEFT")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--model", default=None, help="local MoE causal-LM checkpoint directory (default: a tiny random OLMoE)")
-    parser.add_argument("--steps", type=int, default=60, help="router-tuning steps")
+    parser.add_argument("--steps", type=positive_int, default=60, help="router-tuning steps")
     parser.add_argument("--lr", type=float, default=5e-3, help="router-tuning learning rate")
     parser.add_argument("--score", choices=("rise", "tuned"), default="rise", help="ranking score")
-    parser.add_argument("--vocab", type=int, default=64, help="synthetic task vocabulary (must fit the model)")
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--ceft-top-n", type=int, default=0, help="then CEFT-tune the top-N experts of every layer (0: skip)")
-    parser.add_argument("--ceft-steps", type=int, default=30)
+    parser.add_argument("--vocab", type=positive_int, default=64, help="synthetic task vocabulary (must fit the model)")
+    parser.add_argument("--batches", type=positive_int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--ceft-top-n", type=non_negative_int, default=0, help="then CEFT-tune the top-N experts of every layer (0: skip)")
+    parser.add_argument("--ceft-steps", type=positive_int, default=30)
     parser.add_argument("--ceft-lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models run fastest on 1)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (tiny models run fastest on 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

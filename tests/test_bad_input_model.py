@@ -1,0 +1,302 @@
+"""Bad input to the model-side entry points is refused with an error naming the file and the field / flag, never
+substituted silently: processor settings (parrot_processor.json), official checkpoint conversion (config.json,
+--model-max-length), LoRA merge (NaN / inf adapters), the FactorLLM demo's counts and model recipes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from parrot.convert import ConversionError, convert_official
+from parrot.convert.__main__ import main as convert_main
+from parrot.convert.official import image_normalisation, load_checkpoint_tensors, read_official_config
+from parrot.data.processor import PROCESSOR_FILE, ParrotProcessor, ProcessorSettings
+from parrot.export import ExportError, export_merged, main as export_main
+from parrot.model.builder import TINY_RECIPE, load_recipe
+from parrot.moe.methods.factorllm import main as factorllm_main
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+GOOD_SETTINGS = dict(image_size=32, image_mean=list(MEAN), image_std=list(STD), image_mode="pad", template="chatml",
+                     num_image_tokens=17, model_max_length=256)
+
+
+# --------------------------------------------------------------------------------------------- processor settings
+@pytest.mark.parametrize("field, value", [
+    ("model_max_length", -1), ("model_max_length", 0), ("model_max_length", float("nan")),
+    ("model_max_length", "256"), ("model_max_length", 25.5), ("model_max_length", True),
+    ("image_size", 0), ("num_image_tokens", -1),
+    ("image_mean", [float("nan"), 0.5, 0.5]), ("image_std", [0, 0, 0]), ("image_std", [0.5, 0.5]),
+    ("image_mode", "squash"), ("template", "bogus"),
+])
+def test_processor_settings_refuse_bad_values_by_field(field, value):
+    with pytest.raises(ValueError, match=rf"processor setting {field}="):
+        ProcessorSettings(**{**GOOD_SETTINGS, field: value})
+
+
+def test_processor_settings_accept_good_values():
+    settings = ProcessorSettings(**GOOD_SETTINGS)
+    assert settings.model_max_length == 256 and settings.image_std == STD
+
+
+@pytest.mark.parametrize("text, field", [
+    (json.dumps({**GOOD_SETTINGS, "model_max_length": float("nan")}), "model_max_length"),  # written as NaN
+    (json.dumps({**GOOD_SETTINGS, "model_max_length": -1}), "model_max_length"),
+    (json.dumps({**GOOD_SETTINGS, "model_max_length": 0}), "model_max_length"),
+    (json.dumps({**GOOD_SETTINGS, "image_std": [0, 0, 0]}), "image_std"),
+    ("[1, 2]", "JSON object"),
+    (b'{"template": "\xff"}', "utf-8"),
+], ids=["nan", "negative", "zero", "zero_std", "list", "not_utf8"])
+def test_a_processor_file_with_bad_settings_is_refused_naming_file_and_field(tmp_path, text, field):
+    path = tmp_path / PROCESSOR_FILE
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: invalid processor settings .*{field}"):
+        ParrotProcessor.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- official checkpoint config
+@pytest.fixture
+def official(tmp_path):
+    from tests.test_convert import write_official_checkpoint
+
+    src, vision_dir, _, _ = write_official_checkpoint(tmp_path, vocab_pad=5)
+    return src, vision_dir
+
+
+def _set_config(src, **changes):
+    path = src / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("{bad", "JSONDecodeError"), (b'{"model_type": "\xff"}', "UnicodeDecodeError"), ("[1]", "JSON object"),
+], ids=["malformed", "not_utf8", "list"])
+def test_an_unreadable_official_config_is_named(official, text, reason):
+    src, _ = official
+    (src / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConversionError, match=rf"{re.escape(str(src / 'config.json'))}: .*{reason}"):
+        read_official_config(src)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("tokenizer_model_max_length", float("nan")), ("tokenizer_model_max_length", 0),
+    ("tokenizer_model_max_length", -5), ("tokenizer_model_max_length", "512"),
+    ("moe_weight", "0.1"), ("moe_weight", float("nan")), ("num_experts", "3"), ("num_experts", 0),
+    ("mm_vision_select_layer", "-2"), ("mm_vision_select_layer", 1.5), ("use_moe", "false"),
+    ("mm_vision_tower", 5),
+])
+def test_bad_official_config_values_are_named(official, key, value):
+    src, _ = official
+    _set_config(src, **{key: value})
+    with pytest.raises(ConversionError, match=rf"{re.escape(str(src / 'config.json'))}: {key}="):
+        read_official_config(src)
+
+
+def test_an_unreadable_shard_index_is_named(official):
+    src, _ = official
+    (src / "model.safetensors.index.json").write_text("{bad")
+    with pytest.raises(ConversionError, match=re.escape(str(src / "model.safetensors.index.json"))):
+        load_checkpoint_tensors(src)
+    (src / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
+    with pytest.raises(ConversionError, match="model.safetensors.index.json: 'weight_map'"):
+        load_checkpoint_tensors(src)
+
+
+def test_a_bad_tower_preprocessor_config_is_named(tmp_path):
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0, 0, 0]}))
+    with pytest.raises(ConversionError, match=rf"{re.escape(str(path))}: image_std="):
+        image_normalisation(tmp_path)
+    path.write_bytes(b'{"image_mean": "\xff"}')
+    with pytest.raises(ConversionError, match=re.escape(str(path))):
+        image_normalisation(tmp_path)
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_model_max_length_zero_or_negative_is_refused_not_replaced(official, tmp_path, value, capsys):
+    """`model_max_length or ... or 2048` used to replace 0 by the checkpoint's length without a word."""
+    src, vision_dir = official
+    with pytest.raises(ConversionError, match=rf"--model-max-length\)={value}"):
+        convert_official(src, tmp_path / "ours", vision=vision_dir, model_max_length=value)
+    with pytest.raises(SystemExit) as exc:  # the command line refuses it at argparse (positive_int)
+        convert_main(["official", "--src", str(src), "--dst", str(tmp_path / "ours"), "--vision", str(vision_dir),
+                      "--model-max-length", str(value)])
+    assert exc.value.code == 2
+    assert "--model-max-length" in capsys.readouterr().err
+    assert not (tmp_path / "ours").exists()
+
+
+def test_an_unknown_template_is_refused_before_reading_the_checkpoint(official, tmp_path, monkeypatch):
+    import parrot.convert.official as official_module
+
+    src, vision_dir = official
+    monkeypatch.setattr(official_module, "load_checkpoint_tensors", lambda directory: pytest.fail("read"))
+    with pytest.raises(ConversionError, match=r"--template\)='bogus'"):
+        convert_official(src, tmp_path / "ours", vision=vision_dir, template="bogus")
+
+
+def test_the_checkpoint_length_is_used_when_the_flag_is_left_out(official, tmp_path):
+    src, vision_dir = official
+    _set_config(src, tokenizer_model_max_length=None)  # null: neither given -> 2048
+    dst = convert_official(src, tmp_path / "ours", vision=vision_dir)
+    assert json.loads((dst / PROCESSOR_FILE).read_text())["model_max_length"] == 2048
+
+
+# ------------------------------------------------------------------------------------------------- LoRA merge
+@pytest.fixture(scope="module")
+def tokenizer():
+    from parrot.data.tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(vocab_size=300, n_texts=200)
+
+
+def _adapter(tmp_path, tokenizer, **settings):
+    from tests.test_export_merge_review import _adapter
+
+    base_dir, adapter_dir, _, _ = _adapter(tmp_path, tokenizer, target_modules=["q_proj"], **settings)
+    return base_dir, adapter_dir
+
+
+def _edit_adapter_config(adapter_dir, **changes):
+    path = adapter_dir / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _merge_is_refused(tmp_path, base_dir, adapter_dir, pattern, capsys):
+    with pytest.raises(ExportError, match=pattern):
+        export_merged(adapter_dir, tmp_path / "merged", base=base_dir)
+    assert export_main(["--merge-lora", "--src", str(adapter_dir), "--base", str(base_dir),
+                        "--dst", str(tmp_path / "merged")]) == 2
+    assert re.search(pattern, capsys.readouterr().err)
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), "8"])
+def test_a_non_finite_or_non_numeric_lora_alpha_is_refused(tmp_path, tokenizer, alpha, capsys):
+    base_dir, adapter_dir = _adapter(tmp_path, tokenizer)
+    _edit_adapter_config(adapter_dir, lora_alpha=alpha)
+    _merge_is_refused(tmp_path, base_dir, adapter_dir, r"adapter_config.json: lora_alpha=", capsys)
+
+
+def test_a_non_finite_alpha_pattern_is_refused(tmp_path, tokenizer, capsys):
+    base_dir, adapter_dir = _adapter(tmp_path, tokenizer)
+    _edit_adapter_config(adapter_dir, alpha_pattern={"q_proj": float("nan")})
+    _merge_is_refused(tmp_path, base_dir, adapter_dir, r"adapter_config.json: alpha_pattern\['q_proj'\]=", capsys)
+
+
+def test_nan_in_the_adapter_weights_is_refused_naming_the_file_and_tensor(tmp_path, tokenizer, capsys):
+    base_dir, adapter_dir = _adapter(tmp_path, tokenizer)
+    path = adapter_dir / "adapter_model.safetensors"
+    state = load_file(str(path))
+    key = sorted(k for k in state if "lora_B" in k)[0]
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(path))
+    _merge_is_refused(tmp_path, base_dir, adapter_dir,
+                      rf"adapter_model.safetensors: 1 adapter tensor\(s\) hold NaN / inf.*{re.escape(key)}", capsys)
+
+
+def test_a_merge_that_overflows_is_refused_naming_the_modules(tmp_path, tokenizer, capsys):
+    base_dir, adapter_dir = _adapter(tmp_path, tokenizer)
+    _edit_adapter_config(adapter_dir, lora_alpha=1e300)  # finite, but alpha / r * B A overflows float32
+    _merge_is_refused(tmp_path, base_dir, adapter_dir, r"NaN / inf weights in \[.*q_proj.weight", capsys)
+
+
+def test_a_merge_that_overflows_the_base_dtype_is_refused(tmp_path, tokenizer, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from tests.test_export import tiny_model
+    from tests.test_export_merge_review import _save_base
+
+    model, processor = tiny_model(tokenizer)
+    base_dir = _save_base(model.to(torch.float16), processor, tmp_path / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False, lora_dropout=0.0)
+    get_peft_model(model.float().language_model, lora).save_pretrained(tmp_path / "adapter")
+    _edit_adapter_config(tmp_path / "adapter", lora_alpha=1e9)  # finite in float32, beyond float16's 65504
+    _merge_is_refused(tmp_path, base_dir, tmp_path / "adapter", r"q_proj.weight.* overflow .*torch.float16", capsys)
+
+
+# ------------------------------------------------------------------------------------------- FactorLLM command
+SMALL = ["--dense-steps", "1", "--router-steps", "1", "--hidden", "16", "--intermediate", "32", "--layers", "1",
+         "--vocab", "31"]
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--dense-steps", "0"], "--dense-steps"), (["--router-steps", "0"], "--router-steps"),
+    (["--threads", "0"], "--threads"), (["--threads", "-1"], "--threads"), (["--num-experts", "0"], "--num-experts"),
+    (["--top-k", "0"], "--top-k"), (["--vocab", "0"], "--vocab"), (["--layers", "0"], "--layers"),
+    (["--hidden", "-8"], "--hidden"), (["--intermediate", "0"], "--intermediate"),
+    (["--top-k", "9"], "--top-k"), (["--num-experts", "3"], "--intermediate"), (["--hidden", "12"], "--hidden"),
+])
+def test_factorllm_command_refuses_bad_counts_naming_the_flag(tmp_path, capsys, extra, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        factorllm_main(["--out", str(tmp_path / "out"), *SMALL, *extra])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_factorllm_command_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit):
+        factorllm_main(["--out", str(tmp_path / "f"), *SMALL])
+    assert "--out" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- model recipes
+TINY = TINY_RECIPE.read_text()
+
+
+def _recipe(tmp_path, text) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+def _sub(old, new):
+    assert TINY.count(old) == 1, old
+    return TINY.replace(old, new)
+
+
+@pytest.mark.parametrize("text, named", [
+    (_sub("hidden_size: 128", "hidden_size: abc"), "text_config.hidden_size="),
+    (_sub("patch_size: 8", "patch_size: '8'"), "vision_config.patch_size="),
+    (_sub("model_type: qwen2", "model_type: bogus"), "text_config.model_type="),
+    (re.sub(r"text_config:\n(  .*\n)+", "text_config: [1, 2]\n", TINY), "'text_config' must be a mapping"),
+    ("- 1\n- 2\n", "a recipe is a mapping"),
+    ("hello\n", "a recipe is a mapping"),
+    (_sub("vocab_size: 2000", "vocab_size: abc"), "tokenizer.vocab_size="),
+    (_sub("vocab_size: 2000", "vocab_size: 5"), "tokenizer.vocab_size="),
+    (_sub("seed: 0", "seed: -1"), "tokenizer.seed="),
+    (_sub("model_max_length: 256", "model_max_length: -1"), "model_max_length="),
+    (_sub("model_max_length: 256", "model_max_length: 0"), "model_max_length="),
+    (_sub("model_max_length: 256", "model_max_length: abc"), "model_max_length="),
+    (_sub("model_max_length: 256", "model_max_length: .nan"), "model_max_length="),
+    (_sub("template: chatml", "template: 5"), "template="),
+    (_sub("moe_num_experts: 6", "moe_num_experts: '6'"), "parrot.moe_num_experts="),
+    (_sub("moe_weight: 0.1", "moe_weight: .nan"), "parrot.moe_weight="),
+    (_sub("use_moe: false", "use_moe: 'no'"), "parrot.use_moe="),
+    (_sub("image_aspect_mode: pad", "image_aspect_mode: squash"), "parrot.image_aspect_mode="),
+    (_sub("image_aspect_mode: pad", "image_aspect_mode: pad\n  image_std: [a, b, c]"), "parrot.image_std="),
+    (b"# caf\xe9\n" + TINY.encode(), "not UTF-8"),
+], ids=["hidden_str", "patch_str", "model_type", "text_config_list", "top_list", "top_scalar", "vocab_str",
+        "vocab_tiny", "seed_negative", "length_negative", "length_zero", "length_str", "length_nan", "template_int",
+        "experts_str", "moe_weight_nan", "use_moe_str", "aspect_mode", "image_std_str", "not_utf8"])
+def test_recipe_errors_name_the_file_and_the_key(tmp_path, text, named):
+    path = _recipe(tmp_path, text)
+    with pytest.raises(ValueError, match=rf"{re.escape(path)}\S*: .*{re.escape(named)}"):
+        load_recipe(path)
+
+
+def test_a_parrot_section_that_is_not_a_mapping_is_named(tmp_path):
+    text = TINY.split("parrot:\n")[0] + "parrot: 5\n"
+    with pytest.raises(ValueError, match=rf"{re.escape(_recipe(tmp_path, text))}: 'parrot' must be a mapping"):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_the_shipped_recipes_still_load():
+    recipe = load_recipe(TINY_RECIPE)
+    assert recipe.model_max_length == 256 and recipe.tokenizer.vocab_size == 2000
+    assert not load_recipe(TINY_RECIPE.parent / "parrot-7b.yaml").is_tiny
