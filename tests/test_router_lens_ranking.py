@@ -267,3 +267,20 @@ def test_ceft_gradients_equal_the_full_models_gradients_at_the_selected_experts(
         for p in ("gate_up_proj", "down_proj"):
             torch.testing.assert_close(getattr(model.get_submodule(name).experts, f"tuned_{p}").grad,
                                        getattr(full.get_submodule(name).experts, p).grad[ids], rtol=0, atol=1e-12)
+
+
+def test_ceft_selection_settings_are_checked(caplog):
+    """A fractional top_n (1.5 selected 2), several selection sources at once (the first silently won) are refused;
+    a top_n that selects every expert of a layer is allowed (an ablation) but logged."""
+    ranking = [ExpertScore(BLOCKS[0], 0, e, 0.25, 0.25 + 0.1 * (3 - e)) for e in range(4)] + \
+              [ExpertScore(BLOCKS[1], 2, e, 0.25, 0.25 + 0.1 * e) for e in (3, 2, 1, 0)]
+    for bad in (1.5, 0, True, "2"):
+        with pytest.raises(ValueError, match="top_n"):
+            select_context_experts(ranking, bad)
+    assert select_context_experts(ranking, 2) == {BLOCKS[0]: [0, 1], BLOCKS[1]: [2, 3]}  # rank order, not ids
+    with caplog.at_level("WARNING", logger="parrot.moe.methods.router_lens"):
+        assert select_context_experts(ranking, 2) and not caplog.records
+        assert select_context_experts(ranking, 4) == {BLOCKS[0]: [0, 1, 2, 3], BLOCKS[1]: [0, 1, 2, 3]}
+        assert "selects every ranked expert of 2 of 2 layers" in caplog.text
+    with pytest.raises(ValueError, match=r"give one of selection=, ranking=, ranking_path=; got \['selection', 'ranking_path'\]"):
+        prepare_for_tuning(torch.nn.Linear(2, 2), "ceft", selection={BLOCKS[0]: [0]}, ranking_path="ranking.csv")

@@ -559,18 +559,30 @@ def load_ranking_csv(path: str | Path) -> list[ExpertScore]:
 
 
 def select_context_experts(ranking: list[ExpertScore], top_n: int, per_layer: bool = True) -> dict[str, list[int]]:
-    """{block: expert ids} to tune: the top-N of every layer (official `ceft-N`) or the top-N overall."""
-    if top_n < 1:
-        raise ValueError(f"select_context_experts: top_n={top_n} must be >= 1")
+    """{block: expert ids} to tune: the top-N of every layer (official `ceft-N`) or the top-N overall.
+
+    A top-N that takes every ranked expert of a layer (per layer) or of the model (overall) is allowed, since it is
+    a valid ablation, but logged as a warning: CEFT then tunes all experts, which is not what the official `ceft-8`
+    does on a model with 64 experts per layer."""
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+        raise ValueError(f"select_context_experts: top_n={top_n!r} must be a whole number >= 1")
     chosen: dict[str, list[int]] = {}
     if per_layer:
+        ranked: dict[str, int] = {}
         for r in ranking:
             ids = chosen.setdefault(r.block, [])
+            ranked[r.block] = ranked.get(r.block, 0) + 1
             if len(ids) < top_n:
                 ids.append(r.expert)
+        everything = [b for b, n in ranked.items() if n <= top_n]
+        if everything:
+            logger.warning("CEFT top_n=%d selects every ranked expert of %d of %d layers (e.g. %s): they tune all "
+                           "their experts", top_n, len(everything), len(ranked), everything[0])
     else:
         for r in ranking[:top_n]:
             chosen.setdefault(r.block, []).append(r.expert)
+        if top_n >= len(ranking):
+            logger.warning("CEFT top_n=%d selects all %d ranked experts: every expert tunes", top_n, len(ranking))
     return {b: sorted(ids) for b, ids in chosen.items()}
 
 

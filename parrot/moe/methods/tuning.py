@@ -76,6 +76,9 @@ def prepare_for_tuning(model: nn.Module, tuning: str, **cfg: Any) -> TuningSetup
         unknown = sorted(set(cfg) - allowed)
         if unknown:
             raise ValueError(f"prepare_for_tuning('ceft'): unknown settings {unknown}; allowed {sorted(allowed)}")
+        given = [key for key in ("selection", "ranking", "ranking_path") if cfg.get(key) is not None]
+        if len(given) > 1:
+            raise ValueError(f"prepare_for_tuning('ceft'): give one of selection=, ranking=, ranking_path=; got {given}")
         selection = cfg.get("selection")
         if selection is None:
             ranking = cfg.get("ranking")
