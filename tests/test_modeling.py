@@ -398,3 +398,33 @@ def test_generate_max_length_counts_the_prompt_as_given():
     assert torch.equal(got, expected)
     with pytest.raises(ValueError, match=r"max_length=6\) leaves no room after the 6-token prompt"):
         model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_length=T)
+
+
+def test_projector_and_moe_start_from_pytorch_default_init_as_the_official_code():
+    """The official Parrot (LLaVA) code creates the projector and the MoE after loading the LLM, so they keep
+    nn.Linear's default init, U(-b, b) with b = 1/sqrt(fan_in) (bias too); the LLM's normal(0, 0.02) gave 4096-wide
+    experts ~12x the official output at the start of stage 2. The LLM itself keeps HF's normal(0, initializer_range)."""
+    import math
+
+    torch.manual_seed(0)
+    config = tiny_parrot_config(moe_intermediate_size=256)
+    config.text_config.hidden_size = 128
+    model = ParrotForCausalLM(config)
+
+    def assert_uniform(tensor, bound, rel):
+        assert float(tensor.abs().max()) <= bound
+        assert float(tensor.std()) == pytest.approx(bound / math.sqrt(3), rel=rel)  # std of U(-b, b)
+
+    linears = [m for m in model.mm_projector.modules() if isinstance(m, torch.nn.Linear)]
+    linears.append(model.moe.router.gate)
+    assert len(linears) == 3
+    for linear in linears:
+        bound = 1 / math.sqrt(linear.in_features)
+        assert_uniform(linear.weight, bound, rel=0.1)
+        if linear.bias is not None:
+            assert_uniform(linear.bias, bound, rel=0.25)
+    experts = model.moe.experts
+    for weight, fan_in in ((experts.gate_proj, 128), (experts.up_proj, 128), (experts.down_proj, 256)):
+        assert_uniform(weight, 1 / math.sqrt(fan_in), rel=0.05)
+    q_proj = model.language_model.model.layers[0].self_attn.q_proj.weight
+    assert float(q_proj.std()) == pytest.approx(config.text_config.initializer_range, rel=0.05)

@@ -12,6 +12,7 @@ sampling, beams...). Because the prompt is passed as embeddings, `generate()` re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,11 +66,21 @@ class ParrotPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, SwiGLUExperts):
-            std = self.config.text_config.initializer_range
-            for weight in (module.gate_proj, module.up_proj, module.down_proj):
-                init.normal_(weight, mean=0.0, std=std)
+        """The projector and the MoE get PyTorch's default init (nn.Linear: U(-b, b), b = 1/sqrt(fan_in), the bias
+        too), as in the official Parrot / LLaVA code, which creates them after loading the LLM; everything else the
+        HF default, normal(0, initializer_range). With the LLM's normal(0, 0.02), 4096-wide experts start with ~12x
+        the output of the official ones, so the random experts, not the residual, would dominate the visual tokens
+        at the start of stage 2."""
+        if id(module) not in getattr(self, "_torch_default_init", ()):
+            super()._init_weights(module)
+        elif isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))  # = U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            if module.bias is not None:
+                bound = 1.0 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, SwiGLUExperts):
+            for weight, bound in module.default_init_bounds():
+                init.uniform_(weight, -bound, bound)
 
 
 class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
@@ -83,6 +94,7 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         self.vision_tower = VisionTower(config, vision_model)
         self.mm_projector = build_projector(config)
         self.moe = ParrotMoEProjector(config)
+        self._torch_default_init = frozenset(id(m) for part in (self.mm_projector, self.moe) for m in part.modules())
         for loaded in (language_model, vision_model):
             for tensor in loaded.state_dict(keep_vars=True).values() if loaded is not None else ():
                 tensor._is_hf_initialized = True  # post_init must not overwrite loaded weights

@@ -30,11 +30,13 @@ class SwiGLUExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))  # (E, I, D)
         self.reset_parameters()
 
+    def default_init_bounds(self) -> list[tuple[nn.Parameter, float]]:
+        """(weight, b) pairs: nn.Linear's default init of each expert's projection is U(-b, b), b = 1/sqrt(fan_in)."""
+        return [(self.gate_proj, 1.0 / math.sqrt(self.hidden_size)), (self.up_proj, 1.0 / math.sqrt(self.hidden_size)),
+                (self.down_proj, 1.0 / math.sqrt(self.intermediate_size))]
+
     def reset_parameters(self) -> None:
-        # Same distribution as nn.Linear's default init, per expert.
-        for weight, fan_in in ((self.gate_proj, self.hidden_size), (self.up_proj, self.hidden_size),
-                               (self.down_proj, self.intermediate_size)):
-            bound = 1.0 / math.sqrt(fan_in)
+        for weight, bound in self.default_init_bounds():
             nn.init.uniform_(weight, -bound, bound)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
