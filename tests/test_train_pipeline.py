@@ -1001,6 +1001,19 @@ def test_stage1_refuses_stage2_settings(tmp_path, monkeypatch, capsys):
                                                                              "router: 'gwmoe' -> 'topk'"]
 
 
+def test_tf32_reaches_the_trainer_and_the_paper_configs_ask_for_it(tmp_path):
+    """--tf32 (the official recipe's --tf32 True) becomes TrainingArguments(tf32=True); off leaves PyTorch's setting
+    alone (HF's tf32=False would switch it off process-wide). Without a TF32-capable GPU HF refuses it by name."""
+    from parrot.train.run import training_arguments
+
+    assert training_arguments(TrainConfig(output_dir=str(tmp_path)), 1).tf32 is None
+    for stage in (1, 2):
+        assert load_yaml_defaults(REPO / f"configs/train/parrot7b_stage{stage}.yaml")["tf32"] is True
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--tf32 requires Ampere"):
+            training_arguments(TrainConfig(output_dir=str(tmp_path), tf32=True), 1)
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_gradient_checkpointing_reaches_the_trainer_without_a_deprecation_warning(tmp_path, enabled):
     import warnings

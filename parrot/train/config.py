@@ -103,6 +103,8 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm")
     seed: int = _opt(42, "seed of the model init (tiny recipes), the data order and dropout")
     bf16: bool = _opt(False, "train in bfloat16 mixed precision")
+    tf32: bool = _opt(False, "CUDA float32 matmuls on TF32 tensor cores (Ampere or newer; the official recipe's "
+                             "--tf32 True); off leaves PyTorch's setting")
     gradient_checkpointing: bool = _opt(False, "recompute LLM activations in the backward pass (saves memory)")
     dataloader_workers: int = _opt(0, "DataLoader worker processes")
     deepspeed: str | None = _opt(None, "DeepSpeed config JSON (configs/deepspeed/zero2.json, zero3.json, "

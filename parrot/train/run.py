@@ -172,6 +172,7 @@ def training_arguments(cfg: TrainConfig, processes: int) -> TrainingArguments:
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=cfg.bf16,
+        tf32=True if cfg.tf32 else None,  # HF: False would switch TF32 off process-wide, None leaves it
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5.24 name of gradient_checkpointing
         dataloader_num_workers=cfg.dataloader_workers,
         deepspeed=cfg.deepspeed,
