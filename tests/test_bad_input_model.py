@@ -290,6 +290,55 @@ def test_recipe_errors_name_the_file_and_the_key(tmp_path, text, named):
         load_recipe(path)
 
 
+GPT2_TEXT = "text_config:\n  model_type: gpt2\n  n_embd: 130\n  n_head: 4\n  n_layer: 2\n  n_positions: 512\n"
+
+
+def _section(name, text):
+    """TINY with its `name:` section replaced by `text`."""
+    return re.sub(rf"{name}:\n(  .*\n)+", text, TINY)
+
+
+@pytest.mark.parametrize("text, named", [
+    (_sub("hidden_size: 128", "hidden_size: -1"), "text_config.hidden_size=-1 must be a whole number >= 1"),
+    (_sub("hidden_size: 128", "hidden_size: 130"),
+     "text_config.hidden_size=130 must be a multiple of text_config.num_attention_heads=4"),
+    (_sub("hidden_size: 128", "hidden_size: 132"),
+     "text_config.hidden_size=132 / text_config.num_attention_heads=4 = 33: rotary position embeddings need an even"),
+    (_sub("num_key_value_heads: 2", "num_key_value_heads: 3"),
+     "text_config.num_attention_heads=4 must be a multiple of text_config.num_key_value_heads=3"),
+    (_sub("max_position_embeddings: 512", "max_position_embeddings: 0"), "text_config.max_position_embeddings=0"),
+    (_sub("patch_size: 8", "patch_size: 0"), "vision_config.patch_size=0 must be a whole number >= 1"),
+    (_sub("hidden_size: 64", "hidden_size: -64"), "vision_config.hidden_size=-64 must be a whole number >= 1"),
+    (_section("text_config", GPT2_TEXT), "text_config.n_embd=130 must be a multiple of text_config.n_head=4"),
+    (_sub("image_size: 32", "image_size: 32\n  num_attention_heads: 5").replace("  num_attention_heads: 4\n  image",
+                                                                               "  image"),
+     "vision_config.hidden_size=64 must be a multiple of vision_config.num_attention_heads=5"),
+    (_sub("model_type: qwen2", "model_type: llama").replace("hidden_size: 128", "hidden_size: 130"),
+     "text_config.hidden_size=130 must be a multiple of text_config.num_attention_heads=4"),
+    (_sub("num_key_value_heads: 2", "num_key_value_heads: 2\n  head_dim: 31"),
+     "text_config.head_dim=31: rotary position embeddings need an even size per attention head"),
+    (_sub("moe_intermediate_size: 128", "moe_intermediate_size: -3"), "parrot.moe_intermediate_size=-3 must be >= 1"),
+    (_sub("moe_num_experts: 6", "moe_num_experts: 0"), "parrot.moe_num_experts=0 must be >= 1"),
+    (_sub("use_moe: false", "use_moe: false\n  moe_top_k: 7"), "parrot.moe_top_k=7"),
+    (_sub("projector_type: mlp2x_gelu", "projector_type: conv"), "parrot.projector_type='conv' is unknown"),
+], ids=["hidden_negative", "hidden_not_divisible", "odd_rotary_head", "kv_heads", "positions_zero",
+        "patch_zero", "vision_hidden_negative", "gpt2_names", "vision_heads",
+        "llama_derived_head_dim", "odd_head_dim", "moe_inner",
+        "experts_zero", "top_k", "projector"])
+def test_impossible_model_sizes_in_a_recipe_are_named(tmp_path, text, named):
+    """Values of the right type that build no working model (a raw torch error, a failure at the first forward, or a
+    model that silently drops pixels) are refused naming the recipe file and the key as written."""
+    path = _recipe(tmp_path, text)
+    with pytest.raises(ValueError, match=rf"{re.escape(path)}: {re.escape(named)}"):
+        load_recipe(path)
+
+
+def test_a_recipe_may_choose_its_head_size(tmp_path):
+    """An explicit head_dim (Qwen3 / Gemma style: heads x head_dim need not be the hidden size) is no error."""
+    recipe = load_recipe(_recipe(tmp_path, _sub("hidden_size: 128", "hidden_size: 130\n  head_dim: 32")))
+    assert recipe.text_config["head_dim"] == 32
+
+
 def test_a_parrot_section_that_is_not_a_mapping_is_named(tmp_path):
     text = TINY.split("parrot:\n")[0] + "parrot: 5\n"
     with pytest.raises(ValueError, match=rf"{re.escape(_recipe(tmp_path, text))}: 'parrot' must be a mapping"):
@@ -300,3 +349,45 @@ def test_the_shipped_recipes_still_load():
     recipe = load_recipe(TINY_RECIPE)
     assert recipe.model_max_length == 256 and recipe.tokenizer.vocab_size == 2000
     assert not load_recipe(TINY_RECIPE.parent / "parrot-7b.yaml").is_tiny
+
+
+# --------------------------------------------------------------------------- official generation_config.json
+@pytest.mark.parametrize("content, named", [
+    ("{bad", "cannot read the generation settings (JSONDecodeError"),
+    ("[1]", "must be a JSON object"),
+    (dict(temperature="0.7", do_sample=True), "temperature='0.7' must be a finite number > 0"),
+    (dict(temperature=float("nan"), do_sample=True), "temperature=nan"),
+    (dict(temperature=0, do_sample=True), "temperature=0 must be a finite number > 0"),
+    (dict(top_p=2.0), "top_p=2.0 must be a finite number > 0 and <= 1"),
+    (dict(top_k=-1), "top_k=-1 must be a whole number >= 0"),
+    (dict(max_length=-5), "max_length=-5 must be a whole number >= 1"),
+    (dict(max_new_tokens=2.5), "max_new_tokens=2.5 must be a whole number"),
+    (dict(do_sample="yes"), "do_sample='yes' must be true or false"),
+    (dict(eos_token_id="2"), "eos_token_id='2' must be a token id"),
+    (dict(eos_token_id=[2, "x"]), "eos_token_id=[2, 'x'] must be a token id"),
+    (dict(eos_token_id=[2, 100000]), "eos_token_id=[2, 100000]: 100000 is not a token of the checkpoint's tokenizer"),
+    (dict(pad_token_id=-1), "pad_token_id=-1: -1 is not a token"),
+    ("image", "is the id of the image placeholder '<image>'"),
+    (dict(early_stopping="sometimes"), "cannot read the generation settings (ValueError"),
+], ids=["malformed", "list", "temperature_str", "temperature_nan", "temperature_zero", "top_p", "top_k",
+        "max_length", "max_new_tokens_float", "do_sample_str", "eos_str", "eos_list_str", "eos_out_of_range",
+        "pad_negative", "pad_is_image_token", "hf_refuses"])
+def test_a_bad_official_generation_config_is_refused_by_name(official, tmp_path, monkeypatch, capsys, content,
+                                                              named):
+    """A malformed generation_config.json (which HF reads without a word and `generate()` then fails on, or samples
+    with) is refused naming the file and key, before the weights are read; nothing is written."""
+    import parrot.convert.official as official_module
+    from transformers import AutoTokenizer
+
+    src, vision_dir = official
+    path = src / "generation_config.json"
+    if content == "image":  # the id `<image>` takes in the converted tokenizer: the first free one
+        content = dict(pad_token_id=len(AutoTokenizer.from_pretrained(src)))
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    monkeypatch.setattr(official_module, "load_checkpoint_tensors", lambda directory: pytest.fail("weights read"))
+    with pytest.raises(ConversionError, match=rf"{re.escape(str(path))}: .*{re.escape(named)}"):
+        convert_official(src, tmp_path / "ours", vision=vision_dir)
+    assert convert_main(["official", "--src", str(src), "--dst", str(tmp_path / "ours"),
+                         "--vision", str(vision_dir)]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "ours").exists()

@@ -350,3 +350,43 @@ def test_image_normalisation_comes_from_a_local_mm_vision_tower(tmp_path):
     (vision_dir / "preprocessor_config.json").write_text(json.dumps(dict(image_mean=mean, image_std=std)))
     config = json.loads((convert_official(src, tmp_path / "ours") / "config.json").read_text())
     assert (config["image_mean"], config["image_std"]) == (mean, std)
+
+
+def test_generation_defaults_of_the_checkpoint_are_carried_over(tmp_path):
+    """The official folder's generation_config.json (sampling settings, lengths, eos / pad ids) becomes the converted
+    model's: `generate()` runs with the same defaults (it used to be dropped for HF's: greedy, max_length 20)."""
+    from parrot.model.builder import load_pretrained
+
+    src, vision_dir, _, tokenizer = write_official_checkpoint(tmp_path, vocab_pad=5)
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    settings = dict(bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext, do_sample=True,
+                    temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, max_new_tokens=4,
+                    min_new_tokens=4)
+    (src / "generation_config.json").write_text(json.dumps(settings))
+    dst = convert_official(src, tmp_path / "ours", vision=vision_dir)
+    model, processor = load_pretrained(dst)
+    for loaded in (model, AutoModelForCausalLM.from_pretrained(dst)):
+        assert {key: getattr(loaded.generation_config, key) for key in settings} == settings
+    batch = processor([processor.build_prompt("What colour is the circle?")], [_images()[0]])
+    torch.manual_seed(0)
+    assert model.generate(**batch).shape == (1, 4)  # the file's min / max_new_tokens, not HF's max_length 20
+
+
+def test_generation_token_ids_are_kept_consistent_with_the_converted_tokenizer(tmp_path, caplog):
+    """The converted tokenizer's eos (`<|im_end|>`, as the official loader sets it) is added to eos ids that lack it,
+    and pad is the tokenizer's pad; each change is logged naming the file. Without the file: the tokenizer's ids."""
+    src, vision_dir, _, tokenizer = write_official_checkpoint(tmp_path, vocab_pad=5)
+    im_start, im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    dst = convert_official(src, tmp_path / "plain", vision=vision_dir)
+    generation = json.loads((dst / "generation_config.json").read_text())
+    assert (generation["eos_token_id"], generation["pad_token_id"]) == (im_end, endoftext)
+
+    path = src / "generation_config.json"
+    path.write_text(json.dumps(dict(eos_token_id=endoftext, pad_token_id=im_start, temperature=0.5, do_sample=True)))
+    with caplog.at_level("WARNING", logger="parrot.convert.official"):
+        dst = convert_official(src, tmp_path / "ours", vision=vision_dir)
+    generation = json.loads((dst / "generation_config.json").read_text())
+    assert (generation["eos_token_id"], generation["pad_token_id"]) == ([endoftext, im_end], endoftext)
+    assert generation["temperature"] == 0.5
+    assert f"{path}: eos_token_id={endoftext} ('<|endoftext|>')" in caplog.text and "'<|im_end|>'" in caplog.text
+    assert f"{path}: pad_token_id={im_start} ('<|im_start|>')" in caplog.text

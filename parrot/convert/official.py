@@ -28,6 +28,10 @@ The vision tower's architecture is read from `--vision DIR` (an HF CLIP / CLIPVi
 `mm_vision_tower` when that is a local directory, else from `KNOWN_VISION_TOWERS` by name. Its weights come
 from the checkpoint (the official trainer saves the whole state dict) or, when absent there, from that directory.
 
+Generation defaults: the checkpoint's `generation_config.json` (sampling settings, lengths, eos / pad ids) is carried
+over, its token ids checked against the tokenizer and the converted tokenizer's eos / pad kept consistent with it
+(`generation_settings`); without one, eos and pad are the converted tokenizer's.
+
 Output: `dst` must be a new or empty folder outside `src` and the vision directory; everything is written into a
 staging folder beside it, renamed to `dst` when complete. Every checkpoint tensor is saved in its own dtype (the
 config's `dtype` is the one holding most elements), tensors from elsewhere in that dtype: one copy of the model in
@@ -410,6 +414,100 @@ def _grow_vocab(state: dict[str, torch.Tensor], new_size: int) -> None:
             state[key] = torch.cat([weight, extra])
 
 
+# --- generation defaults ---------------------------------------------------------------------------------------
+GENERATION_FILE = "generation_config.json"
+# Settings of a generation_config.json checked here, as HF reads them without a word (a string temperature, top_p 2,
+# a negative max_length, do_sample "yes") and fails, or samples differently, only inside generate():
+# key -> (kind, lowest, highest, lowest excluded).
+_GENERATION_VALUES: dict[str, tuple[type, float | None, float | None, bool]] = {
+    "do_sample": (bool, None, None, False), "temperature": (float, 0, None, True), "top_p": (float, 0, 1, True),
+    "top_k": (int, 0, None, False), "min_p": (float, 0, 1, False), "typical_p": (float, 0, 1, True),
+    "repetition_penalty": (float, 0, None, True), "length_penalty": (float, None, None, False),
+    "max_length": (int, 1, None, False), "max_new_tokens": (int, 1, None, False),
+    "min_length": (int, 0, None, False), "min_new_tokens": (int, 0, None, False), "num_beams": (int, 1, None, False),
+    "num_return_sequences": (int, 1, None, False), "no_repeat_ngram_size": (int, 0, None, False),
+}
+_GENERATION_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _check_generation_value(path: Path, key: str, value) -> None:
+    kind, low, high, open_low = _GENERATION_VALUES[key]
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or value > low or (value == low and not open_low)) and (high is None or value <= high)
+    if not ok:
+        wanted = {bool: "true or false", int: "a whole number", float: "a finite number"}[kind]
+        bounds = [f"{'>' if open_low else '>='} {low}"] if low is not None else []
+        bounds += [f"<= {high}"] if high is not None else []
+        limits = " and ".join(bounds)
+        raise ConversionError(f"{path}: {key}={value!r} must be {wanted}" + (f" {limits}" if limits else ""))
+
+
+def generation_settings(src: Path, tokenizer: PreTrainedTokenizerBase, image_token_id: int) -> GenerationConfig:
+    """The converted model's generation defaults (written as its generation_config.json).
+
+    The checkpoint's own generation_config.json, when it has one, is carried over (its sampling settings, lengths and
+    token ids: `generate()` of the converted model behaves as the official one's); a malformed one is refused naming
+    the file and key. Its token ids must be tokens of the checkpoint's tokenizer (the conversion only appends
+    `<image>`, so every such id still means the same token). The converted tokenizer's roles are then kept
+    consistent, each change logged: its eos (`<|im_end|>` for a Qwen tokenizer, as the official loader sets it) is
+    added to the eos ids when missing, and pad is the tokenizer's pad (the id the processor pads prompts with).
+    Without the file: eos and pad are the converted tokenizer's."""
+    path = src / GENERATION_FILE
+    if not path.is_file():
+        return GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    raw = _read_json_object(path, "generation settings")
+    for key, value in raw.items():
+        if key in _GENERATION_VALUES and value is not None:
+            _check_generation_value(path, key, value)
+
+    def token(token_id: int | None) -> str:
+        return "none" if token_id is None else repr(tokenizer.convert_ids_to_tokens(token_id))
+
+    for key in _GENERATION_TOKENS:
+        value = raw.get(key)
+        ids = value if key == "eos_token_id" and isinstance(value, list) and value else [value]
+        if value is None:
+            continue
+        for token_id in ids:
+            if not isinstance(token_id, int) or isinstance(token_id, bool):
+                raise ConversionError(f"{path}: {key}={value!r} must be a token id (a whole number)"
+                                      + (" or a list of them" if key == "eos_token_id" else ""))
+            if token_id == image_token_id:
+                raise ConversionError(f"{path}: {key}={value!r}: {token_id} is the id of the image placeholder "
+                                      f"{IMAGE_TOKEN!r} in the converted tokenizer, not a token of the checkpoint's")
+            if not 0 <= token_id < len(tokenizer):
+                raise ConversionError(f"{path}: {key}={value!r}: {token_id} is not a token of the checkpoint's "
+                                      f"tokenizer ({len(tokenizer)} tokens with {IMAGE_TOKEN!r})")
+    try:
+        generation = GenerationConfig.from_pretrained(src)
+    except (OSError, ValueError, TypeError) as err:  # HF's own checks (max_new_tokens 0, early_stopping "x", ...)
+        raise ConversionError(f"{path}: cannot read the generation settings ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())})") from err
+
+    eos = generation.eos_token_id
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        if eos_ids:
+            logger.warning("%s: eos_token_id=%s (%s) does not hold the converted tokenizer's eos %s (id %d); adding "
+                           "it, so that generate() also stops where the tokenizer ends an answer", path, eos,
+                           ", ".join(token(i) for i in eos_ids), token(tokenizer.eos_token_id), tokenizer.eos_token_id)
+        eos_ids.append(tokenizer.eos_token_id)
+    if eos_ids:
+        generation.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    if generation.pad_token_id is not None and generation.pad_token_id != tokenizer.pad_token_id:
+        logger.warning("%s: pad_token_id=%s (%s) is not the converted tokenizer's pad %s (id %s), which the processor "
+                       "pads prompts with; using the tokenizer's", path, generation.pad_token_id,
+                       token(generation.pad_token_id), token(tokenizer.pad_token_id), tokenizer.pad_token_id)
+    generation.pad_token_id = tokenizer.pad_token_id
+    logger.info("generation settings from %s: %s", path, generation.to_diff_dict())
+    return generation
+
+
 # --- the conversion --------------------------------------------------------------------------------------------
 def convert_official(
     src: str | Path, dst: str | Path, vision: str | Path | None = None, template: str = "chatml",
@@ -431,11 +529,12 @@ def convert_official(
     check_destination(dst, src, vision_dir)
     text_config, settings = read_official_config(src)
     tokenizer = prepare_tokenizer(src)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    generation = generation_settings(src, tokenizer, image_token_id)  # (before reading the weights)
     logger.info("reading %s", src)
     state = load_checkpoint_tensors(src)
     dtype = main_dtype(state)
 
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id >= text_config["vocab_size"]:
         logger.info("growing the vocabulary %d -> %d for %s", text_config["vocab_size"], len(tokenizer), IMAGE_TOKEN)
         _grow_vocab(state, len(tokenizer))
@@ -488,8 +587,7 @@ def convert_official(
     # dst (never a half-written folder that looks like a model).
     with staged_folder(dst) as staging:
         config.save_pretrained(staging)
-        GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
+        generation.save_pretrained(staging)
         logger.info("writing %d tensors to %s", len(mapped), dst)
         save_torch_state_dict({k: v.contiguous() for k, v in mapped.items()}, staging, max_shard_size=max_shard_size)
         # (the first one given: both are checked to be whole numbers >= 1 above, so none is replaced silently)

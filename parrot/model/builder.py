@@ -22,6 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError
@@ -31,7 +32,7 @@ from ..convert.official import ConversionError, image_normalisation
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
 from ..data.templates import get_template
 from ..fileio import load_yaml, non_negative_int, publish
-from .configuration import ParrotConfig
+from .configuration import ParrotConfig, check_parrot_settings, check_sub_config_sizes
 from .modeling import ParrotForCausalLM
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -80,16 +81,15 @@ def load_recipe(path: str | Path) -> ModelRecipe:
     for key in raw.get("parrot", {}):
         if key not in parrot_fields or key in ("text_config", "vision_config"):
             raise ValueError(f"{path}: unknown key 'parrot.{key}'")
+    if (raw.get("text_config") is None) != (raw.get("vision_config") is None):
+        raise ValueError(f"{path}: give both 'text_config' and 'vision_config' (tiny recipe) or neither")
     _check_recipe_values(path, raw)
     if raw.get("tokenizer") is not None:
         try:
             raw["tokenizer"] = TokenizerRecipe(**raw["tokenizer"])
         except TypeError as err:
             raise ValueError(f"{path}: bad 'tokenizer' section ({err})") from err
-    recipe = ModelRecipe(**raw)
-    if (recipe.text_config is None) != (recipe.vision_config is None):
-        raise ValueError(f"{path}: give both 'text_config' and 'vision_config' (tiny recipe) or neither")
-    return recipe
+    return ModelRecipe(**raw)
 
 
 def _fits(value, annotation: str) -> bool | None:
@@ -149,6 +149,13 @@ def _check_recipe_values(path: Path, raw: dict) -> None:
         if isinstance(annotation, str) and _fits(value, annotation) is False:
             raise ValueError(f"{path}: parrot.{key}={value!r} must be {annotation}"
                              + (" with finite numbers" if "float" in annotation else ""))
+    # ranges and combinations of the Parrot settings (the model's own check, over ParrotConfig's defaults)
+    parrot_defaults = {f.name: f.default for f in dataclasses.fields(ParrotConfig)
+                       if f.default is not dataclasses.MISSING}
+    try:
+        check_parrot_settings(SimpleNamespace(**{**parrot_defaults, **(raw.get("parrot") or {})}))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: parrot.{err}") from err
     defaults = {"text_config": "qwen2", "vision_config": "clip_vision_model"}  # as ParrotConfig's sub-configs
     for section, default_type in defaults.items():
         settings = raw.get(section)
@@ -158,14 +165,40 @@ def _check_recipe_values(path: Path, raw: dict) -> None:
         if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
             raise ValueError(f"{path}: {section}.model_type={model_type!r} is not a model type transformers knows")
         try:  # HF's configs check their fields' types (strict dataclasses); the error names the field
-            AutoConfig.for_model(model_type, **{k: v for k, v in settings.items() if k != "model_type"})
+            config = AutoConfig.for_model(model_type, **{k: v for k, v in settings.items() if k != "model_type"})
         except (StrictDataclassError, ValueError, TypeError) as err:
             message = " ".join(str(err).split())
             field = re.match(r"Validation error for field '([^']+)': (.*)", message)
             if field and field.group(1) in settings:
                 raise ValueError(f"{path}: {section}.{field.group(1)}={settings[field.group(1)]!r} is refused "
                                  f"({field.group(2)})") from err
+            # HF's own architecture checks (hidden size vs heads, ...) name no key: ours name the keys as written
+            lenient = _config_without_class_checks(CONFIG_MAPPING[model_type], settings)
+            try:
+                if lenient is not None:
+                    check_sub_config_sizes(lenient, section, given=settings)
+            except ValueError as named:
+                raise ValueError(f"{path}: {named}") from err
             raise ValueError(f"{path}: bad '{section}' ({type(err).__name__}: {message})") from err
+        try:  # sizes of the right type that build no working model (negative, heads not dividing the hidden size, ...)
+            check_sub_config_sizes(config, section, given=settings)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+
+def _config_without_class_checks(config_class: type, settings: dict):
+    """`config_class(**settings)` built without HF's class validators (`validate_architecture`, ...), to name the
+    keys behind a refusal; None when it cannot be built so. (`@strict` wraps the plain init and keeps it as
+    `__wrapped__`; its field type checks still run.)"""
+    init = getattr(config_class.__init__, "__wrapped__", None)
+    if init is None:
+        return None
+    config = config_class.__new__(config_class)
+    try:
+        init(config, **{k: v for k, v in settings.items() if k != "model_type"})
+    except Exception:  # noqa: BLE001 - only a better message is at stake; HF's own one is given instead
+        return None
+    return config
 
 
 def build_tiny(
