@@ -56,7 +56,7 @@ class ProgressLogCallback(TrainerCallback):
             parts.append(f"{logs['tokens_per_s']:,.0f} tok/s")
         if "router/entropy_mean" in logs:  # RouterDiagnosticsCallback, registered before this one
             parts.append(f"router H {logs['router/entropy_mean']:.3f}, max load {logs['router/max_load_ratio']:.2f}")
-        parts.append(f"ETA {format_duration(eta)}" if done else "ETA ?")
+        parts.append(f"ETA {format_duration(logs['eta_s'])}" if done else "ETA ?")  # the value saved
         logger.info(" | ".join(parts))
 
 
