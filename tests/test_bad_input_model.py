@@ -391,3 +391,15 @@ def test_a_bad_official_generation_config_is_refused_by_name(official, tmp_path,
                          "--vision", str(vision_dir)]) == 2
     assert named in capsys.readouterr().err
     assert not (tmp_path / "ours").exists()
+
+
+def test_builder_command_reports_a_bad_recipe_without_a_traceback(tmp_path, capsys):
+    from parrot.model.builder import main as builder_main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("parrot:\n  moe_num_experts: 0\n")
+    with pytest.raises(SystemExit) as exc:
+        builder_main(["--recipe", str(recipe), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert f"error: {recipe}: parrot.moe_num_experts=0 must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -395,7 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe)
+    try:
+        recipe = load_recipe(args.recipe)
+    except (OSError, ValueError) as err:  # the message names the recipe file and key: no traceback to read past
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     if recipe.is_tiny:
         model, processor = build_tiny(recipe, seed=args.seed)
     else:
