@@ -133,7 +133,7 @@ def run(args: argparse.Namespace, settings: BenchSettings):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_merge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--text-tokens", type=positive_int, default=128)
     parser.add_argument("--visual-tokens", type=positive_int, default=576)

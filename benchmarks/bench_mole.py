@@ -325,7 +325,7 @@ def run(args: argparse.Namespace, settings: BenchSettings):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_mole", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=positive_int, default=4096)
     parser.add_argument("--hidden", type=positive_int, default=1024)
     parser.add_argument("--experts", type=positive_int, default=8)

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace, settings: BenchSettings):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_parrot_moe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=positive_int, default=16)
     parser.add_argument("--visual-tokens", type=positive_int, default=577)
     parser.add_argument("--text-tokens", type=positive_int, default=64)

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace, settings: BenchSettings):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=positive_int, default=8, help="training batch size")
     parser.add_argument("--eval-batch", type=positive_int, default=8, help="MMMB prompts per model call")
     parser.add_argument("--eval-items", type=positive_int, default=12, help="toy MMMB items per language (end-to-end run)")

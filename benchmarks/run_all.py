@@ -76,7 +76,7 @@ def to_markdown(rows: list[dict], failures: dict[str, str], header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+", default=None,
                         help="default: float32 on CPU; float32 and bfloat16 on CUDA")

@@ -42,6 +42,7 @@ from .data.synthetic import (
     make_conversation_records,
     make_mcq_items,
 )
+from .fileio import non_negative_int, positive_int
 from .model.builder import TINY_RECIPE, build_tiny, save_pretrained
 from .train import TrainConfig, train
 
@@ -72,6 +73,25 @@ class QuickstartConfig:
     @property
     def category_tuple(self) -> tuple[str, ...]:
         return tuple(c.strip() for c in self.categories.split(",") if c.strip())
+
+
+QUICKSTART_HELP = {
+    "out": "output folder (stage outputs, MMMB tables, chart, quickstart_summary.json)",
+    "recipe": "tiny model recipe YAML",
+    "seed": "seed of the data, the model init and training",
+    "n_caption": "synthetic caption records (stage 1)",
+    "n_qa": "synthetic multilingual question-answer records (stage 2)",
+    "n_mcq_train": "synthetic multiple-choice training records in the benchmark categories (stage 2)",
+    "n_eval": "MMMB-style benchmark items per language",
+    "image_size": "drawn image size in pixels (the model's transform resizes to the recipe's)",
+    "stage1_steps": "stage-1 optimizer steps (projector only)",
+    "stage2_steps": "stage-2 optimizer steps (projector + MoE + LLM)",
+    "batch_size": "global batch size of both stages",
+    "stage1_lr": "stage-1 learning rate",
+    "stage2_lr": "stage-2 learning rate",
+    "categories": "benchmark and MCQ training categories, comma-separated",
+    "answer_format": "MCQ training target: text (scored by generation + extraction) or letter (letter likelihood)",
+}
 
 
 def _mcq_items_in(categories: tuple[str, ...], n: int, seed: int, image_size: int) -> list:
@@ -225,7 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = QuickstartConfig()
     for name, value in defaults.__dict__.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        kind = positive_int if isinstance(value, int) and name != "seed" else non_negative_int if name == "seed" \
+            else type(value)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value, help=QUICKSTART_HELP[name])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(QuickstartConfig(**vars(args)))

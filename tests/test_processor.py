@@ -72,3 +72,9 @@ def test_prompt_errors_carry_the_batch_position(processor):
     with pytest.raises(PromptError) as error:
         processor([processor.build_prompt("x"), processor.build_prompt(long_question)], [image, image])
     assert error.value.position == 1 and isinstance(error.value, ValueError)
+
+
+def test_a_message_list_given_as_the_question_is_refused(processor):
+    messages = processor.build_messages("What colour is the circle?")
+    with pytest.raises(TypeError, match="question must be the user's text"):
+        processor.build_prompt(messages)

@@ -71,3 +71,18 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     quickstart.main(["--out", str(tmp_path / "qs"), "--stage1-steps", "1", "--stage2-steps", "2", *QUICK_ARGS])
     info = json.loads((tmp_path / "qs" / "stage2" / "parrot_training.json").read_text())
     assert info["global_step"] == 2
+
+
+def test_quickstart_help_describes_every_setting(capsys):
+    """Each QuickstartConfig field is a flag with a help text and its default (--help listed bare names)."""
+    from parrot.quickstart import QUICKSTART_HELP, QuickstartConfig, main
+
+    assert set(QUICKSTART_HELP) == set(QuickstartConfig.__dataclass_fields__)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    for name, text in QUICKSTART_HELP.items():
+        assert f"{' '.join(text.split())} (default: {getattr(QuickstartConfig(), name)})" in printed, name
+    with pytest.raises(SystemExit):
+        main(["--stage2-steps", "0"])
+    assert "argument --stage2-steps: must be >= 1" in capsys.readouterr().err

@@ -573,7 +573,7 @@ def test_stage2_mole_trains_under_torch_compile(ws, stage1, tmp_path):
 
 
 # --- output folders, resume settings, saved-model loading (review fixes) -----------------------------------------
-def test_fresh_run_refuses_a_folder_with_a_finished_model(ws, stage1, tmp_path):
+def test_fresh_run_refuses_a_folder_with_a_finished_model(ws, stage1, tmp_path, capsys):
     """Training `full` over a finished run would leave that run's adapter files beside the new model."""
     import shutil
 
@@ -582,6 +582,11 @@ def test_fresh_run_refuses_a_folder_with_a_finished_model(ws, stage1, tmp_path):
     with pytest.raises(FileExistsError, match=rf"{out} already holds a finished model \(parrot_training\.json"):
         train(config(ws, out, stage=2, model=str(stage1), data="qa", tuning="full"))
     assert torch.equal(weights(out)["mm_projector.0.weight"], weights(stage1)["mm_projector.0.weight"])  # untouched
+    from parrot.train.__main__ import main as train_main  # the command says so in one line, exit 2
+
+    assert train_main(["--stage", "2", "--model", str(stage1), "--data", "qa", "--data-registry", str(ws["registry"]),
+                       "--output-dir", str(out)]) == 2
+    assert f"error: {out} already holds a finished model" in capsys.readouterr().err
 
 
 def _finished_copy(stage1: Path, out: Path, tuning) -> Path:

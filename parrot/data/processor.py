@@ -108,6 +108,9 @@ class ParrotProcessor:
         history: list[dict[str, str]] | None = None,
     ) -> list[dict[str, str]]:
         """Optional system message, earlier turns, then one user turn (image placeholder first, as in LLaVA)."""
+        if not isinstance(question, str):  # e.g. build_prompt(build_messages(q)): the list's repr became the question
+            raise TypeError(f"question must be the user's text (str), got {type(question).__name__}: "
+                            f"{question!r:.80}")
         content = f"{IMAGE_TOKEN}\n{question}" if with_image else question
         head = [{"role": "system", "content": system}] if system is not None else []
         history = list(history or [])

@@ -470,7 +470,7 @@ def corpus_texts(seed: int, n: int, languages=LANGUAGES) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the synthetic caption / QA datasets (LLaVA JSON + PNGs).")
+    parser = argparse.ArgumentParser(prog="python -m parrot.data.synthetic", description="Write the synthetic caption / QA datasets (LLaVA JSON + PNGs).")
     parser.add_argument("--out", default="data/synthetic", help="output folder (caption.json, qa.json, images/)")
     parser.add_argument("--n-caption", type=non_negative_int, default=4000, help="caption records (0: none)")
     parser.add_argument("--n-qa", type=non_negative_int, default=4000, help="QA records (0: none)")

@@ -388,7 +388,7 @@ def _refuse_losing_files(directory: Path, written: set[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m parrot.model.builder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(TINY_RECIPE), help="model recipe YAML (configs/)")
     parser.add_argument("--llm", help="local causal-LM checkpoint dir (real recipes)")
     parser.add_argument("--vision", help="local CLIP checkpoint dir or open_clip state file (real recipes)")

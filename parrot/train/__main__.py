@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except FileExistsError as err:  # the output folder holds a run: the message says what to do, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         # A process group left to interpreter shutdown can abort the process after a finished run (gloo's threads:
         # "terminate called without an active exception", SIGABRT under torchrun): close it while all is alive.

@@ -366,7 +366,7 @@ _DEMO_HEADS = 4  # attention heads of the demo's tiny Llama (2 key/value heads)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="FactorLLM on a tiny Llama: factorise, train routers (PA loss), report k=1..E")
+    parser = argparse.ArgumentParser(prog="python -m parrot.moe.methods.factorllm", description="FactorLLM on a tiny Llama: factorise, train routers (PA loss), report k=1..E")
     parser.add_argument("--out", required=True, help="output directory (report CSV/Markdown, training losses JSON)")
     parser.add_argument("--num-experts", type=positive_int, default=4, help="experts per MLP (divides --intermediate)")
     parser.add_argument("--top-k", type=positive_int, default=2, help="experts per token (<= --num-experts)")

@@ -689,7 +689,7 @@ def _tiny_olmoe(vocab: int, seed: int) -> nn.Module:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Router Lens (router tuning -> ranked context-faithful experts) + optional CEFT")
+    parser = argparse.ArgumentParser(prog="python -m parrot.moe.methods.router_lens", description="Router Lens (router tuning -> ranked context-faithful experts) + optional CEFT")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--model", default=None, help="local MoE causal-LM checkpoint directory (default: a tiny random OLMoE)")
     parser.add_argument("--steps", type=positive_int, default=60, help="router-tuning steps")
