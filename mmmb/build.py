@@ -29,9 +29,9 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from mmmb.languages import LANGUAGES, VLMEVALKIT_CODE, canonical_language
-from parrot.fileio import non_negative_int, positive_int
 from mmmb.tsv import (OPTION_LETTERS, MCQRecord, MMMBFormatError, check_alignment, decode_image,
                       encode_image, encode_image_bytes, read_mmmb, write_tsv)
+from parrot.fileio import NotUTF8Error, decode_utf8, non_negative_int, positive_int
 
 logger = logging.getLogger(__name__)
 _INHERITED_FIELDS = ("image", "answer", "category", "l2-category")
@@ -44,12 +44,9 @@ def _load_items(path: Path) -> list[dict]:
     ensure_ascii=False)`` writes them so), which ``str.splitlines`` would take for line ends."""
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        start = error.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # offset within the text after a BOM
-        line = data.count(b"\n", 0, start) + 1
-        raise MMMBFormatError(path, f"line {line}: not UTF-8 text (byte 0x{data[start]:02x}); re-encode the file as "
-                                    "UTF-8") from None
+        text = decode_utf8(data)
+    except NotUTF8Error as error:
+        raise MMMBFormatError(path, f"line {error.line}: {error}") from None
     if path.suffix == ".jsonl":
         items = []
         for number, line in enumerate(text.split("\n"), start=1):

@@ -42,6 +42,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -217,13 +218,17 @@ def adapter_target(model: ParrotForCausalLM, adapter_keys: list[str]) -> torch.n
             return target
     unknown = sorted(p for p in paths if p not in dict(model.named_modules())
                      and p not in dict(model.language_model.named_modules()))
-    raise ExportError(f"adapter modules not found in the Parrot model or its language model: {unknown[:5]}"
-                      + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+    raise ExportError(f"adapter modules not found in the Parrot model or its language model: {_first_five(unknown)}")
 
 
-def _nonfinite(module: torch.nn.Module) -> set[str]:
-    """Names of the module's floating-point parameters holding a NaN or an infinity."""
-    return {name for name, p in module.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()}
+def _first_five(names: list[str]) -> str:
+    """The first five of `names` (a list's repr), then how many more there are."""
+    return f"{names[:5]}" + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+
+def _nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """Names of the floating-point tensors (`named_parameters()`, a state dict's items) holding a NaN or an inf."""
+    return {name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()}
 
 
 def _check_scaling_settings(config, config_path: Path) -> None:
@@ -260,12 +265,13 @@ def merge_lora(model: ParrotForCausalLM, adapter_dir: str | Path) -> ParrotForCa
         weights = load_peft_weights(str(adapter_dir), device="cpu")
     except Exception as err:  # SafetensorError, unpickling errors, truncated files: name the file
         raise ExportError(f"{weights_path}: cannot read the adapter weights ({type(err).__name__}: {err})") from err
-    bad = sorted(k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    bad = sorted(_nonfinite(weights.items()))
     if bad:
-        raise ExportError(f"{weights_path}: {len(bad)} adapter tensor(s) hold NaN / inf values: {bad[:5]}"
-                          + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "") + "; nothing merged")
+        raise ExportError(f"{weights_path}: {len(bad)} adapter tensor(s) hold NaN / inf values: {_first_five(bad)}; "
+                          "nothing merged")
     target = adapter_target(model, list(weights))
-    nonfinite_before = _nonfinite(target)  # (a base that already holds NaN / inf is not the adapter's doing)
+    # (a base that already holds NaN / inf is not the adapter's doing)
+    nonfinite_before = _nonfinite(target.named_parameters())
     _untie_adapted_embeddings(model, target, adapter_module_paths(weights), config, config_path)
     try:
         peft_model = PeftModel(target, config)
@@ -283,11 +289,10 @@ def merge_lora(model: ParrotForCausalLM, adapter_dir: str | Path) -> ParrotForCa
         raise ExportError(f"{weights_path}: adapter does not fit the base model or {config_path.name}; unexpected "
                           f"{sorted(result.unexpected_keys)[:5]}, not loaded {sorted(unloaded)[:5]}")
     merged = peft_model.merge_and_unload()
-    bad = sorted(_nonfinite(merged) - nonfinite_before)
+    bad = sorted(_nonfinite(merged.named_parameters()) - nonfinite_before)
     if bad:  # finite factors whose product overflows float32, e.g. a huge lora_alpha
-        raise ExportError(f"{adapter_dir}: merging the adapter gives NaN / inf weights in {bad[:5]}"
-                          + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
-                          + f" (lora_alpha={config.lora_alpha!r}, r={config.r!r} in {config_path.name}); nothing "
+        raise ExportError(f"{adapter_dir}: merging the adapter gives NaN / inf weights in {_first_five(bad)}"
+                          f" (lora_alpha={config.lora_alpha!r}, r={config.r!r} in {config_path.name}); nothing "
                           "written")
     if target is model.language_model:
         model.language_model = merged
@@ -366,13 +371,13 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
     logger.info("base model %s, adapter %s", base_dir, src)
     model = load_base_model(base_dir)  # (checks config.json first)
     dtype = saved_dtype(base_dir)
-    nonfinite_before = _nonfinite(model) if dtype != torch.float32 else set()
+    nonfinite_before = _nonfinite(model.named_parameters()) if dtype != torch.float32 else set()
     model = merge_lora(model, src)
     model.to(dtype).eval()
-    bad = sorted(_nonfinite(model) - nonfinite_before) if dtype != torch.float32 else []
+    bad = sorted(_nonfinite(model.named_parameters()) - nonfinite_before) if dtype != torch.float32 else []
     if bad:  # merged weights beyond the base dtype's range (float16 ends at 65504) would be saved as inf
-        raise ExportError(f"{src}: the merged weights of {bad[:5]}" + (f" (+{len(bad) - 5} more)" if len(bad) > 5
-                          else "") + f" overflow the base model's dtype {dtype} (NaN / inf); nothing written")
+        raise ExportError(f"{src}: the merged weights of {_first_five(bad)} overflow the base model's dtype {dtype} "
+                          "(NaN / inf); nothing written")
     with staged_folder(dst) as staging:  # renamed to dst when complete (flushed first); removed on failure
         model.save_pretrained(staging)
         if (base_dir / PROCESSOR_FILE).is_file():

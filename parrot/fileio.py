@@ -166,6 +166,28 @@ def read_json_mapping(path: Path, what: str) -> dict:
     return value
 
 
+# ------------------------------------------------------------------------------------------------ text
+class NotUTF8Error(ValueError):
+    """Bytes that are not UTF-8 text: `line` / `column` (1-based) and the value of the first bad byte. Callers name
+    the file: `f"{path}:{err.line}: {err}"`."""
+
+    def __init__(self, line: int, column: int, byte: int):
+        super().__init__(f"not UTF-8 text (byte 0x{byte:02x} at column {column}); re-encode the file as UTF-8")
+        self.line, self.column, self.byte = line, column, byte
+
+
+def decode_utf8(data: bytes, first_line: int = 1) -> str:
+    """`data` as UTF-8 text, a leading byte-order mark dropped when `data` starts a file (`first_line` 1; a later
+    piece, e.g. one JSONL line, gives its own line number). NotUTF8Error naming the first bad byte's line / column."""
+    try:
+        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        decoded = err.object  # without the BOM that utf-8-sig drops: err.start counts from there
+        line = first_line + decoded.count(b"\n", 0, err.start)
+        column = err.start - (decoded.rfind(b"\n", 0, err.start) + 1) + 1
+        raise NotUTF8Error(line, column, decoded[err.start]) from None
+
+
 # ------------------------------------------------------------------------------------------------ YAML
 class YAMLFileError(ValueError):
     """A YAML file that cannot be used as written; the message names the file (and the line where known)."""
@@ -208,11 +230,9 @@ def load_yaml(path: str | Path) -> Any:
     path = Path(path)
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise YAMLFileError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); re-encode the file as "
-                            "UTF-8") from None
+        text = decode_utf8(data)
+    except NotUTF8Error as err:
+        raise YAMLFileError(f"{path}:{err.line}: {err}") from None
     loader = _UniqueKeyLoader(text)
     loader.name = str(path)  # error marks read 'in "<path>", line N' instead of '"<unicode string>"'
     try:

@@ -245,8 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = QuickstartConfig()
     for name, value in defaults.__dict__.items():
-        kind = positive_int if isinstance(value, int) and name != "seed" else non_negative_int if name == "seed" \
-            else type(value)
+        kind = non_negative_int if name == "seed" else positive_int if isinstance(value, int) else type(value)
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value, help=QUICKSTART_HELP[name])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

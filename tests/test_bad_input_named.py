@@ -64,7 +64,7 @@ def test_load_yaml_keeps_safe_load_semantics_otherwise(tmp_path):
 def test_load_yaml_names_the_file_and_line_of_bad_bytes_and_bad_yaml(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes(b"a: 1\nname: Gr\xfc\xdfe\n")
-    with pytest.raises(YAMLFileError, match=re.escape(f"{path}:2: not UTF-8 text (byte 0xfc)")):
+    with pytest.raises(YAMLFileError, match=re.escape(f"{path}:2: not UTF-8 text (byte 0xfc at column 9)")):
         load_yaml(path)
     path.write_text("a: 1\nb: [1, 2\n")
     with pytest.raises(YAMLFileError, match=re.escape(f"{path}:3:") + ".*invalid YAML"):
@@ -131,11 +131,11 @@ def test_mmmb_build_names_the_file_and_line_of_bytes_that_are_not_utf8(tmp_path)
 
     path = tmp_path / "items.jsonl"
     path.write_bytes(json.dumps(_item(0)).encode() + b"\n" + json.dumps(_item(1)).encode()[:-5] + b"\xff\"}\n")
-    with pytest.raises(MMMBFormatError, match=re.escape(f"{path}: line 2: not UTF-8 text (byte 0xff)")):
+    with pytest.raises(MMMBFormatError, match=re.escape(f"{path}: line 2: not UTF-8 text (byte 0xff at column {len(json.dumps(_item(1))) - 4})")):
         records_from_source(path, ["en"])
     path = tmp_path / "items.json"
     path.write_bytes(b"\xef\xbb\xbf[\n" + json.dumps(_item(0)).encode() + b",\n\x93x\x94]")  # BOM, then cp1252 quotes
-    with pytest.raises(MMMBFormatError, match=re.escape(f"{path}: line 3: not UTF-8 text (byte 0x93)")):
+    with pytest.raises(MMMBFormatError, match=re.escape(f"{path}: line 3: not UTF-8 text (byte 0x93 at column 1)")):
         records_from_source(path, ["en"])
     path.write_text('[\n{"index": 0,\n"image": }]', encoding="utf-8")
     with pytest.raises(MMMBFormatError, match=re.escape(f"{path}: line 3: invalid JSON")):

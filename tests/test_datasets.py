@@ -340,6 +340,14 @@ def test_non_utf8_data_file_is_an_error_naming_file_and_line(tmp_path):
         load_records(as_jsonl)
 
 
+def test_non_utf8_byte_after_a_byte_order_mark_is_named_exactly(tmp_path):
+    # utf-8-sig counts the error's offset after the BOM: the byte and column must be the bad byte's own
+    path = tmp_path / "bom.json"
+    path.write_bytes(b'\xef\xbb\xbf[\n{"a": "b\xff"}]')
+    with pytest.raises(DataFormatError, match=r"bom\.json:2: not UTF-8 text \(byte 0xff at column 9\)"):
+        load_records(path)
+
+
 def test_utf8_with_byte_order_mark_loads(tmp_path):
     records = [_qa("a"), _qa("b")]
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())

@@ -86,7 +86,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..fileio import YAMLFileError, atomic_write_text, load_yaml
+from ..fileio import NotUTF8Error, YAMLFileError, atomic_write_text, decode_utf8, load_yaml
 from .images import BadImageError, ImageAspectRatioError, load_image
 from .templates import (IGNORE_INDEX, IMAGE_TOKEN, LLAVA_ROLES, ChatTemplate, control_token_strings, get_template,
                         llava_to_messages)
@@ -194,12 +194,9 @@ def image_placeholder_first(conversations: list[dict], image_token: str = IMAGE_
 def _decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
     """`data` as UTF-8 text (a leading byte-order mark is dropped); DataFormatError naming the line otherwise."""
     try:
-        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
-    except UnicodeDecodeError as err:
-        line = first_line + data.count(b"\n", 0, err.start)
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataFormatError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
-                              "re-encode the file as UTF-8") from None
+        return decode_utf8(data, first_line)
+    except NotUTF8Error as err:
+        raise DataFormatError(f"{path}:{err.line}: {err}") from None
 
 
 def _iter_jsonl(path: Path):

@@ -69,7 +69,7 @@ class ProcessorSettings:
                 raise ValueError(f"processor setting {name}={value!r} must be a whole number >= {minimum}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
+            if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
                     isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value):
                 raise ValueError(f"processor setting {name}={value!r} must be 3 finite numbers (RGB)")
         if not all(v > 0 for v in self.image_std):  # pixels are divided by it

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
-from ..convert.official import ConversionError, image_normalisation
+from ..convert.official import image_normalisation
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
 from ..data.templates import get_template
 from ..fileio import load_yaml, non_negative_int, publish
@@ -255,9 +255,7 @@ def build_from_local(
     tower_dir = Path(vision_path)
     try:
         normalisation = image_normalisation(tower_dir) if tower_dir.is_dir() else {}  # an open_clip file has none
-    except ConversionError:
-        raise  # (names preprocessor_config.json and the value already)
-    except (OSError, ValueError) as err:
+    except OSError as err:  # (a malformed file is a ConversionError naming it and the value already)
         raise ValueError(f"{tower_dir / 'preprocessor_config.json'}: cannot read the tower's image_mean / image_std "
                          f"({type(err).__name__}: {err})") from err
     model = ParrotForCausalLM.from_parts(

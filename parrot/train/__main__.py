@@ -5,7 +5,7 @@ import sys
 import torch
 
 from .config import parse_args
-from .run import train
+from .run import OutputFolderInUse, train
 from .trainer import NonFiniteLossError
 
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except FileExistsError as err:  # the output folder holds a run: the message says what to do, no traceback
+    except OutputFolderInUse as err:  # the message says what to do: no traceback to read past
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -59,6 +59,11 @@ class _QuietProgressCallback(ProgressCallback):
         return
 
 
+class OutputFolderInUse(FileExistsError):
+    """--output-dir holds another run (checkpoints, a finished model, an interrupted final save); the message says
+    what to do instead."""
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -240,13 +245,13 @@ def check_output_dir(cfg: TrainConfig, output_dir: Path) -> Path | None:
         check_resume_settings(cfg, output_dir / TRAIN_CONFIG)
         return resume_from
     if final_save_interrupted(output_dir):  # a fresh run would train again what --resume only has to save
-        raise FileExistsError(interrupted_save_message(output_dir))
+        raise OutputFolderInUse(interrupted_save_message(output_dir))
     if checkpoints.list_checkpoints(output_dir):
-        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
+        raise OutputFolderInUse(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
                               "choose another --output-dir")
     finished = [name for name in FINISHED_MODEL_FILES if (output_dir / name).exists()]
     if finished:
-        raise FileExistsError(f"{output_dir} already holds a finished model ({', '.join(finished)}); choose another "
+        raise OutputFolderInUse(f"{output_dir} already holds a finished model ({', '.join(finished)}); choose another "
                               "--output-dir or delete that folder first (--resume only continues from a "
                               "checkpoint-<step> folder)")
     return None

@@ -32,7 +32,6 @@ task (`make_context_copy_batches`): "BOS k1 v1 ... kn vn SEP k ANS -> v", the an
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import csv
 import io
@@ -48,7 +47,7 @@ from typing import Iterator, NoReturn
 import torch
 import torch.nn as nn
 
-from ...fileio import atomic_file, atomic_write_text, non_negative_int, positive_int
+from ...fileio import NotUTF8Error, atomic_file, atomic_write_text, decode_utf8, non_negative_int, positive_int
 from ..diagnostics import plot_expert_load
 from ..routers import selection_from_indices
 from .moe_blocks import find_moe_blocks, layer_index
@@ -466,15 +465,10 @@ def load_ranking_csv(path: str | Path) -> list[ExpertScore]:
     finite number, a repeated (block, expert) or rank, a rank above the number of rows, and a file without rows.
     """
     path = Path(path)
-    raw = path.read_bytes()
-    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = raw[skip:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        at = skip + err.start
-        line = raw[:at].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[at]:02x} at offset {at}: "
-                         f"{err.reason}); a ranking CSV of write_router_lens_outputs is UTF-8") from err
+        text = decode_utf8(path.read_bytes())
+    except NotUTF8Error as err:
+        raise ValueError(f"{path}:{err.line}: {err} (write_router_lens_outputs writes UTF-8)") from None
 
     def fail(line: int, message: str) -> NoReturn:
         raise ValueError(f"{path}:{line}: {message}")
