@@ -29,8 +29,9 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -52,46 +53,35 @@ EVAL_SEED_OFFSET = 1_000_003
 ANSWER_FORMATS = ("text", "letter")  # the benchmark's scenes come from another seed than the training MCQs
 
 
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class QuickstartConfig:
-    out: str = "runs/quickstart"
-    recipe: str = str(TINY_RECIPE)
-    seed: int = 0
-    n_caption: int = 1280
-    n_qa: int = 2000
-    n_mcq_train: int = 2400  # in the benchmark categories
-    n_eval: int = 120  # benchmark items per language
-    image_size: int = 64  # drawn size; the model's transform resizes to the recipe's image size
-    stage1_steps: int = 40
-    stage2_steps: int = 1000
-    batch_size: int = 32
-    stage1_lr: float = 1e-3
-    stage2_lr: float = 2e-3
-    categories: str = "background,colour_presence,count"  # benchmark + MCQ training categories (comma-separated)
-    answer_format: str = "text"  # MCQ target: "text" (generate + extraction) or "letter" (letter likelihood)
+    out: str = _setting("runs/quickstart",
+                        "output folder (stage outputs, MMMB tables, chart, quickstart_summary.json)")
+    recipe: str = _setting(str(TINY_RECIPE), "tiny model recipe YAML")
+    seed: int = _setting(0, "seed of the data, the model init and training")
+    n_caption: int = _setting(1280, "synthetic caption records (stage 1)")
+    n_qa: int = _setting(2000, "synthetic multilingual question-answer records (stage 2)")
+    n_mcq_train: int = _setting(2400,
+                                "synthetic multiple-choice training records in the benchmark categories (stage 2)")
+    n_eval: int = _setting(120, "MMMB-style benchmark items per language")
+    image_size: int = _setting(64, "drawn image size in pixels (the model's transform resizes to the recipe's)")
+    stage1_steps: int = _setting(40, "stage-1 optimizer steps (projector only)")
+    stage2_steps: int = _setting(1000, "stage-2 optimizer steps (projector + MoE + LLM)")
+    batch_size: int = _setting(32, "global batch size of both stages")
+    stage1_lr: float = _setting(1e-3, "stage-1 learning rate")
+    stage2_lr: float = _setting(2e-3, "stage-2 learning rate")
+    categories: str = _setting("background,colour_presence,count",
+                               "benchmark and MCQ training categories, comma-separated")
+    answer_format: str = _setting("text", "MCQ training target: text (scored by generation + extraction) or "
+                                          "letter (letter likelihood)")
 
     @property
     def category_tuple(self) -> tuple[str, ...]:
         return tuple(c.strip() for c in self.categories.split(",") if c.strip())
-
-
-QUICKSTART_HELP = {
-    "out": "output folder (stage outputs, MMMB tables, chart, quickstart_summary.json)",
-    "recipe": "tiny model recipe YAML",
-    "seed": "seed of the data, the model init and training",
-    "n_caption": "synthetic caption records (stage 1)",
-    "n_qa": "synthetic multilingual question-answer records (stage 2)",
-    "n_mcq_train": "synthetic multiple-choice training records in the benchmark categories (stage 2)",
-    "n_eval": "MMMB-style benchmark items per language",
-    "image_size": "drawn image size in pixels (the model's transform resizes to the recipe's)",
-    "stage1_steps": "stage-1 optimizer steps (projector only)",
-    "stage2_steps": "stage-2 optimizer steps (projector + MoE + LLM)",
-    "batch_size": "global batch size of both stages",
-    "stage1_lr": "stage-1 learning rate",
-    "stage2_lr": "stage-2 learning rate",
-    "categories": "benchmark and MCQ training categories, comma-separated",
-    "answer_format": "MCQ training target: text (scored by generation + extraction) or letter (letter likelihood)",
-}
 
 
 def _mcq_items_in(categories: tuple[str, ...], n: int, seed: int, image_size: int) -> list:
@@ -246,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     defaults = QuickstartConfig()
     for name, value in defaults.__dict__.items():
         kind = non_negative_int if name == "seed" else positive_int if isinstance(value, int) else type(value)
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value, help=QUICKSTART_HELP[name])
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value, help=QuickstartConfig.__dataclass_fields__[name].metadata["help"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(QuickstartConfig(**vars(args)))
