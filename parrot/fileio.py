@@ -154,15 +154,16 @@ def staged_folder(dst: Path) -> Iterator[Path]:
         raise
 
 
-def read_json_mapping(path: Path, what: str) -> dict:
-    """The JSON object in `path` (a run's saved settings or training record); ValueError naming the file and
-    `what` it should hold when it cannot be read or is not a mapping."""
+def read_json_mapping(path: Path, what: str, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in `path` (UTF-8, a leading BOM allowed): a run's saved settings, a training record, a
+    checkpoint's config. `error` (ValueError by default) naming the file and `what` it should hold when it cannot be
+    read, is not UTF-8 (line and column), not JSON or not an object."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read {what} ({err})") from err
+        value = json.loads(decode_utf8(path.read_bytes()))
+    except (OSError, ValueError) as err:  # NotUTF8Error and json.JSONDecodeError are ValueErrors
+        raise error(f"{path}: cannot read {what} ({type(err).__name__}: {err})") from err
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a mapping ({what}), got {type(value).__name__}")
+        raise error(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
     return value
 
 

@@ -40,7 +40,6 @@ memory, never a widened one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -55,7 +54,7 @@ from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, Generation
 
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
 from ..data.templates import TEMPLATES
-from ..fileio import output_folder_problem, staged_folder
+from ..fileio import output_folder_problem, read_json_mapping, staged_folder
 from ..model import ParrotConfig, ParrotForCausalLM
 from ..model.parrot_moe import ParrotMoEProjector
 from ..model.vision import load_pretrained_vision_model
@@ -91,15 +90,8 @@ class ConversionError(ValueError):
 
 
 def _read_json_object(path: Path, what: str) -> dict:
-    """A JSON file that must hold an object; ConversionError naming the file when it is unreadable, not UTF-8, not
-    JSON or not an object."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConversionError(f"{path}: cannot read the {what} ({type(err).__name__}: {err})") from err
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{path}: the {what} must be a JSON object, got {type(raw).__name__}")
-    return raw
+    """A JSON file that must hold an object; ConversionError naming the file (see `fileio.read_json_mapping`)."""
+    return read_json_mapping(path, f"the {what}", ConversionError)
 
 
 def _typed(raw: dict, key: str, kind: type, path: Path, default=None, minimum: float | None = None):
