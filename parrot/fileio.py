@@ -11,6 +11,7 @@
 - `read_json_mapping`: a JSON object file, with errors naming the file and what it should hold.
 - `load_yaml`: a YAML settings file (training config, dataset registry, model recipe) read strictly: a key given
   twice in one mapping, text that is not UTF-8 and invalid YAML are a `YAMLFileError` naming the file and line.
+- `is_whole_number` / `is_finite_number`: the value checks of settings read from JSON / YAML (a bool is neither).
 - `positive_int` / `non_negative_int`: argparse types for counts, sizes and seeds; a bad value is an argparse error
   naming the flag.
 """
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import numbers
 import os
 import shutil
 from contextlib import contextmanager
@@ -249,6 +252,17 @@ def load_yaml(path: str | Path) -> Any:
         raise YAMLFileError(f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML ({reason})") from None
     finally:
         loader.dispose()
+
+
+# ------------------------------------------------------------------------------------------ values
+def is_whole_number(value: Any) -> bool:
+    """An integer that is not a bool (JSON / YAML `true` is an int to Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real number, not a bool, neither NaN nor infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ------------------------------------------------------------------------------------------ command line

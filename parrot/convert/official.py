@@ -41,7 +41,6 @@ memory, never a widened one.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, Generation
 
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
 from ..data.templates import TEMPLATES
-from ..fileio import output_folder_problem, read_json_mapping, staged_folder
+from ..fileio import is_finite_number, is_whole_number, output_folder_problem, read_json_mapping, staged_folder
 from ..model import ParrotConfig, ParrotForCausalLM
 from ..model.parrot_moe import ParrotMoEProjector
 from ..model.vision import load_pretrained_vision_model
@@ -94,26 +93,27 @@ def _read_json_object(path: Path, what: str) -> dict:
     return read_json_mapping(path, f"the {what}", ConversionError)
 
 
-def _typed(raw: dict, key: str, kind: type, path: Path, default=None, minimum: float | None = None):
-    """raw[key] (or `default` when absent / null) checked to be of `kind`: int (not bool), float (a finite int or
-    float) or bool, and >= `minimum`; ConversionError naming the file and key otherwise (never a silent int("3"),
-    int(2.7) or bool("false"))."""
-    value = raw.get(key)
-    if value is None:
-        return default
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if ok and minimum is not None and value < minimum:
-        ok = False
+def _checked(path: Path, key: str, value, kind: type, low: float | None = None, high: float | None = None,
+             open_low: bool = False):
+    """`value` of `key` checked to be of `kind` -- int (not bool), float (a finite int or float) or bool -- and within
+    [low, high] (`open_low`: > low); ConversionError naming the file and key otherwise (never a silent int("3"),
+    int(2.7) or bool("false")). Returns it, a float for `kind` float."""
+    ok = (isinstance(value, bool) if kind is bool else is_whole_number(value) if kind is int
+          else is_finite_number(value) if kind is float else isinstance(value, kind))
+    ok = ok and (low is None or value > low or (value == low and not open_low)) and (high is None or value <= high)
     if not ok:
         wanted = {int: "a whole number", float: "a finite number", bool: "true or false"}.get(kind, kind.__name__)
-        raise ConversionError(f"{path}: {key}={value!r} must be {wanted}"
-                              + (f" >= {minimum}" if minimum is not None else ""))
+        bounds = [f"{'>' if open_low else '>='} {low}"] if low is not None else []
+        bounds += [f"<= {high}"] if high is not None else []
+        limits = " and ".join(bounds)
+        raise ConversionError(f"{path}: {key}={value!r} must be {wanted}" + (f" {limits}" if limits else ""))
     return float(value) if kind is float else value
+
+
+def _typed(raw: dict, key: str, kind: type, path: Path, default=None, minimum: float | None = None):
+    """raw[key] (`default` when absent / null) checked by `_checked` (>= `minimum`)."""
+    value = raw.get(key)
+    return default if value is None else _checked(path, key, value, kind, low=minimum)
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def read_official_config(src: Path) -> tuple[dict, OfficialSettings]:
         num_experts = _typed(raw, "num_experts", int, path, minimum=1)
     else:  # no MoE in the checkpoint: the fresh (unused) one gets the config's count when it is a usable one
         value = raw.get("num_experts")
-        num_experts = value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+        num_experts = value if is_whole_number(value) and value >= 1 else 1
     for key in ("mm_vision_tower", "mm_projector_type", "mm_vision_select_feature"):
         if key in raw and not isinstance(raw[key], str):
             raise ConversionError(f"{path}: {key}={raw[key]!r} must be a string")
@@ -257,7 +257,7 @@ def image_normalisation(vision_dir: Path | None) -> dict:
     found = {key: raw[key] for key in ("image_mean", "image_std") if key in raw}
     for key, value in found.items():  # named here: the model's own check could only name the checkpoint's config
         if not isinstance(value, list) or len(value) != 3 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                is_finite_number(v)
                 and (key == "image_mean" or v > 0) for v in value):
             raise ConversionError(f"{path}: {key}={value!r} must be 3 finite numbers (RGB)"
                                   + (", each > 0" if key == "image_std" else ""))
@@ -422,23 +422,6 @@ _GENERATION_VALUES: dict[str, tuple[type, float | None, float | None, bool]] = {
 _GENERATION_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def _check_generation_value(path: Path, key: str, value) -> None:
-    kind, low, high, open_low = _GENERATION_VALUES[key]
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low is None or value > low or (value == low and not open_low)) and (high is None or value <= high)
-    if not ok:
-        wanted = {bool: "true or false", int: "a whole number", float: "a finite number"}[kind]
-        bounds = [f"{'>' if open_low else '>='} {low}"] if low is not None else []
-        bounds += [f"<= {high}"] if high is not None else []
-        limits = " and ".join(bounds)
-        raise ConversionError(f"{path}: {key}={value!r} must be {wanted}" + (f" {limits}" if limits else ""))
-
-
 def generation_settings(src: Path, tokenizer: PreTrainedTokenizerBase, image_token_id: int) -> GenerationConfig:
     """The converted model's generation defaults (written as its generation_config.json).
 
@@ -455,7 +438,8 @@ def generation_settings(src: Path, tokenizer: PreTrainedTokenizerBase, image_tok
     raw = _read_json_object(path, "generation settings")
     for key, value in raw.items():
         if key in _GENERATION_VALUES and value is not None:
-            _check_generation_value(path, key, value)
+            kind, low, high, open_low = _GENERATION_VALUES[key]
+            _checked(path, key, value, kind, low, high, open_low)
 
     def token(token_id: int | None) -> str:
         return "none" if token_id is None else repr(tokenizer.convert_ids_to_tokens(token_id))
@@ -466,7 +450,7 @@ def generation_settings(src: Path, tokenizer: PreTrainedTokenizerBase, image_tok
         if value is None:
             continue
         for token_id in ids:
-            if not isinstance(token_id, int) or isinstance(token_id, bool):
+            if not is_whole_number(token_id):
                 raise ConversionError(f"{path}: {key}={value!r} must be a token id (a whole number)"
                                       + (" or a list of them" if key == "eos_token_id" else ""))
             if token_id == image_token_id:
@@ -511,8 +495,7 @@ def convert_official(
     """
     src, dst = Path(src), Path(dst)
     vision_dir = Path(vision) if vision is not None else None
-    if model_max_length is not None and (isinstance(model_max_length, bool) or not isinstance(model_max_length, int)
-                                         or model_max_length < 1):
+    if model_max_length is not None and (not is_whole_number(model_max_length) or model_max_length < 1):
         raise ConversionError(f"model_max_length (--model-max-length)={model_max_length!r}: the processor's prompt "
                               "length limit must be a whole number >= 1 (leave it out for the checkpoint's "
                               "tokenizer_model_max_length, else 2048)")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ..fileio import is_finite_number, is_whole_number
 from .images import IMAGE_MODES, ImageTransform, load_image
 from .templates import IGNORE_INDEX, IMAGE_TOKEN, TEMPLATES, get_template
 
@@ -65,12 +64,11 @@ class ProcessorSettings:
         # is refused by name when built and when read back (`from_pretrained` adds the file), never saved or used.
         for name, minimum in (("image_size", 1), ("num_image_tokens", 0), ("model_max_length", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            if not is_whole_number(value) or value < minimum:
                 raise ValueError(f"processor setting {name}={value!r} must be a whole number >= {minimum}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
-                    isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(is_finite_number(v) for v in value):
                 raise ValueError(f"processor setting {name}={value!r} must be 3 finite numbers (RGB)")
         if not all(v > 0 for v in self.image_std):  # pixels are divided by it
             raise ValueError(f"processor setting image_std={self.image_std!r} must be > 0")

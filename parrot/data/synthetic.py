@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import math
-import numbers
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..fileio import non_negative_int, positive_int
+from ..fileio import is_whole_number, non_negative_int, positive_int
 from .phrasebook import (
     BACKGROUND,
     BACKGROUNDS,
@@ -343,7 +342,7 @@ def make_conversation_records(
         raise ValueError(f"stage must be 'caption' or 'qa', got {stage!r}")
     for name, value, minimum in (("n", n, 0), ("seed", seed, 0), ("image_size", image_size, 1),
                                  ("max_turns", max_turns, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        if not is_whole_number(value) or value < minimum:
             raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     unknown = [lang for lang in languages if lang not in LANGUAGES]
     if unknown:

@@ -16,7 +16,6 @@ import argparse
 import ast
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ from transformers import AutoTokenizer
 from ..convert.official import image_normalisation
 from ..data.processor import IMAGE_TOKEN, ParrotProcessor
 from ..data.templates import get_template
-from ..fileio import load_yaml, non_negative_int, publish
+from ..fileio import is_finite_number, is_whole_number, load_yaml, non_negative_int, publish
 from .configuration import ParrotConfig, check_parrot_settings, check_sub_config_sizes
 from .modeling import ParrotForCausalLM
 
@@ -102,9 +101,9 @@ def _fits(value, annotation: str) -> bool | None:
         elif part == "bool":
             verdicts.append(isinstance(value, bool))
         elif part == "int":
-            verdicts.append(isinstance(value, int) and not isinstance(value, bool))
+            verdicts.append(is_whole_number(value))
         elif part == "float":
-            verdicts.append(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+            verdicts.append(is_finite_number(value))
         elif part == "str":
             verdicts.append(isinstance(value, str))
         elif part in ("list[float]", "tuple[float, ...]"):

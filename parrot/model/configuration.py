@@ -18,6 +18,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ..fileio import is_whole_number
+
 VISION_BACKENDS = {"clip_vision_model": "hf_clip", "parrot_open_clip_vision": "open_clip"}
 _MLP_PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -76,10 +78,6 @@ _OPEN_CLIP_KEYS = {"hidden_size": "width", "num_hidden_layers": "layers", "head_
                    "image_size": "image_size", "patch_size": "patch_size"}
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_sub_config_sizes(config: PreTrainedConfig, section: str, given: Mapping | None = None) -> None:
     """Raise a ValueError naming `section.key` when a sub-config's sizes build no working model, for any LLM family
     (the HF config's standard attributes are read) and both vision backends:
@@ -122,7 +120,7 @@ def check_sub_config_sizes(config: PreTrainedConfig, section: str, given: Mappin
         else:
             value = getattr(config, attr, None)
         value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        return value if value and all(_whole(v) for v in value) else ()  # (other types: HF's own type checks)
+        return value if value and all(is_whole_number(v) for v in value) else ()  # (other types: HF's own type checks)
 
     def size(attr: str) -> int | None:
         found = values(attr)

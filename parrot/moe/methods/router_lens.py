@@ -47,7 +47,8 @@ from typing import Iterator, NoReturn
 import torch
 import torch.nn as nn
 
-from ...fileio import NotUTF8Error, atomic_file, atomic_write_text, decode_utf8, non_negative_int, positive_int
+from ...fileio import (NotUTF8Error, atomic_file, atomic_write_text, decode_utf8, is_whole_number, non_negative_int,
+                       positive_int)
 from ..diagnostics import plot_expert_load
 from ..routers import selection_from_indices
 from .moe_blocks import find_moe_blocks, layer_index
@@ -558,7 +559,7 @@ def select_context_experts(ranking: list[ExpertScore], top_n: int, per_layer: bo
     A top-N that takes every ranked expert of a layer (per layer) or of the model (overall) is allowed, since it is
     a valid ablation, but logged as a warning: CEFT then tunes all experts, which is not what the official `ceft-8`
     does on a model with 64 experts per layer."""
-    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+    if not is_whole_number(top_n) or top_n < 1:
         raise ValueError(f"select_context_experts: top_n={top_n!r} must be a whole number >= 1")
     chosen: dict[str, list[int]] = {}
     if per_layer:
