@@ -31,33 +31,24 @@ from tqdm.auto import tqdm
 from mmmb.languages import LANGUAGES, VLMEVALKIT_CODE, canonical_language
 from mmmb.tsv import (OPTION_LETTERS, MCQRecord, MMMBFormatError, check_alignment, decode_image,
                       encode_image, encode_image_bytes, read_mmmb, write_tsv)
-from parrot.fileio import NotUTF8Error, decode_utf8, non_negative_int, positive_int
+from parrot.fileio import JSONLineError, NotUTF8Error, decode_utf8, iter_jsonl, non_negative_int, positive_int
 
 logger = logging.getLogger(__name__)
 _INHERITED_FIELDS = ("image", "answer", "category", "l2-category")
 
 
 def _load_items(path: Path) -> list[dict]:
-    """The items of a JSON list, ``{"items": [...]}`` or JSONL file (UTF-8, a leading byte-order mark allowed);
-    MMMBFormatError naming the file, and the 1-based line for text that is not UTF-8 or JSONL that does not parse.
-    JSONL lines end at "\\n" only: JSON strings may hold U+2028, U+2029 or U+0085 raw (``json.dumps(...,
-    ensure_ascii=False)`` writes them so), which ``str.splitlines`` would take for line ends."""
-    data = path.read_bytes()
+    """The items of a JSON list, ``{"items": [...]}`` or JSONL file (UTF-8, a leading byte-order mark allowed; JSONL
+    read by ``parrot.fileio.iter_jsonl``, lines ending at "\\n" only); MMMBFormatError naming the file, and the
+    1-based line for text that is not UTF-8 or JSON that does not parse."""
     try:
-        text = decode_utf8(data)
-    except NotUTF8Error as error:
+        if path.suffix == ".jsonl":
+            items = [item for _, item in iter_jsonl(path)]
+        else:
+            text = decode_utf8(path.read_bytes())
+    except (NotUTF8Error, JSONLineError) as error:
         raise MMMBFormatError(path, f"line {error.line}: {error}") from None
-    if path.suffix == ".jsonl":
-        items = []
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise MMMBFormatError(path, f"line {number}: invalid JSON ({error.msg} at column {error.colno})"
-                                      ) from None
-    else:
+    if path.suffix != ".jsonl":
         try:
             loaded = json.loads(text)
         except json.JSONDecodeError as error:

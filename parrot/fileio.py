@@ -9,6 +9,7 @@
   that its output is new and apart from its inputs, then writes everything into a staging folder published whole.
 - `fsync`, `fsync_tree`, `remove_file`: the flushes these are made of.
 - `read_json_mapping`: a JSON object file, with errors naming the file and what it should hold.
+- `decode_utf8`, `iter_jsonl`: text and JSONL files read strictly, errors carrying the line (and column).
 - `load_yaml`: a YAML settings file (training config, dataset registry, model recipe) read strictly: a key given
   twice in one mapping, text that is not UTF-8 and invalid YAML are a `YAMLFileError` naming the file and line.
 - `is_whole_number` / `is_finite_number`: the value checks of settings read from JSON / YAML (a bool is neither).
@@ -190,6 +191,30 @@ def decode_utf8(data: bytes, first_line: int = 1) -> str:
         line = first_line + decoded.count(b"\n", 0, err.start)
         column = err.start - (decoded.rfind(b"\n", 0, err.start) + 1) + 1
         raise NotUTF8Error(line, column, decoded[err.start]) from None
+
+
+class JSONLineError(ValueError):
+    """A JSONL line that is not JSON; `line` is its 1-based number. Callers name the file."""
+
+    def __init__(self, line: int, err: json.JSONDecodeError):
+        super().__init__(f"invalid JSON ({err.msg} at column {err.colno})")
+        self.line = line
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file, read one line at a time (UTF-8, a BOM
+    allowed on the first). Lines end at "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 raw
+    (`json.dumps(..., ensure_ascii=False)` writes them so), which `str.splitlines` would take for line ends.
+    NotUTF8Error / JSONLineError, both with the `line`, for a bad line."""
+    with Path(path).open("rb") as file:
+        for lineno, raw in enumerate(file, start=1):
+            line = decode_utf8(raw, lineno)
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise JSONLineError(lineno, err) from err
 
 
 # ------------------------------------------------------------------------------------------------ YAML

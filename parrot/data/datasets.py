@@ -86,7 +86,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..fileio import NotUTF8Error, YAMLFileError, atomic_write_text, decode_utf8, load_yaml
+from ..fileio import JSONLineError, NotUTF8Error, YAMLFileError, atomic_write_text, decode_utf8, iter_jsonl, load_yaml
 from .images import BadImageError, ImageAspectRatioError, load_image
 from .templates import (IGNORE_INDEX, IMAGE_TOKEN, LLAVA_ROLES, ChatTemplate, control_token_strings, get_template,
                         llava_to_messages)
@@ -199,21 +199,6 @@ def _decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
         raise DataFormatError(f"{path}:{err.line}: {err}") from None
 
 
-def _iter_jsonl(path: Path):
-    """(line number, parsed value) of every non-blank line, read one line at a time. Lines end at "\\n" only: JSON
-    strings may hold U+2028, U+2029 and U+0085 raw (`json.dumps(..., ensure_ascii=False)` writes them so), which
-    `str.splitlines` would take for line ends."""
-    with path.open("rb") as file:
-        for lineno, raw in enumerate(file, start=1):
-            line = _decode_utf8(raw, path, lineno)
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
-
-
 def load_records(path: str | Path, image_token: str = IMAGE_TOKEN) -> list[dict]:
     """Records from a JSON list (`.json`) or one object per line (`.jsonl`, read line by line), each validated.
     UTF-8 with or without a byte-order mark; an error names the file and line otherwise."""
@@ -222,7 +207,10 @@ def load_records(path: str | Path, image_token: str = IMAGE_TOKEN) -> list[dict]
         raise FileNotFoundError(f"{path}: data file not found")
     lines = None  # JSONL: the file line of each record
     if path.suffix.lower() == ".jsonl":
-        numbered = list(_iter_jsonl(path))
+        try:
+            numbered = list(iter_jsonl(path))
+        except (NotUTF8Error, JSONLineError) as err:
+            raise DataFormatError(f"{path}:{err.line}: {err}") from None
         lines = [lineno for lineno, _ in numbered]
         records = [record for _, record in numbered]
     else:
