@@ -158,6 +158,11 @@ def test_placeholder_cut_at_build_time_names_the_record(tiny, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     record = llava_record(7, [("first " * 5, "ok"), (f"{IMAGE_TOKEN}\n" + "second " * 40, "ok")], image="a.png")
     record = SourcedRecord(record.record, str(tmp_path / "train.json"), 7, tmp_path, "test")
-    with pytest.raises(ValueError, match=r"train.json: record 7 \(id 'r7'\): truncating to max_length=40 tokens "
-                                         r"would cut an '<image>' placeholder"):
+    with pytest.raises(ValueError, match=r"train.json: record 7 \(id 'r7'\): truncating to max_length=40 text tokens "
+                                         r"would cut an '<image>' placeholder; raise the processor's model_max_length"):
         ConversationDataset([record], tiny, "chatml", max_length=40, image_transform=lambda image: image)
+    # an image record's budget is max_length less its visual tokens: the message says so (it said max_length=30)
+    with pytest.raises(ValueError, match=r"truncating to 30 text tokens \(max_length=40 less 10 positions of the "
+                                         r"image's visual tokens\) would cut"):
+        ConversationDataset([record], tiny, "chatml", max_length=40, image_transform=lambda image: image,
+                            image_extra_tokens=10)

@@ -88,8 +88,8 @@ from tqdm import tqdm
 
 from ..fileio import JSONLineError, NotUTF8Error, YAMLFileError, atomic_write_text, decode_utf8, iter_jsonl, load_yaml
 from .images import BadImageError, ImageAspectRatioError, load_image
-from .templates import (IGNORE_INDEX, IMAGE_TOKEN, LLAVA_ROLES, ChatTemplate, control_token_strings, get_template,
-                        llava_to_messages)
+from .templates import (IGNORE_INDEX, IMAGE_TOKEN, LLAVA_ROLES, ChatTemplate, PlaceholderCutError,
+                        control_token_strings, get_template, llava_to_messages)
 
 logger = logging.getLogger(__name__)
 
@@ -825,13 +825,26 @@ class ConversationDataset(Dataset):
         `tokenizer`: a stand-in giving the same ids (`_PretokenizedSegments`), else the dataset's."""
         messages = self._messages(item)
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        return self.template.keeps_supervised_token(messages, tokenizer, self.text_budget(item),
-                                                    self.image_token, system=self.system, record_id=item.where)
+        with self._budget_named(item):
+            return self.template.keeps_supervised_token(messages, tokenizer, self.text_budget(item),
+                                                        self.image_token, system=self.system, record_id=item.where)
 
     def _tokenize(self, item: SourcedRecord) -> tuple[list[int], list[int]]:
         messages = self._messages(item)
-        return self.template.tokenize(messages, self.tokenizer, self.text_budget(item), self.image_token,
-                                      system=self.system, record_id=item.where)
+        with self._budget_named(item):
+            return self.template.tokenize(messages, self.tokenizer, self.text_budget(item), self.image_token,
+                                          system=self.system, record_id=item.where)
+
+    @contextmanager
+    def _budget_named(self, item: SourcedRecord):
+        """A placeholder cut says which budget truncated the record (an image record's is max_length less its visual
+        tokens, not the max_length the template saw) and the setting to raise."""
+        try:
+            yield
+        except PlaceholderCutError as err:
+            raise PlaceholderCutError(f"{item.where}: truncating to {self._budget_text(item)} would cut an "
+                                      f"{self.image_token!r} placeholder; raise the processor's model_max_length "
+                                      "or shorten the text before the image") from err
 
     def __len__(self) -> int:
         return len(self.records)

@@ -117,9 +117,13 @@ def _image_token_id(segments: list[Segment], tokenizer, image_token: str, name: 
     return image_id
 
 
-def _cut_placeholder_error(name: str, max_length: int, image_token: str) -> ValueError:
-    return ValueError(f"{name}: truncating to max_length={max_length} tokens would cut an {image_token!r} "
-                      f"placeholder; raise max_length or shorten the text before the image")
+class PlaceholderCutError(ValueError):
+    """Truncation would cut an image placeholder (its visual features would be orphaned)."""
+
+
+def _cut_placeholder_error(name: str, max_length: int, image_token: str) -> PlaceholderCutError:
+    return PlaceholderCutError(f"{name}: truncating to max_length={max_length} tokens would cut an {image_token!r} "
+                               f"placeholder; raise max_length or shorten the text before the image")
 
 
 @dataclass(frozen=True)
