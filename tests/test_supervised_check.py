@@ -40,6 +40,8 @@ class BlankDroppingTokenizer(CountingTokenizer):
     eos_token = ""
 
     def __call__(self, text, **kwargs):
+        if not isinstance(text, str):  # a batch, as HF tokenizers take one (`segments_ids`): each text on its own
+            return {"input_ids": [self(t, **kwargs)["input_ids"] for t in text]}
         return {"input_ids": []} if not text.strip() else super().__call__(text, **kwargs)
 
 

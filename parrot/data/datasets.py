@@ -44,9 +44,11 @@ visible; a record with no assistant turn after it is a DataFormatError at load.
 
 The `<image>` placeholder goes to the front of its turn, as in LLaVA's `preprocess_multimodal`: the turn becomes
 "<image>\\n" + the rest of its text, stripped (so "question\\n<image>" trains as "<image>\\nquestion", the layout
-`ParrotProcessor.build_messages` gives at inference). A record whose text this changes is kept and listed in the
-report's `changed` list (kind "image_placeholder_moved_to_front"); one already written "<image>\\n" + stripped text
-is unchanged and not listed.
+`ParrotProcessor.build_messages` gives at inference). A record whose placeholder this moves (text stood before it in
+its turn) is kept and listed in the report's `changed` list (kind "image_placeholder_moved_to_front"). One whose
+placeholder already opened its turn is normalised the same way when only the whitespace around it differs
+(" <image> question", "<image>question"), but not listed: nothing moved; one already written "<image>\\n" + stripped
+text is unchanged.
 
 Files are UTF-8 (a byte-order mark is allowed); JSONL lines end at "\n" only (JSON strings may hold U+2028 or
 U+0085 raw). A `<image>` placeholder belongs in a user turn; a spec naming a dataset twice, a ratio that is not a
@@ -102,8 +104,9 @@ NO_SUPERVISED_TOKENS = "no_supervised_tokens"  # BadDataReport kind: every label
 TOO_THIN_IMAGE = "too_thin_image"
 # BadDataReport kind of a record kept with a change: its first turn (after a system turn) was the assistant's
 LEADING_ASSISTANT_TURN_DROPPED = "leading_assistant_turn_dropped"
-# BadDataReport kind of a record kept with a change: its turn holding the image placeholder was rewritten as LLaVA's
-# preprocess_multimodal does ("<image>\n" + the rest, stripped)
+# BadDataReport kind of a record kept with a change: its image placeholder, after some text of its turn, was moved to
+# the front as LLaVA's preprocess_multimodal does ("<image>\n" + the rest, stripped). Only whitespace normalised
+# around a placeholder already first is not counted (see ConversationDataset._move_image_placeholders_to_front).
 IMAGE_PLACEHOLDER_MOVED_TO_FRONT = "image_placeholder_moved_to_front"
 CHANGES_LISTED_PER_KIND = 1000  # kept-with-a-change records listed by name in the report, per kind (all counted)
 SKIPS_LISTED_PER_KIND = 1000  # skipped records listed by name in the report, per kind (all counted)
@@ -596,7 +599,8 @@ class ConversationDataset(Dataset):
     Images are decoded once at construction to apply `on_bad_image` (see module docstring), by `image_workers`
     threads (None: `default_image_workers()`; 1: in this thread); the result does not depend on the count.
     A leading assistant turn is dropped and the image placeholder moved to the front of its turn (as LLaVA does),
-    each record so changed counted in `report.changed`.
+    each record so changed counted in `report.changed` (a placeholder already first whose turn only had its
+    whitespace normalised is not counted: `_move_image_placeholders_to_front`).
 
     `max_length` counts LLM positions (the model's `model_max_length`): a text-only record is truncated to
     `max_length` text tokens, a record with an image to `max_length - image_extra_tokens` (`image_extra_tokens`: the
@@ -654,9 +658,14 @@ class ConversationDataset(Dataset):
 
     def _move_image_placeholders_to_front(self, records: Sequence[SourcedRecord]) -> list[SourcedRecord]:
         """`records`, the placeholder of each record with an image moved to the front of its turn as LLaVA's
-        `preprocess_multimodal` does (`image_placeholder_first`), each record whose text that changes counted in
-        `report.changed` (kind IMAGE_PLACEHOLDER_MOVED_TO_FRONT). The stored record is the normalised one, so the
-        checks and the training tokenisation all build their messages from the same text."""
+        `preprocess_multimodal` does (`image_placeholder_first`). The stored record is the normalised one, so the
+        checks and the training tokenisation all build their messages from the same text.
+
+        Counted in `report.changed` (kind IMAGE_PLACEHOLDER_MOVED_TO_FRONT) are only the records whose placeholder
+        really moved: some text (not only whitespace) stood before it in its turn, as in "question\\n<image>". A turn
+        whose placeholder was already first and whose only change is the whitespace around it (" <image> question",
+        "<image>question", "<image>\\nquestion ") is normalised just the same (LLaVA strips it too) but not counted:
+        the count tells how much of a mix had its image/question layout changed, and such tidying is not that."""
         out = []
         moved = 0
         for item in records:
@@ -666,17 +675,17 @@ class ConversationDataset(Dataset):
             if normalised is conversations:
                 out.append(item)
                 continue
-            moved += 1
-            turn = next(t for t, (old, new) in enumerate(zip(conversations, normalised)) if old != new)
-            before = conversations[turn]["value"].split(self.image_token)[0]
-            what = "moved to the front of the turn" if before.strip() else "already first; whitespace normalised"
-            layout = self.image_token + "\n"
             out.append(SourcedRecord({**item.record, "conversations": normalised}, item.source, item.index,
                                      item.image_dir, item.dataset))
-            self.report.add_change(item.source, str(item.record["id"]),
-                                   f"{item.where}: conversations[{turn}]: {self.image_token!r} placeholder {what} "
-                                   f"(the turn is now {layout!r} + its text, as in LLaVA's preprocess_multimodal)",
-                                   IMAGE_PLACEHOLDER_MOVED_TO_FRONT)
+            turn = next(t for t, (old, new) in enumerate(zip(conversations, normalised)) if old != new)
+            if not conversations[turn]["value"].split(self.image_token)[0].strip():
+                continue  # already first: whitespace normalised only, not counted
+            moved += 1
+            layout = self.image_token + "\n"
+            reason = (f"{item.where}: conversations[{turn}]: {self.image_token!r} placeholder moved to the front of "
+                      f"the turn, from after some of its text (the turn is now {layout!r} + its text, stripped, as in "
+                      "LLaVA's preprocess_multimodal)")
+            self.report.add_change(item.source, str(item.record["id"]), reason, IMAGE_PLACEHOLDER_MOVED_TO_FRONT)
         if moved:
             logger.warning("moved the image placeholder to the front of its turn in %d records (kept; listed in the "
                            "bad-data report)", moved)

@@ -15,11 +15,21 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_IMAGE_PIXELS = 200_000_000
 # Images whose longer side is more than this many times the shorter are refused (`check_aspect_ratio`). The "pad"
 # mode pads to a square of the longer side before resizing, so a thin image costs up to this many times its own
-# pixels (a 1x12000 PNG of a few KB would take a 12000x12000 canvas, ~430 MB; "crop" mode is as bad: it resizes the
-# shorter side up to the model's input size first), and at 50:1 the content of a 336-pixel input is ~7 pixels thick
-# already. Generous on purpose: panoramas are ~4:1, long screenshots and receipts ~10-20:1, text-line crops ~30:1.
-# The demo applies its own, stricter limit to uploads (`parrot.serve.uploads`).
+# pixels (a 1x12000 PNG of a few KB would take a 12000x12000 canvas, ~430 MB, were large squares not built reduced:
+# MAX_PAD_SIDE; "crop" mode resizes the shorter side up to the model's input size first), and at 50:1 the content
+# of a 336-pixel input is ~7 pixels thick already. Generous on purpose: panoramas are ~4:1, long screenshots and
+# receipts ~10-20:1, text-line crops ~30:1. The demo applies its own, stricter limit to uploads
+# (`parrot.serve.uploads`).
 MAX_ASPECT_RATIO = 50
+# "pad" mode (`pad_to_square_and_resize`): a padded square whose side is above MAX_PAD_SIDE pixels (a 48 MB RGB canvas)
+# is not built; the image is first shrunk by an integer factor that leaves the square at least PAD_REDUCING_GAP times
+# the output size (PIL's `reducing_gap`, whose documentation calls 3 indistinguishable from fair resampling in most
+# cases), as PIL itself does with `resize(..., reducing_gap=PAD_REDUCING_GAP)`. Squares up to MAX_PAD_SIDE, i.e.
+# every image whose longer side is at most 4096 (12 MP phone photos, 4K frames, COCO-sized images of LLaVA's mixes),
+# are padded and resized exactly as LLaVA's expand2square + CLIP resize, bit for bit; so are square images (nothing
+# to pad) and squares under 2 * PAD_REDUCING_GAP times the output size (no reduction by 2 possible).
+MAX_PAD_SIDE = 4096
+PAD_REDUCING_GAP = 4
 
 
 class BadImageError(ValueError):
@@ -117,6 +127,48 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
     return canvas
 
 
+def pad_to_square_and_resize(image: Image.Image, size: int, background: tuple[int, int, int]) -> Image.Image:
+    """`expand_to_square(image, background).resize((size, size), BICUBIC)` (LLaVA's expand2square, then the CLIP
+    resize), without building a huge padded square for a large or thin image.
+
+    Why: a thin image pads to a square of its longer side (a 200 x 10000 image allowed by MAX_ASPECT_RATIO would take
+    a 10000 x 10000 RGB canvas, 300 MB, in every DataLoader worker that draws it) only to be resized to `size` pixels.
+
+    What: when the square's side is above MAX_PAD_SIDE and at least 2 * PAD_REDUCING_GAP * size, the square is
+    reduced by the integer factor k = side // (PAD_REDUCING_GAP * size) >= 2 (box average of k x k blocks, as PIL's
+    `Image.reduce`) without being built: only the blocks that touch the image (the image plus under k pixels of
+    padding on each side) are padded and reduced, the rest of the reduced square is the background colour, which is
+    what reducing those all-background blocks gives. The reduced square (side >= PAD_REDUCING_GAP * size) is then
+    resized with the fractional box that keeps the geometry exact. The result is bit for bit PIL's own
+    `expand_to_square(...).resize((size, size), BICUBIC, reducing_gap=PAD_REDUCING_GAP)` (tests check it), i.e. the
+    plain path with a box prefilter narrower than 1/PAD_REDUCING_GAP of an output pixel: measured against the plain
+    path, at most 1-8 levels of 255 on procedural content (waves, a sharp checkerboard, noise; mean under 0.1
+    level), up to 11 on adversarial stripes near the output's Nyquist frequency. For a 200 x 10000 image -> 336:
+    peak memory +15 MB instead of +395 MB, 42 ms instead of 1.2 s (2-core CPU; benchmarks/_explore/s11a/pad_cost.py).
+
+    Every other image (square side <= MAX_PAD_SIDE, a square image, which needs no padding, or one too small to reduce
+    by 2) takes the plain path, so its output is unchanged. ImageAspectRatioError beyond MAX_ASPECT_RATIO."""
+    width, height = image.size
+    side = max(width, height)
+    factor = side // (PAD_REDUCING_GAP * size)
+    if width == height or side <= MAX_PAD_SIDE or factor < 2:
+        return expand_to_square(image, background).resize((size, size), Image.Resampling.BICUBIC)
+    check_aspect_ratio(width, height)
+    x0, y0 = (side - width) // 2, (side - height) // 2  # where expand_to_square puts the image
+    # the k-aligned blocks of the square that hold image pixels (the last may be cut by the square's edge: reduce
+    # then averages the pixels it has, in the square as here)
+    left, top = x0 // factor * factor, y0 // factor * factor
+    right = min(-(-(x0 + width) // factor) * factor, side)
+    bottom = min(-(-(y0 + height) // factor) * factor, side)
+    strip = Image.new(image.mode, (right - left, bottom - top), background)
+    strip.paste(image, (x0 - left, y0 - top))
+    reduced_side = -(-side // factor)
+    square = Image.new(image.mode, (reduced_side, reduced_side), background)
+    square.paste(strip.reduce(factor), (left // factor, top // factor))
+    del strip
+    return square.resize((size, size), Image.Resampling.BICUBIC, box=(0, 0, side / factor, side / factor))
+
+
 def resize_shortest_side_and_centre_crop(image: Image.Image, size: int) -> Image.Image:
     """The centre size x size of the image resized (bicubic) so that its shorter side is `size`, with
     `CLIPImageProcessor`'s arithmetic (its PIL backend, which the official checkpoints were trained with): the longer
@@ -140,7 +192,8 @@ IMAGE_MODES = ("pad", "resize", "crop")
 class ImageTransform:
     """PIL image -> normalised tensor (3, S, S).
 
-    mode "pad": pad to a square with the mean colour, then resize (keeps the whole image, as LLaVA-1.5/Parrot);
+    mode "pad": pad to a square with the mean colour, then resize (keeps the whole image, as LLaVA-1.5/Parrot; a
+    square above MAX_PAD_SIDE pixels is built reduced: `pad_to_square_and_resize`);
     mode "resize": stretch to a square;
     mode "crop": CLIP's own preprocessing (`CLIPImageProcessor`: shortest side resized to S, then the centre S x S;
     what the official LLaVA/Parrot code runs for any `image_aspect_ratio` other than "pad").
@@ -159,9 +212,9 @@ class ImageTransform:
         image = to_rgb(image)
         if self.mode == "crop":
             image = resize_shortest_side_and_centre_crop(image, self.image_size)
+        elif self.mode == "pad":  # mean colour with LLaVA's truncation; large squares built reduced (see there)
+            image = pad_to_square_and_resize(image, self.image_size, tuple(int(255 * m) for m in self.mean))
         else:
-            if self.mode == "pad":
-                image = expand_to_square(image, tuple(int(255 * m) for m in self.mean))  # LLaVA's truncation
             image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
         mean = torch.tensor(self.mean).view(3, 1, 1)

@@ -21,9 +21,10 @@ Truncation policy (`tokenize`): when the conversation is longer than `max_length
 placeholder is never cut (its visual features would be orphaned). `keeps_supervised_token` tells whether a
 labelled token survives that truncation from a prefix of the conversation (the dataset's build-time check).
 
-Segments are always tokenised one by one (`segment_ids`), in training and at inference (`encode`) alike: a
-byte-level BPE (Qwen2's) tokenising the rendered string whole can merge across a segment boundary (an answer
-starting with "\n" after the assistant header) and give ids the model never saw in training.
+Segments are always tokenised each on its own (`segment_ids`; `segments_ids` does a conversation's segments in
+one batched tokenizer call, which still tokenises every text separately), in training and at inference (`encode`)
+alike: a byte-level BPE (Qwen2's) tokenising the rendered string whole can merge across a segment boundary (an
+answer starting with "\n" after the assistant header) and give ids the model never saw in training.
 """
 
 from __future__ import annotations
@@ -75,10 +76,29 @@ def _split_system(messages: list[dict], system: str | None, default: str) -> tup
 
 
 def segment_ids(segment: Segment, tokenizer) -> list[int]:
-    """The ids of one segment, tokenised on its own without special tokens added. Training (`tokenize`), its
-    build-time check (`keeps_supervised_token`) and inference (`encode`) all tokenise segments here, so they agree:
-    a byte-level BPE can merge text across a segment boundary when the rendered string is tokenised whole."""
+    """The ids of one segment, tokenised on its own without special tokens added. Training (`tokenize`) and
+    inference (`encode`) tokenise segments this way (batched: `segments_ids`, same ids), the build-time check
+    (`keeps_supervised_token`) one at a time here, so they agree: a byte-level BPE can merge text across a segment
+    boundary when the rendered string is tokenised whole."""
     return tokenizer(segment.text, add_special_tokens=False)["input_ids"]
+
+
+def segments_ids(segments: list[Segment], tokenizer) -> list[list[int]]:
+    """`segment_ids` of every segment, from one batched tokenizer call (`tokenizer([text, ...])`, as a Hugging Face
+    tokenizer takes a batch). Why: `tokenize` and `encode` tokenise every segment of a conversation (ChatML: 4 per
+    exchange and the system block), and each call costs ~0.1 ms of Python around the tokeniser, more than tokenising
+    a short text; one call per conversation made `tokenize` ~4x and `ConversationDataset.__getitem__` (image
+    included) ~1.4x faster on the synthetic data (benchmarks/_explore/s11a/getitem_ab.py). The ids are those of
+    `segment_ids`: a batch never merges across its texts (each is encoded on its own), empty and whitespace-only texts
+    included (tests compare both paths). The tokenizer must accept a list of texts and give one list of ids per
+    text."""
+    if not segments:
+        return []
+    ids = tokenizer([seg.text for seg in segments], add_special_tokens=False)["input_ids"]
+    if len(ids) != len(segments):  # a tokenizer that took the list as one text would misalign every label
+        raise ValueError(f"tokenizer gave {len(ids)} id lists for a batch of {len(segments)} texts; it must accept a "
+                         "list of texts (as Hugging Face tokenizers do)")
+    return ids
 
 
 def control_token_strings(tokenizer) -> tuple[str, ...]:
@@ -153,8 +173,7 @@ class ChatTemplate:
         ids: list[int] = []
         labelled: list[bool] = []
         segments = self.with_special_tokens(tokenizer).segments(messages, add_generation_prompt, system)
-        for seg in segments:
-            seg_ids = segment_ids(seg, tokenizer)
+        for seg, seg_ids in zip(segments, segments_ids(segments, tokenizer)):
             ids += seg_ids
             labelled += [seg.labelled] * len(seg_ids)
         return ids, labelled
@@ -163,7 +182,8 @@ class ChatTemplate:
                  system: str | None = None, record_id: str | None = None) -> tuple[list[int], list[int]]:
         """(input_ids, labels) with labels = IGNORE_INDEX except on assistant answers and their end-of-turn.
 
-        Segments are tokenised separately (`segment_ids`, so labels align exactly) without adding special tokens.
+        Segments are tokenised separately (`segments_ids`: one batched call, each text on its own, so labels align
+        exactly) without adding special tokens.
         See the module docstring for the truncation policy; `record_id` names the record in errors.
         """
         name = record_id if record_id is not None else "<conversation>"
@@ -172,9 +192,8 @@ class ChatTemplate:
         ids: list[int] = []
         labels: list[int] = []
         turn_start: dict[int, int] = {}
-        for seg in segments:
+        for seg, seg_ids in zip(segments, segments_ids(segments, tokenizer)):
             turn_start.setdefault(seg.turn, len(ids))
-            seg_ids = segment_ids(seg, tokenizer)
             ids.extend(seg_ids)
             labels.extend(seg_ids if seg.labelled else [IGNORE_INDEX] * len(seg_ids))
         if len(ids) <= max_length:
