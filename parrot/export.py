@@ -231,6 +231,25 @@ def _nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
     return {name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()}
 
 
+def _merged_weight_problems(tensors: Iterable[tuple[str, torch.Tensor]],
+                            dtype: torch.dtype) -> tuple[set[str], set[str]]:
+    """(names of the floating-point tensors holding a NaN or an inf, names of those finite but beyond the range of
+    `dtype`, which they are about to be cast to), in one pass over each tensor: its largest magnitude decides both
+    (a NaN propagates through `aminmax`; rounding to a narrower dtype keeps the order of magnitudes, so the largest
+    one overflows exactly when some value does)."""
+    nonfinite, overflow = set(), set()
+    for name, t in tensors:
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        low, high = torch.aminmax(t.detach())
+        peak = torch.maximum(-low, high)
+        if not torch.isfinite(peak):
+            nonfinite.add(name)
+        elif torch.isinf(peak.to(dtype)):
+            overflow.add(name)
+    return nonfinite, overflow
+
+
 def _check_scaling_settings(config, config_path: Path) -> None:
     """lora_alpha (and alpha_pattern's values) must be finite numbers: merged weights are W + alpha / r * B A, so a
     NaN or infinite alpha would write NaN / inf weights for every adapted module."""
@@ -242,12 +261,15 @@ def _check_scaling_settings(config, config_path: Path) -> None:
                               "update by alpha / r)")
 
 
-def merge_lora(model: ParrotForCausalLM, adapter_dir: str | Path) -> ParrotForCausalLM:
+def merge_lora(model: ParrotForCausalLM, adapter_dir: str | Path,
+               dtype: torch.dtype = torch.float32) -> ParrotForCausalLM:
     """Load a peft LoRA adapter onto `model` (or its language model), merge it and remove the LoRA layers.
 
     Every adapter tensor must find its module and every injected LoRA weight must be loaded (ExportError). Non-finite
-    adapter tensors or scaling settings, and a merge that gives NaN / inf weights, are refused (ExportError naming the
-    file and the tensors): nothing is merged into NaN.
+    adapter tensors or scaling settings, a merge that gives NaN / inf weights, and merged weights beyond the range of
+    `dtype` (the dtype the caller will save them in; float16 ends at 65504) are refused (ExportError naming the file
+    and the tensors): nothing is merged into NaN. Weights that were NaN / inf before the merge are not the adapter's
+    doing and pass.
     """
     from peft import LoraConfig, PeftModel, load_peft_weights, set_peft_model_state_dict
 
@@ -271,7 +293,7 @@ def merge_lora(model: ParrotForCausalLM, adapter_dir: str | Path) -> ParrotForCa
                           "nothing merged")
     target = adapter_target(model, list(weights))
     # (a base that already holds NaN / inf is not the adapter's doing)
-    nonfinite_before = _nonfinite(target.named_parameters())
+    nonfinite_before = _nonfinite(model.named_parameters())
     _untie_adapted_embeddings(model, target, adapter_module_paths(weights), config, config_path)
     try:
         peft_model = PeftModel(target, config)
@@ -289,15 +311,21 @@ def merge_lora(model: ParrotForCausalLM, adapter_dir: str | Path) -> ParrotForCa
         raise ExportError(f"{weights_path}: adapter does not fit the base model or {config_path.name}; unexpected "
                           f"{sorted(result.unexpected_keys)[:5]}, not loaded {sorted(unloaded)[:5]}")
     merged = peft_model.merge_and_unload()
-    bad = sorted(_nonfinite(merged.named_parameters()) - nonfinite_before)
+    if target is model.language_model:
+        model.language_model = merged
+    else:
+        model = merged
+    nonfinite, overflow = _merged_weight_problems(model.named_parameters(), dtype)  # one pass per tensor
+    bad = sorted(nonfinite - nonfinite_before)
     if bad:  # finite factors whose product overflows float32, e.g. a huge lora_alpha
         raise ExportError(f"{adapter_dir}: merging the adapter gives NaN / inf weights in {_first_five(bad)}"
                           f" (lora_alpha={config.lora_alpha!r}, r={config.r!r} in {config_path.name}); nothing "
                           "written")
-    if target is model.language_model:
-        model.language_model = merged
-        return model
-    return merged
+    bad = sorted(overflow - nonfinite_before)
+    if bad:  # merged weights beyond the saved dtype's range would be saved as inf
+        raise ExportError(f"{adapter_dir}: the merged weights of {_first_five(bad)} overflow the base model's dtype "
+                          f"{dtype} (NaN / inf); nothing written")
+    return model
 
 
 def load_base_model(base_dir: Path) -> ParrotForCausalLM:
@@ -371,13 +399,8 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
     logger.info("base model %s, adapter %s", base_dir, src)
     model = load_base_model(base_dir)  # (checks config.json first)
     dtype = saved_dtype(base_dir)
-    nonfinite_before = _nonfinite(model.named_parameters()) if dtype != torch.float32 else set()
-    model = merge_lora(model, src)
+    model = merge_lora(model, src, dtype)  # (refuses merged weights that are NaN / inf or overflow dtype)
     model.to(dtype).eval()
-    bad = sorted(_nonfinite(model.named_parameters()) - nonfinite_before) if dtype != torch.float32 else []
-    if bad:  # merged weights beyond the base dtype's range (float16 ends at 65504) would be saved as inf
-        raise ExportError(f"{src}: the merged weights of {_first_five(bad)} overflow the base model's dtype {dtype} "
-                          "(NaN / inf); nothing written")
     with staged_folder(dst) as staging:  # renamed to dst when complete (flushed first); removed on failure
         model.save_pretrained(staging)
         if (base_dir / PROCESSOR_FILE).is_file():

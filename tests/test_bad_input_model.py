@@ -30,7 +30,8 @@ GOOD_SETTINGS = dict(image_size=32, image_mean=list(MEAN), image_std=list(STD), 
     ("model_max_length", "256"), ("model_max_length", 25.5), ("model_max_length", True),
     ("image_size", 0), ("num_image_tokens", -1),
     ("image_mean", [float("nan"), 0.5, 0.5]), ("image_std", [0, 0, 0]), ("image_std", [0.5, 0.5]),
-    ("image_mode", "squash"), ("template", "bogus"),
+    ("image_mean", [True, 0.5, 0.5]), ("image_std", "abc"),
+    ("image_mode", "squash"), ("template", "bogus"), ("template", ["chatml"]),
 ])
 def test_processor_settings_refuse_bad_values_by_field(field, value):
     with pytest.raises(ValueError, match=rf"processor setting {field}="):
@@ -55,6 +56,21 @@ def test_a_processor_file_with_bad_settings_is_refused_naming_file_and_field(tmp
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: invalid processor settings .*{field}"):
         ParrotProcessor.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------- model config
+@pytest.mark.parametrize("field, value, message", [
+    ("image_mean", [0.5, 0.5], "image_mean=[0.5, 0.5] must be 3 finite numbers (RGB)"),
+    ("image_mean", [True, 0.5, 0.5], "image_mean=[True, 0.5, 0.5] must be 3 finite numbers (RGB)"),
+    ("image_std", [0.2, 0.0, 0.2], "image_std=[0.2, 0.0, 0.2] must be 3 finite numbers (RGB), each > 0"),
+    ("image_std", [0.2, float("inf"), 0.2], "image_std=[0.2, inf, 0.2] must be 3 finite numbers (RGB), each > 0"),
+])
+def test_the_model_config_refuses_bad_image_normalisation_by_field(field, value, message):
+    """The config's check is the processor's rule (`check_image_normalisation`), its message led by the field."""
+    from tests.conftest import tiny_parrot_config
+
+    with pytest.raises(ValueError, match=rf"^{re.escape(message)}"):
+        tiny_parrot_config(**{field: value}).check_model_settings()
 
 
 # ------------------------------------------------------------------------------------- official checkpoint config
@@ -109,7 +125,10 @@ def test_an_unreadable_shard_index_is_named(official):
 def test_a_bad_tower_preprocessor_config_is_named(tmp_path):
     path = tmp_path / "preprocessor_config.json"
     path.write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0, 0, 0]}))
-    with pytest.raises(ConversionError, match=rf"{re.escape(str(path))}: image_std="):
+    with pytest.raises(ConversionError, match=rf"{re.escape(str(path))}: image_std=\[0, 0, 0\] .*each > 0"):
+        image_normalisation(tmp_path)
+    path.write_text(json.dumps({"image_mean": [0.5, 0.5], "image_std": [0.2, 0.2, 0.2]}))
+    with pytest.raises(ConversionError, match=rf"{re.escape(str(path))}: image_mean=\[0.5, 0.5\] must be 3 finite"):
         image_normalisation(tmp_path)
     path.write_bytes(b'{"image_mean": "\xff"}')
     with pytest.raises(ConversionError, match=re.escape(str(path))):
@@ -219,6 +238,41 @@ def test_a_merge_that_overflows_the_base_dtype_is_refused(tmp_path, tokenizer, c
     _merge_is_refused(tmp_path, base_dir, tmp_path / "adapter", r"q_proj.weight.* overflow .*torch.float16", capsys)
 
 
+def _bf16_base_and_adapter(tmp_path, tokenizer, lora_alpha):
+    """A bfloat16 base and a LoRA on its q_proj with peft's default init (B = 0), alpha set in its config."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.test_export import tiny_model
+    from tests.test_export_merge_review import _save_base
+
+    model, processor = tiny_model(tokenizer)
+    base_dir = _save_base(model.to(torch.bfloat16), processor, tmp_path / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.0)
+    get_peft_model(model.float().language_model, lora).save_pretrained(tmp_path / "adapter")
+    _edit_adapter_config(tmp_path / "adapter", lora_alpha=lora_alpha)
+    return base_dir, tmp_path / "adapter"
+
+
+def test_a_nan_in_a_merged_bf16_weight_is_refused_naming_the_tensor(tmp_path, tokenizer, capsys):
+    """alpha / r overflows float32 to inf and B = 0, so the merged q_proj weights are W + 0 * inf = NaN: refused by
+    name (the name of the saved tensor), though the base dtype is not float32."""
+    base_dir, adapter_dir = _bf16_base_and_adapter(tmp_path, tokenizer, lora_alpha=1e300)
+    _merge_is_refused(tmp_path, base_dir, adapter_dir,
+                      r"merging the adapter gives NaN / inf weights in \[.*'language_model\.model\.layers\.0\."
+                      r"self_attn\.q_proj\.weight'", capsys)
+
+
+def test_a_nan_the_bf16_base_already_holds_is_not_blamed_on_the_adapter(tmp_path, tokenizer):
+    base_dir, adapter_dir = _bf16_base_and_adapter(tmp_path, tokenizer, lora_alpha=8)
+    path = base_dir / "model.safetensors"
+    state = load_file(str(path))
+    key = "vision_tower.model.embeddings.patch_embedding.weight"
+    state[key][0] = float("nan")
+    save_file(state, str(path), metadata={"format": "pt"})
+    merged = load_file(str(export_merged(adapter_dir, tmp_path / "merged", base=base_dir) / "model.safetensors"))
+    assert merged[key].dtype == torch.bfloat16 and merged[key][0].isnan().all()
+
+
 # ------------------------------------------------------------------------------------------- FactorLLM command
 SMALL = ["--dense-steps", "1", "--router-steps", "1", "--hidden", "16", "--intermediate", "32", "--layers", "1",
          "--vocab", "31"]
@@ -281,10 +335,16 @@ def _sub(old, new):
     (_sub("use_moe: false", "use_moe: 'no'"), "parrot.use_moe="),
     (_sub("image_aspect_mode: pad", "image_aspect_mode: squash"), "parrot.image_aspect_mode="),
     (_sub("image_aspect_mode: pad", "image_aspect_mode: pad\n  image_std: [a, b, c]"), "parrot.image_std="),
+    (_sub("image_aspect_mode: pad", "image_aspect_mode: pad\n  image_std: [0.2, 0, 0.2]"),
+     "parrot.image_std=[0.2, 0, 0.2] must be 3 finite numbers (RGB), each > 0"),
+    (_sub("image_aspect_mode: pad", "image_aspect_mode: pad\n  image_mean: [0.5, 0.5]"),
+     "parrot.image_mean=[0.5, 0.5] must be 3 finite numbers (RGB)"),
+    (_sub("template: chatml", "template: bogus"), "template='bogus'; use one of"),
     (b"# caf\xe9\n" + TINY.encode(), "not UTF-8"),
 ], ids=["hidden_str", "patch_str", "model_type", "text_config_list", "top_list", "top_scalar", "vocab_str",
         "vocab_tiny", "seed_negative", "length_negative", "length_zero", "length_str", "length_nan", "template_int",
-        "experts_str", "moe_weight_nan", "use_moe_str", "aspect_mode", "image_std_str", "not_utf8"])
+        "experts_str", "moe_weight_nan", "use_moe_str", "aspect_mode", "image_std_str", "image_std_zero",
+        "image_mean_short", "template_unknown", "not_utf8"])
 def test_recipe_errors_name_the_file_and_the_key(tmp_path, text, named):
     path = _recipe(tmp_path, text)
     with pytest.raises(ValueError, match=rf"{re.escape(path)}\S*: .*{re.escape(named)}"):

@@ -154,6 +154,22 @@ def test_folders_without_a_record_still_load(finished, tmp_path):
     load_trained(out)
 
 
+def test_load_trained_checks_the_folder_once(finished, tmp_path, monkeypatch):
+    """load_trained runs check_final_model itself (before reading adapter files) and its loader does not repeat it;
+    an interrupted save is still refused with the same message."""
+    import parrot.train.export as train_export
+
+    out = shutil.copytree(finished["dir"], tmp_path / "run")
+    real, calls = train_export.check_final_model, []
+    monkeypatch.setattr(train_export, "check_final_model", lambda d: calls.append(Path(d)) or real(d))
+    load_trained(out)
+    assert calls == [out]
+    (out / FINAL_SAVE_MARKER).write_text("")
+    with pytest.raises(IncompleteFinalModelError) as refused:
+        load_trained(out)
+    assert str(refused.value) == train_export.interrupted_save_message(out) and calls == [out, out]
+
+
 # --- the builder: a whole folder, published -----------------------------------------------------------------------
 def _disk_full_midway(real_save):
     def save(self, directory, *args, **kwargs):

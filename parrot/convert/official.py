@@ -51,8 +51,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, GenerationConfig, PreTrainedTokenizerBase
 
-from ..data.processor import IMAGE_TOKEN, ParrotProcessor
-from ..data.templates import TEMPLATES
+from ..data.processor import IMAGE_TOKEN, ParrotProcessor, check_image_normalisation, check_template_name
 from ..fileio import is_finite_number, is_whole_number, output_folder_problem, read_json_mapping, staged_folder
 from ..model import ParrotConfig, ParrotForCausalLM
 from ..model.parrot_moe import ParrotMoEProjector
@@ -256,11 +255,7 @@ def image_normalisation(vision_dir: Path | None) -> dict:
     raw = _read_json_object(path, "vision tower's image preprocessing settings")
     found = {key: raw[key] for key in ("image_mean", "image_std") if key in raw}
     for key, value in found.items():  # named here: the model's own check could only name the checkpoint's config
-        if not isinstance(value, list) or len(value) != 3 or not all(
-                is_finite_number(v)
-                and (key == "image_mean" or v > 0) for v in value):
-            raise ConversionError(f"{path}: {key}={value!r} must be 3 finite numbers (RGB)"
-                                  + (", each > 0" if key == "image_std" else ""))
+        check_image_normalisation(key, value, f"{path}: ", ConversionError)
     return found
 
 
@@ -499,8 +494,7 @@ def convert_official(
         raise ConversionError(f"model_max_length (--model-max-length)={model_max_length!r}: the processor's prompt "
                               "length limit must be a whole number >= 1 (leave it out for the checkpoint's "
                               "tokenizer_model_max_length, else 2048)")
-    if template not in TEMPLATES:  # (before reading the checkpoint, not after)
-        raise ConversionError(f"template (--template)={template!r}; use one of {sorted(TEMPLATES)}")
+    check_template_name(template, name="template (--template)", error=ConversionError)  # before reading the checkpoint
     check_destination(dst, src, vision_dir)
     text_config, settings = read_official_config(src)
     tokenizer = prepare_tokenizer(src)

@@ -49,6 +49,26 @@ def _pad_flags(flags: list[list[bool]], padding_side: str) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.bool).reshape(len(flags), width)
 
 
+def check_image_normalisation(name: str, value, where: str = "", error: type[Exception] = ValueError) -> None:
+    """The one rule for `image_mean` / `image_std` (`name`), wherever they are read (processor settings, model
+    config, recipe, a tower's preprocessor_config.json): a list or tuple of 3 finite real numbers (RGB; a bool is no
+    number), and each std > 0, as pixels are divided by it. NaN / inf or a zero std would make every pixel value,
+    hence every logit, NaN without an error. `error` (ValueError by default) names `where` (the caller's context:
+    the file, `processor setting `, ...), the field and the value."""
+    std = name == "image_std"
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(is_finite_number(v) for v in value)
+            and (not std or all(v > 0 for v in value))):
+        raise error(f"{where}{name}={value!r} must be 3 finite numbers (RGB)"
+                    + (", each > 0 (pixels are divided by it)" if std else ""))
+
+
+def check_template_name(value, where: str = "", name: str = "template", error: type[Exception] = ValueError) -> None:
+    """A chat template setting must name one of `parrot.data.templates.TEMPLATES`; `error` (ValueError by default)
+    names `where` (the caller's context: the file, `processor setting `, ...), the field `name` and the value."""
+    if not isinstance(value, str) or value not in TEMPLATES:
+        raise error(f"{where}{name}={value!r}; use one of {sorted(TEMPLATES)}")
+
+
 @dataclass(frozen=True)
 class ProcessorSettings:
     image_size: int
@@ -67,15 +87,10 @@ class ProcessorSettings:
             if not is_whole_number(value) or value < minimum:
                 raise ValueError(f"processor setting {name}={value!r} must be a whole number >= {minimum}")
         for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(is_finite_number(v) for v in value):
-                raise ValueError(f"processor setting {name}={value!r} must be 3 finite numbers (RGB)")
-        if not all(v > 0 for v in self.image_std):  # pixels are divided by it
-            raise ValueError(f"processor setting image_std={self.image_std!r} must be > 0")
+            check_image_normalisation(name, getattr(self, name), "processor setting ")
         if not isinstance(self.image_mode, str) or self.image_mode not in IMAGE_MODES:
             raise ValueError(f"processor setting image_mode={self.image_mode!r}; use one of {list(IMAGE_MODES)}")
-        if not isinstance(self.template, str) or self.template not in TEMPLATES:
-            raise ValueError(f"processor setting template={self.template!r}; use one of {sorted(TEMPLATES)}")
+        check_template_name(self.template, "processor setting ")
         # JSON stores tuples as lists; keep one canonical type so settings compare equal after a round trip.
         object.__setattr__(self, "image_mean", tuple(self.image_mean))
         object.__setattr__(self, "image_std", tuple(self.image_std))

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from ..convert.official import image_normalisation
-from ..data.processor import IMAGE_TOKEN, ParrotProcessor
+from ..data.processor import IMAGE_TOKEN, ParrotProcessor, check_template_name
 from ..data.templates import get_template
 from ..fileio import is_finite_number, is_whole_number, load_yaml, non_negative_int, publish
 from .configuration import ParrotConfig, check_parrot_settings, check_sub_config_sizes
@@ -127,11 +127,10 @@ def _check_recipe_values(path: Path, raw: dict) -> None:
     from huggingface_hub.errors import StrictDataclassError
     from transformers import CONFIG_MAPPING, AutoConfig
 
-    from ..data.templates import TEMPLATES
     from ..data.tokenizer import SPECIAL_TOKENS
 
-    if "template" in raw and (not isinstance(raw["template"], str) or raw["template"] not in TEMPLATES):
-        raise ValueError(f"{path}: template={raw['template']!r}; use one of {sorted(TEMPLATES)}")
+    if "template" in raw:
+        check_template_name(raw["template"], f"{path}: ")
     length = raw.get("model_max_length", 1)
     if not _fits(length, "int") or length < 1:
         raise ValueError(f"{path}: model_max_length={raw['model_max_length']!r} must be a whole number >= 1 (the "
@@ -282,16 +281,18 @@ def _check_saved_config(directory: Path) -> None:
                          f"({ParrotConfig.model_type!r}); load_pretrained reads a saved ParrotForCausalLM directory")
 
 
-def load_model_strict(directory: str | Path, **kwargs) -> ParrotForCausalLM:
+def load_model_strict(directory: str | Path, *, final_model_checked: bool = False, **kwargs) -> ParrotForCausalLM:
     """`ParrotForCausalLM.from_pretrained(directory, **kwargs)` that fails (ValueError naming the directory or file)
     instead of initialising missing, unexpected or mis-shaped tensors randomly, and on unreadable files. A run's
     output folder whose final-model save was interrupted, or whose files differ from those its training record
-    lists, is refused (`parrot.train.export.check_final_model`); folders without a record (converted or official
-    checkpoints, builder outputs) are not affected."""
+    lists, is refused (`parrot.train.export.check_final_model`, skipped when the caller has run it on `directory`:
+    `final_model_checked`); folders without a record (converted or official checkpoints, builder outputs) are not
+    affected."""
     from ..train.export import check_final_model  # lazy: parrot.train imports this module
 
     directory = Path(directory)
-    check_final_model(directory)  # a run's final model cut off mid-save, or changed since: refused by name
+    if not final_model_checked:
+        check_final_model(directory)  # a run's final model cut off mid-save, or changed since: refused by name
     _check_saved_config(directory)
     # HF only warns about missing / unexpected tensors and randomly initialises the missing ones (mis-shaped ones
     # too with ignore_mismatched_sizes, else it raises without naming them); a saved Parrot model must load
@@ -329,10 +330,12 @@ def load_model_strict(directory: str | Path, **kwargs) -> ParrotForCausalLM:
     return model
 
 
-def load_pretrained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotProcessor]:
-    """A saved Parrot model directory (model + processor files) -> (model in eval mode, processor)."""
+def load_pretrained(directory: str | Path, *,
+                    final_model_checked: bool = False) -> tuple[ParrotForCausalLM, ParrotProcessor]:
+    """A saved Parrot model directory (model + processor files) -> (model in eval mode, processor).
+    `final_model_checked`: the caller has run `check_final_model` on `directory` (see `load_model_strict`)."""
     directory = Path(directory)
-    model = load_model_strict(directory)
+    model = load_model_strict(directory, final_model_checked=final_model_checked)
     try:
         processor = ParrotProcessor.from_pretrained(directory)
     except FileNotFoundError:

@@ -18,6 +18,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ..data.processor import check_image_normalisation
 from ..fileio import is_whole_number
 
 VISION_BACKENDS = {"clip_vision_model": "hf_clip", "parrot_open_clip_vision": "open_clip"}
@@ -177,13 +178,8 @@ def check_parrot_settings(settings: Any) -> None:
                          "model's hidden size)")
     if settings.moe_top_k is not None and not 1 <= settings.moe_top_k <= settings.moe_num_experts:
         raise ValueError(f"moe_top_k={settings.moe_top_k} must be None (dense) or in [1, moe_num_experts]")
-    if len(settings.image_mean) != 3 or len(settings.image_std) != 3:
-        raise ValueError("image_mean and image_std need 3 values (RGB)")
-    # NaN / inf or a zero std would make every pixel value, hence every logit, NaN without an error
-    if not all(math.isfinite(v) for v in settings.image_mean) or not all(
-            math.isfinite(v) and v > 0 for v in settings.image_std):
-        raise ValueError(f"image_mean {list(settings.image_mean)} must be finite and image_std "
-                         f"{list(settings.image_std)} finite and > 0")
+    for name in ("image_mean", "image_std"):
+        check_image_normalisation(name, getattr(settings, name))
     if not math.isfinite(settings.moe_weight):
         raise ValueError(f"moe_weight={settings.moe_weight} must be a finite number")
 

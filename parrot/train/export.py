@@ -452,11 +452,11 @@ def load_trained(directory: str | Path) -> tuple[ParrotForCausalLM, ParrotProces
     from ..model.builder import load_pretrained
 
     directory = Path(directory)
-    check_final_model(directory)
+    check_final_model(directory)  # first: an interrupted save may lack adapter files, and that is the error to give
     kind = saved_adapter_kind(directory)
     if kind is not None:
         check_adapter_files(directory, kind)
-    model, processor = load_pretrained(directory)
+    model, processor = load_pretrained(directory, final_model_checked=True)
     config_name, weights_name = ADAPTER_FILES.get(kind, (None, None))
     try:
         if kind == "mole":
