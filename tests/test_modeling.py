@@ -428,3 +428,25 @@ def test_projector_and_moe_start_from_pytorch_default_init_as_the_official_code(
         assert_uniform(weight, 1 / math.sqrt(fan_in), rel=0.05)
     q_proj = model.language_model.model.layers[0].self_attn.q_proj.weight
     assert float(q_proj.std()) == pytest.approx(config.text_config.initializer_range, rel=0.05)
+
+
+def test_a_copied_model_still_gives_its_own_projector_pytorch_default_init():
+    """Which modules get PyTorch's default init is decided at call time: a deep copy (or an unpickled model) has new
+    module objects, and a set of module ids taken in __init__ named the original's, so re-initialising the copy's
+    projector gave it the LLM's normal(0, 0.02)."""
+    import copy
+    import math
+
+    torch.manual_seed(0)
+    config = tiny_parrot_config()
+    config.text_config.hidden_size = 128
+    twin = copy.deepcopy(ParrotForCausalLM(config))
+    linear = next(m for m in twin.mm_projector.modules() if isinstance(m, torch.nn.Linear))
+    torch.nn.init.zeros_(linear.weight)
+    twin._init_weights(linear)
+    bound = 1 / math.sqrt(linear.in_features)
+    assert float(linear.weight.abs().max()) <= bound
+    assert float(linear.weight.std()) == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    outside = torch.nn.Linear(128, 128)  # not part of the projector / MoE: HF's normal(0, initializer_range)
+    twin._init_weights(outside)
+    assert float(outside.weight.std()) == pytest.approx(config.text_config.initializer_range, rel=0.1)

@@ -71,7 +71,7 @@ class ParrotPreTrainedModel(PreTrainedModel):
         HF default, normal(0, initializer_range). With the LLM's normal(0, 0.02), 4096-wide experts start with ~12x
         the output of the official ones, so the random experts, not the residual, would dominate the visual tokens
         at the start of stage 2."""
-        if id(module) not in getattr(self, "_torch_default_init", ()):
+        if not self._is_projector_or_moe(module):
             super()._init_weights(module)
         elif isinstance(module, nn.Linear):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))  # = U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -81,6 +81,12 @@ class ParrotPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SwiGLUExperts):
             for weight, bound in module.default_init_bounds():
                 init.uniform_(weight, -bound, bound)
+
+    def _is_projector_or_moe(self, module: nn.Module) -> bool:
+        """Whether `module` is part of this model's projector or MoE, looked up at call time: a set of module ids
+        taken in __init__ would go stale in a deep copy or an unpickled model (its modules are new objects)."""
+        parts = [self._modules.get(name) for name in ("mm_projector", "moe")]  # None before __init__ builds them
+        return any(module is part_module for part in parts if part is not None for part_module in part.modules())
 
 
 class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
@@ -94,7 +100,6 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         self.vision_tower = VisionTower(config, vision_model)
         self.mm_projector = build_projector(config)
         self.moe = ParrotMoEProjector(config)
-        self._torch_default_init = frozenset(id(m) for part in (self.mm_projector, self.moe) for m in part.modules())
         for loaded in (language_model, vision_model):
             for tensor in loaded.state_dict(keep_vars=True).values() if loaded is not None else ():
                 tensor._is_hf_initialized = True  # post_init must not overwrite loaded weights
