@@ -105,7 +105,7 @@ def check_reload(cfg: TrainConfig, snap: Snapshot) -> None:
 # --- PERFT-R on an MoE backbone -----------------------------------------------------------------------------
 def test_perft_r_on_moe_backbone_trains_only_adapters_and_reloads(ws, tmp_path):
     cfg, result, snap = run_stage2(ws, ws["moe_init"], tmp_path / "perft", tuning="perft-r", perft_experts=3,
-                                   perft_rank=4, perft_top_k=2)
+                                   perft_rank=4, perft_top_k=2, perft_balance_coef=0.05)
     intended = {n for n in snap.before if n.startswith("language_model.") and ".perft." in n}
     blocks = [n for n, _ in find_moe_blocks(snap.model.language_model)]
     assert blocks == ["model.layers.0.mlp", "model.layers.1.mlp"]
@@ -118,7 +118,9 @@ def test_perft_r_on_moe_backbone_trains_only_adapters_and_reloads(ws, tmp_path):
     assert all(torch.equal(base[k], out[k]) for k in base if k.startswith("language_model."))
     adapter = load_file(str(tmp_path / "perft" / "perft_adapter.safetensors"))
     assert {f"language_model.{k}" for k in adapter} == intended
-    assert json.loads((tmp_path / "perft" / "perft_config.json").read_text())["variant"] == "perft-r"
+    saved_config = json.loads((tmp_path / "perft" / "perft_config.json").read_text())
+    assert saved_config["variant"] == "perft-r" and saved_config["balance_coef"] == 0.05  # --perft-balance-coef
+    assert all(m.balance_coef == 0.05 for m in snap.model.modules() if hasattr(m, "last_mask"))
     check_reload(cfg, snap)
 
 
@@ -204,3 +206,9 @@ def test_cli_accepts_the_methods_and_documents_their_flags():
         TrainConfig(stage=2, tuning="ceft")
     with pytest.raises(ValueError, match="perft_rank"):
         TrainConfig(stage=2, tuning="perft-r", perft_rank=0)
+
+
+def test_a_negative_perft_balance_coef_is_refused_by_name(ws, tmp_path):
+    with pytest.raises(ValueError, match=r"perft_balance_coef must be >= 0, got -0.01"):
+        TrainConfig(stage=2, model=str(ws["moe_init"]), data="qa", data_registry=str(ws["registry"]),
+                    output_dir=str(tmp_path / "out"), tuning="perft-r", perft_balance_coef=-0.01)

@@ -51,7 +51,10 @@ class TrainConfig:
     tuning: str = _opt("full", "stage 2: how the LLM trains: full fine-tuning, LoRA (peft), MoLE "
                                "(LoRA experts + router from parrot.moe), or an MoE method of "
                                "parrot.moe.methods: PERFT variants perft-r|perft-e|perft-d|perft-s (MoE LLM), "
-                               "factorllm (dense SwiGLU LLM), ceft (MoE LLM, needs --ceft-ranking)", TUNING_MODES)
+                               "factorllm (dense SwiGLU LLM), ceft (MoE LLM, needs --ceft-ranking). As their official "
+                               "trainers, ceft trains on the LM cross-entropy alone and perft-* adds the MoE LLM's own "
+                               "load-balancing loss (router_aux_loss_coef x it), whatever the LLM config's "
+                               "output_router_logits; the other modes follow that setting", TUNING_MODES)
     # --- LoRA / MoLE ---------------------------------------------------------------------------------------
     lora_rank: int = _opt(8, "LoRA / MoLE expert rank r")
     lora_alpha: float = _opt(16.0, "LoRA / MoLE scaling numerator alpha (scale alpha / r)")
@@ -72,6 +75,7 @@ class TrainConfig:
     perft_rank: int = _opt(8, "PERFT: bottleneck rank r of each PEFT expert")
     perft_alpha: float = _opt(16.0, "PERFT: output scale numerator alpha (scale alpha / r)")
     perft_top_k: int = _opt(2, "PERFT-R: PEFT experts kept per token by its top-k router")
+    perft_balance_coef: float = _opt(0.01, "PERFT-R: weight of its routers' load-balancing loss, one term over every layer's tokens pooled, as the official code (its configs: 0.01 OLMoE, 0.001 / 0.02 Mixtral); 0 turns it off")
     factorllm_experts: int = _opt(4, "FactorLLM: experts each dense MLP is split into (must divide the "
                                      "intermediate size)")
     factorllm_top_k: int = _opt(2, "FactorLLM: experts kept per token")
@@ -161,6 +165,8 @@ class TrainConfig:
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0 (or max_steps > 0), got {self.epochs}: the run would train nothing "
                              "and publish the untrained model")
+        if self.perft_balance_coef < 0:
+            raise ValueError(f"perft_balance_coef must be >= 0, got {self.perft_balance_coef}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError(f"weight_decay ({self.weight_decay}) and max_grad_norm ({self.max_grad_norm}, 0: no "
                              "clipping) must be >= 0")
@@ -224,7 +230,7 @@ PATH_FIELDS = frozenset({"model", "llm", "vision", "data_registry", "data_root",
 STAGE2_FIELDS = frozenset({
     "tuning", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "router", "mole_experts", "mole_top_k",
     "mole_fused", "gw_quantile", "gw_calibration_batches", "perft_experts", "perft_rank", "perft_alpha",
-    "perft_top_k", "factorllm_experts", "factorllm_top_k", "ceft_ranking", "ceft_top_n", "ceft_per_layer",
+    "perft_top_k", "perft_balance_coef", "factorllm_experts", "factorllm_top_k", "ceft_ranking", "ceft_top_n", "ceft_per_layer",
 })
 
 

@@ -8,7 +8,10 @@ Parrot (Sun et al., 2024, sec. 3.3 / 4.1), following LLaVA's two stages:
   train. The LLM trains fully (`full`, as the paper), through LoRA adapters (`lora`, peft) or through Mixture of
   LoRA Experts layers with a router (`mole`, `parrot.moe.mole`), or through an MoE tuning method of
   `parrot.moe.methods` (`perft-r|e|d|s`, `factorllm`, `ceft`; `prepare_for_tuning` on the language model).
-  The vision tower stays frozen.
+  The vision tower stays frozen. Such a method also decides whether the MoE LLM's own load-balancing loss joins
+  the loss, as its official trainer (`TuningSetup.forward_kwargs`, passed to every model call by the trainer):
+  CEFT trains on the LM cross-entropy alone, even where the LLM config sets `output_router_logits`; PERFT with
+  `router_aux_loss_coef` x that loss, even where it does not.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def method_settings_from(cfg: TrainConfig) -> dict[str, Any]:
     """The `prepare_for_tuning` keywords of `cfg.tuning` (JSON-serialisable: they are saved with the model)."""
     if cfg.tuning in PERFT_VARIANTS:
         return {"num_experts": cfg.perft_experts, "rank": cfg.perft_rank, "alpha": cfg.perft_alpha,
-                "router": {"kind": "topk", "top_k": cfg.perft_top_k}}
+                "router": {"kind": "topk", "top_k": cfg.perft_top_k}, "balance_coef": cfg.perft_balance_coef}
     if cfg.tuning == "factorllm":
         return {"num_experts": cfg.factorllm_experts, "top_k": cfg.factorllm_top_k}
     if cfg.tuning == "ceft":
@@ -145,6 +148,10 @@ def describe_trainable(model: nn.Module, plan: StagePlan) -> str:
         header += f", router {plan.mole_config.router.kind}, {plan.mole_config.num_experts} experts/layer"
     if plan.tuning_setup is not None:
         header += f", {len(plan.tuning_setup.modules)} LLM modules tuned, settings {plan.method_settings}"
+        balance = plan.tuning_setup.forward_kwargs.get("output_router_logits")
+        if balance is not None:
+            header += (f", LLM routers' load-balancing loss {'in' if balance else 'not in'} the loss (as the official "
+                       f"{plan.tuning} trainer)")
     lines = [header, f"{'part':<16} {'trainable':>14} {'total':>14} {'share':>7}"]
     for part, trainable, total in parameter_table(model):
         share = 100.0 * trainable / total if total else 0.0

@@ -3,7 +3,10 @@
 - the MoLE routers' auxiliary losses join the LM loss (`parrot.moe.mole_aux_loss`), or, with an MoE tuning
   method (`tuning_setup`, from `parrot.moe.methods.prepare_for_tuning`), that method's aux losses
   (PERFT-R router balance / z losses, FactorLLM Prior-Approximate loss; CEFT has none), inside the model call
-  (`AuxLossHook`), where a DDP wrapper sees them;
+  (`AuxLossHook`), where a DDP wrapper sees them; an MoE tuning method's model call also gets its
+  `forward_kwargs`, which decide whether the base MoE LLM's own load-balancing loss (transformers adds
+  `router_aux_loss_coef` x it to `.loss` under `output_router_logits`) is part of the loss, as in the method's
+  official trainer: CEFT trains on the LM cross-entropy alone, PERFT with that loss (`TuningSetup.forward_kwargs`);
 - a non-finite loss stops the run before the optimizer step, naming the step and the first router (Parrot MoE
   projector router, then MoLE layers in forward order) whose outputs are non-finite;
 - tokens/s (text + visual tokens, all processes) in every log;
@@ -121,8 +124,12 @@ class ParrotTrainer(Trainer):
             return None
         return super()._run_epoch(*args, **kwargs)
 
+    def _forward_kwargs(self) -> dict:
+        """Keywords of every model call: the MoE tuning method's (`TuningSetup.forward_kwargs`), else none."""
+        return dict(self.tuning_setup.forward_kwargs) if self.tuning_setup is not None else {}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        outputs = model(**inputs, **self._forward_kwargs())
         loss = outputs.loss  # with the aux losses in training (AuxLossHook)
         mask = outputs.attention_mask if outputs.attention_mask is not None else inputs["attention_mask"]
         self._tokens_since_log += int(mask.sum())

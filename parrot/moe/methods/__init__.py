@@ -20,6 +20,8 @@ Stage-2 trainer entry point (`--tuning perft-r|perft-e|perft-d|perft-s|factorllm
     from parrot.moe.methods import prepare_for_tuning
     setup = prepare_for_tuning(model.language_model_or_model, args.tuning, **method_settings)
     # setup.trainable: parameter names that train (everything else frozen)
+    # out = model(**batch, **setup.forward_kwargs): .loss is the method's official loss (CEFT: the LM
+    #     cross-entropy alone; PERFT: with the base routers' load-balancing loss, output_router_logits=True)
     # setup.aux_loss(): router aux losses of the latest forward -> add to the LM loss
     # setup.routing():  {module: RouterOutput} for RouterStatsTracker / plot_expert_load
     # setup.state_dict(): the tuned weights only (for adapter checkpoints)
@@ -39,10 +41,11 @@ _EXPORTS = {
     ),
     "perft": (
         "PERFT_VARIANTS", "bottleneck_experts", "PerftConfig", "collect_perft_routing", "inject_perft", "load_perft",
-        "load_perft_state_dict", "perft_adapters", "perft_aux_loss", "perft_state_dict", "save_perft",
+        "load_perft_state_dict", "perft_adapters", "perft_aux_loss", "perft_forward_kwargs", "perft_state_dict",
+        "save_perft",
     ),
     "router_lens": (
-        "CEFTExperts", "ContextTaskConfig", "ExpertScore", "RouterLensResult", "load_ranking_csv",
+        "CEFTExperts", "ContextTaskConfig", "ExpertScore", "RouterLensResult", "lm_loss_only_kwargs", "load_ranking_csv",
         "make_context_copy_batches", "merge_ceft", "prepare_ceft", "rank_experts", "router_tune", "routing_frequency",
         "run_router_lens", "select_context_experts", "write_router_lens_outputs",
     ),

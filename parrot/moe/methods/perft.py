@@ -7,9 +7,27 @@ PEFT experts sit in parallel with each frozen sparse MoE FFN block; their output
 with W_down,j in R^{r x D}, W_up,j in R^{D x r}. Verified against the paper's framework description ("functional strategies"):
 the general expert form W_up sigma(W_down h), the paper's main setting being LoRA (sigma = identity;
 `activation` selects sigma), the PEFT module in parallel with the MoE FFN, and the four variants below.
-Not verified (the official code sits behind an anonymous link we could not read):
-PERFT-R's renormalisation over the kept top-k (our default, as MixLoRA), PERFT-D's unit gates, and the
-alpha / r output scale (LoRA convention).
+
+Checked in the first author's code (github.com/liuyilun2000/PERFUME, the earlier repository of the code that
+github.com/liuyilun2000/PERFT describes, same files: `finetune.py`, `math/finetune.py`,
+`{olmoe,mixtral}_modification/modeling_*.py`, `configuration_*.py`):
+- the LoRA expert's alpha / r scale (`OlmoeBlockLoraExpert`: `self.scaling = lora_alpha / r`), PERFT-D's unit
+  gates (each shared adapter's output added as is), PERFT-E's PEFT expert inside expert j, scaled by the base
+  router's weight of j;
+- PERFT-R's top-k renormalisation: the Mixtral code renormalises always, the OLMoE code only under the base
+  config's `norm_topk_prob` (False for OLMoE), and there it scales the PEFT experts by the BASE router's top-k
+  weights (`routing_weights[top_x, idx, None]`), apparently a slip. We renormalise (the Mixtral code, MixLoRA).
+- The training loss: `finetune.py` builds the model config with `output_router_logits=True` for every variant,
+  and the model's forward adds `router_aux_loss_coef` x the load-balancing loss of the FROZEN base routers to the
+  cross-entropy (its gradient reaches the PEFT experts of earlier layers through the hidden states), plus, for
+  PERFT-R, `shared_routing_adapter_router_aux_loss_coef` x `load_balancing_loss_func` (transformers' Switch loss)
+  applied ONCE to the tuple of every layer's PERFT-R router logits (pre-softmax, all layers' tokens pooled,
+  padding excluded with the call's `attention_mask`, top-k = the PERFT-R top-k). That coefficient defaults to
+  0.01 in the OLMoE config (`math/olmoe_modification/configuration_olmoe.py`), 0.001 in the Mixtral one
+  (`mixtral_modification/configuration_mixtral.py`; 0.02 in `commonsense/mixtral_modification/`); no script
+  sets it. `perft_forward_kwargs` asks the model call for the first term (the trainer passes it); `perft_aux_loss`
+  is the second (`perft_balance_loss`, coefficient `PerftConfig.balance_coef`, default 0.01) plus any other aux
+  loss of PERFT-R's library router (e.g. a z-loss), mean over layers.
 
 - PERFT-R (routed):   a new trainable router over N PEFT experts, top-k (any `parrot.moe.routers` router,
                       `RouterConfig`; default softmax top-2 with renormalisation).
@@ -33,13 +51,13 @@ Trainer-facing API:
     blocks = inject_perft(model, cfg)            # -> ["model.layers.0.mlp", ...]
     out = model(input_ids=..., attention_mask=..., labels=...)
     routing = collect_perft_routing(model)       # {block name: RouterOutput} (R and E variants)
-    loss = out.loss + perft_aux_loss(routing)    # PERFT-R router aux losses (balance / z), mean over layers
+    loss = out.loss + perft_aux_loss(model)      # PERFT-R: pooled load balance (+ its router's other aux losses)
     save_perft(model, cfg, out_dir) / load_perft(model, out_dir)
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +68,16 @@ import torch.nn.functional as F
 from ..experts import LoRAExperts
 from ..mole import (built_router_settings, install_mask_hooks, mole_aux_loss, read_adapter_files, routing_mask,
                     settings_differences, write_adapter_files)
-from ..routers import RouterConfig, RouterOutput, build_router, lazy_routing_stats, router_settings
+from ..routers import (RouterConfig, RouterOutput, build_router, lazy_routing_stats, router_settings,
+                       top_k_indices)
 from .moe_blocks import find_moe_blocks
 
 PERFT_VARIANTS: tuple[str, ...] = ("perft-r", "perft-e", "perft-d", "perft-s")
 PERFT_WEIGHTS_NAME = "perft_adapter.safetensors"
 PERFT_CONFIG_NAME = "perft_config.json"
 _ACTIVATIONS = {"identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+# The official `shared_routing_adapter_router_aux_loss_coef` default of the OLMoE code (see the module docstring).
+PERFT_BALANCE_COEF = 0.01
 
 
 @dataclass
@@ -70,6 +91,17 @@ class PerftConfig:
         "gelu", "silu" (bottleneck adapter).
     dropout: dropout on the PEFT branch input.
     router: PERFT-R's router (a library router; `top_k` must be <= N: `build_router` raises otherwise).
+    balance_coef: PERFT-R's load-balancing loss, as the official code: `balance_coef` x transformers'
+        `load_balancing_loss_func` over the router logits of ALL PERFT-R routers of the model pooled (one Switch
+        loss over every layer's real tokens, padding excluded; `perft_balance_loss`, in `perft_aux_loss`). Default
+        0.01, the official OLMoE default (`shared_routing_adapter_router_aux_loss_coef`; its Mixtral code defaults
+        to 0.001). The routers are then built without their own per-layer balance loss: `router.balance_coef` is
+        not used (their other aux losses, e.g. a z-loss, stay, mean over layers). None: the behaviour before this
+        field existed, each router's own per-layer Switch balance (`router.balance_coef`, normalised by k, so 1/k
+        of transformers' value), mean over layers.
+        Configs saved before this field existed load with the default (pooled, 0.01; the `router.balance_coef`
+        they were trained with, 0.001 by default, is not used): pass balance_coef=None to train such an adapter
+        further exactly as before.
     freeze_base: set requires_grad=False on every parameter that existed before injection.
     """
 
@@ -80,6 +112,7 @@ class PerftConfig:
     activation: str = "identity"
     dropout: float = 0.0
     router: RouterConfig = field(default_factory=lambda: RouterConfig(kind="topk", top_k=2))
+    balance_coef: float | None = PERFT_BALANCE_COEF
     freeze_base: bool = True
 
     def __post_init__(self) -> None:
@@ -93,6 +126,13 @@ class PerftConfig:
             raise ValueError(f"PerftConfig.activation={self.activation!r} must be one of {tuple(_ACTIVATIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PerftConfig.dropout={self.dropout} must be in [0, 1)")
+        if self.balance_coef is not None and not self.balance_coef >= 0.0:
+            raise ValueError(f"PerftConfig.balance_coef={self.balance_coef} must be >= 0 or None (per-layer balance)")
+
+    def router_config(self) -> RouterConfig:
+        """The RouterConfig PERFT-R's routers are built from: without their per-layer balance loss under the pooled
+        one (`balance_coef` set), which would otherwise count twice."""
+        return self.router if self.balance_coef is None else replace(self.router, balance_coef=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,8 +150,10 @@ def bottleneck_experts(num_experts: int, hidden_size: int, rank: int, alpha: flo
 class PerftAdapter(nn.Module):
     """The PEFT branch of one MoE block: hidden (B, S, D) -> delta (B, S, D) to add to the block output.
 
-    `last_routing` holds the RouterOutput of the latest forward (PERFT-R / PERFT-E; None for D / S);
-    `token_mask` (B, S_total) is set by the model-level mask hooks that `inject_perft` installs.
+    `last_routing` holds the RouterOutput of the latest forward (PERFT-R / PERFT-E; None for D / S) and
+    `last_mask` its (T,) bool token mask (None: every token counts); `token_mask` (B, S_total) is set by the
+    model-level mask hooks that `inject_perft` installs. `balance_coef`: PERFT-R's pooled balance coefficient
+    (`PerftConfig.balance_coef`; None for the per-layer one and for the other variants).
     """
 
     def __init__(self, variant: str, hidden_size: int, base_num_experts: int, config: PerftConfig):
@@ -121,9 +163,11 @@ class PerftAdapter(nn.Module):
                        "perft-e": base_num_experts, "perft-s": 1}[variant]
         self.num_experts = num_experts
         self.experts = bottleneck_experts(num_experts, hidden_size, config.rank, config.alpha, config.activation)
-        self.router = build_router(config.router, hidden_size, num_experts) if variant == "perft-r" else None
+        self.router = build_router(config.router_config(), hidden_size, num_experts) if variant == "perft-r" else None
+        self.balance_coef = config.balance_coef if variant == "perft-r" else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.last_routing: RouterOutput | None = None
+        self.last_mask: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None  # set by the model-level MaskCapture pre-hook
         self.token_seq: int | None = None
         self._gate_output: tuple[torch.Tensor, ...] | None = None  # PERFT-E: the frozen router's latest output
@@ -155,7 +199,7 @@ class PerftAdapter(nn.Module):
             routing = self._routing_from_base(T, mask, flat.dtype)
         else:
             routing = None
-        self.last_routing = routing
+        self.last_routing, self.last_mask = routing, mask
         if routing is None:
             weights = flat.new_ones(T, self.num_experts)
             indices = torch.arange(self.num_experts, device=flat.device).expand(T, self.num_experts)
@@ -216,9 +260,73 @@ def collect_perft_routing(model: nn.Module) -> dict[str, RouterOutput]:
     return {name: a.last_routing for name, a in perft_adapters(model) if a.last_routing is not None}
 
 
-def perft_aux_loss(routing: dict[str, RouterOutput]) -> torch.Tensor | float:
-    """Mean over blocks of the routers' (coefficient-scaled) aux losses; 0 without any (E / D / S)."""
-    return mole_aux_loss(routing)
+def _balance_selection(router: nn.Module, routing: RouterOutput) -> torch.Tensor:
+    """(T, K) experts each token counts for in the pooled balance loss (-1: none): the router's top-k, as
+    transformers' `load_balancing_loss_func` (`torch.topk` of the softmax; the library routers pick the same experts,
+    ties aside). GW-MoE in training routes broadcast tokens to every expert: they count as their top-k (its own
+    balance rule). A router without a fixed k (DynMoLE, dense top-k) counts the experts it selected."""
+    k = getattr(router, "top_k", None)
+    if k is not None and routing.indices.shape[1] != k:
+        return top_k_indices(routing.logits, k)
+    return routing.indices
+
+
+def perft_balance_loss(model: nn.Module) -> torch.Tensor | float:
+    """PERFT-R's load-balancing loss as the official code computes it: `balance_coef` x transformers'
+    `load_balancing_loss_func(tuple of every PERFT-R router's logits, N, k, attention_mask)` of the latest forward,
+
+        coef * N * sum_e f_e P_e,   f_e = (# top-k picks of e) / R,   P_e = (sum of p_e) / R,
+
+    sums over the real tokens (`last_mask`) of ALL PERFT-R layers pooled, R = their number (layers x tokens), p the
+    router's softmax. Only P carries gradient. 0.0 without PERFT-R routers under the pooled loss (other variants,
+    `balance_coef=None`) or before a forward; 0 (not NaN) when every token is padding. In at least float32, with
+    element-wise products and sums (autocast would run a matmul in bfloat16).
+    """
+    pooled = [a for _, a in perft_adapters(model)
+              if a.balance_coef is not None and a.router is not None and a.last_routing is not None]
+    if not pooled:
+        return 0.0
+    first = pooled[0].last_routing.probs
+    device, dtype = first.device, torch.promote_types(first.dtype, torch.float32)
+    num_experts = pooled[0].num_experts
+    picks = torch.zeros(num_experts, dtype=dtype, device=device)  # (N,) top-k picks of real tokens
+    mass = torch.zeros(num_experts, dtype=dtype, device=device)  # (N,) summed probabilities of real tokens
+    rows: torch.Tensor | int = 0
+    for adapter in pooled:
+        routing, mask = adapter.last_routing, adapter.last_mask
+        probs = routing.probs.to(device=device, dtype=dtype)  # (T, N)
+        chosen = _balance_selection(adapter.router, routing).to(device)  # (T, K)
+        counted = chosen >= 0
+        if mask is None:
+            mass = mass + probs.sum(0)
+            rows = rows + probs.shape[0]
+        else:
+            mask = mask.to(device)
+            counted = counted & mask[:, None]
+            mass = mass + (probs * mask[:, None].to(dtype)).sum(0)
+            rows = rows + mask.sum()
+        picks = picks.scatter_add(0, chosen.clamp_min(0).reshape(-1), counted.reshape(-1).to(dtype))
+    total = rows.clamp_min(1).to(dtype) if isinstance(rows, torch.Tensor) else float(max(rows, 1))
+    return pooled[0].balance_coef * num_experts * (picks * mass).sum() / (total * total)
+
+
+def perft_aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """The PERFT routers' loss of the latest forward, to add to the model's `.loss`: `perft_balance_loss` (PERFT-R
+    under the pooled balance loss, the default) plus the mean over blocks of the routers' own (coefficient-scaled)
+    aux losses (the per-layer balance with `balance_coef=None`, a z-loss, ...); 0.0 without any (E / D / S)."""
+    if isinstance(model, dict):
+        raise TypeError("perft_aux_loss takes the model (its PERFT-R balance loss pools all layers' routers and token "
+                        "masks), not a routing dict")
+    return perft_balance_loss(model) + mole_aux_loss(collect_perft_routing(model))
+
+
+def perft_forward_kwargs(model: nn.Module) -> dict[str, bool]:
+    """Keywords for the model call that make `.loss` the official PERFT training loss minus the PERFT-R router's
+    own aux losses (`perft_aux_loss`): `{"output_router_logits": True}`, so transformers adds
+    `router_aux_loss_coef` x the load-balancing loss of the frozen base routers to the cross-entropy, as the
+    official `finetune.py` (config built with `output_router_logits=True`) for every variant; `{}` for a model
+    whose config has no `output_router_logits` (it cannot compute that loss)."""
+    return {"output_router_logits": True} if hasattr(getattr(model, "config", None), "output_router_logits") else {}
 
 
 def perft_parameter_names(model: nn.Module) -> list[str]:
@@ -265,14 +373,19 @@ def _adapter_settings(adapter: PerftAdapter) -> dict[str, object]:
     if adapter.variant in ("perft-r", "perft-d"):
         settings["num_experts"] = adapter.num_experts
     if adapter.router is not None:
-        settings.update({f"router.{k}": v for k, v in router_settings(adapter.router).items()})
+        router = router_settings(adapter.router)
+        if adapter.balance_coef is not None:  # built without its own balance loss: the pooled one replaces it
+            router.pop("balance_coef")
+        settings.update({f"router.{k}": v for k, v in router.items()})
+        settings["balance_coef"] = adapter.balance_coef
     return settings
 
 
 def perft_config_differences(model: nn.Module, config: PerftConfig) -> list[str]:
     """How the PERFT adapters of `model` differ from what `config` injects: one line per differing setting,
     "field: saved X, model Y" (variant, num_experts for R / D, rank, alpha, activation, dropout and, for PERFT-R,
-    every router setting, "router." prefixed), with the blocks it concerns when not all. Empty when they agree."""
+    balance_coef and every router setting, "router." prefixed; `router.balance_coef` only where both sides use it,
+    i.e. under balance_coef=None), with the blocks it concerns when not all. Empty when they agree."""
     adapters = perft_adapters(model)
     compared = []  # (block, saved settings, model settings)
     for name, adapter in adapters:
@@ -281,8 +394,11 @@ def perft_config_differences(model: nn.Module, config: PerftConfig) -> list[str]
         if config.variant in ("perft-r", "perft-d"):
             saved["num_experts"] = config.num_experts
         if config.variant == "perft-r":
-            router = built_router_settings(config.router, config.num_experts)
+            router = built_router_settings(config.router_config(), config.num_experts)
+            if config.balance_coef is not None:
+                router.pop("balance_coef")
             saved.update({f"router.{k}": v for k, v in router.items()})
+            saved["balance_coef"] = config.balance_coef
         compared.append((name, saved, _adapter_settings(adapter)))
     return settings_differences(compared, len(adapters), "blocks")
 

@@ -15,6 +15,8 @@ Mixture-of-Experts LLMs" (arXiv 2508.19594; official code bigai-nlco/RouterLens,
 - CEFT: fine-tune only the selected experts' weights (official `ceft-N`: the top-N experts
   of EVERY layer by that count, their gate/up/down projections), everything else frozen, starting from
   the original (not router-tuned) model.
+- Both train on the LM cross-entropy alone (`lm_loss_only_kwargs`): the official trainer computes it from the
+  logits, so the base model's load-balancing loss (`output_router_logits`) never joins, whatever the config says.
 
 In transformers 5.x the experts of a layer are stacked 3-D parameters, so `CEFTExperts` keeps the stacked
 tensors frozen and trains copies of the selected experts' slices, written back into the stacked tensors on
@@ -205,6 +207,16 @@ def routing_frequency(model: nn.Module, batches: list[dict[str, torch.Tensor]], 
     return names, (counts / total).cpu()
 
 
+def lm_loss_only_kwargs(model: nn.Module) -> dict[str, bool]:
+    """Keywords for the model call that make its `.loss` the LM cross-entropy alone, as the official Router Lens /
+    CEFT trainer (bigai-nlco/RouterLens `utils_train.CustomTrainer.compute_loss` computes the cross-entropy from the
+    logits itself, so no load-balancing term ever reaches it): `{"output_router_logits": False}` for a model whose
+    config sets `output_router_logits` (transformers then adds `router_aux_loss_coef` x the load-balancing loss of
+    its routers to `.loss`), else `{}` (the keyword is only passed where the model reads it)."""
+    config = getattr(model, "config", None)
+    return {"output_router_logits": False} if getattr(config, "output_router_logits", False) else {}
+
+
 def router_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every MoE router (the blocks' `gate`)."""
     return [(f"{name}.gate.{n}", p) for name, block in find_moe_blocks(model) for n, p in block.gate.named_parameters()]
@@ -233,8 +245,7 @@ def router_tune(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam([p for _, p in routers], lr=lr)
     device = next(model.parameters()).device
-    lm_loss_only = {"output_router_logits": False} if getattr(getattr(model, "config", None), "output_router_logits",
-                                                              False) else {}
+    lm_loss_only = lm_loss_only_kwargs(model)
     model.train()
     losses = []
     try:
@@ -720,7 +731,8 @@ def main(argv: list[str] | None = None) -> None:
 
         selection = select_context_experts(result.ranking, args.ceft_top_n)
         trainable = prepare_ceft(model, selection)
-        losses = train_steps(model, [_model_inputs(b, next(model.parameters()).device) for b in train], args.ceft_steps, args.ceft_lr)
+        losses = train_steps(model, [_model_inputs(b, next(model.parameters()).device) for b in train], args.ceft_steps,
+                             args.ceft_lr, forward_kwargs=lm_loss_only_kwargs(model))  # CE only, as the official CEFT
         atomic_write_text(Path(args.out) / "ceft.json", json.dumps({"selection": selection, "trainable": trainable, "losses": losses}, indent=2))
         logger.info("CEFT (%d tensors) loss %.4f -> %.4f", len(trainable), losses[0], losses[-1])
     for kind, path in paths.items():
