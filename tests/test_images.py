@@ -88,6 +88,17 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
     assert pixels[..., 0].tolist() == [[128, 100], [0, 255]] and (pixels == pixels[..., :1]).all()
 
 
+def test_a_float_tiff_is_refused_by_name_not_turned_black(tmp_path):
+    """Pillow's convert("RGB") clips 32-bit float pixels to 0..255, so a 0..1 float TIFF loaded all black."""
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4), mode="F").save(path)
+    assert Image.open(path).mode == "F"
+    with pytest.raises(BadImageError, match=r"float\.tif: .*32-bit float pixels \(mode F\)"):
+        load_image(path)
+    with pytest.raises(BadImageError, match=r"array: .*mode F"):
+        load_image(Image.open(path), name="array")
+
+
 def test_exif_orientation_is_applied(tmp_path):
     """A photo stored landscape with EXIF orientation 6 ("rotate 90 clockwise to display") loads as displayed."""
     stored = Image.new("RGB", (40, 20), (200, 10, 10))

@@ -67,6 +67,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     path do: a plain convert("RGB") drops the alpha and shows the colours hidden under it (black line art on a
     transparent background, stored as transparent black, would turn all black)."""
     image = ImageOps.exif_transpose(image)
+    if image.mode == "F":  # convert("RGB") clips floats to 0..255: a 0..1 image (the usual float scale) turns black
+        raise ValueError("32-bit float pixels (mode F), whose scale (0..1 or 0..255) the file does not say; save the "
+                         "image as 8- or 16-bit")
     if image.mode in _WIDE_GREY_MODES:
         raw = np.asarray(image)
         levels = np.clip(np.rint(raw.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255
