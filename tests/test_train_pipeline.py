@@ -551,6 +551,27 @@ def test_stage2_mole_each_router_trains_and_writes_diagnostics(ws, stage1, tmp_p
             assert f"ETA {format_duration(entry['eta_s'])}" in line
 
 
+def test_stage2_gwmoe_with_a_fixed_threshold_skips_the_calibration(ws, stage1, tmp_path, monkeypatch):
+    """--gw-threshold (the official scripts' fixed threshold, nats) is every GW-MoE router's threshold, saved with the
+    adapter; no calibration pass runs. A threshold that is not a positive number is refused by name."""
+    from parrot.moe.routers import GWMoERouter
+    from parrot.train import run
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran although --gw-threshold was set")
+
+    monkeypatch.setattr(run, "_calibrate_gwmoe", no_calibration)
+    out = tmp_path / "gw"
+    train(config(ws, out, stage=2, model=str(stage1), data="qa", tuning="mole", router="gwmoe", gw_threshold=0.7,
+                 lora_targets="q_proj", mole_experts=3, per_device_batch_size=8, global_batch_size=8))
+    model, _ = load_trained(out)
+    routers = [m for m in model.modules() if isinstance(m, GWMoERouter)]
+    assert len(routers) == 2 and all(float(r.threshold) == pytest.approx(0.7) for r in routers)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="gw_threshold must be a finite number > 0"):
+            config(ws, out, stage=2, tuning="mole", router="gwmoe", gw_threshold=bad)
+
+
 def test_stage2_mole_trains_under_torch_compile(ws, stage1, tmp_path):
     """--torch-compile (HF Trainer's torch_compile): the compiled model trains with the uncompiled run's losses.
     Backend aot_eager traces through AOTAutograd without code generation (Inductor's modes are for GPUs)."""

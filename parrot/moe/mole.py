@@ -327,7 +327,9 @@ def collect_router_outputs(model: nn.Module) -> dict[str, RouterOutput]:
 def mole_aux_loss(routing: dict[str, RouterOutput]) -> torch.Tensor | float:
     """Mean over MoLE layers of each layer's summed (already coefficient-scaled) aux losses.
 
-    The mean matches the official MoE-PEFT losses, which pool the tokens of all layers into one loss.
+    Not the official MoE-PEFT balance loss (MixLoRA, DynMoLE): that is one term over the tokens of all layers pooled
+    (transformers' `load_balancing_loss_func`, whose shares count each of a token's k picks: sum k, ours 1), not a
+    mean of per-layer terms; the README's router section lists the differences.
     """
     losses = [r.aux_loss for r in routing.values() if r.aux_losses]
     return sum(losses) / len(losses) if losses else 0.0

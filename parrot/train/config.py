@@ -69,6 +69,9 @@ class TrainConfig:
     gw_quantile: float = _opt(0.8, "GW-MoE: broadcast threshold = this quantile of the router entropies measured "
                                    "on --gw-calibration-batches batches before training")
     gw_calibration_batches: int = _opt(8, "GW-MoE: batches for the threshold calibration")
+    gw_threshold: float | None = _opt(None, "GW-MoE: a fixed broadcast threshold on the router entropy in nats, as the "
+                                            "official scripts (8 experts: 1.6 GLUE, 1.8 QA / summarisation); set, it "
+                                            "replaces the calibration (--gw-quantile, --gw-calibration-batches unused)")
     # --- MoE tuning methods (parrot.moe.methods) ---------------------------------------------------------
     perft_experts: int = _opt(4, "PERFT-R / PERFT-D: PEFT experts per MoE block (PERFT-E uses the block's expert "
                                  "count, PERFT-S one)")
@@ -165,6 +168,8 @@ class TrainConfig:
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0 (or max_steps > 0), got {self.epochs}: the run would train nothing "
                              "and publish the untrained model")
+        if self.gw_threshold is not None and not (math.isfinite(self.gw_threshold) and self.gw_threshold > 0):
+            raise ValueError(f"gw_threshold must be a finite number > 0 (nats), got {self.gw_threshold}")
         if self.perft_balance_coef < 0:
             raise ValueError(f"perft_balance_coef must be >= 0, got {self.perft_balance_coef}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
@@ -229,8 +234,9 @@ PATH_FIELDS = frozenset({"model", "llm", "vision", "data_registry", "data_root",
 # projector alone (`stages.apply_stage`), so a stage-1 config refuses any of them that is not at its default.
 STAGE2_FIELDS = frozenset({
     "tuning", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "router", "mole_experts", "mole_top_k",
-    "mole_fused", "gw_quantile", "gw_calibration_batches", "perft_experts", "perft_rank", "perft_alpha",
-    "perft_top_k", "perft_balance_coef", "factorllm_experts", "factorllm_top_k", "ceft_ranking", "ceft_top_n", "ceft_per_layer",
+    "mole_fused", "gw_quantile", "gw_calibration_batches", "gw_threshold", "perft_experts", "perft_rank",
+    "perft_alpha", "perft_top_k", "perft_balance_coef", "factorllm_experts", "factorllm_top_k", "ceft_ranking",
+    "ceft_top_n", "ceft_per_layer",
 })
 
 

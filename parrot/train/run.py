@@ -328,8 +328,8 @@ def _train(cfg: TrainConfig, callbacks: list | None) -> TrainResult:
 
     dataset, bad_data = build_train_dataset(cfg, processor, output_dir)
     collator = DataCollator(pad_token_id=processor.tokenizer.pad_token_id)
-    if plan.mole_config is not None and plan.mole_config.router.kind == "gwmoe":
-        _calibrate_gwmoe(model, dataset, collator, cfg)
+    if plan.mole_config is not None and plan.mole_config.router.kind == "gwmoe" and cfg.gw_threshold is None:
+        _calibrate_gwmoe(model, dataset, collator, cfg)  # (a set --gw-threshold is already the routers')
 
     processes = world_size()
     repeated = epoch_end_repeats(len(dataset), cfg.per_device_batch_size, processes)

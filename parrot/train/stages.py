@@ -52,7 +52,8 @@ def mole_config_from(cfg: TrainConfig) -> MoLEConfig:
     router = RouterConfig(
         kind=cfg.router,
         top_k=cfg.mole_top_k,
-        gw_quantile=cfg.gw_quantile if cfg.router == "gwmoe" else None,
+        gw_threshold=cfg.gw_threshold if cfg.router == "gwmoe" else None,
+        gw_quantile=cfg.gw_quantile if cfg.router == "gwmoe" and cfg.gw_threshold is None else None,
     )
     return MoLEConfig(target_modules=cfg.targets, num_experts=cfg.mole_experts, rank=cfg.lora_rank,
                       alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, router=router, fused=cfg.mole_fused)
