@@ -229,6 +229,8 @@ OLD_CONFIG = {
 
 
 def test_config_saved_before_the_change_still_loads(tmp_path):
+    """A perft_config.json without balance_coef was trained with each router's own per-layer balance loss: it loads
+    as balance_coef=None (that loss), not as the pooled default."""
     trained = _model("olmoe")
     save_perft(trained, PerftConfig(variant="perft-r", num_experts=4, rank=2, alpha=4.0), tmp_path / "perft")
     (tmp_path / "perft" / PERFT_CONFIG_NAME).write_text(json.dumps(OLD_CONFIG))
@@ -238,26 +240,28 @@ def test_config_saved_before_the_change_still_loads(tmp_path):
     torch.manual_seed(0)
     fresh = BUILDERS["olmoe"][0]().double()
     config = load_perft(fresh, tmp_path / "perft")  # injects from the saved config
-    assert config.balance_coef == OFFICIAL_COEF and config.router.balance_coef == 0.001
+    assert config.balance_coef is None and config.router.balance_coef == 0.001
+    assert all(adapter.balance_coef is None and adapter.router.balance_coef == 0.001
+               for _, adapter in perft_adapters(fresh))
     torch.testing.assert_close(fresh(input_ids=ids).logits, expected)
 
     torch.manual_seed(0)
-    injected = BUILDERS["olmoe"][0]().double()  # injected with today's defaults, then loaded
-    inject_perft(injected, PerftConfig(variant="perft-r", num_experts=4, rank=2, alpha=4.0))
-    assert perft_config_differences(injected, config) == []
-    load_perft(injected, tmp_path / "perft")
-    torch.testing.assert_close(injected(input_ids=ids).logits, expected)
+    per_layer = BUILDERS["olmoe"][0]().double()  # injected with the old (per-layer) rule, then loaded
+    inject_perft(per_layer, PerftConfig(variant="perft-r", num_experts=4, rank=2, alpha=4.0, balance_coef=None))
+    assert perft_config_differences(per_layer, config) == []
+    load_perft(per_layer, tmp_path / "perft")
+    torch.testing.assert_close(per_layer(input_ids=ids).logits, expected)
 
     torch.manual_seed(0)
-    per_layer = BUILDERS["olmoe"][0]().double()
-    inject_perft(per_layer, PerftConfig(variant="perft-r", num_experts=4, rank=2, alpha=4.0, balance_coef=None))
-    assert perft_config_differences(per_layer, config) == ["balance_coef: saved 0.01, model None"]
-    with pytest.raises(ValueError, match="balance_coef: saved 0.01, model None"):
-        load_perft(per_layer, tmp_path / "perft")
-    old_per_layer = PerftConfig(**{**OLD_CONFIG, "balance_coef": None})
-    assert perft_config_differences(per_layer, old_per_layer) == []
+    pooled = BUILDERS["olmoe"][0]().double()  # injected with today's default: the saved rule differs, named
+    inject_perft(pooled, PerftConfig(variant="perft-r", num_experts=4, rank=2, alpha=4.0))
+    with pytest.raises(ValueError, match="balance_coef: saved None, model 0.01"):
+        load_perft(pooled, tmp_path / "perft")
     other = PerftConfig(**{**OLD_CONFIG, "balance_coef": None, "router": {**OLD_CONFIG["router"], "balance_coef": 0.1}})
     assert perft_config_differences(per_layer, other) == ["router.balance_coef: saved 0.1, model 0.001"]
+    for bad in (float("inf"), float("nan"), True, -0.5):
+        with pytest.raises(ValueError, match="balance_coef=.* must be a finite number >= 0 or None"):
+            PerftConfig(variant="perft-r", balance_coef=bad)
 
 
 def test_new_config_roundtrip(tmp_path):

@@ -65,6 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...fileio import is_finite_number
 from ..experts import LoRAExperts
 from ..mole import (built_router_settings, install_mask_hooks, mole_aux_loss, read_adapter_files, routing_mask,
                     settings_differences, write_adapter_files)
@@ -99,9 +100,8 @@ class PerftConfig:
         not used (their other aux losses, e.g. a z-loss, stay, mean over layers). None: the behaviour before this
         field existed, each router's own per-layer Switch balance (`router.balance_coef`, normalised by k, so 1/k
         of transformers' value), mean over layers.
-        Configs saved before this field existed load with the default (pooled, 0.01; the `router.balance_coef`
-        they were trained with, 0.001 by default, is not used): pass balance_coef=None to train such an adapter
-        further exactly as before.
+        A perft_config.json saved before this field existed loads as None (`load_perft`): the per-layer loss it
+        was trained with.
     freeze_base: set requires_grad=False on every parameter that existed before injection.
     """
 
@@ -126,8 +126,9 @@ class PerftConfig:
             raise ValueError(f"PerftConfig.activation={self.activation!r} must be one of {tuple(_ACTIVATIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PerftConfig.dropout={self.dropout} must be in [0, 1)")
-        if self.balance_coef is not None and not self.balance_coef >= 0.0:
-            raise ValueError(f"PerftConfig.balance_coef={self.balance_coef} must be >= 0 or None (per-layer balance)")
+        if self.balance_coef is not None and not (is_finite_number(self.balance_coef) and self.balance_coef >= 0.0):
+            raise ValueError(f"PerftConfig.balance_coef={self.balance_coef!r} must be a finite number >= 0 or None "
+                             "(per-layer balance)")
 
     def router_config(self) -> RouterConfig:
         """The RouterConfig PERFT-R's routers are built from: without their per-layer balance loss under the pooled
@@ -412,6 +413,7 @@ def load_perft(model: nn.Module, directory: str | Path) -> PerftConfig:
     shapes happen to fit would otherwise run under another alpha / activation / routing, silently).
     """
     raw, tensors = read_adapter_files(directory, PERFT_WEIGHTS_NAME, PERFT_CONFIG_NAME, "PERFT")
+    raw.setdefault("balance_coef", None)  # saved before the pooled loss existed: trained with the per-layer one
     config = PerftConfig(**raw)
     if not perft_adapters(model):
         inject_perft(model, config)
