@@ -209,6 +209,6 @@ def test_cli_accepts_the_methods_and_documents_their_flags():
 
 
 def test_a_negative_perft_balance_coef_is_refused_by_name(ws, tmp_path):
-    with pytest.raises(ValueError, match=r"perft_balance_coef must be >= 0, got -0.01"):
+    with pytest.raises(ValueError, match=r"perft_balance_coef must be a finite number >= 0 \(or null\), got -0.01"):
         TrainConfig(stage=2, model=str(ws["moe_init"]), data="qa", data_registry=str(ws["registry"]),
                     output_dir=str(tmp_path / "out"), tuning="perft-r", perft_balance_coef=-0.01)

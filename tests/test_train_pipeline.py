@@ -987,11 +987,34 @@ def _other_value(f: dataclasses.Field):
     """A value of the setting's type other than its default."""
     if f.metadata.get("choices"):
         return next(choice for choice in f.metadata["choices"] if choice != f.default)
+    if f.default is None and str(f.type).startswith("float"):
+        return 1.5
     if f.default is None or isinstance(f.default, str):
         return "other"
     if isinstance(f.default, bool):
         return not f.default
     return f.default + 1 if isinstance(f.default, int) else f.default / 2
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_where_it_trains_alike():
+    """A train_config.json written before a setting existed lacks it: resuming compares the setting with the value
+    that trains as that run did (`SETTINGS_ADDED_LATER`), and only where the run uses the setting, so adding a
+    PERFT-R or GW-MoE setting does not lock every older run out of --resume."""
+    from parrot.train.config import SETTINGS_ADDED_LATER
+
+    for tuning, extra in (("full", {}), ("lora", {}), ("mole", {"router": "gwmoe"}), ("perft-e", {})):
+        now = TrainConfig(stage=2, tuning=tuning, **extra)
+        saved = {k: v for k, v in now.to_dict().items() if k not in SETTINGS_ADDED_LATER}
+        assert now.resume_differences(saved) == [], tuning
+    perft = TrainConfig(stage=2, tuning="perft-r")  # the pooled balance loss is new: that run trained per layer
+    saved = {k: v for k, v in perft.to_dict().items() if k != "perft_balance_coef"}
+    assert perft.resume_differences(saved) == ["perft_balance_coef: (not saved: the run trained as None does) -> 0.01"]
+    assert TrainConfig(stage=2, tuning="perft-r", perft_balance_coef=None).resume_differences(saved) == []
+    fixed = TrainConfig(stage=2, tuning="mole", router="gwmoe", gw_threshold=1.6)
+    saved = {k: v for k, v in fixed.to_dict().items() if k != "gw_threshold"}
+    assert fixed.resume_differences(saved) == ["gw_threshold: (not saved: the run trained as None does) -> 1.6"]
+    saved = {k: v for k, v in TrainConfig(stage=2).to_dict().items() if k != "lora_rank"}  # not added later: strict
+    assert TrainConfig(stage=2).resume_differences(saved) == ["lora_rank: (not saved) -> 8"]
 
 
 def test_stage1_refuses_stage2_settings(tmp_path, monkeypatch, capsys):

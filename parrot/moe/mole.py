@@ -14,6 +14,7 @@ Trainer-facing API (what `--tuning mole --router {topk,dynmole,gwmoe,mor}` shoul
     out = model(input_ids=..., attention_mask=...)  # attention_mask is picked up for the routers
     routing = collect_router_outputs(model)         # {module name: RouterOutput} of THIS forward
     loss = out.loss + mole_aux_loss(routing)        # mean over layers of the already-scaled aux losses
+                                                    # (+ the pooled balance term under balance="pooled")
     if step % log_every == 0:                       # stats are lazy: only logging steps compute them
         tracker.update(step, routing)               # parrot.moe.diagnostics.RouterStatsTracker
     save_mole(model, cfg, out_dir) / load_mole(model, out_dir)   # adapter + router weights only
@@ -34,8 +35,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -44,8 +46,10 @@ import torch.nn as nn
 
 from .experts import LoRAExperts
 from .fused import FUSED_MODES, fused_mole, fused_plan, shared_gemm_applies, shared_gemm_mole
-from .routers import RouterConfig, RouterOutput, build_router, router_settings
+from .routers import PooledBalance, RouterConfig, RouterOutput, build_router, router_settings, top_k_indices
 
+logger = logging.getLogger(__name__)
+BALANCE_MODES: tuple[str, ...] = ("layer", "pooled")
 ADAPTER_WEIGHTS_NAME = "mole_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "mole_config.json"
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -69,6 +73,18 @@ class MoLEConfig:
     fused: "auto" | "always" | "never", the fused router + experts path (`parrot.moe.fused`: one autograd
         node, Triton routing kernels): "auto" uses it on CUDA where it applies, "always" also on CPU when
         Triton runs in interpreter mode (TRITON_INTERPRET=1; slow, for tests), "never" keeps the eager modules.
+    balance: how the routers' load-balancing loss is computed.
+        "layer" (default): each router's own Switch loss on its layer's tokens (`router.balance_coef`, shares of
+            the assignments summing to 1), `mole_aux_loss` averages the layers.
+        "pooled": the official MoE-PEFT loss (MixLoRA / DynMoLE, TUDB-Labs/MoE-PEFT `mix_lora.py`):
+            `router.balance_coef` x transformers' `load_balancing_loss_func` over the router outputs of ALL MoLE
+            layers pooled (softmax probabilities, each of a token's k picks counted: shares sum to k; padding
+            excluded), one term added by `mole_aux_loss` (`pooled_balance_loss`). The routers are built without
+            their own balance term (`router_config()`); their other aux losses (z-loss, DynMoLE's Tsallis term)
+            stay per layer, mean over layers. Needs one expert count for every MoLE layer (refused otherwise) and
+            the eager routers, whose probabilities carry gradient: the fused path's do not, so `fused="auto"` runs
+            eager (logged) and `fused="always"` is refused.
+        Configs saved before this field existed load as "layer".
     """
 
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -81,6 +97,7 @@ class MoLEConfig:
     freeze_base: bool = True
     expert_execution: str = "auto"
     fused: str = "auto"
+    balance: str = "layer"
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):  # from JSON
@@ -98,6 +115,21 @@ class MoLEConfig:
             raise ValueError(f"MoLEConfig.dropout={self.dropout} must be in [0, 1)")
         if self.fused not in FUSED_MODES:
             raise ValueError(f"MoLEConfig.fused={self.fused!r} must be one of {FUSED_MODES}")
+        if self.balance not in BALANCE_MODES:
+            raise ValueError(f"MoLEConfig.balance={self.balance!r} must be one of {BALANCE_MODES}")
+        if self.balance == "pooled" and self.fused == "always":
+            raise ValueError("MoLEConfig(balance='pooled') needs the eager routers (the fused path returns the "
+                             "router probabilities without gradient, which the pooled balance loss trains through): "
+                             "use fused='auto' (runs eager under 'pooled') or 'never', not 'always'")
+
+    def router_config(self) -> RouterConfig:
+        """The RouterConfig every MoLE layer's router is built from: under balance="pooled" without its own
+        per-layer balance loss (`router.balance_coef` is then the pooled term's coefficient; both would count)."""
+        return self.router if self.balance == "layer" else replace(self.router, balance_coef=0.0)
+
+    def pooled_balance_coef(self) -> float | None:
+        """The pooled balance term's coefficient (`router.balance_coef`) under balance="pooled", else None."""
+        return self.router.balance_coef if self.balance == "pooled" else None
 
     def experts_for(self, module_name: str) -> int:
         if isinstance(self.num_experts, int):
@@ -120,15 +152,24 @@ class MoLELinear(nn.Module):
     """A frozen nn.Linear plus E routed LoRA experts (see the module docstring for the formula).
 
     `last_routing` holds the RouterOutput of the latest forward (None before any); `token_mask` is set
-    by the model-level pre-hook that `inject_mole` installs.
+    by the model-level pre-hook that `inject_mole` installs. `pooled_balance_coef`: the coefficient of the load
+    balance pooled over layers (`MoLEConfig.balance="pooled"`; None: the router's own per-layer balance): the layer
+    then runs the eager routers (never the fused path: its probabilities carry no gradient) and hands its
+    `PooledBalance` inputs on with each `last_routing`.
     """
 
     def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: float, dropout: float, router: RouterConfig,
-                 expert_execution: str = "auto", fused: str = "auto"):
+                 expert_execution: str = "auto", fused: str = "auto", pooled_balance_coef: float | None = None):
         super().__init__()
         if fused not in FUSED_MODES:
             raise ValueError(f"MoLELinear fused={fused!r} must be one of {FUSED_MODES}")
+        if pooled_balance_coef is not None:
+            if fused == "always":
+                raise ValueError("MoLELinear: the pooled balance loss needs the eager routers (fused='auto' or "
+                                 "'never'), the fused path's probabilities carry no gradient")
+            fused = "never"
         self.fused = fused
+        self.pooled_balance_coef = pooled_balance_coef
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -178,7 +219,10 @@ class MoLELinear(nn.Module):
         that applies (stacked experts, no LoRA dropout in training), else the router and expert modules; the
         experts add their delta into `base` inside their last GEMM / index_add.
         """
-        plan = fused_plan(self.fused, self.router, self.experts, flat, self._fused_plans)
+        pooled = self.pooled_balance_coef
+        # Never fused under the pooled balance: its routing probabilities carry no gradient (`fused` is "never" then,
+        # checked here too in case it was changed after construction).
+        plan = fused_plan(self.fused, self.router, self.experts, flat, self._fused_plans) if pooled is None else None
         dropout = self.training and isinstance(self.dropout, nn.Dropout)  # the experts see another input
         if plan is not None:
             dropped = self.dropout(flat) if dropout else None
@@ -188,6 +232,8 @@ class MoLELinear(nn.Module):
         else:
             routing = self.router(flat, mask)
             out = self.experts(self.dropout(flat), routing.weights, routing.indices, base=base)
+        if pooled is not None:
+            routing.pooled_balance = PooledBalance(pooled, getattr(self.router, "top_k", None), mask)
         # A plain attribute: skip nn.Module.__setattr__'s parameter/module bookkeeping on every forward.
         object.__setattr__(self, "last_routing", routing)
         return out
@@ -295,7 +341,8 @@ def inject_mole(model: nn.Module, config: MoLEConfig) -> list[str]:
 
     Targets follow `target_matches` (peft's rule); `config.exclude_modules` (name substrings) removes modules
     first. Raises if any listed target matches no remaining nn.Linear (a misspelled target, or one that only names
-    excluded modules, should not silently get no experts), before any layer is replaced.
+    excluded modules, should not silently get no experts), or, under `balance="pooled"`, if the targeted layers
+    have different expert counts (one pooled term cannot mix them), before any layer is replaced.
     """
     if _mole_modules(model):
         raise ValueError("inject_mole: model already has MoLE layers")
@@ -305,6 +352,13 @@ def inject_mole(model: nn.Module, config: MoLEConfig) -> list[str]:
     ]
     targets = match_target_modules(candidates, config.target_modules, "inject_mole: target_modules",
                                    f"nn.Linear of {type(model).__name__} outside {config.exclude_modules}")
+    pooled = config.pooled_balance_coef()
+    if pooled is not None:
+        check_one_expert_count({name: config.experts_for(name) for name in targets}, "inject_mole")
+        if config.fused == "auto":
+            logger.info("MoLE balance='pooled': the layers run the eager routers, not the fused path (fused='auto'), "
+                        "whose router probabilities carry no gradient for the pooled load-balancing loss")
+    router = config.router_config()
     if config.freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -312,8 +366,8 @@ def inject_mole(model: nn.Module, config: MoLEConfig) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        layer = MoLELinear(base, config.experts_for(name), config.rank, config.alpha, config.dropout, config.router,
-                           config.expert_execution, config.fused)
+        layer = MoLELinear(base, config.experts_for(name), config.rank, config.alpha, config.dropout, router,
+                           config.expert_execution, config.fused, pooled)
         setattr(parent, child, layer)
     install_mask_hooks(model, _mole_modules(model))
     return targets
@@ -324,15 +378,87 @@ def collect_router_outputs(model: nn.Module) -> dict[str, RouterOutput]:
     return {name: m.last_routing for name, m in _mole_modules(model) if m.last_routing is not None}
 
 
-def mole_aux_loss(routing: dict[str, RouterOutput]) -> torch.Tensor | float:
-    """Mean over MoLE layers of each layer's summed (already coefficient-scaled) aux losses.
+def check_one_expert_count(counts: dict[str, int], who: str) -> None:
+    """Refuse layers {name: expert count} with more than one count: a load-balancing term pooled over layers
+    (`MoLEConfig.balance="pooled"`) sums each expert's picks and probabilities over the layers' tokens."""
+    if len(set(counts.values())) > 1:
+        by_count: dict[int, list[str]] = {}
+        for name, count in counts.items():
+            by_count.setdefault(count, []).append(name)
+        listed = "; ".join(f"{count} experts: {_listed(names)}" for count, names in sorted(by_count.items()))
+        raise ValueError(f"{who}: the pooled load-balancing loss (MoLEConfig.balance='pooled') needs one expert "
+                         f"count for every MoLE layer, got {listed}; use balance='layer' (per-layer losses) or one "
+                         "num_experts")
 
-    Not the official MoE-PEFT balance loss (MixLoRA, DynMoLE): that is one term over the tokens of all layers pooled
-    (transformers' `load_balancing_loss_func`, whose shares count each of a token's k picks: sum k, ours 1), not a
-    mean of per-layer terms; the README's router section lists the differences.
+
+def _pooled_selection(routing: RouterOutput, top_k: int | None) -> torch.Tensor:
+    """(T, K) experts each token counts for in the pooled balance loss (-1: none). A router with a fixed k (top-k,
+    GW-MoE, MoR): its top-k, as transformers' `load_balancing_loss_func` (`torch.topk` of the softmax; the library
+    routers pick the same experts, ties aside; MoR: the top-k of its mixture, `logits` = log of it). GW-MoE's
+    broadcast tokens (routed to every expert in training) count as their top-k, as its per-layer rule. Without a
+    fixed k (DynMoLE, dense top-k): the experts the router selected (`indices`, -1 padding)."""
+    if top_k is not None and routing.indices.shape[1] != top_k:
+        return top_k_indices(routing.logits, top_k)
+    return routing.indices
+
+
+def pooled_balance_loss(routing: dict[str, RouterOutput]) -> torch.Tensor | float:
+    """The official MoE-PEFT load-balancing loss of the MoLE layers under `MoLEConfig.balance="pooled"`:
+    coef x transformers' `load_balancing_loss_func(tuple of every layer's router logits, E, k, attention_mask)`,
+
+        coef * E * sum_e f_e P_e,   f_e = (# picks of e) / R,   P_e = (sum of p_e) / R,
+
+    sums over the real tokens of ALL pooled layers together (R = layers x real tokens), p the router's softmax
+    (`RouterOutput.probs`, with gradient), the picks `_pooled_selection` (no gradient; shares sum to k). Only the
+    outputs that carry `pooled_balance` count; 0.0 without any. 0 (not NaN) when every token is padding. In at least
+    float32, element-wise products and sums (autocast would run a matmul in bfloat16). Layers with different expert
+    counts, or coefficients, are refused by name."""
+    pooled = [(name, r) for name, r in routing.items() if getattr(r, "pooled_balance", None) is not None]
+    if not pooled:
+        return 0.0
+    check_one_expert_count({name: r.probs.shape[-1] for name, r in pooled}, "pooled_balance_loss")
+    coefs = {r.pooled_balance.coef for _, r in pooled}
+    if len(coefs) > 1:
+        raise ValueError(f"pooled_balance_loss: the MoLE layers have different pooled balance coefficients {coefs}")
+    first = pooled[0][1].probs
+    device, dtype = first.device, torch.promote_types(first.dtype, torch.float32)
+    num_experts = first.shape[-1]
+    picks = torch.zeros(num_experts, dtype=dtype, device=device)  # (E,) picks of real tokens
+    mass = torch.zeros(num_experts, dtype=dtype, device=device)  # (E,) summed probabilities of real tokens
+    rows: torch.Tensor | int = 0
+    for _, r in pooled:
+        probs = r.probs.to(device=device, dtype=dtype)  # (T, E)
+        chosen = _pooled_selection(r, r.pooled_balance.top_k).to(device)  # (T, K)
+        counted = chosen >= 0
+        mask = r.pooled_balance.mask
+        if mask is None:
+            mass = mass + probs.sum(0)
+            rows = rows + probs.shape[0]
+        else:
+            mask = mask.to(device)
+            counted = counted & mask[:, None]
+            mass = mass + (probs * mask[:, None].to(dtype)).sum(0)
+            rows = rows + mask.sum()
+        picks = picks.scatter_add(0, chosen.clamp_min(0).reshape(-1), counted.reshape(-1).to(dtype))
+    total = rows.clamp_min(1).to(dtype) if isinstance(rows, torch.Tensor) else float(max(rows, 1))
+    return coefs.pop() * num_experts * (picks * mass).sum() / (total * total)
+
+
+def mole_aux_loss(routing: dict[str, RouterOutput]) -> torch.Tensor | float:
+    """The MoLE routers' loss of one forward: the mean over MoLE layers of each layer's summed (already
+    coefficient-scaled) aux losses, plus, under `MoLEConfig.balance="pooled"`, the one load-balancing term over
+    all layers pooled (`pooled_balance_loss`, the official MoE-PEFT loss; the routers then have no balance term of
+    their own).
+
+    The default ("layer") is not the official MoE-PEFT balance loss (MixLoRA, DynMoLE): that is one term over the
+    tokens of all layers pooled (transformers' `load_balancing_loss_func`, whose shares count each of a token's k
+    picks: sum k, ours 1), not a mean of per-layer terms; the README's router section lists the differences.
     """
     losses = [r.aux_loss for r in routing.values() if r.aux_losses]
-    return sum(losses) / len(losses) if losses else 0.0
+    per_layer = sum(losses) / len(losses) if losses else 0.0
+    if any(getattr(r, "pooled_balance", None) is not None for r in routing.values()):
+        return per_layer + pooled_balance_loss(routing)
+    return per_layer
 
 
 def check_aux_loss_trains(aux: torch.Tensor | float, loss: torch.Tensor) -> None:
@@ -425,10 +551,11 @@ def mole_config_differences(model: nn.Module, config: MoLEConfig) -> list[str]:
     layers it concerns when it is not all of them. Empty when they agree.
 
     Compared: the layers `target_modules` / `exclude_modules` select (by name: two spellings that select the same
-    layers agree), each layer's `num_experts`, `rank`, `alpha`, `dropout`, and every router setting the router's
-    kind reads (`router_settings`: kind, top_k, renormalize, coefficients, thresholds and hyper-parameters), from
-    the live modules, so a setting changed after injection counts. Not compared: `expert_execution`, `fused` (the
-    same outputs either way, tested) and `freeze_base` (an injection-time action)."""
+    layers agree), each layer's `num_experts`, `rank`, `alpha`, `dropout`, `balance` ("layer" / "pooled"; under
+    "pooled", `router.balance_coef` is the pooled term's coefficient, the layer's), and every router setting the
+    router's kind reads (`router_settings`: kind, top_k, renormalize, coefficients, thresholds and
+    hyper-parameters), from the live modules, so a setting changed after injection counts. Not compared:
+    `expert_execution`, `fused` (the same outputs either way, tested) and `freeze_base` (an injection-time action)."""
     layers = dict(_mole_modules(model))
     differences: list[str] = []
     prefixes = tuple(name + "." for name in layers)  # the wrapped nn.Linear of a MoLE layer is "<layer>.base"
@@ -451,13 +578,18 @@ def mole_config_differences(model: nn.Module, config: MoLEConfig) -> list[str]:
         dropout = layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
         current = {"num_experts": layer.experts.num_experts, "rank": layer.experts.rank, "alpha": layer.experts.alpha,
                    "dropout": dropout, **{f"router.{k}": v for k, v in router_settings(layer.router).items()}}
+        pooled = getattr(layer, "pooled_balance_coef", None)
+        current["balance"] = "layer" if pooled is None else "pooled"
+        if pooled is not None:  # its router was built without a balance term: the pooled one's coefficient
+            current["router.balance_coef"] = pooled
         try:
             num_experts = config.experts_for(name)
         except ValueError:  # a per-layer list without this layer: only that is reported for it
             compared.append((name, {"num_experts": _NoEntry(config.num_experts)}, current))
             continue
         saved = {"num_experts": num_experts, "rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
-                 **{f"router.{k}": v for k, v in built_router_settings(config.router, num_experts).items()}}
+                 **{f"router.{k}": v for k, v in built_router_settings(config.router, num_experts).items()},
+                 "balance": config.balance}
         compared.append((name, saved, current))
     return differences + settings_differences(compared, len(shared), "layers")
 
@@ -497,8 +629,8 @@ def load_mole(model: nn.Module, directory: str | Path) -> MoLEConfig:
     """Inject MoLE layers from the saved config if the model has none yet, then load the saved weights.
 
     A model that already has MoLE layers must have been injected with the saved settings: every difference
-    (`mole_config_differences`: targets, experts, rank, alpha, dropout, router kind and hyper-parameters) is a
-    ValueError listing each differing field with its saved and model value, before any weight is loaded; shapes
+    (`mole_config_differences`: targets, experts, rank, alpha, dropout, balance, router kind and hyper-parameters) is
+    a ValueError listing each differing field with its saved and model value, before any weight is loaded; shapes
     that happen to fit would otherwise load weights trained for another routing."""
     raw, tensors = read_adapter_files(directory, ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, "MoLE adapter")
     config = MoLEConfig(**raw)

@@ -46,6 +46,19 @@ ROUTER_KINDS: tuple[str, ...] = ("topk", "dynmole", "gwmoe", "mor")
 
 
 @dataclass
+class PooledBalance:
+    """A routed layer's share of a load-balancing loss pooled over layers (`parrot.moe.mole.pooled_balance_loss`).
+
+    coef: the pooled term's coefficient; top_k: the router's k (None: it has no fixed k, e.g. DynMoLE or dense
+    top-k; the experts it selected count); mask: (T,) bool real tokens of the layer's call (None: every token).
+    """
+
+    coef: float
+    top_k: int | None
+    mask: torch.Tensor | None
+
+
+@dataclass
 class RouterOutput:
     """What a router returns.
 
@@ -56,6 +69,8 @@ class RouterOutput:
     aux_losses: named scalar losses, already multiplied by their coefficients (sum them into the loss).
     stats: named diagnostics (detached tensors), see the module docstring; the routers here return a
         lazy `RoutingStats` (computed on first read), a plain dict works too.
+    pooled_balance: set by a MoLE layer under `MoLEConfig.balance="pooled"` (None otherwise): what this layer
+        contributes to the one load-balancing term over all layers pooled (`parrot.moe.mole.pooled_balance_loss`).
     """
 
     weights: torch.Tensor
@@ -64,6 +79,7 @@ class RouterOutput:
     logits: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    pooled_balance: PooledBalance | None = None
 
     @property
     def aux_loss(self) -> torch.Tensor | float:

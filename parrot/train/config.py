@@ -25,6 +25,7 @@ from .deepspeed_setup import check_deepspeed_config
 MOE_METHOD_TUNINGS = ("perft-r", "perft-e", "perft-d", "perft-s", "factorllm", "ceft")
 TUNING_MODES = ("full", "lora", "mole", *MOE_METHOD_TUNINGS)
 ROUTER_KINDS = ("topk", "dynmole", "gwmoe", "mor")
+MOLE_BALANCE_MODES = ("layer", "pooled")  # parrot.moe.mole.BALANCE_MODES
 BAD_IMAGE_POLICIES = ("error", "skip")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -66,6 +67,12 @@ class TrainConfig:
     mole_top_k: int = _opt(2, "MoLE: experts kept per token (topk / gwmoe / mor routers)")
     mole_fused: str = _opt("auto", "MoLE: fused router + experts path (Triton kernels, parrot.moe.fused): auto = on "
                                    "CUDA where it applies, never = the eager modules", ("auto", "never"))
+    mole_balance: str = _opt("layer", "MoLE: the routers' load-balancing loss: layer = each router's Switch loss on its "
+                                      "layer's tokens (shares sum to 1), mean over layers; pooled = the official "
+                                      "MoE-PEFT loss (MixLoRA / DynMoLE): one transformers load_balancing_loss_func "
+                                      "term over every MoLE layer's tokens pooled (shares sum to k), same "
+                                      "coefficient (0.001); pooled runs the eager routers (not the fused path)",
+                             MOLE_BALANCE_MODES)
     gw_quantile: float = _opt(0.8, "GW-MoE: broadcast threshold = this quantile of the router entropies measured "
                                    "on --gw-calibration-batches batches before training")
     gw_calibration_batches: int = _opt(8, "GW-MoE: batches for the threshold calibration")
@@ -78,7 +85,11 @@ class TrainConfig:
     perft_rank: int = _opt(8, "PERFT: bottleneck rank r of each PEFT expert")
     perft_alpha: float = _opt(16.0, "PERFT: output scale numerator alpha (scale alpha / r)")
     perft_top_k: int = _opt(2, "PERFT-R: PEFT experts kept per token by its top-k router")
-    perft_balance_coef: float = _opt(0.01, "PERFT-R: weight of its routers' load-balancing loss, one term over every layer's tokens pooled, as the official code (its configs: 0.01 OLMoE, 0.001 / 0.02 Mixtral); 0 turns it off")
+    perft_balance_coef: float | None = _opt(0.01, "PERFT-R: weight of its routers' load-balancing loss, one term "
+                                                  "over every layer's tokens pooled, as the official code (its "
+                                                  "configs: 0.01 OLMoE, 0.001 / 0.02 Mixtral); 0 turns it off; null "
+                                                  "(YAML): each router's own per-layer balance loss instead, the rule "
+                                                  "of runs saved before this setting existed")
     factorllm_experts: int = _opt(4, "FactorLLM: experts each dense MLP is split into (must divide the "
                                      "intermediate size)")
     factorllm_top_k: int = _opt(2, "FactorLLM: experts kept per token")
@@ -150,6 +161,8 @@ class TrainConfig:
             raise ValueError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
         if self.mole_fused not in ("auto", "never"):
             raise ValueError(f"mole_fused must be 'auto' or 'never', got {self.mole_fused!r}")
+        if self.mole_balance not in MOLE_BALANCE_MODES:
+            raise ValueError(f"mole_balance must be one of {MOLE_BALANCE_MODES}, got {self.mole_balance!r}")
         if self.torch_compile is not None and self.torch_compile not in COMPILE_MODES:
             raise ValueError(f"torch_compile must be one of {COMPILE_MODES}, got {self.torch_compile!r}")
         if self.on_bad_image not in BAD_IMAGE_POLICIES:
@@ -170,8 +183,9 @@ class TrainConfig:
                              "and publish the untrained model")
         if self.gw_threshold is not None and not (math.isfinite(self.gw_threshold) and self.gw_threshold > 0):
             raise ValueError(f"gw_threshold must be a finite number > 0 (nats), got {self.gw_threshold}")
-        if self.perft_balance_coef < 0:
-            raise ValueError(f"perft_balance_coef must be >= 0, got {self.perft_balance_coef}")
+        if self.perft_balance_coef is not None and not (math.isfinite(self.perft_balance_coef)
+                                                        and self.perft_balance_coef >= 0):
+            raise ValueError(f"perft_balance_coef must be a finite number >= 0 (or null), got {self.perft_balance_coef}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError(f"weight_decay ({self.weight_decay}) and max_grad_norm ({self.max_grad_norm}, 0: no "
                              "clipping) must be >= 0")
@@ -200,12 +214,25 @@ class TrainConfig:
         # written whole, then renamed: other processes of a resumed run read this file at the same time
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
+    def uses(self, name: str) -> bool:
+        """Whether this run's training reads setting `name` (the settings of other LLM tunings or routers do not
+        change what it trains)."""
+        if self.stage == 1 and name in STAGE2_FIELDS:
+            return False
+        users = {"perft_balance_coef": self.tuning == "perft-r", "perft_": self.tuning.startswith("perft-"),
+                 "factorllm_": self.tuning == "factorllm",
+                 "ceft_": self.tuning == "ceft", "gw_": self.tuning == "mole" and self.router == "gwmoe",
+                 "mole_": self.tuning == "mole", "router": self.tuning == "mole",
+                 "lora_": self.tuning in ("lora", "mole")}
+        return next((used for prefix, used in users.items() if name.startswith(prefix)), True)
+
     def resume_differences(self, saved: dict[str, Any]) -> list[str]:
         """'field: saved -> now' for every setting that differs from the run's saved `train_config.json`,
         except those in `RESUME_FREE_FIELDS` (a resumed run must train exactly what the first run started). Paths
         (`PATH_FIELDS`) are compared as absolute paths: 'runs/s1/' names the folder 'runs/s1' names. In stage 1 the
         stage-2 settings are not compared: they train nothing there (a run saved before stage 1 refused them may
-        have recorded other values)."""
+        have recorded other values). A setting the saved file lacks because it was added later is compared with
+        `SETTINGS_ADDED_LATER`'s value, where the run uses it."""
         missing = object()
         diffs = []
         for name, value in self.to_dict().items():
@@ -215,7 +242,11 @@ class TrainConfig:
             if name in PATH_FIELDS and isinstance(value, str) and isinstance(before, str) \
                     and os.path.abspath(value) == os.path.abspath(before):
                 continue
-            if before is missing:
+            if before is missing and name in SETTINGS_ADDED_LATER:  # a run saved before the setting existed
+                earlier = SETTINGS_ADDED_LATER[name]
+                if value != earlier and self.uses(name):
+                    diffs.append(f"{name}: (not saved: the run trained as {earlier!r} does) -> {value!r}")
+            elif before is missing:
                 diffs.append(f"{name}: (not saved) -> {value!r}")
             elif before != value:
                 diffs.append(f"{name}: {before!r} -> {value!r}")
@@ -228,13 +259,17 @@ class TrainConfig:
 # steps, precision, DeepSpeed, compile) must match the saved train_config.json, or the resumed run would silently
 # mix two trainings. Note: logging_steps also sets the steps the router diagnostics sample.
 RESUME_FREE_FIELDS = frozenset({"resume", "output_dir", "logging_steps", "progress_bar", "save_steps", "keep_last"})
+# Settings added after runs were first saved, with the value that trains as a run saved without them did: resuming
+# such a run compares against it, and only where the run uses the setting (`TrainConfig.uses`).
+SETTINGS_ADDED_LATER: dict[str, Any] = {"tf32": False, "gw_threshold": None, "perft_balance_coef": None,
+                                        "mole_balance": "layer"}
 # Settings that name a file or folder: a resume compares them as absolute paths (relative to the working directory).
 PATH_FIELDS = frozenset({"model", "llm", "vision", "data_registry", "data_root", "deepspeed", "ceft_ranking"})
 # Settings only stage 2 uses (its LLM tuning: LoRA / MoLE and routers, the MoE tuning methods): stage 1 trains the
 # projector alone (`stages.apply_stage`), so a stage-1 config refuses any of them that is not at its default.
 STAGE2_FIELDS = frozenset({
     "tuning", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "router", "mole_experts", "mole_top_k",
-    "mole_fused", "gw_quantile", "gw_calibration_batches", "gw_threshold", "perft_experts", "perft_rank",
+    "mole_fused", "mole_balance", "gw_quantile", "gw_calibration_batches", "gw_threshold", "perft_experts", "perft_rank",
     "perft_alpha", "perft_top_k", "perft_balance_coef", "factorllm_experts", "factorllm_top_k", "ceft_ranking",
     "ceft_top_n", "ceft_per_layer",
 })

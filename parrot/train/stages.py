@@ -56,7 +56,8 @@ def mole_config_from(cfg: TrainConfig) -> MoLEConfig:
         gw_quantile=cfg.gw_quantile if cfg.router == "gwmoe" and cfg.gw_threshold is None else None,
     )
     return MoLEConfig(target_modules=cfg.targets, num_experts=cfg.mole_experts, rank=cfg.lora_rank,
-                      alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, router=router, fused=cfg.mole_fused)
+                      alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, router=router, fused=cfg.mole_fused,
+                      balance=cfg.mole_balance)
 
 
 def method_settings_from(cfg: TrainConfig) -> dict[str, Any]:
@@ -146,7 +147,8 @@ def describe_trainable(model: nn.Module, plan: StagePlan) -> str:
     """A table of trainable / total parameters per part, printed at the start of a run."""
     header = f"stage {plan.stage}" + (f" (LLM tuning: {plan.tuning})" if plan.tuning else "")
     if plan.mole_config is not None:
-        header += f", router {plan.mole_config.router.kind}, {plan.mole_config.num_experts} experts/layer"
+        header += (f", router {plan.mole_config.router.kind}, {plan.mole_config.num_experts} experts/layer, "
+                   f"{plan.mole_config.balance} load-balancing loss")
     if plan.tuning_setup is not None:
         header += f", {len(plan.tuning_setup.modules)} LLM modules tuned, settings {plan.method_settings}"
         balance = plan.tuning_setup.forward_kwargs.get("output_router_logits")
