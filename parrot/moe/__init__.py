@@ -4,7 +4,7 @@
   `GWMoERouter`, `MixtureOfRoutersRouter` (same interface: hidden (T, D), mask (T,) -> RouterOutput).
 - `experts`: `SwiGLUExperts` (Parrot projector), `LoRAExperts` (MoLE).
 - `mole`: `MoLEConfig`, `MoLELinear`, `inject_mole`, `collect_router_outputs`, `mole_aux_loss`,
-  `check_aux_loss_trains`, `mole_state_dict`, `load_mole_state_dict`, `save_mole`, `load_mole`, `calibrate_gwmoe`.
+  `pooled_balance_loss` (the official MoE-PEFT balance term, also PERFT-R's), `check_aux_loss_trains`, `mole_state_dict`, `load_mole_state_dict`, `save_mole`, `load_mole`, `calibrate_gwmoe`.
 - `fused` (+ `kernels`, Triton): a MoLE layer's router + stacked experts as one autograd node on CUDA
   (`MoLEConfig.fused`); `MoLELinear` picks it by itself.
 - `diagnostics`: `RouterStatsTracker`, `plot_expert_load`.
@@ -24,6 +24,7 @@ from .mole import (
     mole_aux_loss,
     mole_parameters,
     mole_state_dict,
+    pooled_balance_loss,
     save_mole,
 )
 from .routers import (
@@ -31,6 +32,7 @@ from .routers import (
     DynMoLERouter,
     GWMoERouter,
     MixtureOfRoutersRouter,
+    PooledBalance,
     RouterConfig,
     RouterOutput,
     RoutingStats,
@@ -44,5 +46,6 @@ __all__ = [
     "ROUTER_KINDS", "DynMoLERouter", "GWMoERouter", "LayerStepStats", "LoRAExperts", "MixtureOfRoutersRouter",
     "MoLEConfig", "MoLELinear", "RouterConfig", "RouterOutput", "RoutingStats", "RouterStatsTracker", "SwiGLUExperts", "TopKRouter",
     "build_router", "calibrate_gwmoe", "check_aux_loss_trains", "collect_router_outputs", "inject_mole", "load_mole", "load_mole_state_dict",
-    "mole_aux_loss", "mole_parameters", "mole_state_dict", "plot_expert_load", "save_mole", "tsallis_entropy", "lazy_routing_stats",
+    "mole_aux_loss", "mole_parameters", "mole_state_dict", "plot_expert_load", "pooled_balance_loss", "PooledBalance",
+    "save_mole", "tsallis_entropy", "lazy_routing_stats",
 ]

@@ -67,10 +67,10 @@ import torch.nn.functional as F
 
 from ...fileio import is_finite_number
 from ..experts import LoRAExperts
-from ..mole import (built_router_settings, install_mask_hooks, mole_aux_loss, read_adapter_files, routing_mask,
-                    settings_differences, write_adapter_files)
-from ..routers import (RouterConfig, RouterOutput, build_router, lazy_routing_stats, router_settings,
-                       top_k_indices)
+from ..mole import (built_router_settings, install_mask_hooks, mole_aux_loss, pooled_balance_loss, read_adapter_files,
+                    routing_mask, settings_differences, write_adapter_files)
+from ..routers import (PooledBalance, RouterConfig, RouterOutput, build_router, lazy_routing_stats,
+                       router_settings)
 from .moe_blocks import find_moe_blocks
 
 PERFT_VARIANTS: tuple[str, ...] = ("perft-r", "perft-e", "perft-d", "perft-s")
@@ -261,54 +261,19 @@ def collect_perft_routing(model: nn.Module) -> dict[str, RouterOutput]:
     return {name: a.last_routing for name, a in perft_adapters(model) if a.last_routing is not None}
 
 
-def _balance_selection(router: nn.Module, routing: RouterOutput) -> torch.Tensor:
-    """(T, K) experts each token counts for in the pooled balance loss (-1: none): the router's top-k, as
-    transformers' `load_balancing_loss_func` (`torch.topk` of the softmax; the library routers pick the same experts,
-    ties aside). GW-MoE in training routes broadcast tokens to every expert: they count as their top-k (its own
-    balance rule). A router without a fixed k (DynMoLE, dense top-k) counts the experts it selected."""
-    k = getattr(router, "top_k", None)
-    if k is not None and routing.indices.shape[1] != k:
-        return top_k_indices(routing.logits, k)
-    return routing.indices
-
-
 def perft_balance_loss(model: nn.Module) -> torch.Tensor | float:
     """PERFT-R's load-balancing loss as the official code computes it: `balance_coef` x transformers'
     `load_balancing_loss_func(tuple of every PERFT-R router's logits, N, k, attention_mask)` of the latest forward,
-
-        coef * N * sum_e f_e P_e,   f_e = (# top-k picks of e) / R,   P_e = (sum of p_e) / R,
-
-    sums over the real tokens (`last_mask`) of ALL PERFT-R layers pooled, R = their number (layers x tokens), p the
-    router's softmax. Only P carries gradient. 0.0 without PERFT-R routers under the pooled loss (other variants,
-    `balance_coef=None`) or before a forward; 0 (not NaN) when every token is padding. In at least float32, with
-    element-wise products and sums (autocast would run a matmul in bfloat16).
+    i.e. `parrot.moe.mole.pooled_balance_loss` (the same term MoLE's `balance="pooled"` uses) over the PERFT-R
+    layers' routing with their token masks (`last_mask`). 0.0 without PERFT-R routers under the pooled loss (other
+    variants, `balance_coef=None`) or before a forward; 0 (not NaN) when every token is padding.
     """
-    pooled = [a for _, a in perft_adapters(model)
-              if a.balance_coef is not None and a.router is not None and a.last_routing is not None]
-    if not pooled:
-        return 0.0
-    first = pooled[0].last_routing.probs
-    device, dtype = first.device, torch.promote_types(first.dtype, torch.float32)
-    num_experts = pooled[0].num_experts
-    picks = torch.zeros(num_experts, dtype=dtype, device=device)  # (N,) top-k picks of real tokens
-    mass = torch.zeros(num_experts, dtype=dtype, device=device)  # (N,) summed probabilities of real tokens
-    rows: torch.Tensor | int = 0
-    for adapter in pooled:
-        routing, mask = adapter.last_routing, adapter.last_mask
-        probs = routing.probs.to(device=device, dtype=dtype)  # (T, N)
-        chosen = _balance_selection(adapter.router, routing).to(device)  # (T, K)
-        counted = chosen >= 0
-        if mask is None:
-            mass = mass + probs.sum(0)
-            rows = rows + probs.shape[0]
-        else:
-            mask = mask.to(device)
-            counted = counted & mask[:, None]
-            mass = mass + (probs * mask[:, None].to(dtype)).sum(0)
-            rows = rows + mask.sum()
-        picks = picks.scatter_add(0, chosen.clamp_min(0).reshape(-1), counted.reshape(-1).to(dtype))
-    total = rows.clamp_min(1).to(dtype) if isinstance(rows, torch.Tensor) else float(max(rows, 1))
-    return pooled[0].balance_coef * num_experts * (picks * mass).sum() / (total * total)
+    pooled = {}
+    for name, adapter in perft_adapters(model):
+        if adapter.balance_coef is not None and adapter.router is not None and adapter.last_routing is not None:
+            share = PooledBalance(adapter.balance_coef, getattr(adapter.router, "top_k", None), adapter.last_mask)
+            pooled[name] = replace(adapter.last_routing, pooled_balance=share)
+    return pooled_balance_loss(pooled)
 
 
 def perft_aux_loss(model: nn.Module) -> torch.Tensor | float:
