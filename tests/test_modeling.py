@@ -450,3 +450,28 @@ def test_a_copied_model_still_gives_its_own_projector_pytorch_default_init():
     outside = torch.nn.Linear(128, 128)  # not part of the projector / MoE: HF's normal(0, initializer_range)
     twin._init_weights(outside)
     assert float(outside.weight.std()) == pytest.approx(config.text_config.initializer_range, rel=0.1)
+
+
+def test_generate_with_an_moe_llm_configured_for_its_balance_loss():
+    """An MoE LLM whose config sets output_router_logits (for the load-balancing loss in training; OLMoE / Qwen2-MoE
+    checkpoints may) made generate() fail: transformers computed the loss at every decoding step and its cached
+    steps' router logits did not match the attention mask. Generation now turns it off; tokens as without it."""
+    moe_text = dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                    shared_expert_intermediate_size=32, vocab_size=64, hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    def build(output_router_logits: bool) -> ParrotForCausalLM:
+        base = tiny_parrot_config()
+        config = ParrotConfig(text_config=dict(moe_text, output_router_logits=output_router_logits),
+                              vision_config=base.vision_config.to_dict(), image_token_id=IMAGE_TOKEN_ID, use_moe=True,
+                              moe_num_experts=3, moe_intermediate_size=40)
+        return ParrotForCausalLM(config).eval()
+
+    torch.manual_seed(0)
+    model, reference = build(True), build(False)
+    reference.load_state_dict(model.state_dict())
+    ids, mask, pixels = prompt_batch("left")
+    got = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+    expected = reference.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4,
+                                  do_sample=False)
+    assert got.shape == (2, 4) and torch.equal(got, expected)
+    assert model.config.text_config.output_router_logits  # the setting itself stays for training

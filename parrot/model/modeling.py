@@ -281,6 +281,10 @@ class ParrotForCausalLM(ParrotPreTrainedModel, GenerationMixin):
         The prompt reaches HF generation as embeddings (as in LLaVA), so the logits processors that read token ids
         (`repetition_penalty`, `no_repeat_ngram_size`) see the generated tokens only, not the prompt's.
         """
+        if getattr(self.config.text_config, "output_router_logits", False):
+            # An MoE LLM configured for its load-balancing loss (training) would compute it at every decoding step,
+            # and transformers' version fails there (the cached steps' router logits do not match the mask).
+            kwargs.setdefault("output_router_logits", False)
         if input_ids is None:
             return super().generate(attention_mask=attention_mask, **kwargs)
         for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
