@@ -268,28 +268,49 @@ def test_bad_settings_are_refused():
     MoLEConfig(balance="pooled", fused="never")
 
 
-def test_pooled_runs_the_eager_routers_even_with_fused_auto(monkeypatch, caplog):
-    """The fused path returns the routing probabilities without gradient: under "pooled" fused="auto" runs eager
-    (logged), and the layers never ask for a fused plan (also if their `fused` is changed later)."""
+def test_pooled_trains_with_the_eager_routers_and_infers_fused(monkeypatch, caplog):
+    """The fused path returns the routing probabilities without gradient: under "pooled" a layer in training never
+    asks for a fused plan (fused="auto" logged, "always" refused), while inference (eval, or no_grad) may use it."""
     with caplog.at_level(logging.INFO, logger="parrot.moe.mole"):
         model = _model(fused="auto")
-    assert "run the eager routers" in caplog.text
-    assert {layer.fused for layer in _layers(model)} == {"never"}
-    for layer in _layers(model):
-        layer.fused = "always"
+    assert "train with the eager routers" in caplog.text
+    asked = []
 
     def refuse(*args, **kwargs):
-        raise AssertionError("fused_plan called under the pooled balance")
+        asked.append(torch.is_grad_enabled())
+        if torch.is_grad_enabled() and model.training:
+            raise AssertionError("fused_plan called while the pooled balance trains")
+        return None  # no fused plan on this CPU: the eager routers run
 
     monkeypatch.setattr(mole_module, "fused_plan", refuse)
     out = model(**_batch("left"), labels=_batch("left")["input_ids"])
     aux = mole_aux_loss(collect_router_outputs(model))
-    assert aux.requires_grad
+    assert aux.requires_grad and not asked
     check_aux_loss_trains(aux, out.loss)  # the check the trainer runs: passes
     aux.backward()
     assert all(layer.router.gate.weight.grad.abs().sum() > 0 for layer in _layers(model))
+    with torch.no_grad():
+        model(**_batch("left"))
+    model.eval()
+    model(**_batch("left"))
+    assert asked and len(asked) == 2 * len(_layers(model))  # every layer, both inference calls
     with pytest.raises(ValueError, match="eager routers"):
         MoLELinear(torch.nn.Linear(4, 4), 2, 1, 1.0, 0.0, RouterConfig(), fused="always", pooled_balance_coef=0.1)
+
+
+def test_the_pooled_term_is_logged_with_the_router_diagnostics():
+    """The routers carry no balance loss of their own under "pooled": the tracker records the one pooled term as
+    "router/aux_balance_pooled" (its value, the mean over layers of the same number)."""
+    from parrot.moe import RouterStatsTracker
+
+    model = _model()
+    model(**_batch("right"))
+    routing = collect_router_outputs(model)
+    tracker = RouterStatsTracker()
+    tracker.update(1, routing)
+    scalars = tracker.scalars(1)
+    assert scalars["router/aux_balance_pooled"] == pytest.approx(float(pooled_balance_loss(routing)), rel=1e-12)
+    assert "router/aux_balance" not in scalars
 
 
 # --- save / load ------------------------------------------------------------------------------------------------
@@ -367,6 +388,12 @@ def test_train_config_flag():
         TrainConfig(stage=2, tuning="mole", mole_balance="global")
     with pytest.raises(ValueError, match="stage-2 settings"):
         TrainConfig(stage=1, mole_balance="pooled")
+    assert parse_args(["--stage", "2", "--tuning", "perft-r", "--perft-balance-coef", "None"]).perft_balance_coef is None
+    assert parse_args(["--stage", "2", "--tuning", "mole", "--router", "gwmoe", "--mole-experts", "8",
+                       "--gw-threshold", "1.6"]).gw_threshold == 1.6
+    assert parse_args(["--stage", "2", "--gw-threshold", "null"]).gw_threshold is None
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "2", "--gw-threshold", "high"])
 
 
 @pytest.fixture(scope="module")

@@ -570,6 +570,10 @@ def test_stage2_gwmoe_with_a_fixed_threshold_skips_the_calibration(ws, stage1, t
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="gw_threshold must be a finite number > 0"):
             config(ws, out, stage=2, tuning="mole", router="gwmoe", gw_threshold=bad)
+    # the official 1.6 nats is for 8 experts: over 4 no router entropy reaches it (ln 4 = 1.386)
+    with pytest.raises(ValueError, match=r"gw_threshold=1.6 nats is not below ln\(mole_experts=4\) = 1.3863"):
+        config(ws, out, stage=2, tuning="mole", router="gwmoe", gw_threshold=1.6, mole_experts=4)
+    assert config(ws, out, stage=2, tuning="mole", router="gwmoe", gw_threshold=1.6, mole_experts=8).gw_threshold == 1.6
 
 
 def test_stage2_mole_trains_under_torch_compile(ws, stage1, tmp_path):
@@ -988,7 +992,7 @@ def _other_value(f: dataclasses.Field):
     if f.metadata.get("choices"):
         return next(choice for choice in f.metadata["choices"] if choice != f.default)
     if f.default is None and str(f.type).startswith("float"):
-        return 1.5
+        return 0.5
     if f.default is None or isinstance(f.default, str):
         return "other"
     if isinstance(f.default, bool):
@@ -1010,9 +1014,9 @@ def test_a_run_saved_before_a_setting_existed_resumes_where_it_trains_alike():
     saved = {k: v for k, v in perft.to_dict().items() if k != "perft_balance_coef"}
     assert perft.resume_differences(saved) == ["perft_balance_coef: (not saved: the run trained as None does) -> 0.01"]
     assert TrainConfig(stage=2, tuning="perft-r", perft_balance_coef=None).resume_differences(saved) == []
-    fixed = TrainConfig(stage=2, tuning="mole", router="gwmoe", gw_threshold=1.6)
+    fixed = TrainConfig(stage=2, tuning="mole", router="gwmoe", gw_threshold=1.0)
     saved = {k: v for k, v in fixed.to_dict().items() if k != "gw_threshold"}
-    assert fixed.resume_differences(saved) == ["gw_threshold: (not saved: the run trained as None does) -> 1.6"]
+    assert fixed.resume_differences(saved) == ["gw_threshold: (not saved: the run trained as None does) -> 1.0"]
     saved = {k: v for k, v in TrainConfig(stage=2).to_dict().items() if k != "lora_rank"}  # not added later: strict
     assert TrainConfig(stage=2).resume_differences(saved) == ["lora_rank: (not saved) -> 8"]
 

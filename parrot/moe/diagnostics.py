@@ -138,8 +138,17 @@ class RouterStatsTracker:
         if step % self.every:
             return []
         new, empty = [], []
+        pooled = None
+        if any(getattr(out, "pooled_balance", None) is not None for out in routing.values()):
+            from .mole import pooled_balance_loss  # lazy: mole imports this module's neighbours
+
+            # one term over all layers (MoLEConfig.balance="pooled"): every layer's record carries it, so that the
+            # step's mean over layers, "router/aux_balance_pooled", is its value
+            pooled = float(pooled_balance_loss(routing))
         for name, out in routing.items():
             record = layer_stats(step, name, out, self.num_bins)
+            if pooled is not None:
+                record.aux["balance_pooled"] = pooled
             self._experts.setdefault(name, len(record.load))
             if record.num_tokens:
                 new.append(record)

@@ -163,11 +163,9 @@ class MoLELinear(nn.Module):
         super().__init__()
         if fused not in FUSED_MODES:
             raise ValueError(f"MoLELinear fused={fused!r} must be one of {FUSED_MODES}")
-        if pooled_balance_coef is not None:
-            if fused == "always":
-                raise ValueError("MoLELinear: the pooled balance loss needs the eager routers (fused='auto' or "
-                                 "'never'), the fused path's probabilities carry no gradient")
-            fused = "never"
+        if pooled_balance_coef is not None and fused == "always":
+            raise ValueError("MoLELinear: the pooled balance loss needs the eager routers in training (fused='auto' "
+                             "or 'never'), the fused path's probabilities carry no gradient")
         self.fused = fused
         self.pooled_balance_coef = pooled_balance_coef
         self.base = base
@@ -220,9 +218,10 @@ class MoLELinear(nn.Module):
         experts add their delta into `base` inside their last GEMM / index_add.
         """
         pooled = self.pooled_balance_coef
-        # Never fused under the pooled balance: its routing probabilities carry no gradient (`fused` is "never" then,
-        # checked here too in case it was changed after construction).
-        plan = fused_plan(self.fused, self.router, self.experts, flat, self._fused_plans) if pooled is None else None
+        # Not fused where the pooled balance loss trains: the fused path's routing probabilities carry no gradient.
+        # Inference (eval or no_grad) may use it.
+        trains_pooled = pooled is not None and self.training and torch.is_grad_enabled()
+        plan = None if trains_pooled else fused_plan(self.fused, self.router, self.experts, flat, self._fused_plans)
         dropout = self.training and isinstance(self.dropout, nn.Dropout)  # the experts see another input
         if plan is not None:
             dropped = self.dropout(flat) if dropout else None
@@ -356,8 +355,9 @@ def inject_mole(model: nn.Module, config: MoLEConfig) -> list[str]:
     if pooled is not None:
         check_one_expert_count({name: config.experts_for(name) for name in targets}, "inject_mole")
         if config.fused == "auto":
-            logger.info("MoLE balance='pooled': the layers run the eager routers, not the fused path (fused='auto'), "
-                        "whose router probabilities carry no gradient for the pooled load-balancing loss")
+            logger.info("MoLE balance='pooled': the layers train with the eager routers, not the fused path "
+                        "(fused='auto'), whose router probabilities carry no gradient for the pooled load-balancing "
+                        "loss; inference may use it")
     router = config.router_config()
     if config.freeze_base:
         for p in model.parameters():

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..fileio import atomic_write_text, load_yaml
 from .deepspeed_setup import check_deepspeed_config
@@ -77,8 +77,9 @@ class TrainConfig:
                                    "on --gw-calibration-batches batches before training")
     gw_calibration_batches: int = _opt(8, "GW-MoE: batches for the threshold calibration")
     gw_threshold: float | None = _opt(None, "GW-MoE: a fixed broadcast threshold on the router entropy in nats, as the "
-                                            "official scripts (8 experts: 1.6 GLUE, 1.8 QA / summarisation); set, it "
-                                            "replaces the calibration (--gw-quantile, --gw-calibration-batches unused)")
+                                            "official scripts (8 experts: 1.6 GLUE, 1.8 QA / summarisation; it must be "
+                                            "below ln(--mole-experts)); set, it replaces the calibration "
+                                            "(--gw-quantile, --gw-calibration-batches unused); none: calibrate")
     # --- MoE tuning methods (parrot.moe.methods) ---------------------------------------------------------
     perft_experts: int = _opt(4, "PERFT-R / PERFT-D: PEFT experts per MoE block (PERFT-E uses the block's expert "
                                  "count, PERFT-S one)")
@@ -87,9 +88,9 @@ class TrainConfig:
     perft_top_k: int = _opt(2, "PERFT-R: PEFT experts kept per token by its top-k router")
     perft_balance_coef: float | None = _opt(0.01, "PERFT-R: weight of its routers' load-balancing loss, one term "
                                                   "over every layer's tokens pooled, as the official code (its "
-                                                  "configs: 0.01 OLMoE, 0.001 / 0.02 Mixtral); 0 turns it off; null "
-                                                  "(YAML): each router's own per-layer balance loss instead, the rule "
-                                                  "of runs saved before this setting existed")
+                                                  "configs: 0.01 OLMoE, 0.001 / 0.02 Mixtral); 0 turns it off; none "
+                                                  "(YAML null): each router's own per-layer balance loss instead, the "
+                                                  "rule of runs saved before this setting existed")
     factorllm_experts: int = _opt(4, "FactorLLM: experts each dense MLP is split into (must divide the "
                                      "intermediate size)")
     factorllm_top_k: int = _opt(2, "FactorLLM: experts kept per token")
@@ -183,6 +184,10 @@ class TrainConfig:
                              "and publish the untrained model")
         if self.gw_threshold is not None and not (math.isfinite(self.gw_threshold) and self.gw_threshold > 0):
             raise ValueError(f"gw_threshold must be a finite number > 0 (nats), got {self.gw_threshold}")
+        if self.gw_threshold is not None and self.gw_threshold >= math.log(self.mole_experts):
+            raise ValueError(f"gw_threshold={self.gw_threshold} nats is not below ln(mole_experts={self.mole_experts})"
+                             f" = {math.log(self.mole_experts):.4f}, the largest router entropy over {self.mole_experts}"
+                             " experts: no token would ever be broadcast (the official 1.6 / 1.8 are for 8 experts)")
         if self.perft_balance_coef is not None and not (math.isfinite(self.perft_balance_coef)
                                                         and self.perft_balance_coef >= 0):
             raise ValueError(f"perft_balance_coef must be a finite number >= 0 (or null), got {self.perft_balance_coef}")
@@ -349,6 +354,15 @@ def load_yaml_defaults(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def _or_none(typ: type) -> Callable[[str], Any]:
+    """argparse type of an optional number setting: "none" / "null" (any case) -> None, as YAML's null."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null") else typ(text)
+
+    parse.__name__ = typ.__name__  # argparse names the type in its error message
+    return parse
+
+
 def build_parser(prog: str = "python -m parrot.train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -364,7 +378,7 @@ def build_parser(prog: str = "python -m parrot.train") -> argparse.ArgumentParse
         if typ is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = typ
+            kwargs["type"] = _or_none(typ) if "None" in str(f.type) and typ is not str else typ
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(flag, **kwargs)
