@@ -76,3 +76,37 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class GateRecorder:
+    """Records the outputs of the given router gates (pre-softmax logits, (B*S, E)), in call order, inside `with`:
+    what transformers' `load_balancing_loss_func` takes, as the references of the pooled balance tests."""
+
+    def __init__(self, gates):
+        self.gates = list(gates)
+        self.logits: list[torch.Tensor] = []
+
+    def __enter__(self):
+        self.handles = [g.register_forward_hook(lambda m, a, out: self.logits.append(out)) for g in self.gates]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def padded_batch(padding: str, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Three 7-token rows of ids from [3, vocab_size): padding "none" (no attention mask), "left" or "right"
+    (rows padded by different amounts, pad id 0)."""
+    torch.manual_seed(3)
+    ids = torch.randint(3, vocab_size, (3, 7))
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :3] = 0
+        mask[2, :1] = 0
+    elif padding == "right":
+        mask[0, -2:] = 0
+        mask[2, -4:] = 0
+    if padding == "none":
+        return {"input_ids": ids}
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}

@@ -43,6 +43,8 @@ from parrot.train.stages import apply_stage, describe_trainable
 from tests.test_train_moe_methods import TINY_MOE_TEXT
 from tests.test_train_pipeline import make_workspace
 
+from .conftest import GateRecorder
+
 COEF = 0.5  # a large router_aux_loss_coef: the load-balancing term is then ~1 nat, far above every tolerance
 PERFT_R_COEF = 0.01  # the official shared_routing_adapter_router_aux_loss_coef (configuration_olmoe.py default)
 COMMON = dict(vocab_size=40, hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4,
@@ -101,7 +103,7 @@ def _naive_balance(gate_logits: list[torch.Tensor], mask: torch.Tensor | None, t
     return num_experts * torch.sum(picks / rows * (prob_sum / rows))
 
 
-class GateRecorder:
+class BaseGateRecorder:
     """Records the router logits (the first output of every MoE block's `gate`) of the forwards inside `with`."""
 
     def __init__(self, model: torch.nn.Module):
@@ -110,22 +112,6 @@ class GateRecorder:
 
     def __enter__(self):
         self.handles = [b.gate.register_forward_hook(lambda m, a, out: self.logits.append(out[0])) for b in self.blocks]
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-
-
-class PerftGateRecorder:
-    """Records the router logits of every PERFT-R router (its library router's `gate`) inside `with`."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.gates = [a.router.gate for _, a in perft_adapters(model) if a.router is not None]
-        self.logits: list[torch.Tensor] = []
-
-    def __enter__(self):
-        self.handles = [g.register_forward_hook(lambda m, a, out: self.logits.append(out)) for g in self.gates]
         return self
 
     def __exit__(self, *exc):
@@ -162,7 +148,7 @@ def test_ceft_loss_is_the_cross_entropy_alone_when_the_config_adds_the_balance_l
 
     # what the keyword removes: the config's coef x balance loss, whose gradient reaches the experts tuned in
     # layer 0 through the hidden states that layer 1's (frozen) router scores
-    with GateRecorder(model) as rec:
+    with BaseGateRecorder(model) as rec:
         plain = model(**batch)
     balance = _naive_balance(rec.logits, batch["attention_mask"], 2)
     torch.testing.assert_close(plain.loss.double(), _cross_entropy(plain.logits, batch["labels"]) + COEF * balance,
@@ -195,14 +181,14 @@ def test_perft_loss_adds_the_base_balance_loss_as_the_official_code(kind, varian
     with torch.no_grad():
         for _, adapter in perft_adapters(model):
             adapter.experts.lora_B.normal_(0.0, 0.5)
-    with GateRecorder(model) as rec:
+    with BaseGateRecorder(model) as rec:
         out = model(**batch, **setup.forward_kwargs)
     assert len(rec.logits) == 2  # the base routers only (PERFT-E reads the gate's output, it does not call it again)
     mask = batch["attention_mask"]
     expected = _cross_entropy(out.logits, batch["labels"]) + COEF * _naive_balance(rec.logits, mask, 2)
     torch.testing.assert_close(out.loss.double(), expected, **LOSS_TOL)
     got = _grads(model, setup.trainable, out.loss + setup.aux_loss())
-    with GateRecorder(model) as rec:
+    with BaseGateRecorder(model) as rec:
         again = model(**batch, output_router_logits=False)
     reference = (_cross_entropy(again.logits, batch["labels"]) + COEF * _naive_balance(rec.logits, mask, 2)
                  + setup.aux_loss())
@@ -347,7 +333,8 @@ def test_perft_step_through_the_trainer_adds_the_base_balance_loss(ws, tmp_path,
     official PERFT code."""
 
     def expected(model, batch):
-        with GateRecorder(model.language_model) as rec, PerftGateRecorder(model.language_model) as perft:
+        perft_gates = [a.router.gate for _, a in perft_adapters(model.language_model) if a.router is not None]
+        with BaseGateRecorder(model.language_model) as rec, GateRecorder(perft_gates) as perft:
             ce, out = _merged_cross_entropy(model, batch)
         balance = _naive_balance(rec.logits, out.attention_mask, TINY_MOE_TEXT["num_experts_per_tok"])
         assert len(perft.logits) == (2 if variant == "perft-r" else 0)

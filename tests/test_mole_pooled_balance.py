@@ -24,6 +24,8 @@ from parrot.moe.mole import (ADAPTER_CONFIG_NAME, MoLEConfig, MoLELinear, check_
                              pooled_balance_loss, save_mole)
 from parrot.moe.routers import RouterConfig
 
+from .conftest import GateRecorder, padded_batch
+
 E = 4
 COEF = 0.01
 LOSS_TOL = dict(rtol=1e-5, atol=1e-9)  # transformers sums in float32, the float64 model in float64
@@ -54,34 +56,11 @@ def _layers(model) -> list[MoLELinear]:
 
 
 def _batch(padding: str) -> dict[str, torch.Tensor]:
-    torch.manual_seed(3)
-    ids = torch.randint(3, 64, (3, 7))
-    mask = torch.ones_like(ids)
-    if padding == "left":
-        mask[1, :3] = 0
-        mask[2, :1] = 0
-    elif padding == "right":
-        mask[0, -2:] = 0
-        mask[2, -4:] = 0
-    if padding == "none":
-        return {"input_ids": ids}
-    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+    return padded_batch(padding, 64)
 
 
-class GateRecorder:
-    """The outputs (pre-softmax logits, (B*S, E)) of every MoLE router's gate."""
-
-    def __init__(self, model):
-        self.gates = [layer.router.gate for layer in _layers(model)]
-        self.logits: list[torch.Tensor] = []
-
-    def __enter__(self):
-        self.handles = [g.register_forward_hook(lambda m, a, out: self.logits.append(out)) for g in self.gates]
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
+def _gates(model):
+    return [layer.router.gate for layer in _layers(model)]
 
 
 def _trained(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -109,7 +88,7 @@ def _check_against(model, ours, reference):
 def test_pooled_loss_is_transformers_load_balancing_loss(kind, padding):
     model = _model(kind)
     batch = _batch(padding)
-    with GateRecorder(model) as rec:
+    with GateRecorder(_gates(model)) as rec:
         model(**batch)
     assert len(rec.logits) == 2 * 7 and all(t.shape == (21, E) for t in rec.logits)
     reference = COEF * load_balancing_loss_func(tuple(rec.logits), E, 2, batch.get("attention_mask"))
@@ -135,7 +114,7 @@ def test_stacked_execution_gives_the_same_loss():
 def test_every_top_k_pick_counts_as_transformers(top_k):
     model = _model(router=RouterConfig(kind="topk", top_k=top_k, balance_coef=COEF))
     batch = _batch("right")
-    with GateRecorder(model) as rec:
+    with GateRecorder(_gates(model)) as rec:
         model(**batch)
     reference = COEF * load_balancing_loss_func(tuple(rec.logits), E, top_k, batch["attention_mask"])
     torch.testing.assert_close(mole_aux_loss(collect_router_outputs(model)), reference.double(), **LOSS_TOL)
@@ -146,7 +125,7 @@ def test_gwmoe_counts_each_tokens_top_k_broadcast_or_not():
     rule), so the loss is transformers' with the GW-MoE top-k."""
     model = _model(router=RouterConfig(kind="gwmoe", top_k=2, gw_threshold=0.8, balance_coef=COEF))
     batch = _batch("left")
-    with GateRecorder(model) as rec:
+    with GateRecorder(_gates(model)) as rec:
         model(**batch)
     routing = collect_router_outputs(model)
     assert any(bool((r.indices >= 0).all(-1).any()) for r in routing.values())  # some tokens were broadcast
@@ -198,7 +177,7 @@ def test_no_double_counting_and_other_aux_losses_stay_per_layer():
     model = _model(router=RouterConfig(kind="topk", top_k=2, balance_coef=COEF, z_loss_coef=0.1))
     assert all(layer.router.balance_coef == 0.0 and layer.pooled_balance_coef == COEF for layer in _layers(model))
     batch = _batch("right")
-    with GateRecorder(model) as rec:
+    with GateRecorder(_gates(model)) as rec:
         model(**batch)
     routing = collect_router_outputs(model)
     assert all(set(r.aux_losses) == {"z"} for r in routing.values())
@@ -234,7 +213,7 @@ def test_all_padding_gives_zero_not_nan():
 def test_float32_model_under_bfloat16_autocast():
     model = _model().float()
     batch = _batch("left")
-    with GateRecorder(model) as rec, torch.autocast("cpu", dtype=torch.bfloat16):
+    with GateRecorder(_gates(model)) as rec, torch.autocast("cpu", dtype=torch.bfloat16):
         model(**batch)
         ours = mole_aux_loss(collect_router_outputs(model))
     assert rec.logits[0].dtype == torch.bfloat16 and ours.dtype == torch.float32

@@ -26,6 +26,8 @@ from parrot.moe.methods import PerftConfig, inject_perft, load_perft, perft_adap
 from parrot.moe.methods.perft import (PERFT_CONFIG_NAME, collect_perft_routing, perft_aux_loss, perft_balance_loss,
                                       perft_config_differences)
 
+from .conftest import GateRecorder, padded_batch
+
 OFFICIAL_COEF = 0.01  # configuration_olmoe.py: `shared_routing_adapter_router_aux_loss_coef=0.01`
 COMMON = dict(vocab_size=40, hidden_size=16, intermediate_size=8, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -58,34 +60,12 @@ def _model(kind: str, top_k: int = 2, **settings) -> torch.nn.Module:
 
 
 def _batch(padding: str) -> dict[str, torch.Tensor]:
-    torch.manual_seed(3)
-    ids = torch.randint(3, 40, (3, 7))
-    mask = torch.ones_like(ids)
-    if padding == "left":
-        mask[1, :3] = 0
-        mask[2, :1] = 0
-    elif padding == "right":
-        mask[0, -2:] = 0
-        mask[2, -4:] = 0
-    if padding == "none":
-        return {"input_ids": ids}
-    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+    return padded_batch(padding, 40)
 
 
-class PerftGateRecorder:
-    """The outputs (pre-softmax logits, (B*S, N)) of every PERFT-R router's gate, in layer order."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.gates = [adapter.router.gate for _, adapter in perft_adapters(model)]
-        self.logits: list[torch.Tensor] = []
-
-    def __enter__(self):
-        self.handles = [g.register_forward_hook(lambda m, a, out: self.logits.append(out)) for g in self.gates]
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
+def _perft_gates(model):
+    """Every PERFT-R router's gate, in layer order."""
+    return [adapter.router.gate for _, adapter in perft_adapters(model) if adapter.router is not None]
 
 
 def _trained(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -102,7 +82,7 @@ def _grads(loss: torch.Tensor, params: list[tuple[str, torch.nn.Parameter]]) -> 
 def test_aux_loss_is_the_official_pooled_load_balancing_loss(kind, padding):
     model = _model(kind)
     batch = _batch(padding)
-    with PerftGateRecorder(model) as rec:
+    with GateRecorder(_perft_gates(model)) as rec:
         model(**batch)
     assert len(rec.logits) == 3 and all(t.shape == (21, NUM_EXPERTS) for t in rec.logits)
     hf_loss = BUILDERS[kind][1]
@@ -124,7 +104,7 @@ def test_pooled_loss_counts_every_top_k_pick_as_transformers(top_k):
     """transformers' f_e is the mean number of top-k picks of e per token (it sums to k, not 1)."""
     model = _model("olmoe", top_k=top_k)
     batch = _batch("left")
-    with PerftGateRecorder(model) as rec:
+    with GateRecorder(_perft_gates(model)) as rec:
         model(**batch)
     reference = OFFICIAL_COEF * modeling_olmoe.load_balancing_loss_func(tuple(rec.logits), NUM_EXPERTS, top_k,
                                                                         batch["attention_mask"])
@@ -136,7 +116,7 @@ def test_float32_model_under_bfloat16_autocast():
     reference's on those logits up to float32 rounding (no bfloat16 matmul in the pooled sums)."""
     model = _model("olmoe").float()
     batch = _batch("left")
-    with PerftGateRecorder(model) as rec, torch.autocast("cpu", dtype=torch.bfloat16):
+    with GateRecorder(_perft_gates(model)) as rec, torch.autocast("cpu", dtype=torch.bfloat16):
         model(**batch)
         ours = perft_aux_loss(model)
     assert rec.logits[0].dtype == torch.bfloat16 and ours.dtype == torch.float32
@@ -179,7 +159,7 @@ def test_default_coefficient_and_no_double_counting():
     inject_perft(model, PerftConfig(variant="perft-r", num_experts=NUM_EXPERTS, rank=2,
                                     router=RouterConfig(kind="topk", top_k=2, balance_coef=0.5, z_loss_coef=0.1)))
     batch = _batch("right")
-    with PerftGateRecorder(model) as rec:
+    with GateRecorder(_perft_gates(model)) as rec:
         model(**batch)
     routing = collect_perft_routing(model)
     assert all(set(r.aux_losses) == {"z"} for r in routing.values())
@@ -287,7 +267,7 @@ def test_tuning_setup_aux_loss_is_the_pooled_loss():
         for _, adapter in perft_adapters(model):
             adapter.router.gate.weight.normal_(0.0, 1.0)
     batch = _batch("left")
-    with PerftGateRecorder(model) as rec:
+    with GateRecorder(_perft_gates(model)) as rec:
         model(**batch, **setup.forward_kwargs)
     reference = OFFICIAL_COEF * modeling_qwen2_moe.load_balancing_loss_func(tuple(rec.logits), NUM_EXPERTS, 2,
                                                                             batch["attention_mask"])
