@@ -1,26 +1,27 @@
 """VLMEvalKit-style MCQ prompt text, in the item's language.
 
-As VLMEvalKit's LLaVA-family ``build_prompt``: ``[hint\n]question\nA. ...\nB. ...\n<instruction>``, where the
-instruction ("Answer with the option's letter from the given choices directly.") is written in the item's
-language (:data:`mmmb.languages.ANSWER_INSTRUCTION`). Chat formatting and the ``<image>`` placeholder are the
-model adapter's job.
+As the official Parrot VLMEvalKit adapter's ``build_multi_choice_prompt``: ``[hint\n]question\nA. ...\nB. ...
+\n<instruction>``, where the instruction ("Answer with the option's letter from the given choices directly.") is
+written in the item's language, or in Chinese wherever the prompt holds a Chinese character
+(:func:`mmmb.languages.answer_instruction`). Chat formatting and the ``<image>`` placeholder are the model
+adapter's job.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-from mmmb.languages import ANSWER_INSTRUCTION
+from mmmb.languages import answer_instruction
 from mmmb.tsv import OPTION_LETTERS, MCQRecord
 
 
 def mcq_prompt_text(question: str, labelled_options: Sequence[tuple[str, str]], language: str,
                     hint: str | None = None) -> str:
-    """``[hint\n]question\nA. ...\n<instruction in language>`` from (letter, text) pairs."""
+    """``[hint\n]question\nA. ...\n<instruction>`` from (letter, text) pairs (`answer_instruction`)."""
     lines = [hint] if hint else []
     lines.append(question)
     lines.extend(f"{letter}. {text}" for letter, text in labelled_options)
-    lines.append(ANSWER_INSTRUCTION[language])
-    return "\n".join(lines)
+    body = "\n".join(lines)
+    return body + "\n" + answer_instruction(language, body)
 
 
 def format_question(record: MCQRecord, options: Sequence[str], language: str) -> str:

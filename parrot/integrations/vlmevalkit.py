@@ -42,7 +42,8 @@ from ..data.templates import reserved_prompt_texts
 # Dataset families VLMEvalKit evaluates as single-image multiple choice (used when VLMEvalKit's own
 # `DATASET_TYPE` cannot be imported).
 MCQ_DATASET_PREFIXES = ("MMMB", "MMBench", "SEEDBench", "CCBench", "AI2D", "ScienceQA", "MMStar", "RealWorldQA")
-OPEN_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+# For rows without options, as the official Parrot adapter (Chinese wherever the prompt holds a Chinese character).
+OPEN_ANSWER_INSTRUCTION = {"en": "Answer the question using a single word or phrase.", "zh": "请用单个词或短语回答问题。"}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -135,6 +136,7 @@ class ParrotVLMEval:
 
     def build_prompt(self, line, dataset: str | None = None) -> list[dict]:
         """A multiple-choice TSV row -> message: its image(s), then hint, question, options and instruction."""
+        from mmmb.languages import contains_chinese
         from mmmb.prompts import mcq_prompt_text
 
         question = str(line["question"])
@@ -145,7 +147,8 @@ class ParrotVLMEval:
         if options:
             text = mcq_prompt_text(question, options, dataset_language(dataset), hint)
         else:
-            text = "\n".join([*([hint] if hint else []), question, OPEN_ANSWER_INSTRUCTION])
+            body = "\n".join([*([hint] if hint else []), question])
+            text = body + "\n" + OPEN_ANSWER_INSTRUCTION["zh" if contains_chinese(body) else "en"]
         images = [{"type": "image", "value": path} for path in self.dump_image(line, dataset)]
         return images + [{"type": "text", "value": text}]
 
